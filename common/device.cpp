@@ -1,0 +1,47 @@
+#include "common/device.h"
+
+#ifdef DSV3_HAVE_CUDA
+#include <cuda_runtime.h>
+#endif
+
+#include <fmt/format.h>
+
+namespace dsv3 {
+
+#ifdef DSV3_HAVE_CUDA
+bool cuda_built() { return true; }
+
+static cudaError_t probe(int* count) {
+  *count = 0;
+  return cudaGetDeviceCount(count);
+}
+
+bool gpu_available() {
+  int n = 0;
+  const cudaError_t e = probe(&n);
+  if (e != cudaSuccess) cudaGetLastError();  // clear the sticky "no device" error
+  return e == cudaSuccess && n > 0;
+}
+
+std::string gpu_description() {
+  int n = 0;
+  const cudaError_t e = probe(&n);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return fmt::format("no CUDA device ({})", cudaGetErrorString(e));
+  }
+  if (n == 0) return "no CUDA device";
+  int dev = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceProp p{};
+  cudaGetDeviceProperties(&p, dev);
+  return fmt::format("{} (sm_{}{}, {:.0f} GiB)", p.name, p.major, p.minor,
+                     static_cast<double>(p.totalGlobalMem) / (1 << 30));
+}
+#else
+bool cuda_built() { return false; }
+bool gpu_available() { return false; }
+std::string gpu_description() { return "built without CUDA"; }
+#endif
+
+}  // namespace dsv3
