@@ -24,6 +24,7 @@ function(dsv3_add_stage name)
 
   add_executable(${name} ${dir}/main.cpp)
   target_link_libraries(${name} PRIVATE ${name}_lib)
+  target_compile_definitions(${name} PRIVATE DSV3_STAGE_DIR="${dir}")
 
   file(GLOB test_srcs CONFIGURE_DEPENDS ${dir}/test_*.cpp)
   add_executable(${name}_test ${test_srcs})

@@ -99,6 +99,27 @@ class DeviceBuffer {
   size_t n_ = 0;
 };
 
+// Stream-ordered scratch memory on the default stream (cudaMallocAsync): freeing it does not synchronise
+// the device, so kernels can use temporary workspace without stalling the host.
+template <typename T>
+class ScratchBuffer {
+ public:
+  explicit ScratchBuffer(size_t n) : n_(n) {
+    if (n_) CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&p_), n_ * sizeof(T), nullptr));
+  }
+  ~ScratchBuffer() {
+    if (p_) cudaFreeAsync(p_, nullptr);
+  }
+  ScratchBuffer(const ScratchBuffer&) = delete;
+  ScratchBuffer& operator=(const ScratchBuffer&) = delete;
+  T* get() { return p_; }
+  size_t size() const { return n_; }
+
+ private:
+  T* p_ = nullptr;
+  size_t n_ = 0;
+};
+
 class Stream {
  public:
   Stream() { CUDA_CHECK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }

@@ -1,0 +1,43 @@
+# Plots of the 01_rmsnorm_rope demo. Run: gnuplot -e "outdir='out/01_rmsnorm_rope'" 01_rmsnorm_rope/plots.gp
+if (!exists("outdir")) outdir = "out/01_rmsnorm_rope"
+set terminal pngcairo size 800,500 font ",11"
+set datafile separator ","
+set key autotitle columnhead top left
+set grid
+
+set output outdir."/wavelength.png"
+set title "RoPE wavelength per pair (Dr = 64, theta = 1e4): plain vs YaRN (factor 40, original context 4096)"
+set xlabel "pair index i"
+set ylabel "wavelength 2*pi/f_i (tokens)"
+set logscale y
+stats outdir."/wavelength.csv" using 5 nooutput
+low = STATS_max
+stats outdir."/wavelength.csv" using 6 nooutput
+high = STATS_max
+set arrow 1 from low, graph 0 to low, graph 1 nohead dt 2 lc "gray"
+set arrow 2 from high, graph 0 to high, graph 1 nohead dt 2 lc "gray"
+plot outdir."/wavelength.csv" using 1:2 with linespoints title "plain RoPE", \
+     "" using 1:3 with linespoints title "YaRN", \
+     "" using 1:4 with lines dt 3 lc "black" title "original context (4096)"
+unset arrow 1
+unset arrow 2
+unset logscale y
+
+set output outdir."/score_vs_distance.png"
+set title "<R_m q, R_n k> for q = k = 1, normalised, as |m - n| grows"
+set xlabel "relative distance |m - n| (tokens)"
+set ylabel "score / score at 0"
+set logscale x
+set key top right
+plot outdir."/score_vs_distance.csv" using ($1+1):2 with lines title "plain RoPE", \
+     "" using ($1+1):3 with lines title "YaRN (factor 40)"
+unset logscale x
+
+set output outdir."/rms.png"
+set title "RMS of each token before and after RMSNorm (weight = 1)"
+set xlabel "token"
+set ylabel "RMS"
+set logscale y
+set key top right
+plot outdir."/rms.csv" using 1:2 with points pt 7 title "before", \
+     "" using 1:3 with points pt 5 title "after"
