@@ -11,6 +11,7 @@ CompareResult compare(const A* got, const B* ref, size_t n, Tolerance tol) {
   CompareResult r;
   r.n = n;
   double diff2 = 0.0, ref2 = 0.0;
+  const double rel_floor = tol.rtol > 0 ? tol.atol / tol.rtol : tol.atol;
   for (size_t i = 0; i < n; ++i) {
     const double g = static_cast<double>(got[i]), e = static_cast<double>(ref[i]);
     const double d = std::abs(g - e);
@@ -19,7 +20,7 @@ CompareResult compare(const A* got, const B* ref, size_t n, Tolerance tol) {
     if (std::isfinite(d)) {
       diff2 += d * d;
       r.max_abs = std::max(r.max_abs, d);
-      r.max_rel = std::max(r.max_rel, d / (std::abs(e) + tol.atol));
+      r.max_rel = std::max(r.max_rel, d / (std::abs(e) + rel_floor));
     } else {
       r.max_abs = r.max_rel = INFINITY;
     }

@@ -24,7 +24,9 @@ struct CompareResult {
   size_t n = 0;
   size_t n_bad = 0;
   double max_abs = 0.0;
-  double max_rel = 0.0;   // max |got-ref| / (|ref| + atol): atol keeps near-zero refs from dominating
+  // max |got-ref| / (|ref| + atol/rtol): relative to |ref| where |ref| is large, and to the tolerance's own
+  // floor near zero, so the test passes exactly when max_rel <= rtol (up to the atol/rtol split).
+  double max_rel = 0.0;
   double norm_err = 0.0;  // ||got - ref||_2 / ||ref||_2
   std::vector<std::string> first_bad;  // "[i] got=... ref=..." for up to 8 mismatches
   bool ok() const { return n_bad == 0; }

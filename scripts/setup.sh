@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Set up nano-dsv3 on a Debian 12 machine: install the Debian packages that are missing (as root, or
+# through sudo), then configure and build. CUDA is used when nvcc is found (/usr/local/cuda or PATH);
+# without it everything builds and runs on the CPU path.
+#
+#   scripts/setup.sh            build into ./build
+#   BUILD_DIR=... scripts/setup.sh
+# Extra CMake options can be passed in CMAKE_ARGS, e.g. CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=89".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUILD_DIR=${BUILD_DIR:-build}
+
+# The project's dependencies (DESIGN.md §7). One list, here.
+PACKAGES=(cmake ninja-build g++ pkg-config libeigen3-dev libfmt-dev libgtest-dev googletest
+          nlohmann-json3-dev libcli11-dev libsentencepiece-dev sentencepiece gnuplot-nox libbenchmark-dev)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing missing Debian packages: ${missing[*]}"
+  if [[ $(id -u) -eq 0 ]]; then SUDO=(); elif command -v sudo >/dev/null; then SUDO=(sudo); else
+    echo "setup: error: need root or sudo to install: ${missing[*]}" >&2; exit 2
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  "${SUDO[@]}" apt-get update -qq
+  "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+JOBS=$(nproc 2>/dev/null || echo 2)
+# shellcheck disable=SC2086
+cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release ${CMAKE_ARGS:-}
+cmake --build "$BUILD_DIR" -j"$JOBS"
