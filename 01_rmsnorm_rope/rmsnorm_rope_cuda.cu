@@ -1,18 +1,14 @@
 // Stage 01, CUDA: kernels, then launchers, then the public entry points (rmsnorm_rope.h).
 // Shapes: see the legend in rmsnorm_rope.h. fp32 throughout.
 #include "01_rmsnorm_rope/rmsnorm_rope.h"
+#include "common/cuda_kernels.cuh"
 #include "common/cuda_utils.h"
 
 namespace dsv3::cuda {
 namespace {
 
-constexpr int kWarp = 32;
+constexpr int kWarp = kWarpSize;
 constexpr int kRowsPerBlock = 8;  // one warp per row, 8 warps per block
-
-__device__ float warp_sum(float v) {
-  for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 // ---- kernels ------------------------------------------------------------------------------------
 
@@ -91,8 +87,6 @@ __global__ void rope_rotate_kernel(float* out, const float* inp, const float* co
 }
 
 // ---- launchers ----------------------------------------------------------------------------------
-
-int blocks_for(size_t n, int threads) { return static_cast<int>((n + threads - 1) / threads); }
 
 void launch_rope(float* out, const float* inp, const float* cos, const float* sin, const RopeDims& d, float sign) {
   const size_t total = static_cast<size_t>(d.B) * d.T * d.H * (d.Dr / 2);
