@@ -1,0 +1,283 @@
+#include "common/safetensors.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include "common/errors.h"
+
+namespace dsv3 {
+
+namespace {
+
+struct DTypeRow {
+  DType d;
+  const char* name;
+  size_t size;
+};
+constexpr DTypeRow kDTypes[] = {{DType::F32, "F32", 4}, {DType::BF16, "BF16", 2}, {DType::F16, "F16", 2},
+                                {DType::F64, "F64", 8}, {DType::I32, "I32", 4},   {DType::I64, "I64", 8},
+                                {DType::U8, "U8", 1}};
+
+bool parse_dtype(const std::string& s, DType* out) {
+  for (const auto& r : kDTypes)
+    if (s == r.name) {
+      *out = r.d;
+      return true;
+    }
+  return false;
+}
+
+float half_to_float(uint16_t h) {
+  const uint32_t sign = (h >> 15) & 1, exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
+  float v;
+  if (exp == 0)
+    v = std::ldexp(float(mant), -24);
+  else if (exp == 31)
+    v = mant ? NAN : INFINITY;
+  else
+    v = std::ldexp(float(mant | 0x400), int(exp) - 25);
+  return sign ? -v : v;
+}
+
+}  // namespace
+
+const char* dtype_name(DType d) {
+  for (const auto& r : kDTypes)
+    if (r.d == d) return r.name;
+  return "?";
+}
+
+size_t dtype_size(DType d) {
+  for (const auto& r : kDTypes)
+    if (r.d == d) return r.size;
+  return 0;
+}
+
+int64_t TensorInfo::numel() const {
+  int64_t n = 1;
+  for (auto s : shape) n *= s;
+  return n;
+}
+
+uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1);  // round to nearest even
+  return static_cast<uint16_t>(u >> 16);
+}
+
+float bf16_to_float(uint16_t b) {
+  const uint32_t u = uint32_t(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// ---- writing ----------------------------------------------------------------------------------------
+
+void write_file_atomic(const std::string& path, const std::string& bytes) {
+  namespace fs = std::filesystem;
+  const fs::path target(path);
+  const fs::path dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
+  const std::string tmp = (dir / ("." + target.filename().string() + ".tmp." + std::to_string(::getpid()))).string();
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  require(fd >= 0, "cannot create '{}': {}", tmp, std::strerror(errno));
+  size_t done = 0;
+  while (done < bytes.size()) {
+    const ssize_t w = ::write(fd, bytes.data() + done, bytes.size() - done);
+    if (w <= 0) {
+      const int e = errno;
+      ::close(fd);
+      ::unlink(tmp.c_str());
+      throw UserError(fmt::format("writing '{}' failed: {}", tmp, std::strerror(e)));
+    }
+    done += static_cast<size_t>(w);
+  }
+  if (::fsync(fd) != 0 || ::close(fd) != 0) {
+    const int e = errno;
+    ::unlink(tmp.c_str());
+    throw UserError(fmt::format("flushing '{}' failed: {}", tmp, std::strerror(e)));
+  }
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    const int e = errno;
+    ::unlink(tmp.c_str());
+    throw UserError(fmt::format("cannot replace '{}': {}", path, std::strerror(e)));
+  }
+  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
+  if (dfd >= 0) {
+    ::fsync(dfd);  // make the rename itself durable
+    ::close(dfd);
+  }
+}
+
+void SafetensorsWriter::add(const std::string& name, DType dtype, const std::vector<int64_t>& shape, const void* data,
+                            size_t bytes) {
+  require(!name.empty() && name != "__metadata__", "invalid tensor name '{}'", name);
+  for (const auto& e : entries_) require(e.info.name != name, "tensor '{}' added twice", name);
+  TensorInfo info{name, dtype, shape, 0, 0};
+  for (auto s : shape) require(s >= 0, "tensor '{}' has a negative dimension", name);
+  require(size_t(info.numel()) * dtype_size(dtype) == bytes, "tensor '{}': {} bytes for {} elements of {}", name,
+          bytes, info.numel(), dtype_name(dtype));
+  const auto* p = static_cast<const uint8_t*>(data);
+  entries_.push_back({info, std::vector<uint8_t>(p, p + bytes)});
+}
+
+void SafetensorsWriter::add_f32(const std::string& name, const std::vector<int64_t>& shape, const float* data,
+                                DType stored) {
+  int64_t n = 1;
+  for (auto s : shape) n *= s;
+  if (stored == DType::F32) return add(name, stored, shape, data, size_t(n) * 4);
+  require(stored == DType::BF16, "tensor '{}': fp32 values can be stored as F32 or BF16, not {}", name,
+          dtype_name(stored));
+  std::vector<uint16_t> b(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) b[i] = float_to_bf16(data[i]);
+  add(name, stored, shape, b.data(), b.size() * 2);
+}
+
+void SafetensorsWriter::write(const std::string& path) const {
+  nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  if (!metadata_.empty()) header["__metadata__"] = metadata_;
+  uint64_t offset = 0;
+  for (const auto& e : entries_) {
+    header[e.info.name] = {{"dtype", dtype_name(e.info.dtype)},
+                           {"shape", e.info.shape},
+                           {"data_offsets", {offset, offset + e.bytes.size()}}};
+    offset += e.bytes.size();
+  }
+  std::string h = header.dump();
+  h.append((8 - h.size() % 8) % 8, ' ');  // pad so the data buffer starts 8-byte aligned
+  std::string out(8, '\0');
+  const uint64_t n = h.size();
+  for (int i = 0; i < 8; ++i) out[i] = static_cast<char>((n >> (8 * i)) & 0xff);
+  out += h;
+  out.reserve(out.size() + offset);
+  for (const auto& e : entries_) out.append(reinterpret_cast<const char*>(e.bytes.data()), e.bytes.size());
+  write_file_atomic(path, out);
+}
+
+// ---- reading ----------------------------------------------------------------------------------------
+
+SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
+  std::ifstream f(path, std::ios::binary);
+  require(f.good(), "cannot open checkpoint file '{}'", path);
+  f.seekg(0, std::ios::end);
+  const uint64_t size = static_cast<uint64_t>(f.tellg());
+  f.seekg(0);
+  require(size >= 8, "'{}' is not a safetensors file: {} bytes, shorter than the 8-byte header length", path, size);
+  uint8_t len_bytes[8];
+  f.read(reinterpret_cast<char*>(len_bytes), 8);
+  uint64_t n = 0;
+  for (int i = 0; i < 8; ++i) n |= uint64_t(len_bytes[i]) << (8 * i);
+  require(n <= size - 8, "'{}': header length {} runs past the end of the file ({} bytes)", path, n, size);
+  std::string h(n, '\0');
+  f.read(h.data(), static_cast<std::streamsize>(n));
+  require(f.good(), "'{}': cannot read the header", path);
+  nlohmann::json header;
+  try {
+    header = nlohmann::json::parse(h);
+  } catch (const std::exception& e) {
+    throw UserError(fmt::format("'{}': the header is not valid JSON ({})", path, e.what()));
+  }
+  require(header.is_object(), "'{}': the header is not a JSON object", path);
+  const uint64_t data_size = size - 8 - n;
+
+  for (auto it = header.begin(); it != header.end(); ++it) {
+    const std::string& name = it.key();
+    const auto& v = it.value();
+    if (name == "__metadata__") {
+      require(v.is_object(), "'{}': __metadata__ must be an object", path);
+      for (auto m = v.begin(); m != v.end(); ++m) {
+        require(m.value().is_string(), "'{}': metadata '{}' must be a string", path, m.key());
+        metadata_[m.key()] = m.value().get<std::string>();
+      }
+      continue;
+    }
+    require(v.is_object() && v.contains("dtype") && v.contains("shape") && v.contains("data_offsets"),
+            "'{}': tensor '{}' needs dtype, shape and data_offsets", path, name);
+    TensorInfo t;
+    t.name = name;
+    require(v["dtype"].is_string() && parse_dtype(v["dtype"].get<std::string>(), &t.dtype),
+            "'{}': tensor '{}' has unknown dtype {}", path, name, v["dtype"].dump());
+    require(v["shape"].is_array(), "'{}': tensor '{}': shape must be an array", path, name);
+    for (const auto& s : v["shape"]) {
+      require(s.is_number_integer() && s.get<int64_t>() >= 0, "'{}': tensor '{}' has a bad dimension {}", path, name,
+              s.dump());
+      t.shape.push_back(s.get<int64_t>());
+    }
+    const auto& off = v["data_offsets"];
+    require(off.is_array() && off.size() == 2 && off[0].is_number_unsigned() && off[1].is_number_unsigned(),
+            "'{}': tensor '{}': data_offsets must be two non-negative integers", path, name);
+    t.begin = off[0].get<uint64_t>();
+    t.end = off[1].get<uint64_t>();
+    require(t.begin <= t.end && t.end <= data_size, "'{}': tensor '{}' bytes [{}, {}) lie outside the data ({} bytes)",
+            path, name, t.begin, t.end, data_size);
+    require(uint64_t(t.numel()) * dtype_size(t.dtype) == t.end - t.begin,
+            "'{}': tensor '{}' of shape {} and dtype {} needs {} bytes, its offsets give {}", path, name,
+            v["shape"].dump(), dtype_name(t.dtype), uint64_t(t.numel()) * dtype_size(t.dtype), t.end - t.begin);
+    tensors_.push_back(std::move(t));
+  }
+  // The data buffer must be exactly covered: sorted by offset, each tensor starts where the previous ended.
+  std::vector<const TensorInfo*> by_offset;
+  for (const auto& t : tensors_) by_offset.push_back(&t);
+  std::sort(by_offset.begin(), by_offset.end(), [](auto* a, auto* b) { return a->begin < b->begin; });
+  uint64_t expect = 0;
+  for (const auto* t : by_offset) {
+    require(t->begin >= expect, "'{}': tensor '{}' overlaps the previous tensor's bytes", path, t->name);
+    require(t->begin == expect, "'{}': a hole of {} bytes before tensor '{}'", path, t->begin - expect, t->name);
+    expect = t->end;
+  }
+  require(expect == data_size, "'{}': {} bytes after the last tensor are not indexed (truncated or padded file?)",
+          path, data_size - expect);
+  for (size_t i = 0; i < tensors_.size(); ++i) index_[tensors_[i].name] = i;
+  data_.resize(data_size);
+  f.read(reinterpret_cast<char*>(data_.data()), static_cast<std::streamsize>(data_size));
+  require(f.good() || data_size == 0, "'{}': cannot read the data buffer", path);
+}
+
+bool SafetensorsFile::has(const std::string& name) const { return index_.count(name) > 0; }
+
+const TensorInfo& SafetensorsFile::info(const std::string& name) const {
+  const auto it = index_.find(name);
+  require(it != index_.end(), "'{}' has no tensor '{}'", path_, name);
+  return tensors_[it->second];
+}
+
+const uint8_t* SafetensorsFile::raw(const std::string& name) const { return data_.data() + info(name).begin; }
+
+std::vector<float> SafetensorsFile::read_f32(const std::string& name, const std::vector<int64_t>& expected_shape) const {
+  const TensorInfo& t = info(name);
+  if (!expected_shape.empty())
+    require(t.shape == expected_shape, "'{}': tensor '{}' has shape {}, expected {}", path_, name,
+            nlohmann::json(t.shape).dump(), nlohmann::json(expected_shape).dump());
+  const size_t n = static_cast<size_t>(t.numel());
+  std::vector<float> out(n);
+  const uint8_t* p = data_.data() + t.begin;
+  switch (t.dtype) {
+    case DType::F32:
+      std::memcpy(out.data(), p, n * 4);
+      break;
+    case DType::BF16:
+    case DType::F16:
+      for (size_t i = 0; i < n; ++i) {
+        uint16_t b;
+        std::memcpy(&b, p + 2 * i, 2);
+        out[i] = t.dtype == DType::BF16 ? bf16_to_float(b) : half_to_float(b);
+      }
+      break;
+    default:
+      throw UserError(fmt::format("'{}': tensor '{}' has dtype {}, expected a floating-point type", path_, name,
+                                  dtype_name(t.dtype)));
+  }
+  return out;
+}
+
+}  // namespace dsv3
