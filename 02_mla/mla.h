@@ -1,0 +1,171 @@
+// Stage 02: Multi-head Latent Attention (DeepSeek-V3 paper §2.1.1, inference/model.py class MLA).
+// Training form (forward + backward), a latent KV cache, and the two decode forms: naive (expand K and V
+// from the latent) and absorbed (fold wkv_b into the query and the output, attend in latent space).
+//
+// Shape legend
+//   B batch, T time, N = B*T rows, D model width (dim), H heads (n_heads)
+//   Dq q rank (q_lora_rank; 0 = no q compression), Dc kv rank (kv_lora_rank)
+//   Dn nope dim (qk_nope_head_dim), Dr rope dim (qk_rope_head_dim), Dv value dim (v_head_dim)
+//   S  = Dn + Dr   (one head of q, and of k)
+//   KS = Dn + Dv   (one head of wkv_b's output: [k_nope | v])
+//   L  cached positions attended by a decode step (pos + 1), Lmax the cache capacity (max_len)
+//
+// Conventions (common/conventions.h): parameter gradients accumulate (+=), activation gradients
+// overwrite (=); dsv3::cpu and dsv3::cuda functions have identical signatures (CUDA: device pointers).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "01_rmsnorm_rope/rmsnorm_rope.h"
+
+namespace dsv3 {
+
+// Named as DeepSeek-V3's ModelArgs. rope.qk_rope_head_dim must equal qk_rope_head_dim.
+struct MlaConfig {
+  int dim = 512;
+  int n_heads = 8;
+  int q_lora_rank = 256;  // 0: a single wq (D -> H*S), as V3-Lite
+  int kv_lora_rank = 128;
+  int qk_nope_head_dim = 64;
+  int qk_rope_head_dim = 32;
+  int v_head_dim = 64;
+  float norm_eps = 1e-6f;
+  RopeConfig rope;
+
+  int qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }  // S
+  int kv_head_dim() const { return qk_nope_head_dim + v_head_dim; }        // KS
+  // (Dn+Dr)^-1/2, times mscale^2 when YaRN extends the context (model.py MLA.__init__).
+  double softmax_scale() const;
+  void validate() const;  // UserError naming the bad field (qk_rope_head_dim = 0 included)
+};
+
+// Parameters, PyTorch Linear layout (out_features, in_features). Unused pointers may be null:
+// wq when q_lora_rank > 0; wq_a, q_norm, wq_b when q_lora_rank == 0.
+template <typename T>
+struct MlaWeights {
+  const T* wq_a;     // (Dq, D)
+  const T* q_norm;   // (Dq)
+  const T* wq_b;     // (H*S, Dq)
+  const T* wq;       // (H*S, D)      only when Dq == 0
+  const T* wkv_a;    // (Dc+Dr, D)    rows [0, Dc): c_kv, rows [Dc, Dc+Dr): the shared k_pe
+  const T* kv_norm;  // (Dc)
+  const T* wkv_b;    // (H*KS, Dc)    per head: rows [0, Dn) give k_nope, rows [Dn, KS) give v
+  const T* wo;       // (D, H*Dv)
+};
+template <typename T>
+struct MlaGrads {  // same shapes as MlaWeights; accumulated (+=)
+  T *wq_a, *q_norm, *wq_b, *wq, *wkv_a, *kv_norm, *wkv_b, *wo;
+};
+
+// Element counts of each parameter (0 for the unused ones), in MlaWeights order.
+struct MlaParamSizes {
+  size_t wq_a, q_norm, wq_b, wq, wkv_a, kv_norm, wkv_b, wo;
+};
+MlaParamSizes mla_param_sizes(const MlaConfig& c);
+
+// Host-side owner of the parameters (tests, demos, later stages upload them to the device).
+template <typename T>
+struct MlaParams {
+  std::vector<T> wq_a, q_norm, wq_b, wq, wkv_a, kv_norm, wkv_b, wo;  // shapes as MlaWeights
+  MlaWeights<T> weights() const;
+  MlaGrads<T> grads();
+  // (name, tensor) for every parameter the config uses, in MlaWeights order.
+  std::vector<std::pair<std::string, std::vector<T>*>> tensors();
+};
+// Zero-filled parameters of the right sizes (e.g. gradient buffers).
+template <typename T>
+MlaParams<T> mla_zero_params(const MlaConfig& c);
+// Linear weights ~ N(0, 1/fan_in); norm weights 1 (model.py), or 1 + 0.2 N(0, 1) with jitter_norms (tests:
+// a gradient that ignored the norm weight must not pass by accident).
+template <typename T>
+MlaParams<T> mla_init_params(const MlaConfig& c, uint64_t seed, bool jitter_norms = false);
+
+// Activations the forward saves for the backward: pointers into one buffer of mla_saved_size() elements
+// (host for cpu::, device for cuda::), carved by mla_saved_layout().
+template <typename T>
+struct MlaSaved {
+  T* q_lat;    // (N, Dq)     wq_a x                       (Dq > 0)
+  T* q_rstd;   // (N)         q_norm's 1/rms               (Dq > 0)
+  T* q_lat_n;  // (N, Dq)     q_norm(q_lat)                (Dq > 0)
+  T* q;        // (N, H, S)   [q_nope | q_pe], RoPE applied to q_pe
+  T* kv_lat;   // (N, Dc)     c_kv before kv_norm
+  T* kv_rstd;  // (N)         kv_norm's 1/rms
+  T* c_kv;     // (N, Dc)     kv_norm(kv_lat): what the cache stores
+  T* k_pe;     // (N, Dr)     RoPE applied: what the cache stores; one per token, shared by all heads
+  T* kv;       // (N, H, KS)  wkv_b c_kv = per-head [k_nope | v]
+  T* att;      // (B, H, T, T) softmax probabilities, 0 above the diagonal
+  T* y;        // (N, H, Dv)  attention output per head, before wo
+};
+size_t mla_saved_size(const MlaConfig& c, int B, int T_);
+template <typename T>
+MlaSaved<T> mla_saved_layout(T* base, const MlaConfig& c, int B, int T_);
+
+// The latent KV cache: per token only c_kv (after kv_norm) and k_pe (after RoPE), Dc + Dr numbers.
+template <typename T>
+struct MlaCache {
+  T* c_kv;  // (B, Lmax, Dc)
+  T* k_pe;  // (B, Lmax, Dr)
+  int max_len;
+};
+
+// The RoPE tables (rope_tables() of cfg.rope), host or device as the entry point needs.
+template <typename T>
+struct MlaRope {
+  const T* cos;  // (P, Dr/2)
+  const T* sin;  // (P, Dr/2)
+  int positions;  // P
+};
+// Views host tables (rope_tables()) or, with device pointers, their uploaded copies.
+template <typename T>
+MlaRope<T> mla_rope(const RopeTables<T>& t) {
+  return {t.cos.data(), t.sin.data(), t.positions};
+}
+
+namespace cpu {
+
+// out (B, T, D) = MLA(inp (B, T, D)), causal, tokens at positions pos0 .. pos0+T-1. Fills saved.
+template <typename T>
+void mla_forward(T* out, const MlaSaved<T>& saved, const T* inp, const MlaWeights<T>& w, const MlaConfig& c,
+                 int B, int T_, int pos0, const MlaRope<T>& rope);
+// grads += d loss / d params;  dinp (B, T, D) = d loss / d inp. dout (B, T, D).
+template <typename T>
+void mla_backward(const MlaGrads<T>& grads, T* dinp, const T* dout, const MlaSaved<T>& saved, const T* inp,
+                  const MlaWeights<T>& w, const MlaConfig& c, int B, int T_, int pos0, const MlaRope<T>& rope);
+
+// One decode step: token inp (B, D) at position pos of every sequence. Appends its c_kv, k_pe to the cache
+// at pos and attends over cached positions 0..pos; out (B, D).
+// naive: expands k_nope and v of all L positions from the cached latent with wkv_b, then attends per head.
+template <typename T>
+void mla_decode_step_naive(T* out, const MlaCache<T>& cache, const T* inp, const MlaWeights<T>& w,
+                           const MlaConfig& c, int B, int pos, const MlaRope<T>& rope);
+// absorbed: q_nope' = q_nope W_uk (Dn -> Dc), scores against c_kv, o_latent = sum p c_kv, o = o_latent W_uv^T.
+template <typename T>
+void mla_decode_step_absorbed(T* out, const MlaCache<T>& cache, const T* inp, const MlaWeights<T>& w,
+                              const MlaConfig& c, int B, int pos, const MlaRope<T>& rope);
+
+}  // namespace cpu
+
+namespace cuda {
+
+void mla_forward(float* out, const MlaSaved<float>& saved, const float* inp, const MlaWeights<float>& w,
+                 const MlaConfig& c, int B, int T_, int pos0, const MlaRope<float>& rope);
+void mla_backward(const MlaGrads<float>& grads, float* dinp, const float* dout, const MlaSaved<float>& saved,
+                  const float* inp, const MlaWeights<float>& w, const MlaConfig& c, int B, int T_, int pos0,
+                  const MlaRope<float>& rope);
+void mla_decode_step_naive(float* out, const MlaCache<float>& cache, const float* inp, const MlaWeights<float>& w,
+                           const MlaConfig& c, int B, int pos, const MlaRope<float>& rope);
+void mla_decode_step_absorbed(float* out, const MlaCache<float>& cache, const float* inp,
+                              const MlaWeights<float>& w, const MlaConfig& c, int B, int pos,
+                              const MlaRope<float>& rope);
+
+}  // namespace cuda
+
+// Shape checks shared by the CPU and CUDA entry points (UserError naming the field).
+void validate_mla_call(const MlaConfig& c, int B, int T_, int pos0, int table_positions);
+void validate_mla_decode(const MlaConfig& c, int B, int pos, int max_len, int table_positions);
+
+}  // namespace dsv3

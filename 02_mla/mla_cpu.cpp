@@ -1,0 +1,417 @@
+// Stage 02, the Eigen reference: the readable specification of MLA (training form and both decode forms).
+// Shapes: see the legend in mla.h. Matrix products go through cpu::gemm (common/gemm.h): row-major, with
+// leading dimensions, so a head's slice of a wider row is addressed in place (ld = the row width).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "02_mla/mla.h"
+#include "common/errors.h"
+#include "common/gemm.h"
+#include "common/rng.h"
+
+namespace dsv3 {
+
+// ---- config, sizes, layout (shared with the CUDA entry points) -----------------------------------
+
+double MlaConfig::softmax_scale() const {
+  return 1.0 / std::sqrt(static_cast<double>(qk_head_dim())) * yarn_softmax_scale_factor(rope);
+}
+
+void MlaConfig::validate() const {
+  require(dim > 0, "MlaConfig.dim must be positive, got {}", dim);
+  require(n_heads > 0, "MlaConfig.n_heads must be positive, got {}", n_heads);
+  require(q_lora_rank >= 0, "MlaConfig.q_lora_rank must be >= 0 (0 = no q compression), got {}", q_lora_rank);
+  require(kv_lora_rank > 0, "MlaConfig.kv_lora_rank must be positive (the latent c_kv), got {}", kv_lora_rank);
+  require(qk_nope_head_dim > 0, "MlaConfig.qk_nope_head_dim must be positive, got {}", qk_nope_head_dim);
+  require(qk_rope_head_dim > 0 && qk_rope_head_dim % 2 == 0,
+          "MlaConfig.qk_rope_head_dim must be a positive even number, got {}: MLA's decoupled rope key k_pe "
+          "carries all position information (c_kv stays position-free so wkv_b can be absorbed)",
+          qk_rope_head_dim);
+  require(v_head_dim > 0, "MlaConfig.v_head_dim must be positive, got {}", v_head_dim);
+  require(norm_eps > 0.f, "MlaConfig.norm_eps must be positive, got {}", norm_eps);
+  require(rope.qk_rope_head_dim == qk_rope_head_dim,
+          "MlaConfig.rope.qk_rope_head_dim ({}) must equal MlaConfig.qk_rope_head_dim ({})", rope.qk_rope_head_dim,
+          qk_rope_head_dim);
+  rope.validate();
+}
+
+void validate_mla_call(const MlaConfig& c, int B, int T_, int pos0, int table_positions) {
+  c.validate();
+  require(B > 0 && T_ > 0, "mla: B and T must be positive, got B={} T={}", B, T_);
+  require(pos0 >= 0 && pos0 + T_ <= table_positions,
+          "mla: positions {}..{} exceed the {} positions of the rope tables (raise rope.max_seq_len)", pos0,
+          pos0 + T_ - 1, table_positions);
+}
+
+void validate_mla_decode(const MlaConfig& c, int B, int pos, int max_len, int table_positions) {
+  validate_mla_call(c, B, 1, pos, table_positions);
+  require(pos < max_len, "mla decode: position {} does not fit a cache of max_len {}", pos, max_len);
+}
+
+MlaParamSizes mla_param_sizes(const MlaConfig& c) {
+  const size_t D = c.dim, H = c.n_heads, Dq = c.q_lora_rank, Dc = c.kv_lora_rank, Dr = c.qk_rope_head_dim;
+  const size_t S = c.qk_head_dim(), KS = c.kv_head_dim(), Dv = c.v_head_dim;
+  return {Dq * D, Dq, H * S * Dq, Dq == 0 ? H * S * D : 0, (Dc + Dr) * D, Dc, H * KS * Dc, D * H * Dv};
+}
+
+template <typename T>
+MlaWeights<T> MlaParams<T>::weights() const {
+  auto p = [](const std::vector<T>& v) { return v.empty() ? nullptr : v.data(); };
+  return {p(wq_a), p(q_norm), p(wq_b), p(wq), p(wkv_a), p(kv_norm), p(wkv_b), p(wo)};
+}
+template <typename T>
+MlaGrads<T> MlaParams<T>::grads() {
+  auto p = [](std::vector<T>& v) { return v.empty() ? nullptr : v.data(); };
+  return {p(wq_a), p(q_norm), p(wq_b), p(wq), p(wkv_a), p(kv_norm), p(wkv_b), p(wo)};
+}
+template <typename T>
+std::vector<std::pair<std::string, std::vector<T>*>> MlaParams<T>::tensors() {
+  std::vector<std::pair<std::string, std::vector<T>*>> all = {
+      {"wq_a", &wq_a}, {"q_norm", &q_norm}, {"wq_b", &wq_b},   {"wq", &wq},
+      {"wkv_a", &wkv_a}, {"kv_norm", &kv_norm}, {"wkv_b", &wkv_b}, {"wo", &wo}};
+  std::vector<std::pair<std::string, std::vector<T>*>> used;
+  for (auto& t : all)
+    if (!t.second->empty()) used.push_back(t);
+  return used;
+}
+
+template <typename T>
+MlaParams<T> mla_zero_params(const MlaConfig& c) {
+  c.validate();
+  const MlaParamSizes n = mla_param_sizes(c);
+  MlaParams<T> p;
+  p.wq_a.assign(n.wq_a, T(0));
+  p.q_norm.assign(n.q_norm, T(0));
+  p.wq_b.assign(n.wq_b, T(0));
+  p.wq.assign(n.wq, T(0));
+  p.wkv_a.assign(n.wkv_a, T(0));
+  p.kv_norm.assign(n.kv_norm, T(0));
+  p.wkv_b.assign(n.wkv_b, T(0));
+  p.wo.assign(n.wo, T(0));
+  return p;
+}
+
+template <typename T>
+MlaParams<T> mla_init_params(const MlaConfig& c, uint64_t seed, bool jitter_norms) {
+  MlaParams<T> p = mla_zero_params<T>(c);
+  Rng rng(seed);
+  auto linear_init = [&](std::vector<T>& v, int fan_in) {
+    for (auto& x : v) x = static_cast<T>(rng.normal() / std::sqrt(double(fan_in)));
+  };
+  auto norm_init = [&](std::vector<T>& v) {
+    for (auto& x : v) x = static_cast<T>(jitter_norms ? 1.0 + 0.2 * rng.normal() : 1.0);
+  };
+  linear_init(p.wq_a, c.dim);
+  norm_init(p.q_norm);
+  linear_init(p.wq_b, std::max(c.q_lora_rank, 1));
+  linear_init(p.wq, c.dim);
+  linear_init(p.wkv_a, c.dim);
+  norm_init(p.kv_norm);
+  linear_init(p.wkv_b, c.kv_lora_rank);
+  linear_init(p.wo, c.n_heads * c.v_head_dim);
+  return p;
+}
+
+template struct MlaParams<float>;
+template struct MlaParams<double>;
+template MlaParams<float> mla_zero_params(const MlaConfig&);
+template MlaParams<double> mla_zero_params(const MlaConfig&);
+template MlaParams<float> mla_init_params(const MlaConfig&, uint64_t, bool);
+template MlaParams<double> mla_init_params(const MlaConfig&, uint64_t, bool);
+
+namespace {
+// Element counts of the MlaSaved fields, in declaration order.
+std::vector<size_t> saved_counts(const MlaConfig& c, int B, int T_) {
+  const size_t N = size_t(B) * T_, H = c.n_heads, Dq = c.q_lora_rank, Dc = c.kv_lora_rank;
+  const size_t qr = Dq > 0 ? N : 0;
+  return {N * Dq, qr, N * Dq, N * H * c.qk_head_dim(), N * Dc, N, N * Dc, N * c.qk_rope_head_dim,
+          N * H * c.kv_head_dim(), size_t(B) * H * T_ * T_, N * H * c.v_head_dim};
+}
+}  // namespace
+
+size_t mla_saved_size(const MlaConfig& c, int B, int T_) {
+  size_t n = 0;
+  for (size_t k : saved_counts(c, B, T_)) n += k;
+  return n;
+}
+
+template <typename T>
+MlaSaved<T> mla_saved_layout(T* base, const MlaConfig& c, int B, int T_) {
+  const auto n = saved_counts(c, B, T_);
+  T* p = base;
+  auto take = [&](size_t i) {
+    T* r = p;
+    p += n[i];
+    return r;
+  };
+  MlaSaved<T> s;
+  s.q_lat = take(0);
+  s.q_rstd = take(1);
+  s.q_lat_n = take(2);
+  s.q = take(3);
+  s.kv_lat = take(4);
+  s.kv_rstd = take(5);
+  s.c_kv = take(6);
+  s.k_pe = take(7);
+  s.kv = take(8);
+  s.att = take(9);
+  s.y = take(10);
+  return s;
+}
+template MlaSaved<float> mla_saved_layout(float*, const MlaConfig&, int, int);
+template MlaSaved<double> mla_saved_layout(double*, const MlaConfig&, int, int);
+
+namespace cpu {
+namespace {
+
+// y (rows, out) = x (rows, in) W^T, W (out, in): a PyTorch Linear without bias.
+template <typename T>
+void linear(T* y, const T* x, const T* W, int rows, int in, int out) {
+  gemm(Op::N, Op::T, rows, out, in, T(1), x, in, W, in, T(0), y, out);
+}
+// dx (rows, in) = dy W (beta 0) or += (beta 1); dW (out, in) += dy^T x.
+template <typename T>
+void linear_backward(T* dW, T* dx, const T* dy, const T* x, const T* W, int rows, int in, int out, T beta_dx) {
+  gemm(Op::N, Op::N, rows, in, out, T(1), dy, out, W, in, beta_dx, dx, in);
+  gemm(Op::T, Op::N, out, in, rows, T(1), dy, out, x, in, T(1), dW, in);
+}
+
+// 1) q (N, H*S) = wq_b(q_norm(wq_a x)), or wq x without q compression. RoPE is applied by the caller.
+template <typename T>
+void project_q(T* q, T* q_lat, T* q_rstd, T* q_lat_n, const T* x, const MlaWeights<T>& w, const MlaConfig& c, int N) {
+  const int D = c.dim, Dq = c.q_lora_rank, HS = c.n_heads * c.qk_head_dim();
+  if (Dq > 0) {
+    linear(q_lat, x, w.wq_a, N, D, Dq);
+    rmsnorm_forward(q_lat_n, q_rstd, q_lat, w.q_norm, N, Dq, c.norm_eps);
+    linear(q, q_lat_n, w.wq_b, N, Dq, HS);
+  } else {
+    linear(q, x, w.wq, N, D, HS);
+  }
+}
+
+// 2) [kv_lat | k_pe] = wkv_a x, split by rows of wkv_a; c_kv = kv_norm(kv_lat). RoPE on k_pe by the caller.
+template <typename T>
+void project_kv(T* kv_lat, T* kv_rstd, T* c_kv, T* k_pe, const T* x, const MlaWeights<T>& w, const MlaConfig& c,
+                int N) {
+  const int D = c.dim, Dc = c.kv_lora_rank, Dr = c.qk_rope_head_dim;
+  linear(kv_lat, x, w.wkv_a, N, D, Dc);
+  linear(k_pe, x, w.wkv_a + size_t(Dc) * D, N, D, Dr);
+  rmsnorm_forward(c_kv, kv_rstd, kv_lat, w.kv_norm, N, Dc, c.norm_eps);
+}
+
+// RoPE on the q_pe slice of every head of q (B, T, H, S) and on the single k_pe (B, T, Dr).
+template <typename T>
+void rope_q_kpe(T* q, T* k_pe, const MlaConfig& c, int B, int T_, int pos0, const MlaRope<T>& r, bool backward) {
+  const RopeDims dq{B, T_, c.n_heads, c.qk_head_dim(), c.qk_nope_head_dim, c.qk_rope_head_dim, pos0};
+  const RopeDims dk{B, T_, 1, c.qk_rope_head_dim, 0, c.qk_rope_head_dim, pos0};
+  if (backward) {
+    rope_backward(q, q, r.cos, r.sin, dq, r.positions);
+    rope_backward(k_pe, k_pe, r.cos, r.sin, dk, r.positions);
+  } else {
+    rope_forward(q, q, r.cos, r.sin, dq, r.positions);
+    rope_forward(k_pe, k_pe, r.cos, r.sin, dk, r.positions);
+  }
+}
+
+// In place: row[0, valid) <- softmax(row[0, valid)), row[valid, L) <- 0 (masked positions).
+template <typename T>
+void softmax_row(T* row, int L, int valid) {
+  const T m = *std::max_element(row, row + valid);
+  T sum = 0;
+  for (int s = 0; s < valid; ++s) sum += (row[s] = std::exp(row[s] - m));
+  for (int s = 0; s < valid; ++s) row[s] /= sum;
+  std::fill(row + valid, row + L, T(0));
+}
+
+// Writes the new token's latent (B, Dc) and rope key (B, Dr) at position pos of every sequence.
+template <typename T>
+void append_to_cache(const MlaCache<T>& cache, const T* c_kv, const T* k_pe, const MlaConfig& c, int B, int pos) {
+  const int Dc = c.kv_lora_rank, Dr = c.qk_rope_head_dim;
+  for (int b = 0; b < B; ++b) {
+    std::copy_n(c_kv + size_t(b) * Dc, Dc, cache.c_kv + (size_t(b) * cache.max_len + pos) * Dc);
+    std::copy_n(k_pe + size_t(b) * Dr, Dr, cache.k_pe + (size_t(b) * cache.max_len + pos) * Dr);
+  }
+}
+
+// The part both decode forms share: project the new token, rope it, append its latent to the cache.
+// Returns q (B, H, S) with RoPE applied.
+template <typename T>
+std::vector<T> decode_prologue(const MlaCache<T>& cache, const T* inp, const MlaWeights<T>& w, const MlaConfig& c,
+                               int B, int pos, const MlaRope<T>& rope) {
+  validate_mla_decode(c, B, pos, cache.max_len, rope.positions);
+  const int Dq = c.q_lora_rank, Dc = c.kv_lora_rank;
+  std::vector<T> q(size_t(B) * c.n_heads * c.qk_head_dim()), q_lat(size_t(B) * Dq), q_rstd(Dq > 0 ? B : 0),
+      q_lat_n(q_lat.size()), kv_lat(size_t(B) * Dc), kv_rstd(B), c_kv(kv_lat.size()),
+      k_pe(size_t(B) * c.qk_rope_head_dim);
+  project_q(q.data(), q_lat.data(), q_rstd.data(), q_lat_n.data(), inp, w, c, B);
+  project_kv(kv_lat.data(), kv_rstd.data(), c_kv.data(), k_pe.data(), inp, w, c, B);
+  rope_q_kpe(q.data(), k_pe.data(), c, B, 1, pos, rope, false);
+  append_to_cache(cache, c_kv.data(), k_pe.data(), c, B, pos);
+  return q;
+}
+
+}  // namespace
+
+// ---- training form ------------------------------------------------------------------------------
+
+template <typename T>
+void mla_forward(T* out, const MlaSaved<T>& s, const T* inp, const MlaWeights<T>& w, const MlaConfig& c, int B,
+                 int T_, int pos0, const MlaRope<T>& rope) {
+  validate_mla_call(c, B, T_, pos0, rope.positions);
+  const int N = B * T_, H = c.n_heads, Dn = c.qk_nope_head_dim, Dr = c.qk_rope_head_dim, Dv = c.v_head_dim;
+  const int Dc = c.kv_lora_rank, S = c.qk_head_dim(), KS = c.kv_head_dim();
+  const T scale = static_cast<T>(c.softmax_scale());
+  // 1) queries, 2) latent and rope key, 3) RoPE on q_pe and k_pe only
+  project_q(s.q, s.q_lat, s.q_rstd, s.q_lat_n, inp, w, c, N);
+  project_kv(s.kv_lat, s.kv_rstd, s.c_kv, s.k_pe, inp, w, c, N);
+  rope_q_kpe(s.q, s.k_pe, c, B, T_, pos0, rope, false);
+  // 4) per-head k_nope and v from the latent: kv (N, H, KS) = c_kv wkv_b^T
+  linear(s.kv, s.c_kv, w.wkv_b, N, Dc, H * KS);
+  // 5) per (b, h): scores = scale (q_nope k_nope^T + q_pe k_pe^T), causal softmax, y_h = P v_h
+  for (int b = 0; b < B; ++b) {
+    const T* k_pe = s.k_pe + size_t(b) * T_ * Dr;  // (T, Dr), shared by all heads
+    for (int h = 0; h < H; ++h) {
+      const T* qh = s.q + size_t(b) * T_ * H * S + size_t(h) * S;      // (T, S), ld H*S
+      const T* kh = s.kv + size_t(b) * T_ * H * KS + size_t(h) * KS;   // (T, KS), ld H*KS: [k_nope | v]
+      T* P = s.att + (size_t(b) * H + h) * T_ * T_;                    // (T, T)
+      gemm(Op::N, Op::T, T_, T_, Dn, scale, qh, H * S, kh, H * KS, T(0), P, T_);
+      gemm(Op::N, Op::T, T_, T_, Dr, scale, qh + Dn, H * S, k_pe, Dr, T(1), P, T_);
+      for (int t = 0; t < T_; ++t) softmax_row(P + size_t(t) * T_, T_, t + 1);
+      gemm(Op::N, Op::N, T_, Dv, T_, T(1), P, T_, kh + Dn, H * KS, T(0), s.y + size_t(b) * T_ * H * Dv + h * Dv,
+           H * Dv);
+    }
+  }
+  // 6) out = wo y
+  linear(out, s.y, w.wo, N, H * Dv, c.dim);
+}
+
+template <typename T>
+void mla_backward(const MlaGrads<T>& g, T* dinp, const T* dout, const MlaSaved<T>& s, const T* inp,
+                  const MlaWeights<T>& w, const MlaConfig& c, int B, int T_, int pos0, const MlaRope<T>& rope) {
+  validate_mla_call(c, B, T_, pos0, rope.positions);
+  const int N = B * T_, D = c.dim, H = c.n_heads, Dn = c.qk_nope_head_dim, Dr = c.qk_rope_head_dim;
+  const int Dv = c.v_head_dim, Dc = c.kv_lora_rank, Dq = c.q_lora_rank, S = c.qk_head_dim(), KS = c.kv_head_dim();
+  const T scale = static_cast<T>(c.softmax_scale());
+  std::vector<T> dy(size_t(N) * H * Dv), dq(size_t(N) * H * S), dkv(size_t(N) * H * KS), dk_pe(size_t(N) * Dr, T(0)),
+      dP(size_t(T_) * T_), dc_kv(size_t(N) * Dc), dkv_lat(size_t(N) * Dc);
+  // 6) out = wo y
+  linear_backward(g.wo, dy.data(), dout, s.y, w.wo, N, H * Dv, D, T(0));
+  // 5) attention, per (b, h)
+  for (int b = 0; b < B; ++b) {
+    const T* k_pe = s.k_pe + size_t(b) * T_ * Dr;
+    T* dkpe_b = dk_pe.data() + size_t(b) * T_ * Dr;
+    for (int h = 0; h < H; ++h) {
+      const size_t qo = size_t(b) * T_ * H * S + size_t(h) * S, ko = size_t(b) * T_ * H * KS + size_t(h) * KS;
+      const T* qh = s.q + qo;
+      const T* kh = s.kv + ko;
+      const T* P = s.att + (size_t(b) * H + h) * T_ * T_;
+      const T* dyh = dy.data() + size_t(b) * T_ * H * Dv + h * Dv;
+      // dP = dy_h v_h^T;  dv_h = P^T dy_h
+      gemm(Op::N, Op::T, T_, T_, Dv, T(1), dyh, H * Dv, kh + Dn, H * KS, T(0), dP.data(), T_);
+      gemm(Op::T, Op::N, T_, Dv, T_, T(1), P, T_, dyh, H * Dv, T(0), dkv.data() + ko + Dn, H * KS);
+      // softmax backward: dscore = scale * P * (dP - rowsum(P * dP)); zero where P is masked
+      for (int t = 0; t < T_; ++t) {
+        T* r = dP.data() + size_t(t) * T_;
+        const T* p = P + size_t(t) * T_;
+        T dot = 0;
+        for (int u = 0; u <= t; ++u) dot += p[u] * r[u];
+        for (int u = 0; u < T_; ++u) r[u] = u <= t ? scale * p[u] * (r[u] - dot) : T(0);
+      }
+      // dq_nope = dS k_nope, dq_pe = dS k_pe;  dk_nope = dS^T q_nope;  dk_pe += dS^T q_pe (summed over heads)
+      gemm(Op::N, Op::N, T_, Dn, T_, T(1), dP.data(), T_, kh, H * KS, T(0), dq.data() + qo, H * S);
+      gemm(Op::N, Op::N, T_, Dr, T_, T(1), dP.data(), T_, k_pe, Dr, T(0), dq.data() + qo + Dn, H * S);
+      gemm(Op::T, Op::N, T_, Dn, T_, T(1), dP.data(), T_, qh, H * S, T(0), dkv.data() + ko, H * KS);
+      gemm(Op::T, Op::N, T_, Dr, T_, T(1), dP.data(), T_, qh + Dn, H * S, T(1), dkpe_b, Dr);
+    }
+  }
+  // 3) RoPE is a rotation: its backward rotates the gradients back
+  rope_q_kpe(dq.data(), dk_pe.data(), c, B, T_, pos0, rope, true);
+  // 4) kv = wkv_b c_kv; c_kv = kv_norm(kv_lat)
+  linear_backward(g.wkv_b, dc_kv.data(), dkv.data(), s.c_kv, w.wkv_b, N, Dc, H * KS, T(0));
+  rmsnorm_backward(g.kv_norm, dkv_lat.data(), dc_kv.data(), s.kv_rstd, s.kv_lat, w.kv_norm, N, Dc);
+  // 2) [kv_lat | k_pe] = wkv_a x: the two row blocks of wkv_a
+  linear_backward(g.wkv_a, dinp, dkv_lat.data(), inp, w.wkv_a, N, D, Dc, T(0));
+  linear_backward(g.wkv_a + size_t(Dc) * D, dinp, dk_pe.data(), inp, w.wkv_a + size_t(Dc) * D, N, D, Dr, T(1));
+  // 1) queries
+  if (Dq > 0) {
+    std::vector<T> dq_lat_n(size_t(N) * Dq), dq_lat(size_t(N) * Dq);
+    linear_backward(g.wq_b, dq_lat_n.data(), dq.data(), s.q_lat_n, w.wq_b, N, Dq, H * S, T(0));
+    rmsnorm_backward(g.q_norm, dq_lat.data(), dq_lat_n.data(), s.q_rstd, s.q_lat, w.q_norm, N, Dq);
+    linear_backward(g.wq_a, dinp, dq_lat.data(), inp, w.wq_a, N, D, Dq, T(1));
+  } else {
+    linear_backward(g.wq, dinp, dq.data(), inp, w.wq, N, D, H * S, T(1));
+  }
+}
+
+// ---- decode -------------------------------------------------------------------------------------
+
+template <typename T>
+void mla_decode_step_naive(T* out, const MlaCache<T>& cache, const T* inp, const MlaWeights<T>& w,
+                           const MlaConfig& c, int B, int pos, const MlaRope<T>& rope) {
+  const std::vector<T> q = decode_prologue(cache, inp, w, c, B, pos, rope);
+  const int H = c.n_heads, Dn = c.qk_nope_head_dim, Dr = c.qk_rope_head_dim, Dv = c.v_head_dim;
+  const int Dc = c.kv_lora_rank, S = c.qk_head_dim(), KS = c.kv_head_dim(), L = pos + 1;
+  const T scale = static_cast<T>(c.softmax_scale());
+  std::vector<T> kv(size_t(L) * H * KS), p(L), o(size_t(B) * H * Dv);
+  for (int b = 0; b < B; ++b) {
+    // expand every cached latent to per-head [k_nope | v]: kv (L, H, KS) = c_kv wkv_b^T
+    linear(kv.data(), cache.c_kv + size_t(b) * cache.max_len * Dc, w.wkv_b, L, Dc, H * KS);
+    const T* k_pe = cache.k_pe + size_t(b) * cache.max_len * Dr;  // (L, Dr)
+    for (int h = 0; h < H; ++h) {
+      const T* qh = q.data() + (size_t(b) * H + h) * S;
+      gemm(Op::N, Op::T, 1, L, Dn, scale, qh, S, kv.data() + h * KS, H * KS, T(0), p.data(), L);
+      gemm(Op::N, Op::T, 1, L, Dr, scale, qh + Dn, S, k_pe, Dr, T(1), p.data(), L);
+      softmax_row(p.data(), L, L);
+      gemm(Op::N, Op::N, 1, Dv, L, T(1), p.data(), L, kv.data() + h * KS + Dn, H * KS, T(0),
+           o.data() + (size_t(b) * H + h) * Dv, Dv);
+    }
+  }
+  linear(out, o.data(), w.wo, B, H * Dv, c.dim);
+}
+
+template <typename T>
+void mla_decode_step_absorbed(T* out, const MlaCache<T>& cache, const T* inp, const MlaWeights<T>& w,
+                              const MlaConfig& c, int B, int pos, const MlaRope<T>& rope) {
+  const std::vector<T> q = decode_prologue(cache, inp, w, c, B, pos, rope);
+  const int H = c.n_heads, Dn = c.qk_nope_head_dim, Dr = c.qk_rope_head_dim, Dv = c.v_head_dim;
+  const int Dc = c.kv_lora_rank, S = c.qk_head_dim(), KS = c.kv_head_dim(), L = pos + 1;
+  const T scale = static_cast<T>(c.softmax_scale());
+  std::vector<T> q_abs(size_t(B) * H * Dc), P(size_t(H) * L), o_lat(size_t(B) * H * Dc), o(size_t(B) * H * Dv);
+  // 1) fold W_uk = wkv_b[h, :Dn, :] (Dn, Dc) into the query: q_abs_h (B, Dc) = q_nope_h W_uk_h
+  for (int h = 0; h < H; ++h)
+    gemm(Op::N, Op::N, B, Dc, Dn, T(1), q.data() + h * S, H * S, w.wkv_b + size_t(h) * KS * Dc, Dc, T(0),
+         q_abs.data() + h * Dc, H * Dc);
+  // 2) per sequence, all heads at once (the latent is shared): scores (H, L) against c_kv and k_pe,
+  //    softmax, o_lat (H, Dc) = P c_kv
+  for (int b = 0; b < B; ++b) {
+    const T* ckv = cache.c_kv + size_t(b) * cache.max_len * Dc;  // (L, Dc)
+    const T* kpe = cache.k_pe + size_t(b) * cache.max_len * Dr;  // (L, Dr)
+    gemm(Op::N, Op::T, H, L, Dc, scale, q_abs.data() + size_t(b) * H * Dc, Dc, ckv, Dc, T(0), P.data(), L);
+    gemm(Op::N, Op::T, H, L, Dr, scale, q.data() + size_t(b) * H * S + Dn, S, kpe, Dr, T(1), P.data(), L);
+    for (int h = 0; h < H; ++h) softmax_row(P.data() + size_t(h) * L, L, L);
+    gemm(Op::N, Op::N, H, Dc, L, T(1), P.data(), L, ckv, Dc, T(0), o_lat.data() + size_t(b) * H * Dc, Dc);
+  }
+  // 3) fold W_uv = wkv_b[h, Dn:, :] (Dv, Dc) into the output: o_h (B, Dv) = o_lat_h W_uv_h^T
+  for (int h = 0; h < H; ++h)
+    gemm(Op::N, Op::T, B, Dv, Dc, T(1), o_lat.data() + h * Dc, H * Dc, w.wkv_b + (size_t(h) * KS + Dn) * Dc, Dc,
+         T(0), o.data() + h * Dv, H * Dv);
+  linear(out, o.data(), w.wo, B, H * Dv, c.dim);
+}
+
+#define DSV3_INSTANTIATE(T)                                                                                      \
+  template void mla_forward<T>(T*, const MlaSaved<T>&, const T*, const MlaWeights<T>&, const MlaConfig&, int,    \
+                               int, int, const MlaRope<T>&);                                                     \
+  template void mla_backward<T>(const MlaGrads<T>&, T*, const T*, const MlaSaved<T>&, const T*,                  \
+                                const MlaWeights<T>&, const MlaConfig&, int, int, int, const MlaRope<T>&);       \
+  template void mla_decode_step_naive<T>(T*, const MlaCache<T>&, const T*, const MlaWeights<T>&,                 \
+                                         const MlaConfig&, int, int, const MlaRope<T>&);                         \
+  template void mla_decode_step_absorbed<T>(T*, const MlaCache<T>&, const T*, const MlaWeights<T>&,              \
+                                            const MlaConfig&, int, int, const MlaRope<T>&);
+DSV3_INSTANTIATE(float)
+DSV3_INSTANTIATE(double)
+#undef DSV3_INSTANTIATE
+
+}  // namespace cpu
+}  // namespace dsv3

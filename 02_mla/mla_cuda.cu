@@ -1,0 +1,331 @@
+// Stage 02, CUDA: kernels, then launchers, then the public entry points (mla.h). fp32 throughout.
+// Shapes: see the legend in mla.h. Projections go through cuBLAS (dsv3::cuda::gemm); attention uses
+// strided-batched GEMMs over the heads of one sequence (a host loop over b, never over tokens) and simple
+// kernels for the causal softmax, its backward, the shared rope-key gradient and the decode attention.
+#include "02_mla/mla.h"
+#include "common/cuda_utils.h"
+#include "common/gemm.h"
+
+namespace dsv3::cuda {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kRowsPerBlock = 8;  // softmax kernels: one warp per row, 8 warps per block
+
+__device__ float warp_sum(float v) {
+  for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ float warp_max(float v) {
+  for (int o = kWarp / 2; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Row r of `rows` rows of length L attends to its first `valid` entries:
+// valid = (r % Tq) + 1 + (L - Tq): causal training (Tq = L: query t sees 0..t) and decode (Tq = 1: all L).
+__device__ int valid_length(int r, int L, int Tq) { return min(L, r % Tq + 1 + (L - Tq)); }
+
+// ---- kernels ------------------------------------------------------------------------------------
+
+// In place: scores (already scaled) -> probabilities on [0, valid), 0 after.
+__global__ void softmax_forward_kernel(float* P, int rows, int L, int Tq) {
+  const int r = blockIdx.x * kRowsPerBlock + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (r >= rows) return;
+  float* x = P + static_cast<size_t>(r) * L;
+  const int valid = valid_length(r, L, Tq);
+  float m = -INFINITY;
+  for (int s = lane; s < valid; s += kWarp) m = fmaxf(m, x[s]);
+  m = warp_max(m);
+  float sum = 0.f;
+  for (int s = lane; s < valid; s += kWarp) sum += expf(x[s] - m);
+  const float inv = 1.f / warp_sum(sum);
+  for (int s = lane; s < L; s += kWarp) x[s] = s < valid ? expf(x[s] - m) * inv : 0.f;
+}
+
+// In place: dP -> dscore = scale * P * (dP - sum_s P dP) on [0, valid), 0 after.
+__global__ void softmax_backward_kernel(float* dP, const float* P, int rows, int L, int Tq, float scale) {
+  const int r = blockIdx.x * kRowsPerBlock + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (r >= rows) return;
+  float* d = dP + static_cast<size_t>(r) * L;
+  const float* p = P + static_cast<size_t>(r) * L;
+  const int valid = valid_length(r, L, Tq);
+  float dot = 0.f;
+  for (int s = lane; s < valid; s += kWarp) dot += p[s] * d[s];
+  dot = warp_sum(dot);
+  for (int s = lane; s < L; s += kWarp) d[s] = s < valid ? scale * p[s] * (d[s] - dot) : 0.f;
+}
+
+// dk_pe[b, s, j] = sum_h sum_{t >= s} dS[b, h, t, s] * q_pe[b, t, h, j]: the one rope key is shared by all
+// heads, so its gradient sums over them. One thread per (b, s, j); fixed summation order (deterministic).
+__global__ void dk_pe_kernel(float* dk_pe, const float* dS, const float* q, int B, int T, int H, int S, int Dn,
+                             int Dr) {
+  const size_t idx = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= static_cast<size_t>(B) * T * Dr) return;
+  const int j = static_cast<int>(idx % Dr);
+  const int s = static_cast<int>((idx / Dr) % T);
+  const int b = static_cast<int>(idx / (static_cast<size_t>(Dr) * T));
+  float acc = 0.f;
+  for (int h = 0; h < H; ++h) {
+    const float* ds = dS + (static_cast<size_t>(b) * H + h) * T * T;
+    for (int t = s; t < T; ++t)
+      acc += ds[static_cast<size_t>(t) * T + s] * q[((static_cast<size_t>(b) * T + t) * H + h) * S + Dn + j];
+  }
+  dk_pe[idx] = acc;
+}
+
+// Where the operands of one decode attention live: element j of query (b, h) is q[(b*H + h)*q_stride + j];
+// element j of key/value s of (b, h) is k[b*k_b + s*k_s + h*k_h + j] (k_h = 0: shared by all heads).
+struct DecodeOperand {
+  const float* p;
+  size_t b_stride, s_stride, h_stride;
+};
+
+// scores[b, h, s] = scale * (q1 . k1[s] + q2 . k2[s]), s < L. One warp per (b, h, s).
+__global__ void decode_scores_kernel(float* scores, const float* q1, int q1_stride, DecodeOperand k1, int n1,
+                                     const float* q2, int q2_stride, DecodeOperand k2, int n2, int B, int H, int L,
+                                     float scale) {
+  const size_t w = (static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (w >= static_cast<size_t>(B) * H * L) return;
+  const int s = static_cast<int>(w % L);
+  const int bh = static_cast<int>(w / L), h = bh % H, b = bh / H;
+  const float* a1 = q1 + static_cast<size_t>(bh) * q1_stride;
+  const float* c1 = k1.p + b * k1.b_stride + s * k1.s_stride + h * k1.h_stride;
+  const float* a2 = q2 + static_cast<size_t>(bh) * q2_stride;
+  const float* c2 = k2.p + b * k2.b_stride + s * k2.s_stride + h * k2.h_stride;
+  float acc = 0.f;
+  for (int j = lane; j < n1; j += kWarp) acc += a1[j] * c1[j];
+  for (int j = lane; j < n2; j += kWarp) acc += a2[j] * c2[j];
+  acc = warp_sum(acc);
+  if (lane == 0) scores[w] = scale * acc;
+}
+
+// o[(b*H + h)*n + j] = sum_{s < L} P[b, h, s] * v[s] (j < n). One thread per (b, h, j); consecutive j coalesce.
+__global__ void decode_weighted_sum_kernel(float* o, const float* P, DecodeOperand v, int n, int B, int H, int L) {
+  const size_t idx = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= static_cast<size_t>(B) * H * n) return;
+  const int j = static_cast<int>(idx % n);
+  const int bh = static_cast<int>(idx / n), h = bh % H, b = bh / H;
+  const float* p = P + static_cast<size_t>(bh) * L;
+  const float* base = v.p + b * v.b_stride + h * v.h_stride + j;
+  float acc = 0.f;
+  for (int s = 0; s < L; ++s) acc += p[s] * base[s * v.s_stride];
+  o[idx] = acc;
+}
+
+// ---- launchers ----------------------------------------------------------------------------------
+
+int blocks_for(size_t n, int threads) { return static_cast<int>((n + threads - 1) / threads); }
+
+void launch_softmax_forward(float* P, int rows, int L, int Tq) {
+  softmax_forward_kernel<<<blocks_for(rows, kRowsPerBlock), kRowsPerBlock * kWarp>>>(P, rows, L, Tq);
+  CUDA_CHECK_LAST();
+}
+void launch_softmax_backward(float* dP, const float* P, int rows, int L, int Tq, float scale) {
+  softmax_backward_kernel<<<blocks_for(rows, kRowsPerBlock), kRowsPerBlock * kWarp>>>(dP, P, rows, L, Tq, scale);
+  CUDA_CHECK_LAST();
+}
+
+// y (rows, out) = x (rows, in) W^T.
+void linear(float* y, const float* x, const float* W, int rows, int in, int out) {
+  gemm(Op::N, Op::T, rows, out, in, 1.f, x, in, W, in, 0.f, y, out);
+}
+// dx (rows, in) = dy W (beta 0) or += (beta 1); dW (out, in) += dy^T x.
+void linear_backward(float* dW, float* dx, const float* dy, const float* x, const float* W, int rows, int in,
+                     int out, float beta_dx) {
+  gemm(Op::N, Op::N, rows, in, out, 1.f, dy, out, W, in, beta_dx, dx, in);
+  gemm(Op::T, Op::N, out, in, rows, 1.f, dy, out, x, in, 1.f, dW, in);
+}
+
+// 1) q = wq_b(q_norm(wq_a x)) or wq x;  2) [kv_lat | k_pe] = wkv_a x, c_kv = kv_norm(kv_lat)  (as the CPU).
+void project_q(float* q, float* q_lat, float* q_rstd, float* q_lat_n, const float* x, const MlaWeights<float>& w,
+               const MlaConfig& c, int N) {
+  const int D = c.dim, Dq = c.q_lora_rank, HS = c.n_heads * c.qk_head_dim();
+  if (Dq > 0) {
+    linear(q_lat, x, w.wq_a, N, D, Dq);
+    rmsnorm_forward(q_lat_n, q_rstd, q_lat, w.q_norm, N, Dq, c.norm_eps);
+    linear(q, q_lat_n, w.wq_b, N, Dq, HS);
+  } else {
+    linear(q, x, w.wq, N, D, HS);
+  }
+}
+void project_kv(float* kv_lat, float* kv_rstd, float* c_kv, float* k_pe, const float* x, const MlaWeights<float>& w,
+                const MlaConfig& c, int N) {
+  const int D = c.dim, Dc = c.kv_lora_rank, Dr = c.qk_rope_head_dim;
+  linear(kv_lat, x, w.wkv_a, N, D, Dc);
+  linear(k_pe, x, w.wkv_a + static_cast<size_t>(Dc) * D, N, D, Dr);
+  rmsnorm_forward(c_kv, kv_rstd, kv_lat, w.kv_norm, N, Dc, c.norm_eps);
+}
+void rope_q_kpe(float* q, float* k_pe, const MlaConfig& c, int B, int T, int pos0, const MlaRope<float>& r,
+                bool backward) {
+  const RopeDims dq{B, T, c.n_heads, c.qk_head_dim(), c.qk_nope_head_dim, c.qk_rope_head_dim, pos0};
+  const RopeDims dk{B, T, 1, c.qk_rope_head_dim, 0, c.qk_rope_head_dim, pos0};
+  if (backward) {
+    rope_backward(q, q, r.cos, r.sin, dq, r.positions);
+    rope_backward(k_pe, k_pe, r.cos, r.sin, dk, r.positions);
+  } else {
+    rope_forward(q, q, r.cos, r.sin, dq, r.positions);
+    rope_forward(k_pe, k_pe, r.cos, r.sin, dk, r.positions);
+  }
+}
+
+// Copies B rows of n floats (src, contiguous) to dst + b*pitch (the cache slot of position pos).
+void copy_rows(float* dst, size_t pitch, const float* src, int n, int B) {
+  CUDA_CHECK(cudaMemcpy2DAsync(dst, pitch * sizeof(float), src, n * sizeof(float), n * sizeof(float), B,
+                               cudaMemcpyDeviceToDevice, nullptr));
+}
+
+// Both decode forms: project the new token, rope it, append it to the cache. q (B, H, S) is scratch.
+void decode_prologue(float* q, const MlaCache<float>& cache, const float* inp, const MlaWeights<float>& w,
+                     const MlaConfig& c, int B, int pos, const MlaRope<float>& rope) {
+  validate_mla_decode(c, B, pos, cache.max_len, rope.positions);
+  const int Dq = c.q_lora_rank, Dc = c.kv_lora_rank, Dr = c.qk_rope_head_dim;
+  ScratchBuffer<float> q_lat(size_t(B) * Dq), q_rstd(Dq > 0 ? B : 0), q_lat_n(size_t(B) * Dq),
+      kv_lat(size_t(B) * Dc), kv_rstd(B), c_kv(size_t(B) * Dc), k_pe(size_t(B) * Dr);
+  project_q(q, q_lat.get(), q_rstd.get(), q_lat_n.get(), inp, w, c, B);
+  project_kv(kv_lat.get(), kv_rstd.get(), c_kv.get(), k_pe.get(), inp, w, c, B);
+  rope_q_kpe(q, k_pe.get(), c, B, 1, pos, rope, false);
+  copy_rows(cache.c_kv + size_t(pos) * Dc, size_t(cache.max_len) * Dc, c_kv.get(), Dc, B);
+  copy_rows(cache.k_pe + size_t(pos) * Dr, size_t(cache.max_len) * Dr, k_pe.get(), Dr, B);
+}
+
+// scores (B, H, L) -> softmax -> o (B, H, n) = sum_s P v[s].
+void decode_attend(float* o, const float* q1, int q1_stride, DecodeOperand k1, int n1, const float* q2,
+                   int q2_stride, DecodeOperand k2, int n2, DecodeOperand v, int n, int B, int H, int L, float scale) {
+  ScratchBuffer<float> P(size_t(B) * H * L);
+  const size_t warps = size_t(B) * H * L;
+  decode_scores_kernel<<<blocks_for(warps * kWarp, 256), 256>>>(P.get(), q1, q1_stride, k1, n1, q2, q2_stride, k2,
+                                                                 n2, B, H, L, scale);
+  CUDA_CHECK_LAST();
+  launch_softmax_forward(P.get(), B * H, L, 1);
+  const size_t outs = size_t(B) * H * n;
+  decode_weighted_sum_kernel<<<blocks_for(outs, 256), 256>>>(o, P.get(), v, n, B, H, L);
+  CUDA_CHECK_LAST();
+}
+
+}  // namespace
+
+// ---- entry points -------------------------------------------------------------------------------
+
+void mla_forward(float* out, const MlaSaved<float>& s, const float* inp, const MlaWeights<float>& w,
+                 const MlaConfig& c, int B, int T, int pos0, const MlaRope<float>& rope) {
+  validate_mla_call(c, B, T, pos0, rope.positions);
+  const int N = B * T, H = c.n_heads, Dn = c.qk_nope_head_dim, Dr = c.qk_rope_head_dim, Dv = c.v_head_dim;
+  const int Dc = c.kv_lora_rank, S = c.qk_head_dim(), KS = c.kv_head_dim();
+  const float scale = static_cast<float>(c.softmax_scale());
+  project_q(s.q, s.q_lat, s.q_rstd, s.q_lat_n, inp, w, c, N);
+  project_kv(s.kv_lat, s.kv_rstd, s.c_kv, s.k_pe, inp, w, c, N);
+  rope_q_kpe(s.q, s.k_pe, c, B, T, pos0, rope, false);
+  linear(s.kv, s.c_kv, w.wkv_b, N, Dc, H * KS);
+  const int64_t TT = int64_t(T) * T;
+  for (int b = 0; b < B; ++b) {  // batched over the H heads of sequence b
+    const float* q = s.q + size_t(b) * T * H * S;
+    const float* kv = s.kv + size_t(b) * T * H * KS;
+    float* P = s.att + size_t(b) * H * TT;
+    gemm_strided_batched(Op::N, Op::T, T, T, Dn, scale, q, H * S, S, kv, H * KS, KS, 0.f, P, T, TT, H);
+    // the rope key is shared by all heads: batch stride 0
+    gemm_strided_batched(Op::N, Op::T, T, T, Dr, scale, q + Dn, H * S, S, s.k_pe + size_t(b) * T * Dr, Dr, 0, 1.f,
+                         P, T, TT, H);
+  }
+  launch_softmax_forward(s.att, B * H * T, T, T);
+  for (int b = 0; b < B; ++b)
+    gemm_strided_batched(Op::N, Op::N, T, Dv, T, 1.f, s.att + size_t(b) * H * TT, T, TT,
+                         s.kv + size_t(b) * T * H * KS + Dn, H * KS, KS, 0.f, s.y + size_t(b) * T * H * Dv, H * Dv,
+                         Dv, H);
+  linear(out, s.y, w.wo, N, H * Dv, c.dim);
+}
+
+void mla_backward(const MlaGrads<float>& g, float* dinp, const float* dout, const MlaSaved<float>& s,
+                  const float* inp, const MlaWeights<float>& w, const MlaConfig& c, int B, int T, int pos0,
+                  const MlaRope<float>& rope) {
+  validate_mla_call(c, B, T, pos0, rope.positions);
+  const int N = B * T, D = c.dim, H = c.n_heads, Dn = c.qk_nope_head_dim, Dr = c.qk_rope_head_dim;
+  const int Dv = c.v_head_dim, Dc = c.kv_lora_rank, Dq = c.q_lora_rank, S = c.qk_head_dim(), KS = c.kv_head_dim();
+  const float scale = static_cast<float>(c.softmax_scale());
+  const int64_t TT = int64_t(T) * T;
+  ScratchBuffer<float> dy(size_t(N) * H * Dv), dP(size_t(B) * H * TT), dq(size_t(N) * H * S),
+      dkv(size_t(N) * H * KS), dk_pe(size_t(N) * Dr), dc_kv(size_t(N) * Dc), dkv_lat(size_t(N) * Dc);
+  linear_backward(g.wo, dy.get(), dout, s.y, w.wo, N, H * Dv, D, 0.f);
+  // dP = dy_h v_h^T;  dv_h = P^T dy_h
+  for (int b = 0; b < B; ++b) {
+    const float* dyb = dy.get() + size_t(b) * T * H * Dv;
+    const float* vb = s.kv + size_t(b) * T * H * KS + Dn;
+    gemm_strided_batched(Op::N, Op::T, T, T, Dv, 1.f, dyb, H * Dv, Dv, vb, H * KS, KS, 0.f,
+                         dP.get() + size_t(b) * H * TT, T, TT, H);
+    gemm_strided_batched(Op::T, Op::N, T, Dv, T, 1.f, s.att + size_t(b) * H * TT, T, TT, dyb, H * Dv, Dv, 0.f,
+                         dkv.get() + size_t(b) * T * H * KS + Dn, H * KS, KS, H);
+  }
+  launch_softmax_backward(dP.get(), s.att, B * H * T, T, T, scale);
+  // dq_nope = dS k_nope, dq_pe = dS k_pe;  dk_nope = dS^T q_nope;  dk_pe = sum_h dS^T q_pe (kernel)
+  for (int b = 0; b < B; ++b) {
+    const float* dS = dP.get() + size_t(b) * H * TT;
+    const float* kb = s.kv + size_t(b) * T * H * KS;
+    const float* qb = s.q + size_t(b) * T * H * S;
+    float* dqb = dq.get() + size_t(b) * T * H * S;
+    gemm_strided_batched(Op::N, Op::N, T, Dn, T, 1.f, dS, T, TT, kb, H * KS, KS, 0.f, dqb, H * S, S, H);
+    gemm_strided_batched(Op::N, Op::N, T, Dr, T, 1.f, dS, T, TT, s.k_pe + size_t(b) * T * Dr, Dr, 0, 0.f, dqb + Dn,
+                         H * S, S, H);
+    gemm_strided_batched(Op::T, Op::N, T, Dn, T, 1.f, dS, T, TT, qb, H * S, S, 0.f,
+                         dkv.get() + size_t(b) * T * H * KS, H * KS, KS, H);
+  }
+  dk_pe_kernel<<<blocks_for(size_t(N) * Dr, 256), 256>>>(dk_pe.get(), dP.get(), s.q, B, T, H, S, Dn, Dr);
+  CUDA_CHECK_LAST();
+  rope_q_kpe(dq.get(), dk_pe.get(), c, B, T, pos0, rope, true);
+  linear_backward(g.wkv_b, dc_kv.get(), dkv.get(), s.c_kv, w.wkv_b, N, Dc, H * KS, 0.f);
+  rmsnorm_backward(g.kv_norm, dkv_lat.get(), dc_kv.get(), s.kv_rstd, s.kv_lat, w.kv_norm, N, Dc);
+  linear_backward(g.wkv_a, dinp, dkv_lat.get(), inp, w.wkv_a, N, D, Dc, 0.f);
+  linear_backward(g.wkv_a + size_t(Dc) * D, dinp, dk_pe.get(), inp, w.wkv_a + size_t(Dc) * D, N, D, Dr, 1.f);
+  if (Dq > 0) {
+    ScratchBuffer<float> dq_lat_n(size_t(N) * Dq), dq_lat(size_t(N) * Dq);
+    linear_backward(g.wq_b, dq_lat_n.get(), dq.get(), s.q_lat_n, w.wq_b, N, Dq, H * S, 0.f);
+    rmsnorm_backward(g.q_norm, dq_lat.get(), dq_lat_n.get(), s.q_rstd, s.q_lat, w.q_norm, N, Dq);
+    linear_backward(g.wq_a, dinp, dq_lat.get(), inp, w.wq_a, N, D, Dq, 1.f);
+  } else {
+    linear_backward(g.wq, dinp, dq.get(), inp, w.wq, N, D, H * S, 1.f);
+  }
+}
+
+void mla_decode_step_naive(float* out, const MlaCache<float>& cache, const float* inp, const MlaWeights<float>& w,
+                           const MlaConfig& c, int B, int pos, const MlaRope<float>& rope) {
+  const int H = c.n_heads, Dn = c.qk_nope_head_dim, Dr = c.qk_rope_head_dim, Dv = c.v_head_dim;
+  const int Dc = c.kv_lora_rank, S = c.qk_head_dim(), KS = c.kv_head_dim(), L = pos + 1;
+  ScratchBuffer<float> q(size_t(B) * H * S), kv(size_t(B) * L * H * KS), o(size_t(B) * H * Dv);
+  decode_prologue(q.get(), cache, inp, w, c, B, pos, rope);
+  // expand every cached latent: kv (B, L, H, KS) = c_kv wkv_b^T (wkv_b shared: batch stride 0)
+  const size_t lmax = cache.max_len;
+  gemm_strided_batched(Op::N, Op::T, L, H * KS, Dc, 1.f, cache.c_kv, Dc, int64_t(lmax * Dc), w.wkv_b, Dc, 0, 0.f,
+                       kv.get(), H * KS, int64_t(L) * H * KS, B);
+  const DecodeOperand k_nope{kv.get(), size_t(L) * H * KS, size_t(H) * KS, size_t(KS)};
+  const DecodeOperand k_pe{cache.k_pe, lmax * Dr, size_t(Dr), 0};
+  const DecodeOperand v{kv.get() + Dn, size_t(L) * H * KS, size_t(H) * KS, size_t(KS)};
+  decode_attend(o.get(), q.get(), S, k_nope, Dn, q.get() + Dn, S, k_pe, Dr, v, Dv, B, H, L,
+                static_cast<float>(c.softmax_scale()));
+  linear(out, o.get(), w.wo, B, H * Dv, c.dim);
+}
+
+void mla_decode_step_absorbed(float* out, const MlaCache<float>& cache, const float* inp,
+                              const MlaWeights<float>& w, const MlaConfig& c, int B, int pos,
+                              const MlaRope<float>& rope) {
+  const int H = c.n_heads, Dn = c.qk_nope_head_dim, Dr = c.qk_rope_head_dim, Dv = c.v_head_dim;
+  const int Dc = c.kv_lora_rank, S = c.qk_head_dim(), KS = c.kv_head_dim(), L = pos + 1;
+  ScratchBuffer<float> q(size_t(B) * H * S), q_abs(size_t(B) * H * Dc), o_lat(size_t(B) * H * Dc),
+      o(size_t(B) * H * Dv);
+  decode_prologue(q.get(), cache, inp, w, c, B, pos, rope);
+  // 1) q_abs_h (B, Dc) = q_nope_h W_uk_h, W_uk_h = wkv_b[h, :Dn, :] (Dn, Dc); batched over heads
+  gemm_strided_batched(Op::N, Op::N, B, Dc, Dn, 1.f, q.get(), H * S, S, w.wkv_b, Dc, int64_t(KS) * Dc, 0.f,
+                       q_abs.get(), H * Dc, Dc, H);
+  // 2) attend in latent space: keys c_kv and k_pe, values c_kv, all shared by the heads (h stride 0)
+  const size_t lmax = cache.max_len;
+  const DecodeOperand ckv{cache.c_kv, lmax * Dc, size_t(Dc), 0};
+  const DecodeOperand k_pe{cache.k_pe, lmax * Dr, size_t(Dr), 0};
+  decode_attend(o_lat.get(), q_abs.get(), Dc, ckv, Dc, q.get() + Dn, S, k_pe, Dr, ckv, Dc, B, H, L,
+                static_cast<float>(c.softmax_scale()));
+  // 3) o_h (B, Dv) = o_lat_h W_uv_h^T, W_uv_h = wkv_b[h, Dn:, :] (Dv, Dc); batched over heads
+  gemm_strided_batched(Op::N, Op::T, B, Dv, Dc, 1.f, o_lat.get(), H * Dc, Dc, w.wkv_b + size_t(Dn) * Dc, Dc,
+                       int64_t(KS) * Dc, 0.f, o.get(), H * Dv, Dv, H);
+  linear(out, o.get(), w.wo, B, H * Dv, c.dim);
+}
+
+}  // namespace dsv3::cuda

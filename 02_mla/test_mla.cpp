@@ -1,0 +1,485 @@
+// Stage 02 tests: gradchecks of every parameter and the input (with and without q compression), an
+// independent loop-by-loop reference of the forward, the oracles (absorbed decode == naive decode,
+// cached step-by-step decoding == full forward, causality), edge shapes, config errors, CPU vs CUDA.
+#include <cmath>
+
+#include "02_mla/mla.h"
+#include "common/errors.h"
+#include "common/rng.h"
+#include "common/testing.h"
+#ifdef DSV3_HAVE_CUDA
+#include "02_mla/mla_device.h"
+#endif
+
+using namespace dsv3;
+
+namespace {
+
+// Small odd sizes (indexing bugs cannot hide behind powers of two). YaRN on: the tables cover more
+// positions than original_seq_len, so the softmax scale carries mscale^2 and the frequencies are corrected.
+MlaConfig small_config(int q_lora_rank, int H = 3, bool yarn = true) {
+  MlaConfig c;
+  c.dim = 12;
+  c.n_heads = H;
+  c.q_lora_rank = q_lora_rank;
+  c.kv_lora_rank = 8;
+  c.qk_nope_head_dim = 6;
+  c.qk_rope_head_dim = 4;
+  c.v_head_dim = 5;
+  c.rope.qk_rope_head_dim = 4;
+  c.rope.max_seq_len = 32;
+  c.rope.original_seq_len = yarn ? 8 : 32;
+  c.rope.rope_factor = 4.0;
+  return c;
+}
+
+// Everything one MLA call needs on the host, in scalar type T.
+template <typename T>
+struct Problem {
+  MlaConfig c;
+  int B, T_, pos0;
+  MlaParams<T> p;
+  RopeTables<T> tab;
+  std::vector<T> x, out, saved_buf;
+  MlaSaved<T> saved;
+
+  Problem(const MlaConfig& cfg, int B_, int Tn, uint64_t seed, int pos0_ = 0)
+      : c(cfg), B(B_), T_(Tn), pos0(pos0_), p(mla_init_params<T>(cfg, seed, true)), tab(rope_tables<T>(cfg.rope)) {
+    Rng rng(seed + 1);
+    x = rng.normal_vec<T>(size_t(B) * T_ * c.dim);
+    out.assign(x.size(), T(0));
+    saved_buf.assign(mla_saved_size(c, B, T_), T(0));
+    saved = mla_saved_layout(saved_buf.data(), c, B, T_);
+  }
+  MlaRope<T> rope() const { return mla_rope(tab); }
+  void forward() { cpu::mla_forward(out.data(), saved, x.data(), p.weights(), c, B, T_, pos0, rope()); }
+  // Backward of loss = sum(R * out): parameter gradients into g (+=), input gradient returned.
+  std::vector<T> backward(MlaParams<T>& g, const std::vector<T>& R) {
+    std::vector<T> dx(x.size());
+    cpu::mla_backward(g.grads(), dx.data(), R.data(), saved, x.data(), p.weights(), c, B, T_, pos0, rope());
+    return dx;
+  }
+};
+
+// Independent reference: the formulas of mla.h written as plain loops, one head and one pair of tokens at
+// a time (model.py's naive form), sharing no code with mla_cpu.cpp beyond stage 01's RMSNorm and RoPE.
+std::vector<double> loop_reference(Problem<double>& pb) {
+  const MlaConfig& c = pb.c;
+  const int B = pb.B, T = pb.T_, D = c.dim, H = c.n_heads, Dn = c.qk_nope_head_dim, Dr = c.qk_rope_head_dim;
+  const int Dv = c.v_head_dim, Dc = c.kv_lora_rank, Dq = c.q_lora_rank, S = Dn + Dr, KS = Dn + Dv, N = B * T;
+  auto lin = [](const std::vector<double>& in, const std::vector<double>& W, int rows, int nin, int nout) {
+    std::vector<double> y(size_t(rows) * nout, 0.0);
+    for (int r = 0; r < rows; ++r)
+      for (int o = 0; o < nout; ++o)
+        for (int i = 0; i < nin; ++i) y[size_t(r) * nout + o] += in[size_t(r) * nin + i] * W[size_t(o) * nin + i];
+    return y;
+  };
+  auto norm = [&](const std::vector<double>& in, const std::vector<double>& w, int d) {
+    std::vector<double> y(in.size()), r(in.size() / d);
+    cpu::rmsnorm_forward(y.data(), r.data(), in.data(), w.data(), int(in.size() / d), d, c.norm_eps);
+    return y;
+  };
+  std::vector<double> q = Dq > 0 ? lin(norm(lin(pb.x, pb.p.wq_a, N, D, Dq), pb.p.q_norm, Dq), pb.p.wq_b, N, Dq, H * S)
+                                 : lin(pb.x, pb.p.wq, N, D, H * S);
+  const std::vector<double> kva = lin(pb.x, pb.p.wkv_a, N, D, Dc + Dr);  // [c_kv | k_pe] per token
+  std::vector<double> ckv(size_t(N) * Dc), kpe(size_t(N) * Dr);
+  for (int n = 0; n < N; ++n) {
+    for (int j = 0; j < Dc; ++j) ckv[size_t(n) * Dc + j] = kva[size_t(n) * (Dc + Dr) + j];
+    for (int j = 0; j < Dr; ++j) kpe[size_t(n) * Dr + j] = kva[size_t(n) * (Dc + Dr) + Dc + j];
+  }
+  const auto rp = pb.rope();
+  cpu::rope_forward(q.data(), q.data(), rp.cos, rp.sin, RopeDims{B, T, H, S, Dn, Dr, pb.pos0}, rp.positions);
+  cpu::rope_forward(kpe.data(), kpe.data(), rp.cos, rp.sin, RopeDims{B, T, 1, Dr, 0, Dr, pb.pos0}, rp.positions);
+  const std::vector<double> kv = lin(norm(ckv, pb.p.kv_norm, Dc), pb.p.wkv_b, N, Dc, H * KS);
+  const double scale = std::pow(double(S), -0.5) * yarn_softmax_scale_factor(c.rope);
+  std::vector<double> y(size_t(N) * H * Dv, 0.0);
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h)
+      for (int t = 0; t < T; ++t) {
+        std::vector<double> sc(t + 1);
+        double m = -1e300, z = 0;
+        for (int s = 0; s <= t; ++s) {
+          double a = 0;
+          const size_t qi = (size_t(b * T + t) * H + h) * S, ki = (size_t(b * T + s) * H + h) * KS;
+          for (int j = 0; j < Dn; ++j) a += q[qi + j] * kv[ki + j];
+          for (int j = 0; j < Dr; ++j) a += q[qi + Dn + j] * kpe[size_t(b * T + s) * Dr + j];
+          sc[s] = a * scale;
+          m = std::max(m, sc[s]);
+        }
+        for (auto& v : sc) z += (v = std::exp(v - m));
+        for (int s = 0; s <= t; ++s)
+          for (int j = 0; j < Dv; ++j)
+            y[(size_t(b * T + t) * H + h) * Dv + j] += sc[s] / z * kv[(size_t(b * T + s) * H + h) * KS + Dn + j];
+      }
+  return lin(y, pb.p.wo, N, H * Dv, D);
+}
+
+// Decodes the tokens of pb.x one position at a time through a fresh latent cache; returns (B, T, D).
+template <typename T, typename Step>
+std::vector<T> decode_all(Problem<T>& pb, Step step) {
+  const MlaConfig& c = pb.c;
+  const int L = pb.pos0 + pb.T_;
+  std::vector<T> ckv(size_t(pb.B) * L * c.kv_lora_rank), kpe(size_t(pb.B) * L * c.qk_rope_head_dim);
+  const MlaCache<T> cache{ckv.data(), kpe.data(), L};
+  std::vector<T> out(pb.x.size()), xt(size_t(pb.B) * c.dim), ot(xt.size());
+  for (int t = 0; t < pb.T_; ++t) {
+    for (int b = 0; b < pb.B; ++b)
+      std::copy_n(&pb.x[(size_t(b) * pb.T_ + t) * c.dim], c.dim, &xt[size_t(b) * c.dim]);
+    step(ot.data(), cache, xt.data(), pb.pos0 + t);
+    for (int b = 0; b < pb.B; ++b)
+      std::copy_n(&ot[size_t(b) * c.dim], c.dim, &out[(size_t(b) * pb.T_ + t) * c.dim]);
+  }
+  return out;
+}
+
+}  // namespace
+
+// ---- gradchecks ---------------------------------------------------------------------------------
+
+struct GradCase {
+  const char* name;
+  int q_lora_rank, H, B, T, pos0;
+  bool yarn;
+};
+void PrintTo(const GradCase& g, std::ostream* os) { *os << g.name; }
+
+class MlaGrad : public ::testing::TestWithParam<GradCase> {};
+
+TEST_P(MlaGrad, EveryParameterAndInput) {
+  const GradCase k = GetParam();
+  Problem<double> pb(small_config(k.q_lora_rank, k.H, k.yarn), k.B, k.T, 7, k.pos0);
+  Rng rng(8);
+  const auto R = rng.normal_vec<double>(pb.out.size());
+  pb.forward();
+  MlaParams<double> g = mla_zero_params<double>(pb.c);
+  const auto dx = pb.backward(g, R);
+  std::vector<GradTensor> tensors = {{"inp", &pb.x, &dx}};
+  auto params = pb.p.tensors();
+  auto grads = g.tensors();
+  for (size_t i = 0; i < params.size(); ++i) tensors.push_back({params[i].first, params[i].second, grads[i].second});
+  GradCheckOptions opt;
+  opt.max_coords = 0;  // every coordinate: the shapes are small enough
+  const auto r = gradcheck([&] { pb.forward(); return weighted_sum(pb.out, R); }, tensors, opt);
+  EXPECT_GRADCHECK(r);
+  EXPECT_EQ(r.tensors.size(), k.q_lora_rank > 0 ? 8u : 6u);  // inp + 7 params, or inp + wq + 4
+}
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, MlaGrad,
+    ::testing::Values(GradCase{"q_compressed", 10, 3, 2, 5, 0, true},   //
+                      GradCase{"no_q_compression_wq", 0, 3, 2, 5, 0, true},  //
+                      GradCase{"plain_rope_offset_positions", 7, 2, 2, 5, 3, false},
+                      GradCase{"one_head", 10, 1, 2, 5, 0, true},  //
+                      GradCase{"one_token", 10, 3, 3, 1, 4, true}),
+    [](const auto& info) { return std::string(info.param.name); });
+
+TEST(Mla, ParameterGradientsAccumulateInputGradientOverwrites) {
+  Problem<double> pb(small_config(10), 2, 4, 3);
+  const auto R = Rng(4).normal_vec<double>(pb.out.size());
+  pb.forward();
+  MlaParams<double> g1 = mla_zero_params<double>(pb.c), g2 = g1;
+  const auto dx1 = pb.backward(g1, R);
+  pb.backward(g2, R);
+  const auto dx2 = pb.backward(g2, R);
+  EXPECT_CLOSE(compare(dx2, dx1, {0, 0}), "dinp overwrites");
+  auto t1 = g1.tensors(), t2 = g2.tensors();
+  for (size_t i = 0; i < t1.size(); ++i) {
+    auto twice = *t1[i].second;
+    for (auto& v : twice) v *= 2;
+    EXPECT_CLOSE(compare(*t2[i].second, twice, {1e-14, 1e-12}), t1[i].first + " accumulates");
+  }
+}
+
+// ---- the forward against an independent reference ----------------------------------------------
+
+TEST(Mla, ForwardEqualsLoopReference) {
+  for (int dq : {10, 0}) {
+    Problem<double> pb(small_config(dq), 2, 6, 11, 2);
+    pb.forward();
+    EXPECT_CLOSE(compare(pb.out, loop_reference(pb), {1e-13, 1e-11}), dq ? "with q compression" : "with wq");
+  }
+}
+
+TEST(Mla, SoftmaxScaleIsDeepSeeks) {
+  MlaConfig v3;  // V3: Dn 128, Dr 64, YaRN factor 40 active
+  v3.qk_nope_head_dim = 128;
+  v3.qk_rope_head_dim = 64;
+  v3.rope.qk_rope_head_dim = 64;
+  // 192^-0.5 * (0.1 ln 40 + 1)^2 = 0.0721688 * 1.8738542
+  EXPECT_NEAR(v3.softmax_scale(), 0.07216878 * 1.8738542, 1e-7);
+  v3.rope.max_seq_len = v3.rope.original_seq_len;  // no context extension: no mscale
+  EXPECT_NEAR(v3.softmax_scale(), 1.0 / std::sqrt(192.0), 1e-15);
+}
+
+TEST(Mla, RowsOfAttentionAreCausalDistributions) {
+  Problem<double> pb(small_config(10), 2, 7, 5);
+  pb.forward();
+  const int T = pb.T_;
+  for (int bh = 0; bh < pb.B * pb.c.n_heads; ++bh)
+    for (int t = 0; t < T; ++t) {
+      double sum = 0;
+      for (int s = 0; s < T; ++s) {
+        const double p = pb.saved.att[(size_t(bh) * T + t) * T + s];
+        if (s > t) {
+          EXPECT_EQ(p, 0.0);
+        }
+        sum += p;
+      }
+      EXPECT_NEAR(sum, 1.0, 1e-14);
+    }
+}
+
+// ---- oracles ------------------------------------------------------------------------------------
+
+TEST(Mla, CausalityLaterTokensDoNotChangeEarlierOutputs) {
+  Problem<double> pb(small_config(10), 2, 6, 21);
+  pb.forward();
+  const auto before = pb.out;
+  const int D = pb.c.dim, t_changed = 3;
+  for (int b = 0; b < pb.B; ++b)
+    for (int t = t_changed; t < pb.T_; ++t)
+      for (int j = 0; j < D; ++j) pb.x[(size_t(b) * pb.T_ + t) * D + j] += 0.5 + j;
+  pb.forward();
+  for (int b = 0; b < pb.B; ++b)
+    for (int t = 0; t < pb.T_; ++t) {
+      double diff = 0;
+      for (int j = 0; j < D; ++j) diff = std::max(diff, std::abs(pb.out[(size_t(b) * pb.T_ + t) * D + j] -
+                                                                before[(size_t(b) * pb.T_ + t) * D + j]));
+      if (t < t_changed)
+        EXPECT_EQ(diff, 0.0) << "b=" << b << " t=" << t;
+      else
+        EXPECT_GT(diff, 1e-6) << "b=" << b << " t=" << t;  // the change does reach later outputs
+    }
+}
+
+class MlaDecode : public ::testing::TestWithParam<int> {};  // q_lora_rank
+
+TEST_P(MlaDecode, CachedStepsEqualFullForwardNaiveAndAbsorbed) {
+  Problem<double> pb(small_config(GetParam()), 2, 7, 31);
+  pb.forward();
+  const auto w = pb.p.weights();
+  const auto rope = pb.rope();
+  const auto naive = decode_all(pb, [&](double* o, const MlaCache<double>& cache, const double* x, int pos) {
+    cpu::mla_decode_step_naive(o, cache, x, w, pb.c, pb.B, pos, rope);
+  });
+  const auto absorbed = decode_all(pb, [&](double* o, const MlaCache<double>& cache, const double* x, int pos) {
+    cpu::mla_decode_step_absorbed(o, cache, x, w, pb.c, pb.B, pos, rope);
+  });
+  EXPECT_CLOSE(compare(naive, pb.out, {1e-13, 1e-11}), "naive decode vs full forward");
+  EXPECT_CLOSE(compare(absorbed, pb.out, {1e-13, 1e-11}), "absorbed decode vs full forward");
+  EXPECT_CLOSE(compare(absorbed, naive, {1e-13, 1e-11}), "absorbed vs naive");
+}
+INSTANTIATE_TEST_SUITE_P(QRank, MlaDecode, ::testing::Values(10, 0));
+
+TEST(Mla, AbsorbedEqualsNaiveInFloat) {
+  // fp32, a larger cache: absorption reorders the sums (Dn-products vs Dc-products), so agreement is to
+  // reduction tolerance, not bit-exact.
+  MlaConfig c = small_config(16, 4);
+  c.dim = 40;
+  c.kv_lora_rank = 24;
+  c.qk_nope_head_dim = 12;
+  c.qk_rope_head_dim = c.rope.qk_rope_head_dim = 8;
+  c.v_head_dim = 10;
+  Problem<float> pb(c, 3, 29, 41);
+  pb.forward();
+  const auto w = pb.p.weights();
+  const auto rope = pb.rope();
+  const auto naive = decode_all(pb, [&](float* o, const MlaCache<float>& cache, const float* x, int pos) {
+    cpu::mla_decode_step_naive(o, cache, x, w, c, pb.B, pos, rope);
+  });
+  const auto absorbed = decode_all(pb, [&](float* o, const MlaCache<float>& cache, const float* x, int pos) {
+    cpu::mla_decode_step_absorbed(o, cache, x, w, c, pb.B, pos, rope);
+  });
+  EXPECT_CLOSE(compare(absorbed, naive, kReductionTol), "absorbed vs naive (fp32)");
+  EXPECT_CLOSE(compare(naive, pb.out, kReductionTol), "naive decode vs forward (fp32)");
+}
+
+TEST(Mla, CacheHoldsOnlyNormalisedLatentAndRotatedRopeKey) {
+  Problem<double> pb(small_config(10), 2, 5, 51);
+  pb.forward();
+  const auto rope = pb.rope();
+  const auto w = pb.p.weights();
+  const int Dc = pb.c.kv_lora_rank, Dr = pb.c.qk_rope_head_dim;
+  std::vector<double> ckv(size_t(pb.B) * pb.T_ * Dc), kpe(size_t(pb.B) * pb.T_ * Dr);
+  decode_all(pb, [&](double* o, const MlaCache<double>& cc, const double* x, int pos) {
+    cpu::mla_decode_step_absorbed(o, cc, x, w, pb.c, pb.B, pos, rope);
+    for (size_t i = 0; i < ckv.size(); ++i) ckv[i] = cc.c_kv[i];
+    for (size_t i = 0; i < kpe.size(); ++i) kpe[i] = cc.k_pe[i];
+  });
+  // Same (B, T, .) layout as the forward's saved c_kv and k_pe when max_len == T.
+  EXPECT_CLOSE(compare(ckv, std::vector<double>(pb.saved.c_kv, pb.saved.c_kv + ckv.size()), {1e-14, 1e-12}), "c_kv");
+  EXPECT_CLOSE(compare(kpe, std::vector<double>(pb.saved.k_pe, pb.saved.k_pe + kpe.size()), {1e-14, 1e-12}), "k_pe");
+}
+
+// ---- edge shapes and errors ---------------------------------------------------------------------
+
+TEST(Mla, OddDimsForwardMatchesReference) {
+  MlaConfig c = small_config(3, 1);
+  c.dim = 5;
+  c.kv_lora_rank = 3;
+  c.qk_nope_head_dim = 1;
+  c.qk_rope_head_dim = c.rope.qk_rope_head_dim = 2;
+  c.v_head_dim = 7;
+  Problem<double> pb(c, 1, 3, 61);
+  pb.forward();
+  EXPECT_CLOSE(compare(pb.out, loop_reference(pb), {1e-13, 1e-11}), "odd dims");
+}
+
+TEST(Mla, RejectsBadConfigsAndCalls) {
+  MlaConfig c = small_config(10);
+  c.qk_rope_head_dim = 0;
+  c.rope.qk_rope_head_dim = 0;
+  EXPECT_THROW(c.validate(), UserError);  // Dr = 0: no decoupled rope key
+  try {
+    c.validate();
+  } catch (const UserError& e) {
+    EXPECT_NE(std::string(e.what()).find("qk_rope_head_dim"), std::string::npos) << e.what();
+  }
+  c = small_config(10);
+  c.rope.qk_rope_head_dim = 6;  // tables for another rope dim
+  EXPECT_THROW(c.validate(), UserError);
+  c = small_config(10);
+  c.q_lora_rank = -1;
+  EXPECT_THROW(c.validate(), UserError);
+  c = small_config(10);
+  c.kv_lora_rank = 0;
+  EXPECT_THROW(c.validate(), UserError);
+
+  Problem<float> pb(small_config(10), 1, 4, 1);
+  const auto rope = pb.rope();
+  EXPECT_THROW(cpu::mla_forward(pb.out.data(), pb.saved, pb.x.data(), pb.p.weights(), pb.c, 1, 4, 29, rope),
+               UserError);  // positions 29..32 past the 32-position tables
+  std::vector<float> ckv(4 * 8), kpe(4 * 4), o(12);
+  const MlaCache<float> cache{ckv.data(), kpe.data(), 4};
+  EXPECT_THROW(cpu::mla_decode_step_naive(o.data(), cache, pb.x.data(), pb.p.weights(), pb.c, 1, 4, rope),
+               UserError);  // position 4 does not fit a cache of 4
+  EXPECT_NO_THROW(cpu::mla_decode_step_naive(o.data(), cache, pb.x.data(), pb.p.weights(), pb.c, 1, 0, rope));
+}
+
+// ---- CUDA vs CPU --------------------------------------------------------------------------------
+
+#ifdef DSV3_HAVE_CUDA
+namespace {
+
+struct CudaCase {
+  const char* name;
+  int q_lora_rank, H, B, T, pos0;
+};
+void PrintTo(const CudaCase& g, std::ostream* os) { *os << g.name; }
+
+MlaConfig cuda_config(const CudaCase& k) {
+  MlaConfig c = small_config(k.q_lora_rank, k.H);
+  c.dim = 37;
+  c.kv_lora_rank = 19;
+  c.qk_nope_head_dim = 11;
+  c.qk_rope_head_dim = c.rope.qk_rope_head_dim = 6;
+  c.v_head_dim = 9;
+  c.rope.max_seq_len = 128;
+  c.rope.original_seq_len = 32;
+  return c;
+}
+
+}  // namespace
+
+class CudaMla : public ::testing::TestWithParam<CudaCase> {};
+
+TEST_P(CudaMla, ForwardBackwardMatchCpu) {
+  DSV3_REQUIRE_GPU();
+  const CudaCase k = GetParam();
+  Problem<float> pb(cuda_config(k), k.B, k.T, 101, k.pos0);
+  pb.forward();
+  const auto R = Rng(102).normal_vec<float>(pb.out.size());
+  MlaParams<float> g = mla_init_params<float>(pb.c, 103);  // nonzero start: checks += on the device too
+  const MlaParams<float> g0 = g;
+  const auto dx = pb.backward(g, R);
+
+  MlaDeviceParams dw(pb.p), dg(g0);
+  const MlaDeviceRope rope(pb.tab);
+  DeviceBuffer<float> x(pb.x), out(pb.out.size()), saved(pb.saved_buf.size()), dout(R), dinp(pb.x.size());
+  out.poison();
+  saved.poison();
+  dinp.poison();
+  const MlaSaved<float> ds = mla_saved_layout(saved.get(), pb.c, k.B, k.T);
+  cuda::mla_forward(out.get(), ds, x.get(), dw.weights(), pb.c, k.B, k.T, k.pos0, rope.view());
+  cuda::mla_backward(dg.grads(), dinp.get(), dout.get(), ds, x.get(), dw.weights(), pb.c, k.B, k.T, k.pos0,
+                     rope.view());
+  EXPECT_CLOSE(compare(out.download(), pb.out, kReductionTol), "out");
+  EXPECT_CLOSE(compare(saved.download(), pb.saved_buf, kReductionTol), "saved activations");
+  EXPECT_CLOSE(compare(dinp.download(), dx, kReductionTol), "dinp");
+  // Parameter gradients sum over N = B*T rows in another order: atol grows ~ sqrt(N) (as stage 01's dweight).
+  const Tolerance param_tol{1e-5 * std::sqrt(double(k.B * k.T)), 1e-4};
+  MlaParams<float> got = g0;
+  dg.download(got);
+  auto want = g.tensors(), have = got.tensors();
+  ASSERT_EQ(want.size(), have.size());
+  for (size_t i = 0; i < want.size(); ++i)
+    EXPECT_CLOSE(compare(*have[i].second, *want[i].second, param_tol), "d" + want[i].first + " (+=)");
+}
+INSTANTIATE_TEST_SUITE_P(Shapes, CudaMla,
+                         ::testing::Values(CudaCase{"q_compressed", 13, 3, 2, 7, 0},
+                                           CudaCase{"no_q_compression", 0, 3, 2, 7, 5},
+                                           CudaCase{"one_token_one_head", 13, 1, 3, 1, 0},
+                                           CudaCase{"longer", 13, 5, 2, 67, 3}),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+class CudaMlaDecode : public ::testing::TestWithParam<int> {};  // q_lora_rank
+
+TEST_P(CudaMlaDecode, NaiveAndAbsorbedMatchCpuAndForward) {
+  DSV3_REQUIRE_GPU();
+  const CudaCase k{"decode", GetParam(), 4, 3, 23, 0};
+  Problem<float> pb(cuda_config(k), k.B, k.T, 201);
+  pb.forward();
+  const auto rope = pb.rope();
+  const auto w = pb.p.weights();
+  const auto cpu_naive = decode_all(pb, [&](float* o, const MlaCache<float>& cache, const float* x, int pos) {
+    cpu::mla_decode_step_naive(o, cache, x, w, pb.c, pb.B, pos, rope);
+  });
+  MlaDeviceParams dw(pb.p);
+  const MlaDeviceRope drope(pb.tab);
+  const int Lmax = k.T + 2, Dc = pb.c.kv_lora_rank, Dr = pb.c.qk_rope_head_dim, D = pb.c.dim;
+  for (bool absorbed : {false, true}) {
+    DeviceBuffer<float> ckv(size_t(k.B) * Lmax * Dc), kpe(size_t(k.B) * Lmax * Dr), xt(size_t(k.B) * D),
+        ot(size_t(k.B) * D);
+    ckv.poison();  // positions not yet written must never be read
+    kpe.poison();
+    const MlaCache<float> cache{ckv.get(), kpe.get(), Lmax};
+    std::vector<float> got(pb.out.size()), xh(size_t(k.B) * D);
+    for (int t = 0; t < k.T; ++t) {
+      for (int b = 0; b < k.B; ++b) std::copy_n(&pb.x[(size_t(b) * k.T + t) * D], D, &xh[size_t(b) * D]);
+      xt.upload(xh);
+      ot.poison();
+      if (absorbed)
+        cuda::mla_decode_step_absorbed(ot.get(), cache, xt.get(), dw.weights(), pb.c, k.B, t, drope.view());
+      else
+        cuda::mla_decode_step_naive(ot.get(), cache, xt.get(), dw.weights(), pb.c, k.B, t, drope.view());
+      const auto oh = ot.download();
+      for (int b = 0; b < k.B; ++b) std::copy_n(&oh[size_t(b) * D], D, &got[(size_t(b) * k.T + t) * D]);
+    }
+    const std::string what = absorbed ? "cuda absorbed" : "cuda naive";
+    EXPECT_CLOSE(compare(got, cpu_naive, kReductionTol), what + " vs cpu naive decode");
+    EXPECT_CLOSE(compare(got, pb.out, kReductionTol), what + " vs cpu full forward");
+    const auto c_h = ckv.download();
+    for (int b = 0; b < k.B; ++b)  // the cache holds the forward's normalised latent at every position
+      EXPECT_CLOSE(compare(std::vector<float>(c_h.begin() + size_t(b) * Lmax * Dc,
+                                              c_h.begin() + (size_t(b) * Lmax + k.T) * Dc),
+                           std::vector<float>(pb.saved.c_kv + size_t(b) * k.T * Dc,
+                                              pb.saved.c_kv + size_t(b + 1) * k.T * Dc),
+                           kReductionTol),
+                   what + " cache c_kv");
+  }
+}
+INSTANTIATE_TEST_SUITE_P(QRank, CudaMlaDecode, ::testing::Values(13, 0));
+
+TEST(CudaMlaErrors, RejectsPositionPastCache) {
+  DSV3_REQUIRE_GPU();
+  const CudaCase k{"err", 13, 2, 1, 1, 0};
+  Problem<float> pb(cuda_config(k), 1, 1, 301);
+  MlaDeviceParams dw(pb.p);
+  const MlaDeviceRope rope(pb.tab);
+  DeviceBuffer<float> x(pb.x), ckv(2 * 19), kpe(2 * 6), o(37);
+  const MlaCache<float> cache{ckv.get(), kpe.get(), 2};
+  EXPECT_THROW(cuda::mla_decode_step_absorbed(o.get(), cache, x.get(), dw.weights(), pb.c, 1, 2, rope.view()),
+               UserError);
+}
+#else
+TEST(CudaMla, BuiltWithoutCuda) { GTEST_SKIP() << "built without CUDA"; }
+#endif
