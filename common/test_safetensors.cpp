@@ -13,8 +13,10 @@ using namespace dsv3;
 
 namespace {
 
+// A file in a folder of its own per test (ctest runs tests in parallel).
 std::string temp_path(const std::string& name) {
-  const auto dir = std::filesystem::temp_directory_path() / "dsv3_test_safetensors";
+  const auto* test = ::testing::UnitTest::GetInstance()->current_test_info();
+  const auto dir = std::filesystem::temp_directory_path() / "dsv3_test_safetensors" / test->name();
   std::filesystem::create_directories(dir);
   return (dir / name).string();
 }

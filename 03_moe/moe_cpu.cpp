@@ -1,0 +1,331 @@
+// Stage 03, the reference: the readable specification of DeepSeekMoE's forward and backward.
+// Shapes: see the legend in moe.h. Matrix products through cpu::gemm (Eigen, row-major).
+#include <cmath>
+
+#include "03_moe/moe.h"
+#include "03_moe/moe_route.h"
+#include "common/errors.h"
+#include "common/gemm.h"
+#include "common/rng.h"
+
+namespace dsv3 {
+
+void MoeConfig::validate() const {
+  require(dim > 0, "dim must be positive, got {}", dim);
+  require(moe_inter_dim > 0, "moe_inter_dim must be positive, got {}", moe_inter_dim);
+  require(n_routed_experts > 0, "n_routed_experts must be positive, got {}", n_routed_experts);
+  require(n_shared_experts >= 0, "n_shared_experts must be >= 0, got {}", n_shared_experts);
+  require(n_activated_experts > 0 && n_activated_experts <= n_routed_experts,
+          "n_activated_experts must be in [1, n_routed_experts = {}], got {}", n_routed_experts,
+          n_activated_experts);
+  require(n_expert_groups > 0 && n_expert_groups <= kMaxExpertGroups,
+          "n_expert_groups must be in [1, {}], got {}", kMaxExpertGroups, n_expert_groups);
+  require(n_routed_experts % n_expert_groups == 0,
+          "n_expert_groups = {} must divide n_routed_experts = {}", n_expert_groups, n_routed_experts);
+  require(n_expert_groups == 1 || group_size() >= 2,
+          "each expert group needs >= 2 experts (a group scores by its top-2), got n_routed_experts/n_expert_groups = {}",
+          group_size());
+  require(n_limited_groups > 0 && n_limited_groups <= n_expert_groups,
+          "n_limited_groups must be in [1, n_expert_groups = {}], got {}", n_expert_groups, n_limited_groups);
+  require(n_expert_groups == 1 || n_activated_experts <= group_size() * n_limited_groups,
+          "n_activated_experts = {} exceeds the {} experts of the n_limited_groups = {} kept groups",
+          n_activated_experts, group_size() * n_limited_groups, n_limited_groups);
+  require(route_scale > 0.f && std::isfinite(route_scale), "route_scale must be positive, got {}", route_scale);
+}
+
+void validate_moe_call(const MoeConfig& c, int N) {
+  c.validate();
+  require(N >= 0, "moe: number of tokens N must be >= 0, got {}", N);
+}
+
+template <typename T>
+MoeWeights<T> MoeParams<T>::weights() const {
+  auto p = [](const std::vector<T>& v) { return v.empty() ? nullptr : v.data(); };
+  return {p(gate_weight), p(gate_bias), p(w1), p(w2), p(w3), p(shared_w1), p(shared_w2), p(shared_w3)};
+}
+template <typename T>
+MoeGrads<T> MoeParams<T>::grads() {
+  auto p = [](std::vector<T>& v) { return v.empty() ? nullptr : v.data(); };
+  return {p(gate_weight), p(w1), p(w2), p(w3), p(shared_w1), p(shared_w2), p(shared_w3)};
+}
+template <typename T>
+std::vector<std::pair<std::string, std::vector<T>*>> MoeParams<T>::tensors() {
+  return {{"gate.weight", &gate_weight}, {"experts.w1", &w1},       {"experts.w2", &w2},
+          {"experts.w3", &w3},           {"shared.w1", &shared_w1}, {"shared.w2", &shared_w2},
+          {"shared.w3", &shared_w3}};
+}
+
+template <typename T>
+MoeParams<T> moe_zero_params(const MoeConfig& c) {
+  c.validate();
+  const size_t D = c.dim, F = c.moe_inter_dim, E = c.n_routed_experts, Fs = c.shared_inter_dim();
+  MoeParams<T> p;
+  p.gate_weight.assign(E * D, T(0));
+  p.gate_bias.assign(E, T(0));
+  p.w1.assign(E * F * D, T(0));
+  p.w2.assign(E * D * F, T(0));
+  p.w3.assign(E * F * D, T(0));
+  p.shared_w1.assign(Fs * D, T(0));
+  p.shared_w2.assign(D * Fs, T(0));
+  p.shared_w3.assign(Fs * D, T(0));
+  return p;
+}
+
+template <typename T>
+MoeParams<T> moe_init_params(const MoeConfig& c, uint64_t seed) {
+  MoeParams<T> p = moe_zero_params<T>(c);
+  Rng rng(seed);
+  auto fill = [&](std::vector<T>& v, int fan_in) {
+    for (auto& x : v) x = static_cast<T>(rng.normal() / std::sqrt(double(fan_in)));
+  };
+  fill(p.gate_weight, c.dim);
+  fill(p.w1, c.dim);
+  fill(p.w2, c.moe_inter_dim);
+  fill(p.w3, c.dim);
+  fill(p.shared_w1, c.dim);
+  fill(p.shared_w2, std::max(1, c.shared_inter_dim()));
+  fill(p.shared_w3, c.dim);
+  return p;
+}
+
+size_t moe_saved_size(const MoeConfig& c, int N) {
+  const size_t n = N, E = c.n_routed_experts, K = c.n_activated_experts, F = c.moe_inter_dim, D = c.dim;
+  return 2 * n * E + n * K + 2 * n * K * F + n * K * D + 2 * n * c.shared_inter_dim();
+}
+size_t moe_saved_int_size(const MoeConfig& c, int N) {
+  const size_t n = N, E = c.n_routed_experts, K = c.n_activated_experts;
+  return 3 * n * K + 2 * E + 1;
+}
+
+template <typename T>
+MoeSaved<T> moe_saved_layout(T* base, int* ibase, const MoeConfig& c, int N) {
+  const size_t n = N, E = c.n_routed_experts, K = c.n_activated_experts, F = c.moe_inter_dim, D = c.dim,
+               Fs = c.shared_inter_dim();
+  MoeSaved<T> s;
+  auto take = [&](size_t count) { T* p = base; base += count; return p; };
+  auto take_i = [&](size_t count) { int* p = ibase; ibase += count; return p; };
+  s.scores = take(n * E);
+  s.sel = take(n * E);
+  s.weights = take(n * K);
+  s.h1 = take(n * K * F);
+  s.h3 = take(n * K * F);
+  s.eo = take(n * K * D);
+  s.sh1 = take(n * Fs);
+  s.sh3 = take(n * Fs);
+  s.indices = take_i(n * K);
+  s.counts = take_i(E);
+  s.offsets = take_i(E + 1);
+  s.perm = take_i(n * K);
+  s.slot_row = take_i(n * K);
+  return s;
+}
+
+namespace cpu {
+namespace {
+
+template <typename T>
+T silu(T x) { return x / (T(1) + std::exp(-x)); }
+template <typename T>
+T dsilu(T x) {  // d/dx x*sigmoid(x) = sig * (1 + x (1 - sig))
+  const T sg = T(1) / (T(1) + std::exp(-x));
+  return sg * (T(1) + x * (T(1) - sg));
+}
+
+// a (rows, F) = silu(h1) * h3
+template <typename T>
+std::vector<T> swiglu(const T* h1, const T* h3, size_t n) {
+  std::vector<T> a(n);
+  for (size_t i = 0; i < n; ++i) a[i] = silu(h1[i]) * h3[i];
+  return a;
+}
+
+// One SwiGLU FFN on `rows` rows: h1 = x W1^T, h3 = x W3^T, y = (silu(h1) * h3) W2^T.
+template <typename T>
+void ffn_forward(T* y, T* h1, T* h3, const T* x, const T* W1, const T* W2, const T* W3, int rows, int D, int F) {
+  if (rows == 0) return;
+  gemm(Op::N, Op::T, rows, F, D, T(1), x, W1, T(0), h1);
+  gemm(Op::N, Op::T, rows, F, D, T(1), x, W3, T(0), h3);
+  const auto a = swiglu(h1, h3, size_t(rows) * F);
+  gemm(Op::N, Op::T, rows, D, F, T(1), a.data(), W2, T(0), y);
+}
+
+// Its backward: dW1/dW2/dW3 += ..., dx (rows, D) = dh1 W1 + dh3 W3.
+template <typename T>
+void ffn_backward(T* dW1, T* dW2, T* dW3, T* dx, const T* dy, const T* h1, const T* h3, const T* x, const T* W1,
+                  const T* W2, const T* W3, int rows, int D, int F) {
+  if (rows == 0) return;
+  const size_t n = size_t(rows) * F;
+  const auto a = swiglu(h1, h3, n);
+  std::vector<T> da(n), dh1(n), dh3(n);
+  gemm(Op::N, Op::N, rows, F, D, T(1), dy, W2, T(0), da.data());  // da = dy W2
+  gemm(Op::T, Op::N, D, F, rows, T(1), dy, a.data(), T(1), dW2);  // dW2 += dy^T a
+  for (size_t i = 0; i < n; ++i) {
+    dh1[i] = da[i] * h3[i] * dsilu(h1[i]);
+    dh3[i] = da[i] * silu(h1[i]);
+  }
+  gemm(Op::T, Op::N, F, D, rows, T(1), dh1.data(), x, T(1), dW1);
+  gemm(Op::T, Op::N, F, D, rows, T(1), dh3.data(), x, T(1), dW3);
+  gemm(Op::N, Op::N, rows, D, F, T(1), dh1.data(), W1, T(0), dx);
+  gemm(Op::N, Op::N, rows, D, F, T(1), dh3.data(), W3, T(1), dx);
+}
+
+// Router for all tokens: scores, sel, indices, weights (moe_route.h does one token).
+template <typename T>
+void route(const MoeSaved<T>& s, const T* inp, const MoeWeights<T>& w, const MoeConfig& c, int N) {
+  const int E = c.n_routed_experts, K = c.n_activated_experts, D = c.dim;
+  const bool softmax = c.score_func == ScoreFunc::Softmax;
+  std::vector<T> logits(size_t(N) * E);
+  gemm(Op::N, Op::T, N, E, D, T(1), inp, w.gate_weight, T(0), logits.data());
+  for (int n = 0; n < N; ++n) {
+    const size_t r = size_t(n) * E, q = size_t(n) * K;
+    moe_route::scores_from_logits(s.scores + r, logits.data() + r, E, softmax);
+    moe_route::route_token(s.sel + r, s.indices + q, s.weights + q, s.scores + r, w.gate_bias, E, K,
+                           c.n_expert_groups, c.n_limited_groups, T(c.route_scale), !softmax);
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void moe_forward(T* out, const MoeSaved<T>& s, const T* inp, const MoeWeights<T>& w, const MoeConfig& c, int N) {
+  validate_moe_call(c, N);
+  const int E = c.n_routed_experts, K = c.n_activated_experts, D = c.dim, F = c.moe_inter_dim,
+            Fs = c.shared_inter_dim(), NK = N * K;
+  // 1) route every token
+  route(s, inp, w, c, N);
+  // 2) dispatch: stable counting sort of the slots by expert -> counts, offsets, perm, slot_row
+  for (int e = 0; e < E; ++e) s.counts[e] = 0;
+  for (int i = 0; i < NK; ++i) ++s.counts[s.indices[i]];
+  s.offsets[0] = 0;
+  for (int e = 0; e < E; ++e) s.offsets[e + 1] = s.offsets[e] + s.counts[e];
+  std::vector<int> fill(s.offsets, s.offsets + E);
+  for (int i = 0; i < NK; ++i) {
+    const int r = fill[s.indices[i]]++;
+    s.perm[r] = i;
+    s.slot_row[i] = r;
+  }
+  // 3) each routed expert on its slice of gathered tokens
+  std::vector<T> xp(size_t(NK) * D);
+  for (int r = 0; r < NK; ++r)
+    std::copy_n(inp + size_t(s.perm[r] / K) * D, D, xp.data() + size_t(r) * D);
+  for (int e = 0; e < E; ++e) {
+    const size_t o = s.offsets[e];
+    ffn_forward(s.eo + o * D, s.h1 + o * F, s.h3 + o * F, xp.data() + o * D, w.w1 + size_t(e) * F * D,
+                w.w2 + size_t(e) * D * F, w.w3 + size_t(e) * F * D, s.counts[e], D, F);
+  }
+  // 4) out = shared(x) + sum_k w_k eo_k, in k order
+  if (Fs > 0)
+    ffn_forward(out, s.sh1, s.sh3, inp, w.shared_w1, w.shared_w2, w.shared_w3, N, D, Fs);
+  else
+    std::fill_n(out, size_t(N) * D, T(0));
+  for (int n = 0; n < N; ++n)
+    for (int k = 0; k < K; ++k) {
+      const T wk = s.weights[size_t(n) * K + k];
+      const T* y = s.eo + size_t(s.slot_row[n * K + k]) * D;
+      for (int d = 0; d < D; ++d) out[size_t(n) * D + d] += wk * y[d];
+    }
+}
+
+template <typename T>
+void moe_backward(const MoeGrads<T>& g, T* dinp, const T* dout, const NoDeduce<T>* dscores_extra, const MoeSaved<T>& s,
+                  const T* inp, const MoeWeights<T>& w, const MoeConfig& c, int N) {
+  validate_moe_call(c, N);
+  const int E = c.n_routed_experts, K = c.n_activated_experts, D = c.dim, F = c.moe_inter_dim,
+            Fs = c.shared_inter_dim(), NK = N * K;
+  const bool softmax = c.score_func == ScoreFunc::Softmax;
+  // 1) shared experts: dinp = their input gradient (overwrite)
+  if (Fs > 0)
+    ffn_backward(g.shared_w1, g.shared_w2, g.shared_w3, dinp, dout, s.sh1, s.sh3, inp, w.shared_w1, w.shared_w2,
+                 w.shared_w3, N, D, Fs);
+  else
+    std::fill_n(dinp, size_t(N) * D, T(0));
+  // 2) combine: dw[n,k] = dout_n . eo_slot;  deo_slot = w[n,k] dout_n   (dispatch order)
+  std::vector<T> dw(static_cast<size_t>(NK)), deo(size_t(NK) * D), xp(size_t(NK) * D), dxp(size_t(NK) * D);
+  for (int i = 0; i < NK; ++i) {
+    const int r = s.slot_row[i], n = i / K;
+    const T* dy = dout + size_t(n) * D;
+    const T* y = s.eo + size_t(r) * D;
+    T acc = 0;
+    for (int d = 0; d < D; ++d) {
+      acc += dy[d] * y[d];
+      deo[size_t(r) * D + d] = s.weights[i] * dy[d];
+    }
+    dw[i] = acc;
+    std::copy_n(inp + size_t(n) * D, D, xp.data() + size_t(r) * D);
+  }
+  // 3) each routed expert on its slice
+  for (int e = 0; e < E; ++e) {
+    const size_t o = s.offsets[e];
+    ffn_backward(g.w1 + size_t(e) * F * D, g.w2 + size_t(e) * D * F, g.w3 + size_t(e) * F * D, dxp.data() + o * D,
+                 deo.data() + o * D, s.h1 + o * F, s.h3 + o * F, xp.data() + o * D, w.w1 + size_t(e) * F * D,
+                 w.w2 + size_t(e) * D * F, w.w3 + size_t(e) * F * D, s.counts[e], D, F);
+  }
+  // 4) router: dw -> d scores (through the normalisation) -> d logits (through sigmoid/softmax)
+  std::vector<T> dlogits(size_t(N) * E);
+  for (int n = 0; n < N; ++n) {
+    T* dl = dlogits.data() + size_t(n) * E;
+    const size_t q = size_t(n) * K;
+    moe_route::route_token_backward(dl, dw.data() + q, s.indices + q, s.weights + q, s.scores + size_t(n) * E, E,
+                                    K, T(c.route_scale), !softmax);
+    if (dscores_extra)
+      for (int e = 0; e < E; ++e) dl[e] += dscores_extra[size_t(n) * E + e];
+    moe_route::scores_backward(dl, s.scores + size_t(n) * E, E, softmax);
+  }
+  gemm(Op::T, Op::N, E, D, N, T(1), dlogits.data(), inp, T(1), g.gate_weight);  // dWg += dlogits^T x
+  gemm(Op::N, Op::N, N, D, E, T(1), dlogits.data(), w.gate_weight, T(1), dinp);  // dx += dlogits Wg
+  // 5) the experts' input gradients back to their tokens, in k order
+  for (int i = 0; i < NK; ++i) {
+    const T* src = dxp.data() + size_t(s.slot_row[i]) * D;
+    T* dst = dinp + size_t(i / K) * D;
+    for (int d = 0; d < D; ++d) dst[d] += src[d];
+  }
+}
+
+template <typename T>
+void moe_forward_dense(T* out, const T* inp, const MoeWeights<T>& w, const MoeConfig& c, int N) {
+  validate_moe_call(c, N);
+  const int E = c.n_routed_experts, K = c.n_activated_experts, D = c.dim, F = c.moe_inter_dim,
+            Fs = c.shared_inter_dim();
+  // 1) the routing decision as a dense (N, E) weight matrix, zero where an expert was not chosen
+  std::vector<T> sbuf(moe_saved_size(c, N));
+  std::vector<int> ibuf(moe_saved_int_size(c, N));
+  const MoeSaved<T> s = moe_saved_layout(sbuf.data(), ibuf.data(), c, N);
+  route(s, inp, w, c, N);
+  std::vector<T> mask(size_t(N) * E, T(0));
+  for (int n = 0; n < N; ++n)
+    for (int k = 0; k < K; ++k) mask[size_t(n) * E + s.indices[size_t(n) * K + k]] = s.weights[size_t(n) * K + k];
+  // 2) shared part, then every expert on every token, masked
+  std::vector<T> h1(size_t(N) * std::max(F, Fs)), h3(h1.size()), y(size_t(N) * D);
+  if (Fs > 0)
+    ffn_forward(out, h1.data(), h3.data(), inp, w.shared_w1, w.shared_w2, w.shared_w3, N, D, Fs);
+  else
+    std::fill_n(out, size_t(N) * D, T(0));
+  for (int e = 0; e < E; ++e) {
+    ffn_forward(y.data(), h1.data(), h3.data(), inp, w.w1 + size_t(e) * F * D, w.w2 + size_t(e) * D * F,
+                w.w3 + size_t(e) * F * D, N, D, F);
+    for (int n = 0; n < N; ++n)
+      for (int d = 0; d < D; ++d) out[size_t(n) * D + d] += mask[size_t(n) * E + e] * y[size_t(n) * D + d];
+  }
+}
+
+#define DSV3_INSTANTIATE(T)                                                                                   \
+  template void moe_forward<T>(T*, const MoeSaved<T>&, const T*, const MoeWeights<T>&, const MoeConfig&, int); \
+  template void moe_backward<T>(const MoeGrads<T>&, T*, const T*, const T*, const MoeSaved<T>&, const T*,     \
+                                const MoeWeights<T>&, const MoeConfig&, int);                                 \
+  template void moe_forward_dense<T>(T*, const T*, const MoeWeights<T>&, const MoeConfig&, int);
+DSV3_INSTANTIATE(float)
+DSV3_INSTANTIATE(double)
+#undef DSV3_INSTANTIATE
+
+}  // namespace cpu
+
+template struct MoeParams<float>;
+template struct MoeParams<double>;
+template MoeParams<float> moe_zero_params<float>(const MoeConfig&);
+template MoeParams<double> moe_zero_params<double>(const MoeConfig&);
+template MoeParams<float> moe_init_params<float>(const MoeConfig&, uint64_t);
+template MoeParams<double> moe_init_params<double>(const MoeConfig&, uint64_t);
+template MoeSaved<float> moe_saved_layout<float>(float*, int*, const MoeConfig&, int);
+template MoeSaved<double> moe_saved_layout<double>(double*, int*, const MoeConfig&, int);
+
+}  // namespace dsv3

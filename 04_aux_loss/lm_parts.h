@@ -1,0 +1,58 @@
+// The parts a language-model training loop needs beyond stages 01-03: token embedding, cross-entropy over
+// the vocabulary, and AdamW. Stage 04's experiment uses them; later stages (MTP, the full model) link them.
+//
+// Shape legend: N tokens (B*T), D model width, V vocabulary.
+// Conventions (common/conventions.h): parameter gradients accumulate (+=), activation gradients overwrite (=).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace dsv3 {
+
+// Targets equal to kIgnoreTarget contribute no loss and no gradient (e.g. MTP positions without a target).
+inline constexpr int kIgnoreTarget = -1;
+
+struct AdamWConfig {
+  float lr = 1e-3f;
+  float beta1 = 0.9f;
+  float beta2 = 0.95f;
+  float eps = 1e-8f;
+  float weight_decay = 0.1f;  // decoupled; applied only where the caller says (matrices, not norms/biases)
+};
+
+namespace cpu {
+
+// out (N, D) = wte[tokens] ; UserError on a token outside [0, V).
+template <typename T>
+void embedding_forward(T* out, const int* tokens, const T* wte, int N, int D, int V);
+// dwte (V, D) += scatter of dout rows by token.
+template <typename T>
+void embedding_backward(T* dwte, const T* dout, const int* tokens, int N, int D, int V);
+
+// Mean cross-entropy over the tokens whose target is not kIgnoreTarget; probs (N, V) = softmax(logits) is saved.
+// Returns 0 when no token has a target.
+template <typename T>
+T cross_entropy_forward(T* probs, const T* logits, const int* targets, int N, int V);
+// dlogits (N, V) = dloss * (probs - onehot(target)) / (#tokens with a target); zero rows for ignored tokens.
+template <typename T>
+void cross_entropy_backward(T* dlogits, T dloss, const T* probs, const int* targets, int N, int V);
+
+// One AdamW step on n parameters; m, v are the moment buffers, step counts from 1.
+template <typename T>
+void adamw_step(T* param, const T* grad, T* m, T* v, size_t n, int64_t step, const AdamWConfig& c, bool decay);
+
+}  // namespace cpu
+
+namespace cuda {
+
+void embedding_forward(float* out, const int* tokens, const float* wte, int N, int D, int V);
+void embedding_backward(float* dwte, const float* dout, const int* tokens, int N, int D, int V);
+// Returns the loss on the host (one small device-to-host copy); probs stay on the device.
+float cross_entropy_forward(float* probs, const float* logits, const int* targets, int N, int V);
+void cross_entropy_backward(float* dlogits, float dloss, const float* probs, const int* targets, int N, int V);
+void adamw_step(float* param, const float* grad, float* m, float* v, size_t n, int64_t step, const AdamWConfig& c,
+                bool decay);
+
+}  // namespace cuda
+}  // namespace dsv3

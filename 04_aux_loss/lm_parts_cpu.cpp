@@ -1,0 +1,97 @@
+// Reference implementations of the LM training parts. Shapes: see lm_parts.h.
+#include <Eigen/Core>
+
+#include <cmath>
+
+#include "04_aux_loss/lm_parts.h"
+#include "common/errors.h"
+
+namespace dsv3::cpu {
+
+template <typename T>
+void embedding_forward(T* out, const int* tokens, const T* wte, int N, int D, int V) {
+  for (int n = 0; n < N; ++n) {
+    require(tokens[n] >= 0 && tokens[n] < V, "token {} at position {} is outside the vocabulary [0, {})", tokens[n],
+            n, V);
+    std::copy(wte + static_cast<size_t>(tokens[n]) * D, wte + static_cast<size_t>(tokens[n] + 1) * D,
+              out + static_cast<size_t>(n) * D);
+  }
+}
+
+template <typename T>
+void embedding_backward(T* dwte, const T* dout, const int* tokens, int N, int D, int V) {
+  for (int n = 0; n < N; ++n) {
+    require(tokens[n] >= 0 && tokens[n] < V, "token {} is outside the vocabulary [0, {})", tokens[n], V);
+    for (int j = 0; j < D; ++j) dwte[static_cast<size_t>(tokens[n]) * D + j] += dout[static_cast<size_t>(n) * D + j];
+  }
+}
+
+static int count_targets(const int* targets, int N, int V) {
+  int n = 0;
+  for (int i = 0; i < N; ++i) {
+    require(targets[i] == kIgnoreTarget || (targets[i] >= 0 && targets[i] < V),
+            "target {} at position {} is outside the vocabulary [0, {})", targets[i], i, V);
+    n += targets[i] != kIgnoreTarget;
+  }
+  return n;
+}
+
+template <typename T>
+T cross_entropy_forward(T* probs, const T* logits, const int* targets, int N, int V) {
+  using Row = Eigen::Matrix<T, 1, Eigen::Dynamic>;
+  const int count = count_targets(targets, N, V);
+  T loss = 0;
+  for (int n = 0; n < N; ++n) {
+    Eigen::Map<const Row> z(logits + static_cast<size_t>(n) * V, V);
+    Eigen::Map<Row> p(probs + static_cast<size_t>(n) * V, V);
+    // softmax with the max subtracted; -log p_target = logsumexp(z) - z_target
+    const T mx = z.maxCoeff();
+    p = (z.array() - mx).exp();
+    const T sum = p.sum();
+    p /= sum;
+    if (targets[n] != kIgnoreTarget) loss += std::log(sum) + mx - z(targets[n]);
+  }
+  return count ? loss / count : T(0);
+}
+
+template <typename T>
+void cross_entropy_backward(T* dlogits, T dloss, const T* probs, const int* targets, int N, int V) {
+  const int count = count_targets(targets, N, V);
+  for (int n = 0; n < N; ++n) {
+    T* d = dlogits + static_cast<size_t>(n) * V;
+    const T* p = probs + static_cast<size_t>(n) * V;
+    if (targets[n] == kIgnoreTarget) {
+      std::fill(d, d + V, T(0));
+      continue;
+    }
+    const T s = dloss / count;
+    for (int v = 0; v < V; ++v) d[v] = s * p[v];
+    d[targets[n]] -= s;
+  }
+}
+
+template <typename T>
+void adamw_step(T* param, const T* grad, T* m, T* v, size_t n, int64_t step, const AdamWConfig& c, bool decay) {
+  require(step >= 1, "AdamW step counts from 1, got {}", step);
+  const double bc1 = 1.0 - std::pow(double(c.beta1), double(step));
+  const double bc2 = 1.0 - std::pow(double(c.beta2), double(step));
+  for (size_t i = 0; i < n; ++i) {
+    m[i] = T(c.beta1) * m[i] + T(1 - c.beta1) * grad[i];
+    v[i] = T(c.beta2) * v[i] + T(1 - c.beta2) * grad[i] * grad[i];
+    const T mhat = m[i] / T(bc1), vhat = v[i] / T(bc2);
+    if (decay) param[i] -= T(c.lr * c.weight_decay) * param[i];  // decoupled weight decay
+    param[i] -= T(c.lr) * mhat / (std::sqrt(vhat) + T(c.eps));
+  }
+}
+
+#define DSV3_INSTANTIATE(T)                                                                   \
+  template void embedding_forward<T>(T*, const int*, const T*, int, int, int);                \
+  template void embedding_backward<T>(T*, const T*, const int*, int, int, int);               \
+  template T cross_entropy_forward<T>(T*, const T*, const int*, int, int);                    \
+  template void cross_entropy_backward<T>(T*, T, const T*, const int*, int, int);             \
+  template void adamw_step<T>(T*, const T*, T*, T*, size_t, int64_t, const AdamWConfig&, bool);
+DSV3_INSTANTIATE(float)
+DSV3_INSTANTIATE(double)
+#undef DSV3_INSTANTIATE
+
+}  // namespace dsv3::cpu

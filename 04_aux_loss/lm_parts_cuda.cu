@@ -1,0 +1,159 @@
+// CUDA versions of the LM training parts (lm_parts.h): kernels, launchers, entry points.
+// Token ids live on the device: the kernels flag an out-of-range id in a device word and the entry point
+// turns it into a UserError (one 4-byte copy back).
+#include <cmath>
+
+#include "04_aux_loss/lm_parts.h"
+#include "common/cuda_kernels.cuh"
+#include "common/cuda_utils.h"
+
+namespace dsv3::cuda {
+namespace {
+
+// ---- kernels ------------------------------------------------------------------------------------
+
+// One block per token row: out[n] = wte[tokens[n]].
+__global__ void embedding_forward_kernel(float* out, int* bad, const int* tokens, const float* wte, int D, int V) {
+  const int n = blockIdx.x;
+  const int tok = tokens[n];
+  if (tok < 0 || tok >= V) {
+    if (threadIdx.x == 0) atomicExch(bad, 1);
+    return;
+  }
+  for (int j = threadIdx.x; j < D; j += blockDim.x)
+    out[static_cast<size_t>(n) * D + j] = wte[static_cast<size_t>(tok) * D + j];
+}
+
+// Deterministic scatter-add: one thread per column j of the embedding; it walks the tokens in order and adds
+// each row's value to its token's row. No float atomics, so repeated runs give identical gradients.
+__global__ void embedding_backward_kernel(float* dwte, const float* dout, const int* tokens, int N, int D, int V) {
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= D) return;
+  for (int n = 0; n < N; ++n) {
+    const int tok = tokens[n];
+    if (tok >= 0 && tok < V) dwte[static_cast<size_t>(tok) * D + j] += dout[static_cast<size_t>(n) * D + j];
+  }
+}
+
+// One warp per row: probs = softmax(logits); loss_row = logsumexp - logit[target] (0 when ignored).
+__global__ void softmax_xent_kernel(float* probs, float* loss_row, int* bad, const float* logits, const int* targets,
+                                    int N, int V) {
+  const int n = blockIdx.x * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  if (n >= N) return;
+  const float* z = logits + static_cast<size_t>(n) * V;
+  float mx = -INFINITY;
+  for (int v = lane; v < V; v += kWarpSize) mx = fmaxf(mx, z[v]);
+  mx = warp_max(mx);
+  float sum = 0.f;
+  for (int v = lane; v < V; v += kWarpSize) sum += expf(z[v] - mx);
+  sum = warp_sum(sum);
+  float* p = probs + static_cast<size_t>(n) * V;
+  for (int v = lane; v < V; v += kWarpSize) p[v] = expf(z[v] - mx) / sum;
+  if (lane == 0) {
+    const int t = targets[n];
+    if (t != kIgnoreTarget && (t < 0 || t >= V)) atomicExch(bad, 1);
+    loss_row[n] = (t == kIgnoreTarget || t < 0 || t >= V) ? 0.f : logf(sum) + mx - z[t];
+  }
+}
+
+// Sum of the row losses and the number of rows with a target, in a fixed order (one thread: N is small
+// next to the softmax work, and this keeps the loss bit-reproducible).
+__global__ void reduce_loss_kernel(float* out, int* count, const float* loss_row, const int* targets, int N) {
+  double s = 0.0;
+  int c = 0;
+  for (int n = 0; n < N; ++n) {
+    s += loss_row[n];
+    c += targets[n] != kIgnoreTarget;
+  }
+  *out = static_cast<float>(s);
+  *count = c;
+}
+
+__global__ void xent_backward_kernel(float* dlogits, const float* probs, const int* targets, float scale, int N, int V) {
+  const size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= static_cast<size_t>(N) * V) return;
+  const int n = static_cast<int>(i / V), v = static_cast<int>(i % V);
+  const int t = targets[n];
+  dlogits[i] = t == kIgnoreTarget ? 0.f : scale * (probs[i] - (v == t ? 1.f : 0.f));
+}
+
+__global__ void count_targets_kernel(int* count, const int* targets, int N) {
+  int c = 0;
+  for (int n = 0; n < N; ++n) c += targets[n] != kIgnoreTarget;
+  *count = c;
+}
+
+__global__ void adamw_kernel(float* p, const float* g, float* m, float* v, size_t n, float lr, float b1, float b2,
+                             float eps, float wd, float bc1, float bc2) {
+  const size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const float gi = g[i];
+  m[i] = b1 * m[i] + (1.f - b1) * gi;
+  v[i] = b2 * v[i] + (1.f - b2) * gi * gi;
+  const float mhat = m[i] / bc1, vhat = v[i] / bc2;
+  p[i] -= lr * wd * p[i];
+  p[i] -= lr * mhat / (sqrtf(vhat) + eps);
+}
+
+// ---- launchers ----------------------------------------------------------------------------------
+
+int read_flag(const DeviceBuffer<int>& flag) { return flag.download()[0]; }
+
+}  // namespace
+
+// ---- entry points -------------------------------------------------------------------------------
+
+void embedding_forward(float* out, const int* tokens, const float* wte, int N, int D, int V) {
+  if (N == 0) return;
+  DeviceBuffer<int> bad(1);
+  bad.zero();
+  embedding_forward_kernel<<<N, 128>>>(out, bad.get(), tokens, wte, D, V);
+  CUDA_CHECK_LAST();
+  require(read_flag(bad) == 0, "a token id is outside the vocabulary [0, {})", V);
+}
+
+void embedding_backward(float* dwte, const float* dout, const int* tokens, int N, int D, int V) {
+  if (N == 0) return;
+  embedding_backward_kernel<<<blocks_for(D, 128), 128>>>(dwte, dout, tokens, N, D, V);
+  CUDA_CHECK_LAST();
+}
+
+float cross_entropy_forward(float* probs, const float* logits, const int* targets, int N, int V) {
+  if (N == 0) return 0.f;
+  DeviceBuffer<int> bad(1), count(1);
+  DeviceBuffer<float> loss_row(N), total(1);
+  bad.zero();
+  softmax_xent_kernel<<<blocks_for(N, 8), 8 * kWarpSize>>>(probs, loss_row.get(), bad.get(), logits, targets, N, V);
+  CUDA_CHECK_LAST();
+  reduce_loss_kernel<<<1, 1>>>(total.get(), count.get(), loss_row.get(), targets, N);
+  CUDA_CHECK_LAST();
+  require(read_flag(bad) == 0, "a target id is outside the vocabulary [0, {})", V);
+  const int c = count.download()[0];
+  return c ? total.download()[0] / c : 0.f;
+}
+
+void cross_entropy_backward(float* dlogits, float dloss, const float* probs, const int* targets, int N, int V) {
+  if (N == 0) return;
+  DeviceBuffer<int> count(1);
+  count_targets_kernel<<<1, 1>>>(count.get(), targets, N);
+  CUDA_CHECK_LAST();
+  const int c = count.download()[0];
+  const float scale = c ? dloss / c : 0.f;
+  const size_t n = static_cast<size_t>(N) * V;
+  xent_backward_kernel<<<blocks_for(n, 256), 256>>>(dlogits, probs, targets, scale, N, V);
+  CUDA_CHECK_LAST();
+}
+
+void adamw_step(float* param, const float* grad, float* m, float* v, size_t n, int64_t step, const AdamWConfig& c,
+                bool decay) {
+  require(step >= 1, "AdamW step counts from 1, got {}", step);
+  if (n == 0) return;
+  const float bc1 = static_cast<float>(1.0 - std::pow(double(c.beta1), double(step)));
+  const float bc2 = static_cast<float>(1.0 - std::pow(double(c.beta2), double(step)));
+  adamw_kernel<<<blocks_for(n, 256), 256>>>(param, grad, m, v, n, c.lr, c.beta1, c.beta2, c.eps,
+                                            decay ? c.weight_decay : 0.f, bc1, bc2);
+  CUDA_CHECK_LAST();
+}
+
+}  // namespace dsv3::cuda
