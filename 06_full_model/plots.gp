@@ -1,0 +1,21 @@
+# Plots of the 06_full_model demo. Run: gnuplot -e "outdir='out/06_full_model'" 06_full_model/plots.gp
+if (!exists("outdir")) outdir = "out/06_full_model"
+set terminal pngcairo size 1000,700 font ",10" noenhanced
+set datafile separator ","
+set output outdir."/params.png"
+set multiplot layout 2,2 title "parameters per component: total (all experts) vs active per token"
+set style data histograms
+set style histogram clustered gap 1
+set style fill solid 0.8 border -1
+set boxwidth 0.9
+set logscale y
+set grid ytics
+set xtics rotate by 35 right scale 0
+set key top right
+set ylabel "parameters"
+set yrange [10:*]
+do for [cfg in "tiny lyrics small deepseek-v3"] {
+  set title cfg
+  plot outdir."/params_".cfg.".csv" using 2:xtic(1) title "total", "" using 3 title "active"
+}
+unset multiplot
