@@ -29,12 +29,7 @@ struct Sizes {
   int Dn = 128, Dr = 64;
 };
 
-struct Row {
-  Row(std::string o, std::string s) : op(std::move(o)), shape(std::move(s)) {}
-  std::string op, shape;
-  CompareResult err;
-  double cpu_ms = NAN, gpu_ms = NAN;
-};
+using Row = CpuCudaRow;
 
 // Runs one op on the CPU and, when a GPU is present, on CUDA; returns errors and median times.
 std::vector<Row> compare_cpu_cuda(const Sizes& s, uint64_t seed, bool time_it) {
@@ -182,18 +177,7 @@ int main(int argc, char** argv) {
     int failures = self_checks();
     if (opt.check) s = Sizes{2, 33, 3, 77, 16, 8};  // small odd shapes: fast and indexing-hostile
     const auto rows = compare_cpu_cuda(s, opt.seed, !opt.check);
-    Table t({"op", "shape", "max abs err", "max rel err", "cpu ms", "cuda ms"});
-    for (const auto& r : rows) {
-      const bool have = !std::isnan(r.gpu_ms);
-      t.add_row({r.op, r.shape, have ? fmt_num(r.err.max_abs) : "-", have ? fmt_num(r.err.max_rel) : "-",
-                 fmt_num(r.cpu_ms), have ? fmt_num(r.gpu_ms) : "-"});
-      if (have && !r.err.ok()) {
-        std::cout << r.err.report(r.op) << "\n";
-        ++failures;
-      }
-    }
-    t.print();
-    if (!gpu_available()) std::cout << "CUDA columns empty: " << gpu_description() << "\n";
+    failures += print_cpu_cuda_table(rows);
     if (opt.check) {
       std::cout << (failures ? fmt::format("{} check(s) FAILED\n", failures) : "all checks passed\n");
       return failures ? 1 : 0;

@@ -65,12 +65,7 @@ MoeParams<T> demo_params(const MoeConfig& c, uint64_t seed) {
   return p;
 }
 
-struct Row {
-  Row(std::string o, std::string s) : op(std::move(o)), shape(std::move(s)) {}
-  std::string op, shape;
-  CompareResult err;
-  double cpu_ms = NAN, gpu_ms = NAN;
-};
+using Row = CpuCudaRow;
 
 // Forward + backward of one layer on N tokens, on the CPU and (when present) the GPU: errors and times.
 std::vector<Row> compare_cpu_cuda(const MoeConfig& c, int N, uint64_t seed, int reps) {
@@ -222,18 +217,7 @@ int main(int argc, char** argv) {
       const auto more = compare_cpu_cuda(check_config(ScoreFunc::Softmax), 1, opt.seed, 1);
       rows.insert(rows.end(), more.begin(), more.end());
     }
-    Table t({"op", "shape", "max abs err", "max rel err", "cpu ms", "cuda ms"});
-    for (const auto& r : rows) {
-      const bool have = !std::isnan(r.gpu_ms);
-      t.add_row({r.op, r.shape, have ? fmt_num(r.err.max_abs) : "-", have ? fmt_num(r.err.max_rel) : "-",
-                 fmt_num(r.cpu_ms), have ? fmt_num(r.gpu_ms) : "-"});
-      if (have && !r.err.ok()) {
-        std::cout << r.err.report(r.op) << "\n";
-        ++failures;
-      }
-    }
-    t.print();
-    if (!gpu_available()) std::cout << "CUDA columns empty: " << gpu_description() << "\n";
+    failures += print_cpu_cuda_table(rows);
     if (opt.check) {
       std::cout << (failures ? fmt::format("{} check(s) FAILED\n", failures) : "all checks passed\n");
       return failures ? 1 : 0;

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <iostream>
 
+#include "common/device.h"
 #include "common/errors.h"
 
 namespace dsv3 {
@@ -67,6 +68,23 @@ void CsvWriter::row_cells(const std::vector<std::string>& cells) {
   for (size_t i = 0; i < cells.size(); ++i) f_ << (i ? "," : "") << cells[i];
   f_ << "\n";
   require(f_.good(), "writing '{}' failed (disk full?)", path_);
+}
+
+int print_cpu_cuda_table(const std::vector<CpuCudaRow>& rows) {
+  Table t({"op", "shape", "max abs err", "max rel err", "cpu ms", "cuda ms"});
+  int failures = 0;
+  for (const auto& r : rows) {
+    const bool have = !std::isnan(r.gpu_ms);
+    t.add_row({r.op, r.shape, have ? fmt_num(r.err.max_abs) : "-", have ? fmt_num(r.err.max_rel) : "-",
+               fmt_num(r.cpu_ms), have ? fmt_num(r.gpu_ms) : "-"});
+    if (have && !r.err.ok()) {
+      std::cout << r.err.report(r.op) << "\n";
+      ++failures;
+    }
+  }
+  t.print();
+  if (!gpu_available()) std::cout << "CUDA columns empty: " << gpu_description() << "\n";
+  return failures;
 }
 
 void ensure_dir(const std::string& dir) {

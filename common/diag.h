@@ -3,9 +3,12 @@
 // says how to render them later.
 #pragma once
 
+#include <cmath>
 #include <fstream>
 #include <string>
 #include <vector>
+
+#include "common/compare.h"
 
 namespace dsv3 {
 
@@ -35,6 +38,18 @@ class CsvWriter {
   size_t ncols_;
   std::ofstream f_;
 };
+
+// One line of a demo's "CPU reference vs CUDA" table: the op, its shape, the comparison of the CUDA result
+// with the CPU's, and median times (NaN when not measured, e.g. no GPU).
+struct CpuCudaRow {
+  CpuCudaRow(std::string o, std::string s) : op(std::move(o)), shape(std::move(s)) {}
+  std::string op, shape;
+  CompareResult err;
+  double cpu_ms = NAN, gpu_ms = NAN;
+};
+// Prints the table (CUDA columns "-" where nothing ran on a GPU), the report of every failed comparison,
+// and returns the number of failed comparisons.
+int print_cpu_cuda_table(const std::vector<CpuCudaRow>& rows);
 
 // Creates the folder (and parents); UserError when it cannot.
 void ensure_dir(const std::string& dir);
