@@ -126,6 +126,32 @@ void validate_moe_call(const MoeConfig& c, int N);
 template <typename T>
 using NoDeduce = typename std::common_type<T>::type;
 
+// A dense SwiGLU MLP (model.py class MLP): out = (silu(x w1^T) * (x w3^T)) w2^T. The full model's first
+// first_k_dense_replace layers and dense MTP blocks use it; MoE's experts are the same function.
+// F is the hidden width (ModelArgs inter_dim).
+template <typename T>
+struct MlpWeights {
+  const T* w1;  // (F, D)
+  const T* w2;  // (D, F)
+  const T* w3;  // (F, D)
+};
+template <typename T>
+struct MlpGrads {  // same shapes; accumulated (+=)
+  T *w1, *w2, *w3;
+};
+template <typename T>
+struct MlpParams {
+  std::vector<T> w1, w2, w3;  // shapes as MlpWeights
+  MlpWeights<T> weights() const { return {w1.data(), w2.data(), w3.data()}; }
+  MlpGrads<T> grads() { return {w1.data(), w2.data(), w3.data()}; }
+  std::vector<std::pair<std::string, std::vector<T>*>> tensors() { return {{"w1", &w1}, {"w2", &w2}, {"w3", &w3}}; }
+};
+template <typename T>
+MlpParams<T> mlp_zero_params(int D, int F);
+// Linear weights ~ N(0, 1/fan_in), as moe_init_params.
+template <typename T>
+MlpParams<T> mlp_init_params(int D, int F, uint64_t seed);
+
 namespace cpu {
 
 // out (N, D) = shared(x) + sum_k weights[n,k] * Expert_{indices[n,k]}(x_n). Fills saved.
@@ -143,6 +169,14 @@ void moe_backward(const MoeGrads<T>& grads, T* dinp, const T* dout, const NoDedu
 template <typename T>
 void moe_forward_dense(T* out, const T* inp, const MoeWeights<T>& w, const MoeConfig& c, int N);
 
+// Dense MLP on N rows: out (N, D); saves h1 = x w1^T and h3 = x w3^T, each (N, F).
+template <typename T>
+void mlp_forward(T* out, T* h1, T* h3, const T* inp, const MlpWeights<T>& w, int D, int F, int N);
+// grads += d loss / d w;  dinp (N, D) = d loss / d inp.
+template <typename T>
+void mlp_backward(const MlpGrads<T>& grads, T* dinp, const T* dout, const T* h1, const T* h3, const T* inp,
+                  const MlpWeights<T>& w, int D, int F, int N);
+
 }  // namespace cpu
 
 namespace cuda {
@@ -152,6 +186,9 @@ void moe_forward(float* out, const MoeSaved<float>& saved, const float* inp, con
 void moe_backward(const MoeGrads<float>& grads, float* dinp, const float* dout, const float* dscores_extra,
                   const MoeSaved<float>& saved, const float* inp, const MoeWeights<float>& w, const MoeConfig& c,
                   int N);
+void mlp_forward(float* out, float* h1, float* h3, const float* inp, const MlpWeights<float>& w, int D, int F, int N);
+void mlp_backward(const MlpGrads<float>& grads, float* dinp, const float* dout, const float* h1, const float* h3,
+                  const float* inp, const MlpWeights<float>& w, int D, int F, int N);
 
 }  // namespace cuda
 }  // namespace dsv3

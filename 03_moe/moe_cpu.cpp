@@ -308,11 +308,27 @@ void moe_forward_dense(T* out, const T* inp, const MoeWeights<T>& w, const MoeCo
   }
 }
 
+template <typename T>
+void mlp_forward(T* out, T* h1, T* h3, const T* inp, const MlpWeights<T>& w, int D, int F, int N) {
+  require(D > 0 && F > 0 && N >= 0, "mlp: need dim > 0, inter_dim > 0, N >= 0 (got {}, {}, {})", D, F, N);
+  ffn_forward(out, h1, h3, inp, w.w1, w.w2, w.w3, N, D, F);
+}
+
+template <typename T>
+void mlp_backward(const MlpGrads<T>& g, T* dinp, const T* dout, const T* h1, const T* h3, const T* inp,
+                  const MlpWeights<T>& w, int D, int F, int N) {
+  require(D > 0 && F > 0 && N >= 0, "mlp: need dim > 0, inter_dim > 0, N >= 0 (got {}, {}, {})", D, F, N);
+  ffn_backward(g.w1, g.w2, g.w3, dinp, dout, h1, h3, inp, w.w1, w.w2, w.w3, N, D, F);
+}
+
 #define DSV3_INSTANTIATE(T)                                                                                   \
   template void moe_forward<T>(T*, const MoeSaved<T>&, const T*, const MoeWeights<T>&, const MoeConfig&, int); \
   template void moe_backward<T>(const MoeGrads<T>&, T*, const T*, const T*, const MoeSaved<T>&, const T*,     \
                                 const MoeWeights<T>&, const MoeConfig&, int);                                 \
-  template void moe_forward_dense<T>(T*, const T*, const MoeWeights<T>&, const MoeConfig&, int);
+  template void moe_forward_dense<T>(T*, const T*, const MoeWeights<T>&, const MoeConfig&, int); \
+  template void mlp_forward<T>(T*, T*, T*, const T*, const MlpWeights<T>&, int, int, int);                  \
+  template void mlp_backward<T>(const MlpGrads<T>&, T*, const T*, const T*, const T*, const T*,               \
+                                const MlpWeights<T>&, int, int, int);
 DSV3_INSTANTIATE(float)
 DSV3_INSTANTIATE(double)
 #undef DSV3_INSTANTIATE
@@ -325,6 +341,27 @@ template MoeParams<float> moe_zero_params<float>(const MoeConfig&);
 template MoeParams<double> moe_zero_params<double>(const MoeConfig&);
 template MoeParams<float> moe_init_params<float>(const MoeConfig&, uint64_t);
 template MoeParams<double> moe_init_params<double>(const MoeConfig&, uint64_t);
+template <typename T>
+MlpParams<T> mlp_zero_params(int D, int F) {
+  MlpParams<T> p;
+  p.w1.assign(size_t(F) * D, T(0));
+  p.w2.assign(size_t(D) * F, T(0));
+  p.w3.assign(size_t(F) * D, T(0));
+  return p;
+}
+template <typename T>
+MlpParams<T> mlp_init_params(int D, int F, uint64_t seed) {
+  MlpParams<T> p = mlp_zero_params<T>(D, F);
+  Rng rng(seed);
+  for (auto* v : {&p.w1, &p.w3})
+    for (auto& x : *v) x = static_cast<T>(rng.normal() / std::sqrt(double(D)));
+  for (auto& x : p.w2) x = static_cast<T>(rng.normal() / std::sqrt(double(F)));
+  return p;
+}
+template MlpParams<float> mlp_zero_params<float>(int, int);
+template MlpParams<double> mlp_zero_params<double>(int, int);
+template MlpParams<float> mlp_init_params<float>(int, int, uint64_t);
+template MlpParams<double> mlp_init_params<double>(int, int, uint64_t);
 template MoeSaved<float> moe_saved_layout<float>(float*, int*, const MoeConfig&, int);
 template MoeSaved<double> moe_saved_layout<double>(double*, int*, const MoeConfig&, int);
 

@@ -13,6 +13,7 @@
 #include "03_moe/moe_route.h"
 #include "common/cuda_kernels.cuh"
 #include "common/cuda_utils.h"
+#include "common/errors.h"
 #include "common/gemm.h"
 
 namespace dsv3::cuda {
@@ -299,6 +300,22 @@ void moe_backward(const MoeGrads<float>& g, float* dinp, const float* dout, cons
   gemm(Op::N, Op::N, N, D, E, 1.f, dlogits.get(), w.gate_weight, 1.f, dinp);
   // 5) experts' input gradients back to their tokens, k in order
   launch_combine(dinp, dxp.get(), nullptr, s.slot_row, N, K, D);
+}
+
+void mlp_forward(float* out, float* h1, float* h3, const float* inp, const MlpWeights<float>& w, int D, int F,
+                 int N) {
+  require(D > 0 && F > 0 && N >= 0, "mlp: need dim > 0, inter_dim > 0, N >= 0 (got {}, {}, {})", D, F, N);
+  ScratchBuffer<float> a(static_cast<size_t>(N) * F);
+  ffn_forward(out, h1, h3, a.get(), inp, w.w1, w.w2, w.w3, N, D, F);
+}
+
+void mlp_backward(const MlpGrads<float>& g, float* dinp, const float* dout, const float* h1, const float* h3,
+                  const float* inp, const MlpWeights<float>& w, int D, int F, int N) {
+  require(D > 0 && F > 0 && N >= 0, "mlp: need dim > 0, inter_dim > 0, N >= 0 (got {}, {}, {})", D, F, N);
+  const size_t n = static_cast<size_t>(N) * F;
+  ScratchBuffer<float> s(4 * n);
+  ffn_backward(g.w1, g.w2, g.w3, dinp, dout, h1, h3, inp, w.w1, w.w2, w.w3, N, D, F,
+               {s.get(), s.get() + n, s.get() + 2 * n, s.get() + 3 * n});
 }
 
 }  // namespace dsv3::cuda

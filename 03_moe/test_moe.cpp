@@ -363,6 +363,50 @@ TEST(MoeEdge, ZeroTokensIsANoOp) {
 
 // ---- CUDA vs CPU --------------------------------------------------------------------------------
 
+// ---- dense MLP (the public API the full model and MTP blocks use) -------------------------------------
+
+TEST(Mlp, GradcheckWeightsAndInput) {
+  const int D = 7, F = 5, N = 9;
+  Rng rng(31);
+  auto p = mlp_init_params<double>(D, F, 32);
+  auto x = rng.normal_vec<double>(size_t(N) * D), R = rng.normal_vec<double>(x.size());
+  std::vector<double> y(x.size()), h1(size_t(N) * F), h3(h1.size());
+  auto loss = [&] {
+    cpu::mlp_forward(y.data(), h1.data(), h3.data(), x.data(), p.weights(), D, F, N);
+    return weighted_sum(y, R);
+  };
+  loss();
+  auto g = mlp_zero_params<double>(D, F);
+  std::vector<double> dx(x.size(), 99.0);  // overwritten
+  cpu::mlp_backward(g.grads(), dx.data(), R.data(), h1.data(), h3.data(), x.data(), p.weights(), D, F, N);
+  std::vector<GradTensor> tensors{{"inp", &x, &dx}};
+  auto pt = p.tensors(), gt = g.tensors();
+  for (size_t i = 0; i < pt.size(); ++i) tensors.push_back({pt[i].first, pt[i].second, gt[i].second});
+  EXPECT_GRADCHECK(gradcheck(loss, tensors));
+}
+
+TEST(Mlp, EqualsAMoeWithOnlyItsSharedExpert) {
+  // A MoE's shared experts are one dense MLP of width Es*F: with zero routed weights the MoE is exactly it.
+  MoeConfig c = small_config(4, 2, 2, 1, 2);
+  const int N = 6, D = c.dim, Fs = c.shared_inter_dim();
+  auto mp = moe_init_params<double>(c, 33);
+  for (auto* v : {&mp.w1, &mp.w2, &mp.w3}) std::fill(v->begin(), v->end(), 0.0);
+  Rng rng(34);
+  auto x = rng.normal_vec<double>(size_t(N) * D);
+  MoeHostSaved<double> hs(c, N);
+  const auto ref = run_forward(hs, x, mp, c, N);
+  std::vector<double> y(x.size()), h1(size_t(N) * Fs), h3(h1.size());
+  cpu::mlp_forward(y.data(), h1.data(), h3.data(), x.data(), MlpWeights<double>{mp.shared_w1.data(),
+                   mp.shared_w2.data(), mp.shared_w3.data()}, D, Fs, N);
+  EXPECT_CLOSE(compare(y, ref, {1e-12, 1e-12}), "mlp vs shared-only moe");
+}
+
+TEST(Mlp, RejectsBadShapes) {
+  MlpWeights<double> w{};
+  EXPECT_THROW(cpu::mlp_forward<double>(nullptr, nullptr, nullptr, nullptr, w, 0, 4, 1), UserError);
+  EXPECT_THROW(cpu::mlp_forward<double>(nullptr, nullptr, nullptr, nullptr, w, 4, 0, 1), UserError);
+}
+
 #ifdef DSV3_HAVE_CUDA
 struct CudaCase {
   const char* name;
@@ -442,6 +486,32 @@ TEST(CudaMoeErrors, RejectsBadConfig) {
   DeviceBuffer<float> x(7), y(7);
   MoeWeights<float> w{};
   EXPECT_THROW(cuda::moe_forward(y.get(), ds.saved, x.get(), w, bad, 1), UserError);
+}
+
+TEST(CudaMlp, ForwardBackwardMatchCpu) {
+  DSV3_REQUIRE_GPU();
+  const int D = 33, F = 17, N = 45;
+  Rng rng(35);
+  auto p = mlp_init_params<float>(D, F, 36), g0 = mlp_init_params<float>(D, F, 37);  // g0 != 0: checks +=
+  auto x = rng.normal_vec<float>(size_t(N) * D), dy = rng.normal_vec<float>(x.size());
+  std::vector<float> y(x.size()), h1(size_t(N) * F), h3(h1.size()), dx(x.size());
+  cpu::mlp_forward(y.data(), h1.data(), h3.data(), x.data(), p.weights(), D, F, N);
+  auto g = g0;
+  cpu::mlp_backward(g.grads(), dx.data(), dy.data(), h1.data(), h3.data(), x.data(), p.weights(), D, F, N);
+  DeviceBuffer<float> w1(p.w1), w2(p.w2), w3(p.w3), d1(g0.w1), d2(g0.w2), d3(g0.w3), gx(x), gdy(dy);
+  DeviceBuffer<float> gy(y.size()), gh1(h1.size()), gh3(h3.size()), gdx(dx.size());
+  for (auto* b : {&gy, &gh1, &gh3, &gdx}) b->poison();
+  const MlpWeights<float> w{w1.get(), w2.get(), w3.get()};
+  cuda::mlp_forward(gy.get(), gh1.get(), gh3.get(), gx.get(), w, D, F, N);
+  cuda::mlp_backward({d1.get(), d2.get(), d3.get()}, gdx.get(), gdy.get(), gh1.get(), gh3.get(), gx.get(), w, D, F, N);
+  EXPECT_CLOSE(compare(gy.download(), y, kReductionTol), "out");
+  EXPECT_CLOSE(compare(gh1.download(), h1, kReductionTol), "h1");
+  EXPECT_CLOSE(compare(gdx.download(), dx, kReductionTol), "dinp");
+  // weight gradients sum over N rows in another order: atol grows like sqrt(N) (as CudaMoe above)
+  const Tolerance tw{1e-5 * std::sqrt(double(N)), 1e-4};
+  EXPECT_CLOSE(compare(d1.download(), g.w1, tw), "w1");
+  EXPECT_CLOSE(compare(d2.download(), g.w2, tw), "w2");
+  EXPECT_CLOSE(compare(d3.download(), g.w3, tw), "w3");
 }
 #else
 TEST(CudaMoe, BuiltWithoutCuda) { GTEST_SKIP() << "built without CUDA"; }

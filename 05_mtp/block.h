@@ -1,0 +1,136 @@
+// Stage 05: the pre-norm transformer block (inference/model.py class Block), built from stages 01-03:
+//
+//   h   = x + MLA(attn_norm(x))
+//   out = h + FFN(ffn_norm(h))        FFN = the dense SwiGLU MLP or the MoE (BlockConfig::ffn)
+//
+// The MTP modules use one block each; the full model (stage 06) stacks them (dense for its first
+// first_k_dense_replace layers, MoE after).
+//
+// Shape legend
+//   B batch, T time, N = B*T rows, D model width (dim), F dense MLP width (inter_dim); the MLA and MoE
+//   shapes are those of 02_mla/mla.h and 03_moe/moe.h.
+//
+// Conventions (common/conventions.h): parameter gradients accumulate (+=), activation gradients
+// overwrite (=); dsv3::cpu and dsv3::cuda functions have identical signatures (CUDA: device pointers).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "02_mla/mla.h"
+#include "03_moe/moe.h"
+
+namespace dsv3 {
+
+enum class FfnKind { Dense, Moe };
+
+struct BlockConfig {
+  MlaConfig attn;                 // attn.dim is the model width D
+  FfnKind ffn = FfnKind::Dense;
+  int inter_dim = 64;             // F of the dense MLP (ModelArgs inter_dim); unused for Moe
+  MoeConfig moe;                  // used for Moe; moe.dim must equal attn.dim
+  float norm_eps = 1e-6f;         // attn_norm and ffn_norm
+
+  int dim() const { return attn.dim; }
+  void validate() const;  // UserError naming the bad field
+};
+
+// Parameters (model.py names: attn_norm, attn, ffn_norm, ffn). Only the FFN of the configured kind is used.
+template <typename T>
+struct BlockWeights {
+  const T* attn_norm;  // (D)
+  MlaWeights<T> attn;
+  const T* ffn_norm;   // (D)
+  MlpWeights<T> mlp;   // FfnKind::Dense
+  MoeWeights<T> moe;   // FfnKind::Moe
+};
+template <typename T>
+struct BlockGrads {  // same shapes; accumulated (+=)
+  T* attn_norm;
+  MlaGrads<T> attn;
+  T* ffn_norm;
+  MlpGrads<T> mlp;
+  MoeGrads<T> moe;
+};
+
+// Host-side owner of the parameters.
+template <typename T>
+struct BlockParams {
+  std::vector<T> attn_norm, ffn_norm;  // (D)
+  MlaParams<T> attn;
+  MlpParams<T> mlp;  // empty unless Dense
+  MoeParams<T> moe;  // empty unless Moe
+  BlockWeights<T> weights() const;
+  BlockGrads<T> grads();
+  // (name, tensor) of every parameter with a gradient, model.py names ("attn.wq_a", "ffn.w1", ...).
+  std::vector<std::pair<std::string, std::vector<T>*>> tensors();
+};
+template <typename T>
+BlockParams<T> block_zero_params(const BlockConfig& c);
+// Linear weights ~ N(0, 1/fan_in); norms 1, or 1 + 0.2 N(0,1) with jitter_norms (tests).
+template <typename T>
+BlockParams<T> block_init_params(const BlockConfig& c, uint64_t seed, bool jitter_norms = false);
+
+// What the forward saves: pointers into one scalar buffer of block_saved_size() and one int buffer of
+// block_saved_int_size() elements (host for cpu::, device for cuda::), carved by block_saved_layout().
+template <typename T>
+struct BlockSaved {
+  T* xa;         // (N, D)  attn_norm(x)
+  T* xa_rstd;    // (N)
+  MlaSaved<T> attn;
+  T* h;          // (N, D)  x + MLA(...)
+  T* hf;         // (N, D)  ffn_norm(h)
+  T* hf_rstd;    // (N)
+  T* mlp_h1;     // (N, F)  Dense only (else null)
+  T* mlp_h3;     // (N, F)
+  MoeSaved<T> moe;  // Moe only (router scores: the hook for a balance loss, see block_backward)
+};
+size_t block_saved_size(const BlockConfig& c, int B, int T_);
+size_t block_saved_int_size(const BlockConfig& c, int B, int T_);
+template <typename T>
+BlockSaved<T> block_saved_layout(T* base, int* ibase, const BlockConfig& c, int B, int T_);
+
+// Host owner of the saved buffers (for cpu::). Move-safe.
+template <typename T>
+struct BlockHostSaved {
+  std::vector<T> f;
+  std::vector<int> i;
+  BlockSaved<T> saved;
+  BlockHostSaved(const BlockConfig& c, int B, int T_)
+      : f(block_saved_size(c, B, T_)), i(block_saved_int_size(c, B, T_)),
+        saved(block_saved_layout(f.data(), i.data(), c, B, T_)) {}
+  BlockHostSaved(const BlockHostSaved&) = delete;
+  BlockHostSaved& operator=(const BlockHostSaved&) = delete;
+  BlockHostSaved(BlockHostSaved&&) = default;
+};
+
+void validate_block_call(const BlockConfig& c, int B, int T_, int pos0, int table_positions);
+
+namespace cpu {
+
+// out (B, T, D) = Block(inp (B, T, D)), causal, positions pos0.. (RoPE). Fills saved.
+template <typename T>
+void block_forward(T* out, const BlockSaved<T>& saved, const T* inp, const BlockWeights<T>& w, const BlockConfig& c,
+                   int B, int T_, int pos0, const MlaRope<T>& rope);
+// grads += d loss / d params; dinp (B, T, D) = d loss / d inp. dout (B, T, D). dscores_extra (N, E): an extra
+// gradient on saved.moe.scores (a balance loss, stage 04); null for none, ignored for a dense block.
+template <typename T>
+void block_backward(const BlockGrads<T>& grads, T* dinp, const T* dout, const NoDeduce<T>* dscores_extra,
+                    const BlockSaved<T>& saved, const T* inp, const BlockWeights<T>& w, const BlockConfig& c, int B,
+                    int T_, int pos0, const MlaRope<T>& rope);
+
+}  // namespace cpu
+
+namespace cuda {
+
+void block_forward(float* out, const BlockSaved<float>& saved, const float* inp, const BlockWeights<float>& w,
+                   const BlockConfig& c, int B, int T_, int pos0, const MlaRope<float>& rope);
+void block_backward(const BlockGrads<float>& grads, float* dinp, const float* dout, const float* dscores_extra,
+                    const BlockSaved<float>& saved, const float* inp, const BlockWeights<float>& w,
+                    const BlockConfig& c, int B, int T_, int pos0, const MlaRope<float>& rope);
+
+}  // namespace cuda
+}  // namespace dsv3

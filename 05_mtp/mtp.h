@@ -1,0 +1,158 @@
+// Stage 05: Multi-Token Prediction (DeepSeek-V3 paper §2.2, eqs. 21-25), chained as DeepSeek's released
+// weights lay it out (per module: enorm, hnorm, eh_proj, one transformer block; embedding, final norm and
+// head shared with the main model).
+//
+// Token alignment. A training window of one sequence holds T+1 tokens t_0 .. t_T: the main model reads
+// t_0 .. t_{T-1} and predicts t_{i+1} at position i (its targets are t_1 .. t_T). Module k (1..depth) at
+// position i reads the previous depth's hidden state h^{k-1}_i (the main model's final hidden state for
+// k = 1) and the embedding of t_{i+k}, and predicts t_{i+k+1}:
+//
+//   h'^k_i  = eh_proj [ enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i) ]      (embedding FIRST: released weights)
+//   h^k     = Block_k(h'^k)                                           (causal over positions 0..T-1)
+//   P^k_i   = softmax(head(final_norm(h^k_i)))                         (the main model's norm and head)
+//   CE_k    = mean over i in [0, T-k) of -log P^k_i[t_{i+k+1}]         (T-k positions, paper eq. 24)
+//   L_MTP   = (mtp_lambda / depth) * sum_k CE_k                        (eq. 25)
+//
+// Positions i >= T-k have no target (kIgnoreTarget); their embedding token is t_T for i+k > T (a pad: by
+// causality nothing that reaches a loss depends on those positions, and their gradients are exactly 0).
+//
+// Shape legend
+//   B batch, T time (positions per sequence), N = B*T rows, D model width, V vocabulary,
+//   Dm = depth (number of MTP modules, Hugging Face num_nextn_predict_layers).
+//
+// Conventions (common/conventions.h): parameter gradients accumulate (+=), activation gradients
+// overwrite (=); dsv3::cpu and dsv3::cuda functions have identical signatures (CUDA: device pointers,
+// except the ce array and the per-module structs, which live on the host).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "04_aux_loss/lm_parts.h"
+#include "05_mtp/block.h"
+
+namespace dsv3 {
+
+struct MtpConfig {
+  int depth = 1;             // Dm; 0 = no MTP (L_MTP = 0)
+  int vocab = 64;            // V
+  BlockConfig block;         // every module's block; block.dim() is D
+  float mtp_lambda = 0.3f;   // paper: 0.3 for the first 10T training tokens, then 0.1
+  float norm_eps = 1e-6f;    // enorm, hnorm and the shared final norm
+
+  int dim() const { return block.dim(); }
+  void validate() const;     // UserError naming the bad field
+};
+
+// The main model's tensors that MTP shares (read; their gradients accumulate into MtpSharedGrads).
+template <typename T>
+struct MtpShared {
+  const T* embed;  // (V, D) token embedding
+  const T* norm;   // (D)    final norm
+  const T* head;   // (V, D) output head
+};
+template <typename T>
+struct MtpSharedGrads {
+  T *embed, *norm, *head;
+};
+
+// One module's own parameters.
+template <typename T>
+struct MtpModuleWeights {
+  const T* enorm;    // (D)
+  const T* hnorm;    // (D)
+  const T* eh_proj;  // (D, 2D)  columns [0, D) act on enorm(Emb), [D, 2D) on hnorm(h)
+  BlockWeights<T> block;
+};
+template <typename T>
+struct MtpModuleGrads {
+  T *enorm, *hnorm, *eh_proj;
+  BlockGrads<T> block;
+};
+template <typename T>
+struct MtpModuleParams {
+  std::vector<T> enorm, hnorm, eh_proj;
+  BlockParams<T> block;
+  MtpModuleWeights<T> weights() const { return {enorm.data(), hnorm.data(), eh_proj.data(), block.weights()}; }
+  MtpModuleGrads<T> grads() { return {enorm.data(), hnorm.data(), eh_proj.data(), block.grads()}; }
+  // (name, tensor), names as the released checkpoint's module: enorm, hnorm, eh_proj, block.attn.wq_a, ...
+  std::vector<std::pair<std::string, std::vector<T>*>> tensors();
+};
+template <typename T>
+MtpModuleParams<T> mtp_zero_params(const MtpConfig& c);
+// eh_proj ~ N(0, 1/(2D)), norms 1 (or jittered, tests), the block as block_init_params.
+template <typename T>
+MtpModuleParams<T> mtp_init_params(const MtpConfig& c, uint64_t seed, bool jitter_norms = false);
+
+// What the forward saves for one module: pointers into one scalar and one int buffer (host for cpu::,
+// device for cuda::) of mtp_saved_size() / mtp_saved_int_size() elements for ALL modules, carved by
+// mtp_saved_layout() into depth of these.
+template <typename T>
+struct MtpSaved {
+  int* tokens;   // (N)     t_{i+k} (pad t_T where i+k > T)
+  int* targets;  // (N)     t_{i+k+1}, or kIgnoreTarget where i+k+1 > T
+  T* e;          // (N, D)  Emb(t_{i+k})
+  T* en;         // (N, D)  enorm(e)
+  T* en_rstd;    // (N)
+  T* hn;         // (N, D)  hnorm(h^{k-1})
+  T* hn_rstd;    // (N)
+  T* hp;         // (N, D)  h' = eh_proj [en ; hn]: the block's input
+  BlockSaved<T> block;
+  T* hk;         // (N, D)  h^k: the block's output, the next module's input
+  T* z;          // (N, D)  final_norm(h^k)
+  T* z_rstd;     // (N)
+  T* probs;      // (N, V)  softmax of the logits
+};
+size_t mtp_saved_size(const MtpConfig& c, int B, int T_);
+size_t mtp_saved_int_size(const MtpConfig& c, int B, int T_);
+template <typename T>
+std::vector<MtpSaved<T>> mtp_saved_layout(T* base, int* ibase, const MtpConfig& c, int B, int T_);
+
+template <typename T>
+struct MtpHostSaved {
+  std::vector<T> f;
+  std::vector<int> i;
+  std::vector<MtpSaved<T>> saved;
+  MtpHostSaved(const MtpConfig& c, int B, int T_)
+      : f(mtp_saved_size(c, B, T_)), i(mtp_saved_int_size(c, B, T_)),
+        saved(mtp_saved_layout(f.data(), i.data(), c, B, T_)) {}
+  MtpHostSaved(const MtpHostSaved&) = delete;
+  MtpHostSaved& operator=(const MtpHostSaved&) = delete;
+  MtpHostSaved(MtpHostSaved&&) = default;
+};
+
+// Shape/config checks shared by the CPU and CUDA entry points.
+void validate_mtp_call(const MtpConfig& c, int B, int T_, int table_positions);
+
+namespace cpu {
+
+// Runs the chain of c.depth modules on the main model's final hidden state h0 (B, T, D) and the window
+// tokens (B, T+1). ce (depth, HOST) = CE_k of each module. Returns L_MTP = mtp_lambda/depth * sum_k CE_k
+// (0 when depth = 0). modules: depth structs (host array). Fills saved (depth entries).
+template <typename T>
+T mtp_forward(T* ce, const MtpSaved<T>* saved, const T* h0, const int* tokens, const MtpShared<T>& shared,
+              const MtpModuleWeights<T>* modules, const MtpConfig& c, int B, int T_, const MlaRope<T>& rope);
+// Gradients of dloss * L_MTP: module and shared parameter gradients += ..., dh0 (B, T, D) = d / d h0.
+template <typename T>
+void mtp_backward(const MtpModuleGrads<T>* module_grads, const MtpSharedGrads<T>& shared_grads, T* dh0,
+                  NoDeduce<T> dloss, const MtpSaved<T>* saved, const T* h0, const int* tokens,
+                  const MtpShared<T>& shared, const MtpModuleWeights<T>* modules, const MtpConfig& c, int B, int T_,
+                  const MlaRope<T>& rope);
+
+}  // namespace cpu
+
+namespace cuda {
+
+float mtp_forward(float* ce, const MtpSaved<float>* saved, const float* h0, const int* tokens,
+                  const MtpShared<float>& shared, const MtpModuleWeights<float>* modules, const MtpConfig& c, int B,
+                  int T_, const MlaRope<float>& rope);
+void mtp_backward(const MtpModuleGrads<float>* module_grads, const MtpSharedGrads<float>& shared_grads, float* dh0,
+                  float dloss, const MtpSaved<float>* saved, const float* h0, const int* tokens,
+                  const MtpShared<float>& shared, const MtpModuleWeights<float>* modules, const MtpConfig& c, int B,
+                  int T_, const MlaRope<float>& rope);
+
+}  // namespace cuda
+}  // namespace dsv3

@@ -1,0 +1,201 @@
+// Stage 05, CPU reference of the MTP chain (mtp.h): the specification. Shapes: see mtp.h.
+#include "05_mtp/mtp.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "01_rmsnorm_rope/rmsnorm_rope.h"
+#include "05_mtp/mtp_align.h"
+#include "common/errors.h"
+#include "common/gemm.h"
+#include "common/rng.h"
+
+namespace dsv3 {
+
+void MtpConfig::validate() const {
+  require(depth >= 0, "MtpConfig.depth must be >= 0, got {}", depth);
+  require(vocab > 0, "MtpConfig.vocab must be positive, got {}", vocab);
+  require(mtp_lambda >= 0, "MtpConfig.mtp_lambda must be >= 0, got {}", mtp_lambda);
+  require(norm_eps > 0, "MtpConfig.norm_eps must be positive, got {}", norm_eps);
+  block.validate();
+}
+
+void validate_mtp_call(const MtpConfig& c, int B, int T_, int table_positions) {
+  c.validate();
+  require(B > 0 && T_ > 0, "mtp: B and T must be positive, got B={} T={}", B, T_);
+  if (c.depth > 0) validate_block_call(c.block, B, T_, 0, table_positions);
+}
+
+template <typename T>
+std::vector<std::pair<std::string, std::vector<T>*>> MtpModuleParams<T>::tensors() {
+  std::vector<std::pair<std::string, std::vector<T>*>> t{{"enorm", &enorm}, {"hnorm", &hnorm}, {"eh_proj", &eh_proj}};
+  for (auto& b : block.tensors()) t.push_back({"block." + b.first, b.second});
+  return t;
+}
+
+template <typename T>
+MtpModuleParams<T> mtp_zero_params(const MtpConfig& c) {
+  c.validate();
+  const size_t D = c.dim();
+  MtpModuleParams<T> p;
+  p.enorm.assign(D, T(0));
+  p.hnorm.assign(D, T(0));
+  p.eh_proj.assign(D * 2 * D, T(0));
+  p.block = block_zero_params<T>(c.block);
+  return p;
+}
+
+template <typename T>
+MtpModuleParams<T> mtp_init_params(const MtpConfig& c, uint64_t seed, bool jitter_norms) {
+  MtpModuleParams<T> p = mtp_zero_params<T>(c);
+  Rng rng(seed);
+  for (auto* v : {&p.enorm, &p.hnorm})
+    for (auto& x : *v) x = static_cast<T>(jitter_norms ? 1 + 0.2 * rng.normal() : 1.0);
+  for (auto& x : p.eh_proj) x = static_cast<T>(rng.normal() / std::sqrt(2.0 * c.dim()));
+  p.block = block_init_params<T>(c.block, rng.next_u64(), jitter_norms);
+  return p;
+}
+
+// Per module: e, en, hn, hp, hk, z (N, D each), three rstd (N), probs (N, V), the block's saved.
+static size_t module_saved_size(const MtpConfig& c, int B, int T_) {
+  const size_t N = size_t(B) * T_, D = c.dim();
+  return 6 * N * D + 3 * N + N * c.vocab + block_saved_size(c.block, B, T_);
+}
+static size_t module_saved_int_size(const MtpConfig& c, int B, int T_) {
+  return 2 * size_t(B) * T_ + block_saved_int_size(c.block, B, T_);
+}
+size_t mtp_saved_size(const MtpConfig& c, int B, int T_) { return c.depth * module_saved_size(c, B, T_); }
+size_t mtp_saved_int_size(const MtpConfig& c, int B, int T_) { return c.depth * module_saved_int_size(c, B, T_); }
+
+template <typename T>
+std::vector<MtpSaved<T>> mtp_saved_layout(T* base, int* ibase, const MtpConfig& c, int B, int T_) {
+  const size_t N = size_t(B) * T_, D = c.dim();
+  std::vector<MtpSaved<T>> out(c.depth);
+  T* p = base;
+  int* q = ibase;
+  auto take = [&p](size_t n) {
+    T* r = p;
+    p += n;
+    return r;
+  };
+  auto take_int = [&q](size_t n) {
+    int* r = q;
+    q += n;
+    return r;
+  };
+  for (auto& s : out) {
+    s.tokens = take_int(N);
+    s.targets = take_int(N);
+    s.e = take(N * D);
+    s.en = take(N * D);
+    s.en_rstd = take(N);
+    s.hn = take(N * D);
+    s.hn_rstd = take(N);
+    s.hp = take(N * D);
+    s.block = block_saved_layout(take(block_saved_size(c.block, B, T_)), take_int(block_saved_int_size(c.block, B, T_)),
+                                 c.block, B, T_);
+    s.hk = take(N * D);
+    s.z = take(N * D);
+    s.z_rstd = take(N);
+    s.probs = take(N * c.vocab);
+  }
+  return out;
+}
+
+namespace cpu {
+
+template <typename T>
+T mtp_forward(T* ce, const MtpSaved<T>* saved, const T* h0, const int* tokens, const MtpShared<T>& sh,
+              const MtpModuleWeights<T>* modules, const MtpConfig& c, int B, int T_, const MlaRope<T>& rope) {
+  validate_mtp_call(c, B, T_, rope.positions);
+  const int N = B * T_, D = c.dim(), V = c.vocab;
+  std::vector<T> logits(size_t(N) * V);
+  T sum = 0;
+  const T* h_prev = h0;
+  for (int k = 1; k <= c.depth; ++k) {
+    const MtpSaved<T>& s = saved[k - 1];
+    const MtpModuleWeights<T>& m = modules[k - 1];
+    // 1) align: token t_{i+k} in, target t_{i+k+1} out
+    for (int n = 0; n < N; ++n) mtp_align::align(s.tokens + n, s.targets + n, tokens, n, T_, k, kIgnoreTarget);
+    // 2) the two normalised inputs
+    embedding_forward(s.e, s.tokens, sh.embed, N, D, V);
+    rmsnorm_forward(s.en, s.en_rstd, s.e, m.enorm, N, D, c.norm_eps);
+    rmsnorm_forward(s.hn, s.hn_rstd, h_prev, m.hnorm, N, D, c.norm_eps);
+    // 3) h' = [en ; hn] eh_proj^T, as two products over the column blocks of eh_proj (D, 2D)
+    gemm(Op::N, Op::T, N, D, D, T(1), s.en, D, m.eh_proj, 2 * D, T(0), s.hp, D);
+    gemm(Op::N, Op::T, N, D, D, T(1), s.hn, D, m.eh_proj + D, 2 * D, T(1), s.hp, D);
+    // 4) the module's transformer block
+    block_forward(s.hk, s.block, s.hp, m.block, c.block, B, T_, 0, rope);
+    // 5) the shared final norm and head, cross-entropy against t_{i+k+1}
+    rmsnorm_forward(s.z, s.z_rstd, s.hk, sh.norm, N, D, c.norm_eps);
+    gemm(Op::N, Op::T, N, V, D, T(1), s.z, sh.head, T(0), logits.data());
+    ce[k - 1] = cross_entropy_forward(s.probs, logits.data(), s.targets, N, V);
+    sum += ce[k - 1];
+    h_prev = s.hk;
+  }
+  return c.depth > 0 ? T(c.mtp_lambda) / T(c.depth) * sum : T(0);
+}
+
+template <typename T>
+void mtp_backward(const MtpModuleGrads<T>* mg, const MtpSharedGrads<T>& sg, T* dh0, NoDeduce<T> dloss,
+                  const MtpSaved<T>* saved, const T* h0, const int* tokens, const MtpShared<T>& sh,
+                  const MtpModuleWeights<T>* modules, const MtpConfig& c, int B, int T_, const MlaRope<T>& rope) {
+  validate_mtp_call(c, B, T_, rope.positions);
+  (void)tokens;  // the aligned tokens were saved by the forward
+  const int N = B * T_, D = c.dim(), V = c.vocab;
+  const size_t ND = size_t(N) * D;
+  std::fill_n(dh0, ND, T(0));
+  if (c.depth == 0) return;
+  const T dce = dloss * T(c.mtp_lambda) / T(c.depth);  // d L / d CE_k, the same for every depth
+  std::vector<T> dlogits(size_t(N) * V), dz(ND), dhk(ND), dhp(ND), den(ND), dhn(ND), de(ND);
+  // dh_next: d L / d h^k through module k+1 (zero for the last module); ends as dh0.
+  std::vector<T> dh_next(ND, T(0));
+  for (int k = c.depth; k >= 1; --k) {
+    const MtpSaved<T>& s = saved[k - 1];
+    const MtpModuleWeights<T>& m = modules[k - 1];
+    const MtpModuleGrads<T>& g = mg[k - 1];
+    const T* h_prev = k == 1 ? h0 : saved[k - 2].hk;
+    // 5) cross-entropy, shared head and final norm; the gradient from module k+1 joins here
+    cross_entropy_backward(dlogits.data(), dce, s.probs, s.targets, N, V);
+    gemm(Op::T, Op::N, V, D, N, T(1), dlogits.data(), s.z, T(1), sg.head);  // dhead += dlogits^T z
+    gemm(Op::N, Op::N, N, D, V, T(1), dlogits.data(), sh.head, T(0), dz.data());
+    rmsnorm_backward(sg.norm, dhk.data(), dz.data(), s.z_rstd, s.hk, sh.norm, N, D);
+    for (size_t i = 0; i < ND; ++i) dhk[i] += dh_next[i];
+    // 4) block
+    block_backward(g.block, dhp.data(), dhk.data(), nullptr, s.block, s.hp, m.block,
+                   c.block, B, T_, 0, rope);
+    // 3) eh_proj: den = dhp W[:, :D], dhn = dhp W[:, D:], dW[:, :D] += dhp^T en, dW[:, D:] += dhp^T hn
+    gemm(Op::N, Op::N, N, D, D, T(1), dhp.data(), D, m.eh_proj, 2 * D, T(0), den.data(), D);
+    gemm(Op::N, Op::N, N, D, D, T(1), dhp.data(), D, m.eh_proj + D, 2 * D, T(0), dhn.data(), D);
+    gemm(Op::T, Op::N, D, D, N, T(1), dhp.data(), D, s.en, D, T(1), g.eh_proj, 2 * D);
+    gemm(Op::T, Op::N, D, D, N, T(1), dhp.data(), D, s.hn, D, T(1), g.eh_proj + D, 2 * D);
+    // 2) enorm -> shared embedding; hnorm -> the previous depth's hidden state
+    rmsnorm_backward(g.enorm, de.data(), den.data(), s.en_rstd, s.e, m.enorm, N, D);
+    embedding_backward(sg.embed, de.data(), s.tokens, N, D, V);
+    rmsnorm_backward(g.hnorm, dh_next.data(), dhn.data(), s.hn_rstd, h_prev, m.hnorm, N, D);
+  }
+  std::copy(dh_next.begin(), dh_next.end(), dh0);
+}
+
+#define DSV3_INSTANTIATE(T)                                                                                        \
+  template T mtp_forward<T>(T*, const MtpSaved<T>*, const T*, const int*, const MtpShared<T>&,                     \
+                            const MtpModuleWeights<T>*, const MtpConfig&, int, int, const MlaRope<T>&);            \
+  template void mtp_backward<T>(const MtpModuleGrads<T>*, const MtpSharedGrads<T>&, T*, T, const MtpSaved<T>*,     \
+                                const T*, const int*, const MtpShared<T>&, const MtpModuleWeights<T>*,             \
+                                const MtpConfig&, int, int, const MlaRope<T>&);
+DSV3_INSTANTIATE(float)
+DSV3_INSTANTIATE(double)
+#undef DSV3_INSTANTIATE
+
+}  // namespace cpu
+
+template struct MtpModuleParams<float>;
+template struct MtpModuleParams<double>;
+template MtpModuleParams<float> mtp_zero_params<float>(const MtpConfig&);
+template MtpModuleParams<double> mtp_zero_params<double>(const MtpConfig&);
+template MtpModuleParams<float> mtp_init_params<float>(const MtpConfig&, uint64_t, bool);
+template MtpModuleParams<double> mtp_init_params<double>(const MtpConfig&, uint64_t, bool);
+template std::vector<MtpSaved<float>> mtp_saved_layout<float>(float*, int*, const MtpConfig&, int, int);
+template std::vector<MtpSaved<double>> mtp_saved_layout<double>(double*, int*, const MtpConfig&, int, int);
+
+}  // namespace dsv3

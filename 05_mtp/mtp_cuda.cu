@@ -1,0 +1,109 @@
+// Stage 05, CUDA: the MTP chain (mtp.h) from the CUDA entry points of stages 01-04 and block_cuda.cu, plus
+// the token-alignment kernel (and residual_add.cuh). Kernels, then launchers, then the public entry points.
+// fp32. Shapes: see mtp.h.
+#include <vector>
+
+#include "01_rmsnorm_rope/rmsnorm_rope.h"
+#include "05_mtp/mtp.h"
+#include "05_mtp/mtp_align.h"
+#include "05_mtp/residual_add.cuh"
+#include "common/cuda_kernels.cuh"
+#include "common/cuda_utils.h"
+#include "common/errors.h"
+#include "common/gemm.h"
+
+namespace dsv3::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+// ---- kernels ------------------------------------------------------------------------------------
+
+// One thread per row n: token t_{i+k} and target t_{i+k+1} of module k (mtp_align.h, same code as the CPU).
+__global__ void align_kernel(int* token, int* target, const int* window, int N, int T, int k) {
+  const int n = blockIdx.x * blockDim.x + threadIdx.x;
+  if (n < N) mtp_align::align(token + n, target + n, window, n, T, k, kIgnoreTarget);
+}
+
+// ---- launchers ----------------------------------------------------------------------------------
+
+void launch_align(int* token, int* target, const int* window, int N, int T, int k) {
+  align_kernel<<<blocks_for(N, kThreads), kThreads>>>(token, target, window, N, T, k);
+  CUDA_CHECK_LAST();
+}
+
+}  // namespace
+
+// ---- entry points -------------------------------------------------------------------------------
+
+float mtp_forward(float* ce, const MtpSaved<float>* saved, const float* h0, const int* tokens,
+                  const MtpShared<float>& sh, const MtpModuleWeights<float>* modules, const MtpConfig& c, int B,
+                  int T_, const MlaRope<float>& rope) {
+  validate_mtp_call(c, B, T_, rope.positions);
+  const int N = B * T_, D = c.dim(), V = c.vocab;
+  ScratchBuffer<float> logits(static_cast<size_t>(N) * V);
+  float sum = 0;
+  const float* h_prev = h0;
+  for (int k = 1; k <= c.depth; ++k) {
+    const MtpSaved<float>& s = saved[k - 1];
+    const MtpModuleWeights<float>& m = modules[k - 1];
+    // 1) align: token t_{i+k} in, target t_{i+k+1} out
+    launch_align(s.tokens, s.targets, tokens, N, T_, k);
+    // 2) the two normalised inputs
+    embedding_forward(s.e, s.tokens, sh.embed, N, D, V);
+    rmsnorm_forward(s.en, s.en_rstd, s.e, m.enorm, N, D, c.norm_eps);
+    rmsnorm_forward(s.hn, s.hn_rstd, h_prev, m.hnorm, N, D, c.norm_eps);
+    // 3) h' = [en ; hn] eh_proj^T over the two column blocks of eh_proj (D, 2D)
+    gemm(Op::N, Op::T, N, D, D, 1.f, s.en, D, m.eh_proj, 2 * D, 0.f, s.hp, D);
+    gemm(Op::N, Op::T, N, D, D, 1.f, s.hn, D, m.eh_proj + D, 2 * D, 1.f, s.hp, D);
+    // 4) the module's transformer block
+    block_forward(s.hk, s.block, s.hp, m.block, c.block, B, T_, 0, rope);
+    // 5) shared final norm and head, cross-entropy against t_{i+k+1} (returns on the host)
+    rmsnorm_forward(s.z, s.z_rstd, s.hk, sh.norm, N, D, c.norm_eps);
+    gemm(Op::N, Op::T, N, V, D, 1.f, s.z, sh.head, 0.f, logits.get());
+    ce[k - 1] = cross_entropy_forward(s.probs, logits.get(), s.targets, N, V);
+    sum += ce[k - 1];
+    h_prev = s.hk;
+  }
+  return c.depth > 0 ? c.mtp_lambda / static_cast<float>(c.depth) * sum : 0.f;
+}
+
+void mtp_backward(const MtpModuleGrads<float>* mg, const MtpSharedGrads<float>& sg, float* dh0, float dloss,
+                  const MtpSaved<float>* saved, const float* h0, const int* tokens, const MtpShared<float>& sh,
+                  const MtpModuleWeights<float>* modules, const MtpConfig& c, int B, int T_,
+                  const MlaRope<float>& rope) {
+  validate_mtp_call(c, B, T_, rope.positions);
+  (void)tokens;  // the aligned tokens were saved by the forward
+  const int N = B * T_, D = c.dim(), V = c.vocab;
+  const size_t ND = static_cast<size_t>(N) * D;
+  // dh_next accumulates in dh0 itself: d L / d h^k through module k+1 (zero for the last module).
+  CUDA_CHECK(cudaMemsetAsync(dh0, 0, ND * sizeof(float)));
+  if (c.depth == 0) return;
+  const float dce = dloss * c.mtp_lambda / static_cast<float>(c.depth);
+  ScratchBuffer<float> dlogits(static_cast<size_t>(N) * V), dz(ND), dhk(ND), dhp(ND), den(ND), dhn(ND), de(ND);
+  for (int k = c.depth; k >= 1; --k) {
+    const MtpSaved<float>& s = saved[k - 1];
+    const MtpModuleWeights<float>& m = modules[k - 1];
+    const MtpModuleGrads<float>& g = mg[k - 1];
+    const float* h_prev = k == 1 ? h0 : saved[k - 2].hk;
+    // 5) cross-entropy, shared head and final norm; the gradient from module k+1 (in dh0) joins here
+    cross_entropy_backward(dlogits.get(), dce, s.probs, s.targets, N, V);
+    gemm(Op::T, Op::N, V, D, N, 1.f, dlogits.get(), s.z, 1.f, sg.head);
+    gemm(Op::N, Op::N, N, D, V, 1.f, dlogits.get(), sh.head, 0.f, dz.get());
+    rmsnorm_backward(sg.norm, dhk.get(), dz.get(), s.z_rstd, s.hk, sh.norm, N, D);
+    add_inplace(dhk.get(), dh0, ND);
+    // 4) block
+    block_backward(g.block, dhp.get(), dhk.get(), nullptr, s.block, s.hp, m.block, c.block, B, T_, 0, rope);
+    // 3) eh_proj
+    gemm(Op::N, Op::N, N, D, D, 1.f, dhp.get(), D, m.eh_proj, 2 * D, 0.f, den.get(), D);
+    gemm(Op::N, Op::N, N, D, D, 1.f, dhp.get(), D, m.eh_proj + D, 2 * D, 0.f, dhn.get(), D);
+    gemm(Op::T, Op::N, D, D, N, 1.f, dhp.get(), D, s.en, D, 1.f, g.eh_proj, 2 * D);
+    gemm(Op::T, Op::N, D, D, N, 1.f, dhp.get(), D, s.hn, D, 1.f, g.eh_proj + D, 2 * D);
+    // 2) enorm -> shared embedding; hnorm -> the previous depth's hidden state (overwrites dh0)
+    rmsnorm_backward(g.enorm, de.get(), den.get(), s.en_rstd, s.e, m.enorm, N, D);
+    embedding_backward(sg.embed, de.get(), s.tokens, N, D, V);
+    rmsnorm_backward(g.hnorm, dh0, dhn.get(), s.hn_rstd, h_prev, m.hnorm, N, D);
+  }
+}
+
+}  // namespace dsv3::cuda
