@@ -1,17 +1,72 @@
-// Demo 06_full_model (in progress): the parameter breakdown of every preset and of DeepSeek-V3's own
-// config, total vs active per token, per component; writes params_<preset>.csv and params.png; --config FILE adds a
-// config.json of your own. --check verifies V3's published totals (671 B / 37 B).
+// Demo 06_full_model: (1) the parameter breakdown of every preset and of DeepSeek-V3's own config, total vs
+// active per token, per component (params_<preset>.csv, params.png; --config FILE adds a config.json of your
+// own); (2) one training step of the "small" preset at initialisation on the CPU reference: the loss
+// decomposition (CE, MTP, balance) and the RMS of activations and of parameter gradients per layer
+// (init_rms.csv, init_rms.png). --check verifies V3's published totals (671 B / 37 B) and runs the step on
+// the tiny preset.
 #include <fmt/format.h>
 
+#include <cmath>
 #include <iostream>
 
+#include "06_full_model/model.h"
 #include "06_full_model/model_config.h"
 #include "common/cli.h"
 #include "common/diag.h"
+#include "common/rng.h"
+#include "common/timer.h"
 
 using namespace dsv3;
 
 namespace {
+
+double rms(const std::vector<float>& v) {
+  double s = 0;
+  for (float x : v) s += double(x) * x;
+  return v.empty() ? 0.0 : std::sqrt(s / v.size());
+}
+
+// One forward + backward at initialisation on random tokens: the loss parts and per-layer RMS.
+void init_step(const std::string& preset, int B, int T, uint64_t seed, const std::string& out_dir) {
+  const ModelConfig c = config_preset(preset);
+  Model<float> m(c, seed);
+  Rng rng(seed + 1);
+  std::vector<int> tokens(size_t(B) * (T + 1));
+  for (auto& t : tokens) t = int(rng.below(c.vocab_size));
+  CpuTimer timer;
+  const float total = m.forward(tokens, B, T);
+  m.backward();
+  const ModelLosses& l = m.losses();
+  std::cout << fmt::format("\none training step of '{}' at init, B={} T={}, random tokens ({:.1f} s on the CPU):\n",
+                           preset, B, T, timer.elapsed_ms() / 1000);
+  Table t({"loss part", "value"});
+  t.add_row({"CE (main)", fmt_num(l.ce)});
+  t.add_row({"ln V (uniform guess)", fmt_num(std::log(double(c.vocab_size)))});
+  t.add_row({"MTP (lambda/D sum CE_k)", fmt_num(l.mtp)});
+  t.add_row({"balance (sum over MoE layers)", fmt_num(l.balance)});
+  t.add_row({"total", fmt_num(total)});
+  t.print();
+  // gradient RMS per layer: every tensor named layers.<l>.*
+  std::vector<double> g2(c.num_hidden_layers, 0.0);
+  std::vector<size_t> gn(c.num_hidden_layers, 0);
+  for (auto& tn : m.tensors()) {
+    if (tn.name.rfind("layers.", 0) != 0) continue;
+    const int l = std::stoi(tn.name.substr(7));
+    for (float g : *tn.grad) g2[l] += double(g) * g;
+    gn[l] += tn.grad->size();
+  }
+  Table r({"layer", "kind", "activation RMS (out)", "gradient RMS"});
+  std::unique_ptr<CsvWriter> csv;
+  if (!out_dir.empty())
+    csv = std::make_unique<CsvWriter>(out_dir + "/init_rms.csv", std::vector<std::string>{"layer", "act_rms", "grad_rms"});
+  for (int i = 0; i < c.num_hidden_layers; ++i) {
+    const double a = rms(m.hidden()[i + 1]), g = std::sqrt(g2[i] / std::max<size_t>(gn[i], 1));
+    r.add_row({std::to_string(i), c.is_moe_layer(i) ? "MoE" : "dense", fmt_num(a), fmt_num(g)});
+    if (csv) csv->row({double(i), a, g});
+  }
+  std::cout << fmt::format("embedding output RMS {}\n", fmt_num(rms(m.hidden()[0])));
+  r.print();
+}
 
 std::string billions(int64_t n) { return n >= 1e9 ? fmt::format("{:.2f} B", n / 1e9) : fmt::format("{:.2f} M", n / 1e6); }
 
@@ -59,6 +114,7 @@ int main(int argc, char** argv) {
         failures += !ok;
       }
     }
+    init_step(opt.check ? "tiny" : "small", 2, opt.check ? 9 : 64, opt.seed, opt.check ? "" : opt.out);
     if (!opt.check) render_plots(DSV3_STAGE_DIR "/plots.gp", opt.out);
     return failures ? 1 : 0;
   });

@@ -19,3 +19,18 @@ do for [cfg in "tiny lyrics small deepseek-v3"] {
   plot outdir."/params_".cfg.".csv" using 2:xtic(1) title "total", "" using 3 title "active"
 }
 unset multiplot
+
+set output outdir."/init_rms.png"
+set terminal pngcairo size 800,450 font ",11" noenhanced
+unset multiplot
+unset style
+set style data linespoints
+set title "small preset at initialisation: RMS per layer (layer 0 dense, 1-7 MoE)"
+set xlabel "layer"
+set ylabel "RMS"
+set logscale y
+set yrange [*:*]
+set xtics norotate autofreq 1
+set key top left
+plot outdir."/init_rms.csv" using 1:2 with linespoints pt 7 title "activation (residual stream after the layer)", \
+     "" using 1:3 with linespoints pt 5 title "parameter gradient"

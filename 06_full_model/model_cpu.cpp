@@ -1,0 +1,272 @@
+// The complete model (model.h) on the CPU reference.
+#include "06_full_model/model.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "01_rmsnorm_rope/rmsnorm_rope.h"
+#include "04_aux_loss/aux_loss.h"
+#include "04_aux_loss/lm_parts.h"
+#include "common/errors.h"
+#include "common/gemm.h"
+#include "common/rng.h"
+
+namespace dsv3 {
+
+template <typename T>
+BlockConfig Model<T>::block_config(int layer) const {
+  BlockConfig b;
+  b.attn = cfg_.mla();
+  b.ffn = cfg_.is_moe_layer(layer) ? FfnKind::Moe : FfnKind::Dense;
+  b.inter_dim = cfg_.intermediate_size > 0 ? cfg_.intermediate_size : 1;
+  b.moe = cfg_.moe();
+  b.norm_eps = static_cast<float>(cfg_.rms_norm_eps);
+  return b;
+}
+
+template <typename T>
+MtpConfig Model<T>::mtp_config() const {
+  MtpConfig m;
+  m.depth = cfg_.num_nextn_predict_layers;
+  m.vocab = cfg_.vocab_size;
+  m.block = block_config(cfg_.num_hidden_layers);  // DeepSeek's MTP layer is numbered after the main layers
+  m.mtp_lambda = static_cast<float>(cfg_.training.mtp_lambda);
+  m.norm_eps = static_cast<float>(cfg_.rms_norm_eps);
+  return m;
+}
+
+template <typename T>
+Model<T>::Model(const ModelConfig& c, uint64_t seed) : cfg_(c) {
+  c.validate();
+  const int D = c.hidden_size, V = c.vocab_size;
+  rope_ = rope_tables<T>(c.rope());
+  Rng rng(seed);
+  embed_ = rng.normal_vec<T>(size_t(V) * D, 1.0);
+  head_ = rng.normal_vec<T>(size_t(V) * D, 1.0 / std::sqrt(double(D)));
+  norm_.assign(D, T(1));
+  for (int l = 0; l < c.num_hidden_layers; ++l) layers_.push_back(block_init_params<T>(block_config(l), rng.next_u64()));
+  for (int k = 0; k < c.num_nextn_predict_layers; ++k) mtp_.push_back(mtp_init_params<T>(mtp_config(), rng.next_u64()));
+}
+
+template <typename T>
+std::vector<typename Model<T>::Tensor> Model<T>::tensors() {
+  dembed_.resize(embed_.size());
+  dnorm_.resize(norm_.size());
+  dhead_.resize(head_.size());
+  if (dlayers_.size() != layers_.size())
+    for (int l = 0; l < cfg_.num_hidden_layers; ++l) dlayers_.push_back(block_zero_params<T>(block_config(l)));
+  if (dmtp_.size() != mtp_.size()) dmtp_.assign(mtp_.size(), mtp_zero_params<T>(mtp_config()));
+  std::vector<Tensor> t = {{"embed", &embed_, &dembed_}};
+  auto add = [&t](const std::string& pre, auto& p, auto& g) {
+    auto pv = p.tensors(), gv = g.tensors();
+    for (size_t i = 0; i < pv.size(); ++i) t.push_back({pre + pv[i].first, pv[i].second, gv[i].second});
+  };
+  for (size_t l = 0; l < layers_.size(); ++l) add("layers." + std::to_string(l) + ".", layers_[l], dlayers_[l]);
+  t.push_back({"norm", &norm_, &dnorm_});
+  t.push_back({"head", &head_, &dhead_});
+  for (size_t k = 0; k < mtp_.size(); ++k) add("mtp." + std::to_string(k) + ".", mtp_[k], dmtp_[k]);
+  return t;
+}
+
+template <typename T>
+T Model<T>::forward(const std::vector<int>& tokens, int B, int Tn) {
+  require(B > 0 && Tn > 0 && tokens.size() == size_t(B) * (Tn + 1), "model: need B*(T+1) = {} tokens, got {}",
+          size_t(B) * (Tn + 1), tokens.size());
+  const int D = cfg_.hidden_size, V = cfg_.vocab_size, N = B * Tn;
+  const int E = cfg_.n_routed_experts, K = cfg_.num_experts_per_tok;
+  B_ = B;
+  T_ = Tn;
+  window_ = tokens;
+  inputs_.resize(N);
+  targets_.resize(N);
+  for (int b = 0; b < B; ++b)
+    for (int t = 0; t < Tn; ++t) {
+      inputs_[b * Tn + t] = tokens[size_t(b) * (Tn + 1) + t];
+      targets_[b * Tn + t] = tokens[size_t(b) * (Tn + 1) + t + 1];
+    }
+  const MlaRope<T> rope = mla_rope(rope_);
+  losses_ = ModelLosses{};
+  // 1) embedding and blocks; the balance loss of every MoE layer from its router's scores
+  h_.assign(layers_.size() + 1, std::vector<T>(size_t(N) * D));
+  cpu::embedding_forward(h_[0].data(), inputs_.data(), embed_.data(), N, D, V);
+  saved_.clear();
+  bal_f_.assign(layers_.size(), {});
+  bal_ssum_.assign(layers_.size(), {});
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const BlockConfig bc = block_config(int(l));
+    saved_.emplace_back(bc, B, Tn);
+    cpu::block_forward(h_[l + 1].data(), saved_[l].saved, h_[l].data(), layers_[l].weights(), bc, B, Tn, 0, rope);
+    if (bc.ffn == FfnKind::Moe && cfg_.training.aux_alpha > 0) {
+      bal_f_[l].resize(size_t(B) * E);
+      bal_ssum_[l].resize(N);
+      T bal = 0;
+      cpu::seq_balance_loss_forward(&bal, bal_f_[l].data(), bal_ssum_[l].data(), saved_[l].saved.moe.scores,
+                                    saved_[l].saved.moe.indices, B, Tn, E, K, float(cfg_.training.aux_alpha));
+      losses_.balance += double(bal);
+    }
+  }
+  // 2) final norm, head, cross-entropy
+  z_.resize(size_t(N) * D);
+  zrstd_.resize(N);
+  cpu::rmsnorm_forward(z_.data(), zrstd_.data(), h_.back().data(), norm_.data(), N, D, float(cfg_.rms_norm_eps));
+  logits_.resize(size_t(N) * V);
+  cpu::gemm(Op::N, Op::T, N, V, D, T(1), z_.data(), head_.data(), T(0), logits_.data());
+  probs_.resize(logits_.size());
+  losses_.ce = double(cpu::cross_entropy_forward(probs_.data(), logits_.data(), targets_.data(), N, V));
+  // 3) MTP on the final hidden state
+  if (!mtp_.empty()) {
+    const MtpConfig mc = mtp_config();
+    mtp_saved_.emplace(mc, B, Tn);
+    mtp_ce_.assign(mc.depth, T(0));
+    std::vector<MtpModuleWeights<T>> mw;
+    for (auto& m : mtp_) mw.push_back(m.weights());
+    losses_.mtp = double(cpu::mtp_forward(mtp_ce_.data(), mtp_saved_->saved.data(), h_.back().data(), window_.data(),
+                                          {embed_.data(), norm_.data(), head_.data()}, mw.data(), mc, B, Tn, rope));
+  }
+  return T(losses_.ce) + T(losses_.mtp) + T(losses_.balance);
+}
+
+template <typename T>
+void Model<T>::backward() {
+  const int D = cfg_.hidden_size, V = cfg_.vocab_size, N = B_ * T_, E = cfg_.n_routed_experts;
+  const MlaRope<T> rope = mla_rope(rope_);
+  for (auto& t : tensors()) std::fill(t.grad->begin(), t.grad->end(), T(0));
+  std::vector<T> dh(size_t(N) * D, T(0)), dz(size_t(N) * D), tmp(size_t(N) * D), dlogits(size_t(N) * V);
+  // 3) MTP: gradient into h_L and the shared embedding, norm, head
+  if (!mtp_.empty()) {
+    std::vector<MtpModuleWeights<T>> mw;
+    std::vector<MtpModuleGrads<T>> mg;
+    for (size_t k = 0; k < mtp_.size(); ++k) {
+      mw.push_back(mtp_[k].weights());
+      mg.push_back(dmtp_[k].grads());
+    }
+    cpu::mtp_backward(mg.data(), {dembed_.data(), dnorm_.data(), dhead_.data()}, dh.data(), T(1),
+                      mtp_saved_->saved.data(), h_.back().data(), window_.data(),
+                      {embed_.data(), norm_.data(), head_.data()}, mw.data(), mtp_config(), B_, T_, rope);
+  }
+  // 2) cross-entropy, head, final norm
+  cpu::cross_entropy_backward(dlogits.data(), T(1), probs_.data(), targets_.data(), N, V);
+  cpu::gemm(Op::T, Op::N, V, D, N, T(1), dlogits.data(), z_.data(), T(1), dhead_.data());
+  cpu::gemm(Op::N, Op::N, N, D, V, T(1), dlogits.data(), head_.data(), T(0), dz.data());
+  cpu::rmsnorm_backward(dnorm_.data(), tmp.data(), dz.data(), zrstd_.data(), h_.back().data(), norm_.data(), N, D);
+  for (size_t i = 0; i < dh.size(); ++i) dh[i] += tmp[i];
+  // 1) blocks in reverse (with each MoE layer's balance-loss gradient on its scores), then the embedding
+  std::vector<T> dscores(size_t(N) * E);
+  for (int l = int(layers_.size()) - 1; l >= 0; --l) {
+    const BlockConfig bc = block_config(l);
+    const T* extra = nullptr;
+    if (!bal_f_[l].empty()) {
+      cpu::seq_balance_loss_backward(dscores.data(), T(1), bal_f_[l].data(), bal_ssum_[l].data(),
+                                     saved_[l].saved.moe.scores, B_, T_, E, float(cfg_.training.aux_alpha));
+      extra = dscores.data();
+    }
+    cpu::block_backward(dlayers_[l].grads(), tmp.data(), dh.data(), extra, saved_[l].saved, h_[l].data(),
+                        layers_[l].weights(), bc, B_, T_, 0, rope);
+    dh.swap(tmp);
+  }
+  cpu::embedding_backward(dembed_.data(), dh.data(), inputs_.data(), N, D, V);
+}
+
+template <typename T>
+void Model<T>::update_bias() {
+  const float gamma = float(cfg_.training.bias_update_speed);
+  if (gamma <= 0) return;
+  for (size_t l = 0; l < layers_.size(); ++l)
+    if (block_config(int(l)).ffn == FfnKind::Moe)
+      cpu::bias_update(layers_[l].moe.gate_bias.data(), saved_[l].saved.moe.counts, cfg_.n_routed_experts, B_ * T_,
+                       cfg_.num_experts_per_tok, gamma);
+}
+
+template <typename T>
+uint64_t Model<T>::routing_signature() const {
+  const int NK = B_ * T_ * cfg_.num_experts_per_tok;
+  uint64_t h = 1469598103934665603ull;  // FNV-1a
+  for (size_t l = 0; l < saved_.size(); ++l)
+    if (block_config(int(l)).ffn == FfnKind::Moe)
+      for (int i = 0; i < NK; ++i) h = (h ^ uint64_t(saved_[l].saved.moe.indices[i] + 1)) * 1099511628211ull;
+  if (mtp_saved_ && mtp_config().block.ffn == FfnKind::Moe)
+    for (const auto& s : mtp_saved_->saved)
+      for (int i = 0; i < NK; ++i) h = (h ^ uint64_t(s.block.moe.indices[i] + 1)) * 1099511628211ull;
+  return h;
+}
+
+// ---- Hugging Face names -------------------------------------------------------------------------------
+
+template <typename T>
+std::vector<typename Model<T>::View> Model<T>::views() const {
+  std::vector<View> v;
+  auto whole = [&v](const std::string& name, const std::vector<T>& t) { v.push_back({name, &t, 0, t.size()}); };
+  auto block = [&](const std::string& p, const BlockParams<T>& b, const BlockConfig& bc) {
+    whole(p + "input_layernorm.weight", b.attn_norm);
+    if (cfg_.q_lora_rank > 0) {
+      whole(p + "self_attn.q_a_proj.weight", b.attn.wq_a);
+      whole(p + "self_attn.q_a_layernorm.weight", b.attn.q_norm);
+      whole(p + "self_attn.q_b_proj.weight", b.attn.wq_b);
+    } else {
+      whole(p + "self_attn.q_proj.weight", b.attn.wq);
+    }
+    whole(p + "self_attn.kv_a_proj_with_mqa.weight", b.attn.wkv_a);
+    whole(p + "self_attn.kv_a_layernorm.weight", b.attn.kv_norm);
+    whole(p + "self_attn.kv_b_proj.weight", b.attn.wkv_b);
+    whole(p + "self_attn.o_proj.weight", b.attn.wo);
+    whole(p + "post_attention_layernorm.weight", b.ffn_norm);
+    if (bc.ffn == FfnKind::Dense) {
+      whole(p + "mlp.gate_proj.weight", b.mlp.w1);
+      whole(p + "mlp.up_proj.weight", b.mlp.w3);
+      whole(p + "mlp.down_proj.weight", b.mlp.w2);
+      return;
+    }
+    whole(p + "mlp.gate.weight", b.moe.gate_weight);
+    whole(p + "mlp.gate.e_score_correction_bias", b.moe.gate_bias);
+    const size_t per = size_t(cfg_.moe_intermediate_size) * cfg_.hidden_size;  // one expert's matrix
+    for (int j = 0; j < cfg_.n_routed_experts; ++j) {  // our experts are stacked (E, ...): one slice each
+      const std::string q = p + "mlp.experts." + std::to_string(j) + ".";
+      v.push_back({q + "gate_proj.weight", &b.moe.w1, j * per, per});
+      v.push_back({q + "up_proj.weight", &b.moe.w3, j * per, per});
+      v.push_back({q + "down_proj.weight", &b.moe.w2, j * per, per});
+    }
+    if (cfg_.n_shared_experts > 0) {
+      whole(p + "mlp.shared_experts.gate_proj.weight", b.moe.shared_w1);
+      whole(p + "mlp.shared_experts.up_proj.weight", b.moe.shared_w3);
+      whole(p + "mlp.shared_experts.down_proj.weight", b.moe.shared_w2);
+    }
+  };
+  whole("model.embed_tokens.weight", embed_);
+  for (size_t l = 0; l < layers_.size(); ++l)
+    block("model.layers." + std::to_string(l) + ".", layers_[l], block_config(int(l)));
+  whole("model.norm.weight", norm_);
+  whole("lm_head.weight", head_);
+  for (size_t k = 0; k < mtp_.size(); ++k) {
+    const std::string p = "model.layers." + std::to_string(cfg_.num_hidden_layers + k) + ".";
+    whole(p + "enorm.weight", mtp_[k].enorm);
+    whole(p + "hnorm.weight", mtp_[k].hnorm);
+    whole(p + "eh_proj.weight", mtp_[k].eh_proj);
+    block(p, mtp_[k].block, mtp_config().block);
+  }
+  return v;
+}
+
+template <typename T>
+TensorMap Model<T>::to_tensor_map() const {
+  TensorMap m;
+  for (const auto& v : views())
+    m[v.name] = std::vector<float>(v.tensor->begin() + v.offset, v.tensor->begin() + v.offset + v.count);
+  return m;
+}
+
+template <typename T>
+void Model<T>::load_tensor_map(const TensorMap& m) {
+  for (const auto& v : views()) {
+    const auto it = m.find(v.name);
+    require(it != m.end(), "model: tensor '{}' is missing", v.name);
+    require(it->second.size() == v.count, "model: tensor '{}' has {} values, expected {}", v.name, it->second.size(),
+            v.count);
+    auto& dst = const_cast<std::vector<T>&>(*v.tensor);  // views() is const so both directions share it
+    std::copy(it->second.begin(), it->second.end(), dst.begin() + v.offset);
+  }
+}
+
+template class Model<float>;
+template class Model<double>;
+
+}  // namespace dsv3
