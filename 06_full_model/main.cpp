@@ -7,12 +7,14 @@
 #include <fmt/format.h>
 
 #include <cmath>
+#include <fstream>
 #include <iostream>
 
 #include "06_full_model/model.h"
 #include "06_full_model/model_config.h"
 #include "common/cli.h"
 #include "common/diag.h"
+#include "common/errors.h"
 #include "common/rng.h"
 #include "common/timer.h"
 
@@ -68,6 +70,34 @@ void init_step(const std::string& preset, int B, int T, uint64_t seed, const std
   r.print();
 }
 
+// Writes a randomly initialised model of `preset` (routing biases set too) as a checkpoint, plus tokens and the
+// CPU reference's logits, for check_transformers.py to compare with transformers' DeepseekV3ForCausalLM.
+void export_for_transformers(const std::string& dir, const std::string& preset, uint64_t seed) {
+  const ModelConfig c = config_preset(preset);
+  Model<float> m(c, seed);
+  TensorMap t = m.to_tensor_map();
+  Rng rng(seed + 2);
+  for (auto& [name, v] : t)  // small positive biases: exercised, and every biased score stays > 0 (README)
+    if (name.find("e_score_correction_bias") != std::string::npos)
+      for (auto& x : v) x = float(rng.uniform(0.0, 0.05));
+  m.load_tensor_map(t);
+  const int B = 2, T = std::min(16, c.max_position_embeddings);
+  std::vector<int> tokens(size_t(B) * (T + 1));
+  for (auto& x : tokens) x = int(rng.below(c.vocab_size));
+  m.forward(tokens, B, T);
+  ensure_dir(dir);
+  save_checkpoint(dir + "/checkpoint", c, m.to_tensor_map());
+  std::ofstream tf(dir + "/tokens.txt");  // B lines of T input tokens
+  for (int b = 0; b < B; ++b) {
+    for (int i = 0; i < T; ++i) tf << (i ? " " : "") << tokens[size_t(b) * (T + 1) + i];
+    tf << "\n";
+  }
+  std::ofstream lf(dir + "/logits.f32", std::ios::binary);  // (B, T, V) float32, little-endian
+  lf.write(reinterpret_cast<const char*>(m.logits().data()), std::streamsize(m.logits().size() * sizeof(float)));
+  require(tf.good() && lf.good(), "writing the export into '{}' failed", dir);
+  std::cout << fmt::format("exported '{}' (B={}, T={}) to {}\n", preset, B, T, dir);
+}
+
 std::string billions(int64_t n) { return n >= 1e9 ? fmt::format("{:.2f} B", n / 1e9) : fmt::format("{:.2f} M", n / 1e6); }
 
 }  // namespace
@@ -78,8 +108,15 @@ int main(int argc, char** argv) {
   std::string config_path;
   add_demo_options(app, opt, "out/06_full_model");
   app.add_option("--config", config_path, "a config.json (Hugging Face DeepseekV3 fields) to count as well");
+  std::string export_dir, export_preset = "tiny";
+  app.add_option("--export", export_dir, "write a random model, tokens and our logits there for check_transformers.py");
+  app.add_option("--export-preset", export_preset, "preset for --export")->capture_default_str();
   return run_main(app, argc, argv, [&] {
     std::cout << command_line(argc, argv) << "\n";
+    if (!export_dir.empty()) {
+      export_for_transformers(export_dir, export_preset, opt.seed);
+      return 0;
+    }
     std::vector<std::pair<std::string, ModelConfig>> configs;
     for (const auto& n : config_preset_names()) configs.emplace_back(n, config_preset(n));
     if (!config_path.empty()) {
