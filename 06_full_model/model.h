@@ -62,8 +62,12 @@ class Model {
   uint64_t routing_signature() const;
 
  private:
+  friend class DeviceModel;  // model_device.h: the same model on the GPU, built from (and checked against) this one
+ public:
   BlockConfig block_config(int layer) const;
   MtpConfig mtp_config() const;
+
+ private:
   // (HF name, tensor, offset, count) of every parameter, bias included: the one place that names them.
   struct View {
     std::string name;

@@ -125,6 +125,19 @@ TEST(Checkpoint, LoadRejectsTamperedCheckpoints) {
     w.write(st);
   }
   expect_load_error(dir, "differs from 'lm_head.weight'");
-  // 5) no such folder
+  // 5) a tensor stored as integers (same bytes, wrong dtype)
+  {
+    SafetensorsWriter w;
+    for (const auto& sp : checkpoint_specs(c)) {
+      const auto& v = t.at(sp.mirror_of.empty() ? sp.name : sp.mirror_of);
+      if (sp.name == "model.norm.weight")
+        w.add(sp.name, DType::I32, sp.shape, v.data(), v.size() * sizeof(float));
+      else
+        w.add_f32(sp.name, sp.shape, v.data());
+    }
+    w.write(st);
+  }
+  expect_load_error(dir, "'model.norm.weight' has dtype I32");
+  // 6) no such folder
   expect_load_error(fresh_dir("nothing-here"), "does not exist");
 }

@@ -105,3 +105,46 @@ TEST(Model, BiasUpdateMovesOnlyMoeBiases) {
     }
   }
 }
+
+#ifdef DSV3_HAVE_CUDA
+#include "06_full_model/model_device.h"
+
+TEST(CudaModel, ForwardBackwardMatchCpu) {
+  DSV3_REQUIRE_GPU();
+  ModelConfig c = config_preset("tiny");
+  c.training.aux_alpha = 0.1;
+  Model<float> host(c, 11);
+  // Well-separated biases: fp32 sums in another order cannot flip a top-K choice between CPU and GPU.
+  TensorMap t = host.to_tensor_map();
+  for (auto& [name, v] : t)
+    if (name.find("e_score_correction_bias") != std::string::npos)
+      for (size_t e = 0; e < v.size(); ++e) v[e] = -0.5f * float(e);
+  host.load_tensor_map(t);
+  DeviceModel dev(host);
+  const int B = 3, T = 11, N = B * T;
+  const auto tokens = random_window(c, B, T, 12);
+  const float lc = host.forward(tokens, B, T);
+  host.backward();
+  const std::vector<float> logits_cpu = host.logits();
+  std::vector<std::pair<std::string, std::vector<float>>> cpu_grads;
+  for (auto& tn : host.tensors()) cpu_grads.push_back({tn.name, *tn.grad});
+
+  const float lg = dev.forward(tokens, B, T);
+  dev.backward();
+  EXPECT_NEAR(lg, lc, 1e-4 * (1 + std::abs(lc)));
+  EXPECT_NEAR(dev.losses().ce, host.losses().ce, 1e-4);
+  EXPECT_NEAR(dev.losses().mtp, host.losses().mtp, 1e-4);
+  EXPECT_NEAR(dev.losses().balance, host.losses().balance, 1e-6);
+  EXPECT_CLOSE(compare(dev.logits(), logits_cpu, kReductionTol), "logits");
+  dev.download(host, false);  // the device's gradients into the host model's gradient tensors
+  size_t i = 0;
+  for (auto& tn : host.tensors()) {
+    ASSERT_EQ(tn.name, cpu_grads[i].first);
+    EXPECT_CLOSE(compare(*tn.grad, cpu_grads[i].second, Tolerance{1e-5 * std::sqrt(double(N)), 1e-4}), tn.name);
+    ++i;
+  }
+  EXPECT_GT(i, 40u);
+}
+#else
+TEST(CudaModel, BuiltWithoutCuda) { GTEST_SKIP() << "built without CUDA"; }
+#endif

@@ -1,0 +1,49 @@
+// Stage 06 on CUDA: the complete model of model.h with its parameters on the GPU, forward and backward through
+// the CUDA entry points of stages 01-05 (fp32; the path stage 07 speeds up). Built from a host Model<float>,
+// whose values it uploads and into whose gradient tensors it can download, so tests compare the two.
+// Needs CUDA: include only when DSV3_HAVE_CUDA.
+#pragma once
+
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "05_mtp/mtp_device.h"
+#include "06_full_model/model.h"
+#include "common/cuda_utils.h"
+
+namespace dsv3 {
+
+class DeviceModel {
+ public:
+  explicit DeviceModel(const Model<float>& host);
+  // As Model::forward / backward / update_bias, on the device. Tokens (B, T+1) on the host.
+  float forward(const std::vector<int>& tokens, int B, int Tn);
+  void backward();
+  void update_bias();
+  const ModelLosses& losses() const { return losses_; }
+  std::vector<float> logits() const { return logits_.download(); }
+  // Writes this model's gradients (or, with values = true, its parameters) into the host model's tensors.
+  void download(Model<float>& host, bool values) const;
+  // The chosen experts of every main MoE layer in the last forward, as the host model's saved ints.
+  std::vector<int> routing(int layer) const;
+
+ private:
+  const Model<float>& host_;
+  ModelConfig cfg_;
+  MlaDeviceRope rope_;
+  DeviceBuffer<float> embed_, norm_, head_, dembed_, dnorm_, dhead_;
+  std::vector<BlockDeviceParams> layers_, dlayers_;
+  std::vector<MtpDeviceParams> mtp_, dmtp_;
+  // saved by forward
+  int B_ = 0, T_ = 0;
+  DeviceBuffer<int> window_, inputs_, targets_;
+  std::vector<DeviceBuffer<float>> h_;
+  std::vector<BlockDeviceSaved> saved_;
+  std::optional<MtpDeviceSaved> mtp_saved_;
+  std::vector<DeviceBuffer<float>> bal_f_, bal_ssum_;
+  DeviceBuffer<float> z_, zrstd_, logits_, probs_;
+  ModelLosses losses_;
+};
+
+}  // namespace dsv3
