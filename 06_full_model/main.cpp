@@ -103,7 +103,7 @@ std::string billions(int64_t n) { return n >= 1e9 ? fmt::format("{:.2f} B", n / 
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"Stage 06: the complete model (in progress): configs and parameter counts", "06_full_model"};
+  CLI::App app{"Stage 06: the complete model: parameter counts, one step at init, export for transformers", "06_full_model"};
   DemoOptions opt;
   std::string config_path;
   add_demo_options(app, opt, "out/06_full_model");

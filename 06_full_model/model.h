@@ -7,8 +7,8 @@
 //   L_Bal = sum over MoE layers of the sequence-wise balance loss (alpha; stage 04)
 //   L     = L_CE + L_MTP + L_Bal;  after each optimizer step every MoE layer's bias moves by gamma.
 //
-// Parameters convert to and from the Hugging Face tensor names of checkpoint.h. The CUDA path of the whole
-// model is still to come (every layer it needs has one: stages 01-05).
+// Parameters convert to and from the Hugging Face tensor names of checkpoint.h. The same model on the GPU:
+// model_device.h.
 // Shape legend: B batch, T time, N = B*T, D hidden_size, V vocab_size.
 #pragma once
 
