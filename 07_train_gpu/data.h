@@ -1,0 +1,159 @@
+// Stage 07, part 1: the lyrics corpus, the SentencePiece BPE tokenizer and the binary token files.
+//
+// Pipeline (prepare mode of the 07_train_gpu executable):
+//   songs-poems (fortunes) + Psalms, Song of Solomon (bible-kjv) [+ user lyrics files]
+//     -> cleaned songs, one per block (Song::text: lines joined by '\n', no leading/trailing newline)
+//     -> split into train / validation BY SONG with a seeded shuffle
+//     -> SentencePiece BPE trained on the train split only
+//     -> <dir>/train.bin, <dir>/val.bin, <dir>/tokenizer.model, <dir>/data.json
+//
+// Token file format (kTokenFormatVersion 1): a flat array of uint16 little-endian token ids, no header.
+// Every song is encoded on its own and followed by the tokenizer's eos id, so a song boundary is one token.
+// The size of a file is exactly 2 * tokens bytes; data.json records the counts and load_prepared() checks them.
+// Text bytes per split (for bits per byte) = the UTF-8 bytes of the songs' texts; the eos separators are
+// not counted as bytes (every tokenizer pays the same one token per song, so comparisons stay fair).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace sentencepiece {
+class SentencePieceProcessor;
+}
+
+namespace dsv3::data {
+
+constexpr int kTokenFormatVersion = 1;
+// The tokenizer sees "\n" as this private-use character (one user-defined piece), so newlines survive
+// SentencePiece's whitespace handling and are always a token of their own. Input must not contain it.
+constexpr const char* kNewlineSymbol = "\xEE\x80\x80";  // U+E000
+// SentencePiece's meta symbol for a space (U+2581); input must not contain it either (it would decode as a space).
+constexpr const char* kSpaceMeta = "\xE2\x96\x81";
+
+struct Song {
+  std::string text;    // lines joined by '\n'; no leading/trailing blank line
+  std::string source;  // "fortunes/songs-poems", "bible-kjv/psalms", "bible-kjv/song-of-solomon", or a file path
+};
+
+// ---- cleaning -------------------------------------------------------------------------------------------
+// The fortune file format: entries separated by lines holding a single '%'. Rules (README "Cleaning"):
+//   overstrike sequences "c\b" are removed, other control characters (but tab) dropped;
+//   an entry laid out in two columns (2+ lines with a gap of tabs or 4+ spaces inside the text) is unfolded:
+//   the left column, a blank line, then the right column (unfold_columns);
+//   an attribution line (trimmed text starts with "--") is dropped with the indented lines that continue it;
+//   an indented editorial note "[... Ed.]" (possibly over several lines) and a line that is one bracketed
+//   marker ("[chorus]", "[...]") are dropped;
+//   numbering lines ("3.", "IV", "#53", "(2)") are dropped, a leading "3. " / "3) " numbering is removed;
+//   a title (the first line of an entry, in capitals, at most 60 characters, followed by a blank line) is dropped;
+//   whitespace runs inside a line become one space, lines are trimmed, blank-line runs become one blank
+//   line, leading/trailing blank lines removed; entries with fewer than 2 lines of text are dropped.
+std::vector<std::string> clean_fortune_file(const std::string& contents);
+// One fortune entry (the text between two '%' lines) -> cleaned song text ("" when it is dropped).
+std::string clean_fortune_entry(const std::string& entry);
+std::string unfold_columns(const std::string& entry);
+
+// Parses the output of `bible -l<wide> <refs>`: a line "Psalms 23" / "Song of Solomon 2" starts a chapter,
+// "  4 Yea, though I walk ..." is a verse (its number is stripped), other non-blank lines continue the verse.
+// Returns one text per chapter (one verse per line), tagged with its book's source name.
+std::vector<Song> parse_bible_output(const std::string& output);
+
+// ---- sources ---------------------------------------------------------------------------------------------
+struct CorpusPaths {
+  std::string fortunes = "/usr/share/games/fortunes/songs-poems";
+  std::string bible = "bible";  // the bible-kjv command (looked up on PATH)
+};
+bool default_sources_available(const CorpusPaths& paths = {});
+// The default corpus: every cleaned songs-poems entry, Psalms 1-150 and Song of Solomon 1-8.
+// UserError (naming the Debian package and scripts/setup.sh) when a source is missing.
+std::vector<Song> load_default_corpus(const CorpusPaths& paths = {});
+// Runs `bible` non-interactively for the Psalms and the Song of Solomon and returns its raw output.
+std::string run_bible(const std::string& bible_cmd);
+
+// A user's lyrics file: UTF-8 text, songs separated by one or more blank lines, "\r\n" accepted.
+// UserError for a missing/unreadable file, an empty one, NUL bytes, invalid UTF-8 or reserved characters.
+std::vector<Song> read_lyrics_file(const std::string& path);
+// The text checks of read_lyrics_file on bytes already read; `what` names the input in the message.
+void validate_text(const std::string& bytes, const std::string& what);
+
+// ---- split ----------------------------------------------------------------------------------------------
+struct Split {
+  std::vector<Song> train, val;
+};
+// Fisher-Yates shuffle of the song order with dsv3::Rng(seed), then the first round(val_fraction * n)
+// songs (at least 1) are validation. Deterministic for a seed; a song is never in both splits.
+Split split_by_song(const std::vector<Song>& songs, double val_fraction, uint64_t seed);
+
+// ---- tokenizer ------------------------------------------------------------------------------------------
+class Tokenizer {
+ public:
+  Tokenizer();
+  ~Tokenizer();
+  Tokenizer(Tokenizer&&) noexcept;
+  Tokenizer& operator=(Tokenizer&&) noexcept;
+
+  // SentencePiece BPE on these texts: identity normalization, no dummy prefix, extra whitespace kept,
+  // byte_fallback, character_coverage 1.0, kNewlineSymbol as a user-defined symbol; unk 0, bos 1, eos 2.
+  static Tokenizer train(const std::vector<std::string>& texts, int vocab_size);  // deterministic (BPE, no sampling)
+  static Tokenizer load(const std::string& model_path);  // UserError when the file is missing or bad
+  void save(const std::string& model_path) const;        // atomic (temp file + rename)
+
+  std::vector<int> encode(const std::string& text) const;  // '\n' -> kNewlineSymbol before encoding
+  std::string decode(const std::vector<int>& ids) const;   // and back after decoding
+  int vocab_size() const;
+  int eos_id() const;
+  std::string piece(int id) const;
+
+ private:
+  std::unique_ptr<sentencepiece::SentencePieceProcessor> sp_;
+  std::string serialized_;
+};
+
+// ---- prepared data --------------------------------------------------------------------------------------
+struct SplitStats {
+  std::string file;        // "train.bin" / "val.bin", relative to the data folder
+  int64_t songs = 0, lines = 0, bytes = 0, tokens = 0;  // tokens include one eos per song
+};
+struct SourceStats {
+  std::string name;
+  int64_t songs = 0, bytes = 0;
+};
+struct DataInfo {
+  int format_version = kTokenFormatVersion;
+  int vocab_size = 0, eos_id = 0;
+  uint64_t seed = 0;
+  double val_fraction = 0;
+  std::string tokenizer = "tokenizer.model";
+  SplitStats train, val;
+  std::vector<SourceStats> sources;
+};
+struct Prepared {
+  DataInfo info;
+  std::vector<uint16_t> train, val;
+};
+
+struct PrepareOptions {
+  int vocab_size = 4096;
+  double val_fraction = 0.1;
+  uint64_t seed = 1234;
+};
+// Splits, trains the tokenizer on the train split, encodes both splits and writes the four files into dir
+// (created if needed). Returns what it wrote (tokens included).
+Prepared prepare_data(const std::vector<Song>& songs, const PrepareOptions& opt, const std::string& dir);
+
+// Token files: uint16 little-endian. write_tokens is atomic; read_tokens checks the size against `expected`.
+void write_tokens(const std::string& path, const std::vector<uint16_t>& tokens);
+std::vector<uint16_t> read_tokens(const std::string& path, int64_t expected_tokens, int vocab_size);
+
+std::string info_to_json(const DataInfo& info);
+DataInfo info_from_json(const std::string& text, const std::string& what);  // UserError naming the field
+// Reads data.json, validates it, reads and checks both token files (size, ids < vocab_size).
+Prepared load_prepared(const std::string& dir);
+
+// Helpers shared with the demo and the tests.
+int64_t count_lines(const std::string& text);
+std::string read_file(const std::string& path, const std::string& what);  // UserError when unreadable
+void write_file_atomic(const std::string& path, const std::string& bytes);
+
+}  // namespace dsv3::data
