@@ -21,7 +21,21 @@ struct AdamWConfig {
   float weight_decay = 0.1f;  // decoupled; applied only where the caller says (matrices, not norms/biases)
 };
 
+// B windows of T+1 tokens (B, T+1) -> inputs (B*T) = the first T of each window, targets (B*T) = the last T.
+// UserError unless B, T > 0 and tokens.size() == B*(T+1).
+void split_windows(const std::vector<int>& tokens, int B, int T, std::vector<int>& inputs, std::vector<int>& targets);
+
 namespace cpu {
+
+// The output end of a language model: z = RMSNorm(h; norm), logits = z head^T, mean CE against targets.
+// Writes logits (N, V) and saves probs (N, V), z (N, D), zrstd (N) for the backward; returns the CE.
+template <typename T>
+T lm_head_forward(T* logits, T* probs, T* z, T* zrstd, const T* h, const T* norm, const T* head, const int* targets,
+                  int N, int D, int V, float eps);
+// Gradients of dloss * CE: dnorm (D) +=, dhead (V, D) +=, dh (N, D) = (overwritten).
+template <typename T>
+void lm_head_backward(T* dnorm, T* dhead, T* dh, T dloss, const T* probs, const T* z, const T* zrstd, const T* h,
+                      const T* norm, const T* head, const int* targets, int N, int D, int V);
 
 // out (N, D) = wte[tokens] ; UserError on a token outside [0, V).
 template <typename T>

@@ -4,9 +4,44 @@
 #include <cmath>
 
 #include "04_aux_loss/lm_parts.h"
+
+#include "01_rmsnorm_rope/rmsnorm_rope.h"
+#include "common/gemm.h"
 #include "common/errors.h"
 
-namespace dsv3::cpu {
+namespace dsv3 {
+
+void split_windows(const std::vector<int>& tokens, int B, int T, std::vector<int>& inputs, std::vector<int>& targets) {
+  require(B > 0 && T > 0 && tokens.size() == size_t(B) * (T + 1), "need B*(T+1) = {} tokens (B={}, T={}), got {}",
+          size_t(std::max(B, 0)) * (std::max(T, 0) + 1), B, T, tokens.size());
+  inputs.resize(size_t(B) * T);
+  targets.resize(size_t(B) * T);
+  for (int b = 0; b < B; ++b)
+    for (int t = 0; t < T; ++t) {
+      inputs[size_t(b) * T + t] = tokens[size_t(b) * (T + 1) + t];
+      targets[size_t(b) * T + t] = tokens[size_t(b) * (T + 1) + t + 1];
+    }
+}
+
+namespace cpu {
+
+template <typename T>
+T lm_head_forward(T* logits, T* probs, T* z, T* zrstd, const T* h, const T* norm, const T* head, const int* targets,
+                  int N, int D, int V, float eps) {
+  rmsnorm_forward(z, zrstd, h, norm, N, D, eps);
+  gemm(Op::N, Op::T, N, V, D, T(1), z, head, T(0), logits);  // logits = z head^T
+  return cross_entropy_forward(probs, logits, targets, N, V);
+}
+
+template <typename T>
+void lm_head_backward(T* dnorm, T* dhead, T* dh, T dloss, const T* probs, const T* z, const T* zrstd, const T* h,
+                      const T* norm, const T* head, const int* targets, int N, int D, int V) {
+  std::vector<T> dlogits(size_t(N) * V), dz(size_t(N) * D);
+  cross_entropy_backward(dlogits.data(), dloss, probs, targets, N, V);
+  gemm(Op::T, Op::N, V, D, N, T(1), dlogits.data(), z, T(1), dhead);       // dhead += dlogits^T z
+  gemm(Op::N, Op::N, N, D, V, T(1), dlogits.data(), head, T(0), dz.data());  // dz = dlogits head
+  rmsnorm_backward(dnorm, dh, dz.data(), zrstd, h, norm, N, D);
+}
 
 template <typename T>
 void embedding_forward(T* out, const int* tokens, const T* wte, int N, int D, int V) {
@@ -85,6 +120,9 @@ void adamw_step(T* param, const T* grad, T* m, T* v, size_t n, int64_t step, con
 }
 
 #define DSV3_INSTANTIATE(T)                                                                   \
+  template T lm_head_forward<T>(T*, T*, T*, T*, const T*, const T*, const T*, const int*, int, int, int, float); \
+  template void lm_head_backward<T>(T*, T*, T*, T, const T*, const T*, const T*, const T*, const T*, const T*, \
+                                    const int*, int, int, int);                                \
   template void embedding_forward<T>(T*, const int*, const T*, int, int, int);                \
   template void embedding_backward<T>(T*, const T*, const int*, int, int, int);               \
   template T cross_entropy_forward<T>(T*, const T*, const int*, int, int);                    \
@@ -94,4 +132,5 @@ DSV3_INSTANTIATE(float)
 DSV3_INSTANTIATE(double)
 #undef DSV3_INSTANTIATE
 
-}  // namespace dsv3::cpu
+}  // namespace cpu
+}  // namespace dsv3

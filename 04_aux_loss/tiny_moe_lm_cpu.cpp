@@ -67,13 +67,7 @@ T TinyMoeLm<T>::forward(const std::vector<int>& tokens, int B, int Tn) {
   const int D = mc.dim, V = cfg_.vocab, N = B * Tn, E = mc.n_routed_experts, K = mc.n_activated_experts;
   B_ = B;
   T_ = Tn;
-  inputs_.resize(N);
-  targets_.resize(N);
-  for (int b = 0; b < B; ++b)
-    for (int t = 0; t < Tn; ++t) {
-      inputs_[b * Tn + t] = tokens[size_t(b) * (Tn + 1) + t];
-      targets_[b * Tn + t] = tokens[size_t(b) * (Tn + 1) + t + 1];
-    }
+  split_windows(tokens, B, Tn, inputs_, targets_);
   // 1) embedding
   h_.assign(layers_.size() + 1, std::vector<T>(size_t(N) * D));
   cpu::embedding_forward(h_[0].data(), inputs_.data(), wte_.data(), N, D, V);
@@ -104,11 +98,10 @@ T TinyMoeLm<T>::forward(const std::vector<int>& tokens, int B, int Tn) {
   // 4) final norm, head, cross-entropy
   z_.resize(size_t(N) * D);
   zrstd_.resize(N);
-  cpu::rmsnorm_forward(z_.data(), zrstd_.data(), h_.back().data(), final_norm_.data(), N, D, cfg_.norm_eps);
   std::vector<T> logits(size_t(N) * V);
-  cpu::gemm(Op::N, Op::T, N, V, D, T(1), z_.data(), head_.data(), T(0), logits.data());
   probs_.resize(logits.size());
-  return cpu::cross_entropy_forward(probs_.data(), logits.data(), targets_.data(), N, V);
+  return cpu::lm_head_forward(logits.data(), probs_.data(), z_.data(), zrstd_.data(), h_.back().data(),
+                              final_norm_.data(), head_.data(), targets_.data(), N, D, V, cfg_.norm_eps);
 }
 
 template <typename T>
@@ -117,12 +110,9 @@ void TinyMoeLm<T>::backward() {
   const int D = mc.dim, V = cfg_.vocab, N = B_ * T_, E = mc.n_routed_experts;
   for (auto& t : tensors()) std::fill(t.grad->begin(), t.grad->end(), T(0));
   // 4) cross-entropy, head, final norm
-  std::vector<T> dlogits(size_t(N) * V), dz(size_t(N) * D), dh(size_t(N) * D), tmp(size_t(N) * D);
-  cpu::cross_entropy_backward(dlogits.data(), T(1), probs_.data(), targets_.data(), N, V);
-  cpu::gemm(Op::T, Op::N, V, D, N, T(1), dlogits.data(), z_.data(), T(1), dhead_.data());  // dhead += dlogits^T z
-  cpu::gemm(Op::N, Op::N, N, D, V, T(1), dlogits.data(), head_.data(), T(0), dz.data());   // dz = dlogits head
-  cpu::rmsnorm_backward(dfinal_norm_.data(), dh.data(), dz.data(), zrstd_.data(), h_.back().data(),
-                        final_norm_.data(), N, D);
+  std::vector<T> dh(size_t(N) * D), tmp(size_t(N) * D);
+  cpu::lm_head_backward(dfinal_norm_.data(), dhead_.data(), dh.data(), T(1), probs_.data(), z_.data(), zrstd_.data(),
+                        h_.back().data(), final_norm_.data(), head_.data(), targets_.data(), N, D, V);
   // 2-3) layers in reverse: the residual passes dh through; the branch adds its input gradient
   std::vector<T> dscores(size_t(N) * E);
   for (int l = int(layers_.size()) - 1; l >= 0; --l) {

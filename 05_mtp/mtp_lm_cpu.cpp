@@ -64,13 +64,7 @@ T MtpLm<T>::forward(const std::vector<int>& tokens, int B, int Tn) {
   B_ = B;
   T_ = Tn;
   window_ = tokens;
-  inputs_.resize(N);
-  targets_.resize(N);
-  for (int b = 0; b < B; ++b)
-    for (int t = 0; t < Tn; ++t) {
-      inputs_[b * Tn + t] = tokens[size_t(b) * (Tn + 1) + t];
-      targets_[b * Tn + t] = tokens[size_t(b) * (Tn + 1) + t + 1];
-    }
+  split_windows(tokens, B, Tn, inputs_, targets_);
   const MlaRope<T> rope = mla_rope(rope_);
   // 1) main model: embedding, blocks
   h_.assign(layers_.size() + 1, std::vector<T>(size_t(N) * D));
@@ -84,11 +78,10 @@ T MtpLm<T>::forward(const std::vector<int>& tokens, int B, int Tn) {
   // 2) main head and loss
   z_.resize(size_t(N) * D);
   zrstd_.resize(N);
-  cpu::rmsnorm_forward(z_.data(), zrstd_.data(), h_.back().data(), norm_.data(), N, D, mc.norm_eps);
   std::vector<T> logits(size_t(N) * V);
-  cpu::gemm(Op::N, Op::T, N, V, D, T(1), z_.data(), head_.data(), T(0), logits.data());
   probs_.resize(logits.size());
-  main_ce_ = cpu::cross_entropy_forward(probs_.data(), logits.data(), targets_.data(), N, V);
+  main_ce_ = cpu::lm_head_forward(logits.data(), probs_.data(), z_.data(), zrstd_.data(), h_.back().data(),
+                                  norm_.data(), head_.data(), targets_.data(), N, D, V, mc.norm_eps);
   // 3) the MTP chain on the main model's final hidden state
   mtp_saved_.emplace(mc, B, Tn);
   mtp_ce_.assign(mc.depth, T(0));
@@ -106,7 +99,7 @@ void MtpLm<T>::backward() {
   const MlaRope<T> rope = mla_rope(rope_);
   for (auto& t : tensors()) std::fill(t.grad->begin(), t.grad->end(), T(0));
   // 3) the MTP chain: its gradient into h_L, the shared embedding, norm and head
-  std::vector<T> dh(size_t(N) * D), dz(size_t(N) * D), tmp(size_t(N) * D), dlogits(size_t(N) * V);
+  std::vector<T> dh(size_t(N) * D), tmp(size_t(N) * D);
   std::vector<MtpModuleWeights<T>> mw;
   std::vector<MtpModuleGrads<T>> mg;
   for (size_t k = 0; k < mtp_.size(); ++k) {
@@ -117,10 +110,8 @@ void MtpLm<T>::backward() {
   cpu::mtp_backward(mg.data(), sg, dh.data(), T(1), mtp_saved_->saved.data(), h_.back().data(), window_.data(),
                     {embed_.data(), norm_.data(), head_.data()}, mw.data(), mc, B_, T_, rope);
   // 2) main loss, head, final norm; both gradients into h_L add up
-  cpu::cross_entropy_backward(dlogits.data(), T(1), probs_.data(), targets_.data(), N, V);
-  cpu::gemm(Op::T, Op::N, V, D, N, T(1), dlogits.data(), z_.data(), T(1), dhead_.data());
-  cpu::gemm(Op::N, Op::N, N, D, V, T(1), dlogits.data(), head_.data(), T(0), dz.data());
-  cpu::rmsnorm_backward(dnorm_.data(), tmp.data(), dz.data(), zrstd_.data(), h_.back().data(), norm_.data(), N, D);
+  cpu::lm_head_backward(dnorm_.data(), dhead_.data(), tmp.data(), T(1), probs_.data(), z_.data(), zrstd_.data(),
+                        h_.back().data(), norm_.data(), head_.data(), targets_.data(), N, D, V);
   for (size_t i = 0; i < dh.size(); ++i) dh[i] += tmp[i];
   // 1) blocks in reverse, then the embedding
   for (int l = int(layers_.size()) - 1; l >= 0; --l) {

@@ -77,13 +77,7 @@ T Model<T>::forward(const std::vector<int>& tokens, int B, int Tn) {
   B_ = B;
   T_ = Tn;
   window_ = tokens;
-  inputs_.resize(N);
-  targets_.resize(N);
-  for (int b = 0; b < B; ++b)
-    for (int t = 0; t < Tn; ++t) {
-      inputs_[b * Tn + t] = tokens[size_t(b) * (Tn + 1) + t];
-      targets_[b * Tn + t] = tokens[size_t(b) * (Tn + 1) + t + 1];
-    }
+  split_windows(tokens, B, Tn, inputs_, targets_);
   const MlaRope<T> rope = mla_rope(rope_);
   losses_ = ModelLosses{};
   // 1) embedding and blocks; the balance loss of every MoE layer from its router's scores
@@ -108,11 +102,11 @@ T Model<T>::forward(const std::vector<int>& tokens, int B, int Tn) {
   // 2) final norm, head, cross-entropy
   z_.resize(size_t(N) * D);
   zrstd_.resize(N);
-  cpu::rmsnorm_forward(z_.data(), zrstd_.data(), h_.back().data(), norm_.data(), N, D, float(cfg_.rms_norm_eps));
   logits_.resize(size_t(N) * V);
-  cpu::gemm(Op::N, Op::T, N, V, D, T(1), z_.data(), head_.data(), T(0), logits_.data());
   probs_.resize(logits_.size());
-  losses_.ce = double(cpu::cross_entropy_forward(probs_.data(), logits_.data(), targets_.data(), N, V));
+  losses_.ce = double(cpu::lm_head_forward(logits_.data(), probs_.data(), z_.data(), zrstd_.data(), h_.back().data(),
+                                           norm_.data(), head_.data(), targets_.data(), N, D, V,
+                                           float(cfg_.rms_norm_eps)));
   // 3) MTP on the final hidden state
   if (!mtp_.empty()) {
     const MtpConfig mc = mtp_config();
@@ -131,7 +125,7 @@ void Model<T>::backward() {
   const int D = cfg_.hidden_size, V = cfg_.vocab_size, N = B_ * T_, E = cfg_.n_routed_experts;
   const MlaRope<T> rope = mla_rope(rope_);
   for (auto& t : tensors()) std::fill(t.grad->begin(), t.grad->end(), T(0));
-  std::vector<T> dh(size_t(N) * D, T(0)), dz(size_t(N) * D), tmp(size_t(N) * D), dlogits(size_t(N) * V);
+  std::vector<T> dh(size_t(N) * D, T(0)), tmp(size_t(N) * D);
   // 3) MTP: gradient into h_L and the shared embedding, norm, head
   if (!mtp_.empty()) {
     std::vector<MtpModuleWeights<T>> mw;
@@ -145,10 +139,8 @@ void Model<T>::backward() {
                       {embed_.data(), norm_.data(), head_.data()}, mw.data(), mtp_config(), B_, T_, rope);
   }
   // 2) cross-entropy, head, final norm
-  cpu::cross_entropy_backward(dlogits.data(), T(1), probs_.data(), targets_.data(), N, V);
-  cpu::gemm(Op::T, Op::N, V, D, N, T(1), dlogits.data(), z_.data(), T(1), dhead_.data());
-  cpu::gemm(Op::N, Op::N, N, D, V, T(1), dlogits.data(), head_.data(), T(0), dz.data());
-  cpu::rmsnorm_backward(dnorm_.data(), tmp.data(), dz.data(), zrstd_.data(), h_.back().data(), norm_.data(), N, D);
+  cpu::lm_head_backward(dnorm_.data(), dhead_.data(), tmp.data(), T(1), probs_.data(), z_.data(), zrstd_.data(),
+                        h_.back().data(), norm_.data(), head_.data(), targets_.data(), N, D, V);
   for (size_t i = 0; i < dh.size(); ++i) dh[i] += tmp[i];
   // 1) blocks in reverse (with each MoE layer's balance-loss gradient on its scores), then the embedding
   std::vector<T> dscores(size_t(N) * E);

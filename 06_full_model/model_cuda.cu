@@ -48,12 +48,8 @@ float DeviceModel::forward(const std::vector<int>& tokens, int B, int Tn) {
   const int E = cfg_.n_routed_experts, K = cfg_.num_experts_per_tok;
   B_ = B;
   T_ = Tn;
-  std::vector<int> in(N), tg(N);
-  for (int b = 0; b < B; ++b)
-    for (int t = 0; t < Tn; ++t) {
-      in[b * Tn + t] = tokens[size_t(b) * (Tn + 1) + t];
-      tg[b * Tn + t] = tokens[size_t(b) * (Tn + 1) + t + 1];
-    }
+  std::vector<int> in, tg;
+  split_windows(tokens, B, Tn, in, tg);
   window_ = DeviceBuffer<int>(tokens);
   inputs_ = DeviceBuffer<int>(in);
   targets_ = DeviceBuffer<int>(tg);
