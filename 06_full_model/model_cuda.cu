@@ -2,23 +2,13 @@
 #include "01_rmsnorm_rope/rmsnorm_rope.h"
 #include "04_aux_loss/aux_loss.h"
 #include "04_aux_loss/lm_parts.h"
+#include "05_mtp/residual_add.cuh"
 #include "06_full_model/model_device.h"
 #include "common/cuda_kernels.cuh"
 #include "common/gemm.h"
 
 namespace dsv3 {
 namespace {
-
-__global__ void add_inplace_kernel(float* y, const float* x, size_t n) {
-  const size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) y[i] += x[i];
-}
-
-void add_inplace(float* y, const float* x, size_t n) {
-  if (n == 0) return;
-  add_inplace_kernel<<<cuda::blocks_for(n, 256), 256>>>(y, x, n);
-  CUDA_CHECK_LAST();
-}
 
 template <typename P, typename Z>
 std::vector<P> upload_all(const std::vector<Z>& host) {
@@ -128,7 +118,7 @@ void DeviceModel::backward() {
   cuda::gemm(Op::T, Op::N, V, D, N, 1.f, dlogits.get(), z_.get(), 1.f, dhead_.get());
   cuda::gemm(Op::N, Op::N, N, D, V, 1.f, dlogits.get(), head_.get(), 0.f, dz.get());
   cuda::rmsnorm_backward(dnorm_.get(), tmp.get(), dz.get(), zrstd_.get(), h_.back().get(), norm_.get(), N, D);
-  add_inplace(dh.get(), tmp.get(), dh.size());
+  cuda::add_inplace(dh.get(), tmp.get(), dh.size());  // 05_mtp/residual_add.cuh
   // 1) blocks in reverse, then the embedding
   DeviceBuffer<float> dscores(size_t(N) * E);
   for (int l = cfg_.num_hidden_layers - 1; l >= 0; --l) {
