@@ -1,6 +1,6 @@
 // Stage 02, CUDA: kernels, then launchers, then the public entry points (mla.h). fp32 throughout.
 // Shapes: see the legend in mla.h. Projections go through cuBLAS (dsv3::cuda::gemm); attention uses
-// strided-batched GEMMs over the heads of one sequence (a host loop over b, never over tokens) and simple
+// strided-batched GEMMs over sequences or heads (gemm_bh: a host loop over the smaller, never over tokens) and simple
 // kernels for the causal softmax, its backward, the shared rope-key gradient and the decode attention.
 #include "02_mla/mla.h"
 #include "common/cuda_utils.h"
@@ -128,6 +128,24 @@ void launch_softmax_backward(float* dP, const float* P, int rows, int L, int Tq,
   CUDA_CHECK_LAST();
 }
 
+// Attention products, one per (sequence b, head h): operand X of pair (b, h) starts at X + b*xb + h*xh.
+// One strided-batched call per value of the smaller index, batched over the larger (B calls of H, or H of B).
+struct BH {
+  int64_t b, h;  // strides of the sequence and the head index
+};
+void gemm_bh(Op opA, Op opB, int M, int N, int K, float alpha, const float* A, int lda, BH a, const float* Bm,
+             int ldb, BH bm, float beta, float* C, int ldc, BH c, int B, int H) {
+  if (B >= H) {
+    for (int h = 0; h < H; ++h)
+      gemm_strided_batched(opA, opB, M, N, K, alpha, A + h * a.h, lda, a.b, Bm + h * bm.h, ldb, bm.b, beta,
+                           C + h * c.h, ldc, c.b, B);
+  } else {
+    for (int b = 0; b < B; ++b)
+      gemm_strided_batched(opA, opB, M, N, K, alpha, A + b * a.b, lda, a.h, Bm + b * bm.b, ldb, bm.h, beta,
+                           C + b * c.b, ldc, c.h, H);
+  }
+}
+
 // y (rows, out) = x (rows, in) W^T.
 void linear(float* y, const float* x, const float* W, int rows, int in, int out) {
   gemm(Op::N, Op::T, rows, out, in, 1.f, x, in, W, in, 0.f, y, out);
@@ -220,20 +238,13 @@ void mla_forward(float* out, const MlaSaved<float>& s, const float* inp, const M
   rope_q_kpe(s.q, s.k_pe, c, B, T, pos0, rope, false);
   linear(s.kv, s.c_kv, w.wkv_b, N, Dc, H * KS);
   const int64_t TT = int64_t(T) * T;
-  for (int b = 0; b < B; ++b) {  // batched over the H heads of sequence b
-    const float* q = s.q + size_t(b) * T * H * S;
-    const float* kv = s.kv + size_t(b) * T * H * KS;
-    float* P = s.att + size_t(b) * H * TT;
-    gemm_strided_batched(Op::N, Op::T, T, T, Dn, scale, q, H * S, S, kv, H * KS, KS, 0.f, P, T, TT, H);
-    // the rope key is shared by all heads: batch stride 0
-    gemm_strided_batched(Op::N, Op::T, T, T, Dr, scale, q + Dn, H * S, S, s.k_pe + size_t(b) * T * Dr, Dr, 0, 1.f,
-                         P, T, TT, H);
-  }
+  // per (b, h): q (T, S) rows of stride H*S; kv (T, KS) rows of stride H*KS; P (T, T); k_pe (T, Dr) shared by heads
+  const BH q_bh{int64_t(T) * H * S, S}, kv_bh{int64_t(T) * H * KS, KS}, p_bh{H * TT, TT}, kpe_bh{int64_t(T) * Dr, 0},
+      y_bh{int64_t(T) * H * Dv, Dv};
+  gemm_bh(Op::N, Op::T, T, T, Dn, scale, s.q, H * S, q_bh, s.kv, H * KS, kv_bh, 0.f, s.att, T, p_bh, B, H);
+  gemm_bh(Op::N, Op::T, T, T, Dr, scale, s.q + Dn, H * S, q_bh, s.k_pe, Dr, kpe_bh, 1.f, s.att, T, p_bh, B, H);
   launch_softmax_forward(s.att, B * H * T, T, T);
-  for (int b = 0; b < B; ++b)
-    gemm_strided_batched(Op::N, Op::N, T, Dv, T, 1.f, s.att + size_t(b) * H * TT, T, TT,
-                         s.kv + size_t(b) * T * H * KS + Dn, H * KS, KS, 0.f, s.y + size_t(b) * T * H * Dv, H * Dv,
-                         Dv, H);
+  gemm_bh(Op::N, Op::N, T, Dv, T, 1.f, s.att, T, p_bh, s.kv + Dn, H * KS, kv_bh, 0.f, s.y, H * Dv, y_bh, B, H);
   linear(out, s.y, w.wo, N, H * Dv, c.dim);
 }
 
@@ -248,28 +259,17 @@ void mla_backward(const MlaGrads<float>& g, float* dinp, const float* dout, cons
   ScratchBuffer<float> dy(size_t(N) * H * Dv), dP(size_t(B) * H * TT), dq(size_t(N) * H * S),
       dkv(size_t(N) * H * KS), dk_pe(size_t(N) * Dr), dc_kv(size_t(N) * Dc), dkv_lat(size_t(N) * Dc);
   linear_backward(g.wo, dy.get(), dout, s.y, w.wo, N, H * Dv, D, 0.f);
+  const BH q_bh{int64_t(T) * H * S, S}, kv_bh{int64_t(T) * H * KS, KS}, p_bh{H * TT, TT}, kpe_bh{int64_t(T) * Dr, 0},
+      y_bh{int64_t(T) * H * Dv, Dv};
   // dP = dy_h v_h^T;  dv_h = P^T dy_h
-  for (int b = 0; b < B; ++b) {
-    const float* dyb = dy.get() + size_t(b) * T * H * Dv;
-    const float* vb = s.kv + size_t(b) * T * H * KS + Dn;
-    gemm_strided_batched(Op::N, Op::T, T, T, Dv, 1.f, dyb, H * Dv, Dv, vb, H * KS, KS, 0.f,
-                         dP.get() + size_t(b) * H * TT, T, TT, H);
-    gemm_strided_batched(Op::T, Op::N, T, Dv, T, 1.f, s.att + size_t(b) * H * TT, T, TT, dyb, H * Dv, Dv, 0.f,
-                         dkv.get() + size_t(b) * T * H * KS + Dn, H * KS, KS, H);
-  }
+  gemm_bh(Op::N, Op::T, T, T, Dv, 1.f, dy.get(), H * Dv, y_bh, s.kv + Dn, H * KS, kv_bh, 0.f, dP.get(), T, p_bh, B, H);
+  gemm_bh(Op::T, Op::N, T, Dv, T, 1.f, s.att, T, p_bh, dy.get(), H * Dv, y_bh, 0.f, dkv.get() + Dn, H * KS, kv_bh, B,
+          H);
   launch_softmax_backward(dP.get(), s.att, B * H * T, T, T, scale);
   // dq_nope = dS k_nope, dq_pe = dS k_pe;  dk_nope = dS^T q_nope;  dk_pe = sum_h dS^T q_pe (kernel)
-  for (int b = 0; b < B; ++b) {
-    const float* dS = dP.get() + size_t(b) * H * TT;
-    const float* kb = s.kv + size_t(b) * T * H * KS;
-    const float* qb = s.q + size_t(b) * T * H * S;
-    float* dqb = dq.get() + size_t(b) * T * H * S;
-    gemm_strided_batched(Op::N, Op::N, T, Dn, T, 1.f, dS, T, TT, kb, H * KS, KS, 0.f, dqb, H * S, S, H);
-    gemm_strided_batched(Op::N, Op::N, T, Dr, T, 1.f, dS, T, TT, s.k_pe + size_t(b) * T * Dr, Dr, 0, 0.f, dqb + Dn,
-                         H * S, S, H);
-    gemm_strided_batched(Op::T, Op::N, T, Dn, T, 1.f, dS, T, TT, qb, H * S, S, 0.f,
-                         dkv.get() + size_t(b) * T * H * KS, H * KS, KS, H);
-  }
+  gemm_bh(Op::N, Op::N, T, Dn, T, 1.f, dP.get(), T, p_bh, s.kv, H * KS, kv_bh, 0.f, dq.get(), H * S, q_bh, B, H);
+  gemm_bh(Op::N, Op::N, T, Dr, T, 1.f, dP.get(), T, p_bh, s.k_pe, Dr, kpe_bh, 0.f, dq.get() + Dn, H * S, q_bh, B, H);
+  gemm_bh(Op::T, Op::N, T, Dn, T, 1.f, dP.get(), T, p_bh, s.q, H * S, q_bh, 0.f, dkv.get(), H * KS, kv_bh, B, H);
   dk_pe_kernel<<<blocks_for(size_t(N) * Dr, 256), 256>>>(dk_pe.get(), dP.get(), s.q, B, T, H, S, Dn, Dr);
   CUDA_CHECK_LAST();
   rope_q_kpe(dq.get(), dk_pe.get(), c, B, T, pos0, rope, true);

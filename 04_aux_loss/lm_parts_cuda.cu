@@ -24,14 +24,36 @@ __global__ void embedding_forward_kernel(float* out, int* bad, const int* tokens
     out[static_cast<size_t>(n) * D + j] = wte[static_cast<size_t>(tok) * D + j];
 }
 
-// Deterministic scatter-add: one thread per column j of the embedding; it walks the tokens in order and adds
-// each row's value to its token's row. No float atomics, so repeated runs give identical gradients.
+// Deterministic scatter-add without float atomics: one warp per (vocabulary row v, chunk of kEmbCols columns).
+// The warp scans the tokens 32 at a time, finds those equal to v with a ballot, and sums their gradient rows in
+// token order in registers; then adds the sum to row v. Repeated runs give identical gradients, and the scan
+// (V warps x N/32 coalesced loads of a small, cached token array) costs far less than the rows it adds.
+constexpr int kEmbPerLane = 8;
+constexpr int kEmbCols = 32 * kEmbPerLane;
 __global__ void embedding_backward_kernel(float* dwte, const float* dout, const int* tokens, int N, int D, int V) {
-  const int j = blockIdx.x * blockDim.x + threadIdx.x;
-  if (j >= D) return;
-  for (int n = 0; n < N; ++n) {
-    const int tok = tokens[n];
-    if (tok >= 0 && tok < V) dwte[static_cast<size_t>(tok) * D + j] += dout[static_cast<size_t>(n) * D + j];
+  const int v = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int col0 = blockIdx.y * kEmbCols + lane;
+  if (v >= V) return;
+  float acc[kEmbPerLane] = {};
+  for (int n0 = 0; n0 < N; n0 += 32) {
+    const int n = n0 + lane;
+    unsigned mask = __ballot_sync(0xffffffffu, n < N && tokens[n] == v);
+    while (mask) {
+      const int row = n0 + __ffs(mask) - 1;
+      mask &= mask - 1;
+      const float* src = dout + static_cast<size_t>(row) * D;
+#pragma unroll
+      for (int i = 0; i < kEmbPerLane; ++i) {
+        const int d = col0 + 32 * i;
+        if (d < D) acc[i] += src[d];
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kEmbPerLane; ++i) {
+    const int d = col0 + 32 * i;
+    if (d < D) dwte[static_cast<size_t>(v) * D + d] += acc[i];
   }
 }
 
@@ -115,7 +137,9 @@ void embedding_forward(float* out, const int* tokens, const float* wte, int N, i
 
 void embedding_backward(float* dwte, const float* dout, const int* tokens, int N, int D, int V) {
   if (N == 0) return;
-  embedding_backward_kernel<<<blocks_for(D, 128), 128>>>(dwte, dout, tokens, N, D, V);
+  constexpr int kWarpsPerBlock = 8;
+  const dim3 grid(blocks_for(V, kWarpsPerBlock), (D + kEmbCols - 1) / kEmbCols);
+  embedding_backward_kernel<<<grid, kWarpsPerBlock * 32>>>(dwte, dout, tokens, N, D, V);
   CUDA_CHECK_LAST();
 }
 

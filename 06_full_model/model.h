@@ -44,9 +44,20 @@ class Model {
 
   const ModelLosses& losses() const { return losses_; }
   const std::vector<T>& logits() const { return logits_; }
+  // Cross-entropy of each MTP depth in the last forward (losses().mtp = lambda * their mean).
+  const std::vector<T>& mtp_losses() const { return mtp_ce_; }
   // The residual stream h_0 .. h_L (each (N, D)) of the last forward.
   const std::vector<std::vector<T>>& hidden() const { return h_; }
   const ModelConfig& config() const { return cfg_; }
+  // Read-only parameter views for inference code (stage 07's sampler) and diagnostics.
+  const std::vector<T>& embed() const { return embed_; }
+  const std::vector<T>& final_norm() const { return norm_; }
+  const std::vector<T>& head() const { return head_; }
+  const BlockParams<T>& layer(int l) const { return layers_.at(size_t(l)); }
+  const MtpModuleParams<T>& mtp_module(int k) const { return mtp_.at(size_t(k)); }
+  const RopeTables<T>& rope() const { return rope_; }
+  // Tokens routed to each expert (E) by MoE layer l in the last forward (empty for a dense layer).
+  std::vector<int> expert_counts(int l) const;
 
   struct Tensor {
     std::string name;  // model.py-style name (embed, layers.3.attn.wq_a, mtp.0.eh_proj, ...)

@@ -185,6 +185,13 @@ uint64_t Model<T>::routing_signature() const {
 // ---- Hugging Face names -------------------------------------------------------------------------------
 
 template <typename T>
+std::vector<int> Model<T>::expert_counts(int l) const {
+  if (size_t(l) >= saved_.size() || block_config(l).ffn != FfnKind::Moe) return {};
+  const int* c = saved_[size_t(l)].saved.moe.counts;
+  return std::vector<int>(c, c + cfg_.n_routed_experts);
+}
+
+template <typename T>
 std::vector<typename Model<T>::View> Model<T>::views() const {
   std::vector<View> v;
   auto whole = [&v](const std::string& name, const std::vector<T>& t) { v.push_back({name, &t, 0, t.size()}); };

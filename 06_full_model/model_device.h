@@ -6,6 +6,8 @@
 
 #include <memory>
 #include <optional>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "05_mtp/mtp_device.h"
@@ -22,11 +24,30 @@ class DeviceModel {
   void backward();
   void update_bias();
   const ModelLosses& losses() const { return losses_; }
+  const std::vector<float>& mtp_losses() const { return mtp_ce_; }  // CE of each MTP depth, last forward
   std::vector<float> logits() const { return logits_.download(); }
   // Writes this model's gradients (or, with values = true, its parameters) into the host model's tensors.
   void download(Model<float>& host, bool values) const;
   // The chosen experts of every main MoE layer in the last forward, as the host model's saved ints.
   std::vector<int> routing(int layer) const;
+  // Tokens routed to each expert (E) by MoE layer l in the last forward (empty for a dense layer).
+  std::vector<int> expert_counts(int layer) const;
+
+  // Every trained parameter on the device with its gradient, named and ordered as host.tensors() (the host
+  // model this one was built from); what an optimizer walks.
+  struct Slot {
+    std::string name;
+    float* value;
+    float* grad;
+    size_t n;
+  };
+  std::vector<Slot> slots(Model<float>& host);
+  // Optional timing of the phases of forward and backward with CUDA events (off by default; the benchmark's
+  // breakdown). phase_times(): (phase, ms) of the last forward and backward, in order; empty when off.
+  void set_phase_timing(bool on) { timing_ = on; }
+  std::vector<std::pair<std::string, float>> phase_times() const;
+  // Uploads the host model's parameter values (after a checkpoint load) into this model's buffers.
+  void upload(const Model<float>& host);
 
  private:
   const Model<float>& host_;
@@ -42,8 +63,15 @@ class DeviceModel {
   std::vector<BlockDeviceSaved> saved_;
   std::optional<MtpDeviceSaved> mtp_saved_;
   std::vector<DeviceBuffer<float>> bal_f_, bal_ssum_;
-  DeviceBuffer<float> z_, zrstd_, logits_, probs_;
+  DeviceBuffer<float> z_, zrstd_, logits_, probs_, bal_loss_;
+  // Calls f(host value tensor, device value buffer, device gradient buffer) for every parameter tensor.
+  template <typename F>
+  void pair_tensors(const Model<float>& host, F&& f);
   ModelLosses losses_;
+  std::vector<float> mtp_ce_;
+  bool timing_ = false;
+  std::vector<std::pair<std::string, std::shared_ptr<CUevent_st>>> marks_;
+  void mark(const std::string& phase);
 };
 
 }  // namespace dsv3

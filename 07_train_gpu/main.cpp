@@ -5,8 +5,10 @@
 #include <fmt/format.h>
 
 #include <chrono>
+#include <fstream>
 #include <iostream>
 
+#include "07_train_gpu/bench.h"
 #include "07_train_gpu/data.h"
 #include "common/cli.h"
 #include "common/diag.h"
@@ -73,7 +75,43 @@ int main(int argc, char** argv) {
       ->check(CLI::ExistingFile);
   app.add_flag("--no-default-corpus", no_default, "use only the --lyrics files");
   app.add_flag("--dump-text", dump, "also write the cleaned songs to <out>/data/songs.txt (songs separated by a line '%')");
+  BenchOptions bopt;
+  std::string bench_precision = "bf16";
+  auto* bench = app.add_subcommand("bench", "time training steps of a preset on random tokens (GPU)");
+  bench->add_option("--preset", bopt.preset, "model preset")->capture_default_str();
+  bench->add_option("--batch", bopt.batch, "sequences per step")->check(CLI::PositiveNumber)->capture_default_str();
+  bench->add_option("--seq-len", bopt.seq_len, "tokens per sequence")->check(CLI::PositiveNumber)->capture_default_str();
+  bench->add_option("--steps", bopt.steps, "timed steps after the warm-up")->check(CLI::PositiveNumber)->capture_default_str();
+  bench->add_option("--warmup", bopt.warmup, "untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
+  bench->add_option("--precision", bench_precision, "fp32 or bf16")->capture_default_str();
+  bench->add_flag("--phases", bopt.phases, "also print the median time of each phase of forward and backward");
   return run_main(app, argc, argv, [&] {
+    if (*bench) {
+      std::cout << fmt::format("{}\nseed {}\n", command_line(argc, argv), opt.seed);
+      bopt.seed = opt.seed;
+      const Precision prec = parse_precision(bench_precision);
+      const ModelConfig c = config_preset(bopt.preset);
+      auto backend = make_cuda_backend(c, opt.seed, prec);
+      const BenchResult r0 = run_bench(*backend, bopt);
+      BenchResult r = r0;
+      r.precision = precision_name(prec);
+      Table t({"preset", "precision", "batch x T", "step ms", "fwd+bwd ms", "optim ms", "tokens/s", "MFU", "peak GiB"});
+      t.add_row({r.preset, r.precision, fmt::format("{} x {}", r.batch, r.seq_len), fmt::format("{:.2f}", r.step_ms),
+                 fmt::format("{:.2f}", r.fwd_bwd_ms), fmt::format("{:.2f}", r.opt_ms), fmt::format("{:.0f}", r.tokens_per_s),
+                 fmt::format("{:.2f}%", 100 * r.mfu), fmt::format("{:.2f}", r.peak_mem_gib)});
+      t.print();
+      std::cout << fmt::format("FLOPs/token {:.4g} (active matmul params {:.4g}); loss {:.3f} -> {:.3f}\n", r.flops_per_token,
+                               r.params_active, r.loss_first, r.loss_last);
+      if (!r.phase_ms.empty()) {
+        Table ph({"phase", "median ms"});
+        for (const auto& p : r.phase_ms) ph.add_row({p.first, fmt::format("{:.3f}", p.second)});
+        ph.print();
+      }
+      std::cout << r.json() << "\n";
+      ensure_dir(opt.out);
+      std::ofstream(opt.out + "/bench.jsonl", std::ios::app) << r.json() << "\n";  // one line per run, appended
+      return 0;
+    }
     popt.seed = opt.seed;
     std::cout << fmt::format("{}\nseed {}\n", command_line(argc, argv), opt.seed);
     const auto t0 = std::chrono::steady_clock::now();
@@ -107,7 +145,7 @@ int main(int argc, char** argv) {
     if (dump) {
       std::string all;
       for (const auto& s : songs) all += s.text + "\n%\n";
-      write_file_atomic(dir + "/songs.txt", all);
+      data::write_file_atomic(dir + "/songs.txt", all);
     }
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::cout << fmt::format("prepared {} songs, vocab {} in {:.1f} s -> {}\n", songs.size(), p.info.vocab_size, secs, dir);

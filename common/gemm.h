@@ -8,6 +8,8 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
+#include <vector>
 
 #include <Eigen/Core>
 
@@ -49,16 +51,67 @@ void gemm(Op opA, Op opB, int M, int N, int K, T alpha, const T* A, const T* B, 
 namespace cuda {
 
 // FP32: exact fp32 products (the path tested against the CPU). TF32: tensor cores, ~1e-3 rel. error.
-enum class GemmMath { FP32, TF32 };
+// BF16: operands rounded to bf16 on the tensor cores, fp32 accumulation and fp32 storage (cuBLAS
+// CUBLAS_COMPUTE_32F_FAST_16BF), ~4e-3 rel. error: the matrix products of stage 07's mixed-precision training.
+// Scoped: the math of the enclosing ScopedGemmMath (FP32 outside any): how a trainer chooses the precision of
+// every product of the stages' entry points without a flag on each; a product that must stay fp32 whatever
+// the scope (the MoE router) asks for FP32 explicitly.
+enum class GemmMath { Scoped, FP32, TF32, BF16 };
+
+// Sets the calling thread's math for GemmMath::Scoped products while alive; restores the previous one after.
+class ScopedGemmMath {
+ public:
+  explicit ScopedGemmMath(GemmMath m);
+  ~ScopedGemmMath();
+  ScopedGemmMath(const ScopedGemmMath&) = delete;
+  ScopedGemmMath& operator=(const ScopedGemmMath&) = delete;
+
+ private:
+  GemmMath previous_;
+};
 
 void gemm(Op opA, Op opB, int M, int N, int K, float alpha, const float* A, int lda, const float* B,
-          int ldb, float beta, float* C, int ldc, GemmMath math = GemmMath::FP32);
+          int ldb, float beta, float* C, int ldc, GemmMath math = GemmMath::Scoped);
 void gemm(Op opA, Op opB, int M, int N, int K, float alpha, const float* A, const float* B, float beta,
-          float* C, GemmMath math = GemmMath::FP32);
+          float* C, GemmMath math = GemmMath::Scoped);
 // batch independent products; matrix i starts at A + i*strideA (likewise B, C).
 void gemm_strided_batched(Op opA, Op opB, int M, int N, int K, float alpha, const float* A, int lda,
                           int64_t strideA, const float* B, int ldb, int64_t strideB, float beta, float* C,
-                          int ldc, int64_t strideC, int batch, GemmMath math = GemmMath::FP32);
+                          int ldc, int64_t strideC, int batch, GemmMath math = GemmMath::Scoped);
+
+// One problem of a grouped product: row-major C (M x N) = alpha op(A) op(B) + beta C, inner dimension K.
+struct GemmProblem {
+  int M, N, K;
+  const float* A;
+  int lda;
+  const float* B;
+  int ldb;
+  float* C;
+  int ldc;
+};
+// Products of different shapes (the MoE experts, each with its own token count), each one cuBLAS grouped call
+// (cublasGemmGroupedBatchedEx). Queue them all with add(), upload() their pointer tables in one copy (it waits
+// for the host arrays to be staged), then run(i) each in turn, free to interleave other kernels. Problems with
+// M or N = 0 are dropped, as are K = 0 problems when beta = 1 (C unchanged); K = 0 with beta != 1 is an error.
+// Math: as gemm, except that BF16 runs as TF32 (cuBLAS's grouped GEMM refuses bf16 compute on fp32 operands).
+class GroupedGemms {
+ public:
+  int add(Op opA, Op opB, float alpha, float beta, const std::vector<GemmProblem>& problems);
+  void upload();
+  void run(int i, GemmMath math = GemmMath::Scoped);
+
+ private:
+  struct Product {
+    Op opA, opB;
+    float alpha, beta;
+    std::vector<int> m, n, k, lda, ldb, ldc;
+    size_t first = 0;  // index of its first A pointer in the table (then its Bs, then its Cs)
+  };
+  std::vector<Product> products_;
+  std::vector<const void*> table_;
+  const void** dev_ = nullptr;
+  std::shared_ptr<void> owner_;  // the device table (stream-ordered free)
+};
 
 }  // namespace cuda
 }  // namespace dsv3

@@ -1,0 +1,77 @@
+// Stage 07: what the trainer needs from a model, whichever device holds it. Two implementations:
+//   cpu  (backend_cpu.cpp): stage 06's Model<float>, the reference; AdamW and clipping on the host.
+//   cuda (backend_cuda.cu): stage 06's DeviceModel; parameters, gradients and AdamW moments stay on the GPU;
+//        Precision::BF16 runs the matrix products on bf16 tensor cores (see Precision).
+// The trainer (train.h) owns the schedule, the data, validation, checkpoints and diagnostics; a backend owns
+// the parameters, their gradients and the optimizer moments.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "04_aux_loss/lm_parts.h"
+#include "06_full_model/model.h"
+
+namespace dsv3 {
+
+// FP32: every product in fp32 (the path checked against the CPU reference).
+// BF16: mixed precision with fp32 master weights and fp32 AdamW moments: the operands of the matrix products
+//       (projections, attention scores and values, experts, head) are rounded to bf16 and multiplied on tensor
+//       cores with fp32 accumulation; the router (gate logits, scores, bias), the norms, softmax, the loss and
+//       the optimizer stay fp32.
+enum class Precision { FP32, BF16 };
+std::string precision_name(Precision p);
+Precision parse_precision(const std::string& s);  // "fp32" | "bf16"; UserError otherwise
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string describe() const = 0;  // e.g. "cpu fp32", "cuda bf16 (NVIDIA H100 80GB HBM3)"
+  virtual const ModelConfig& config() const = 0;
+
+  // Forward and backward on tokens (B, T+1) (stage 05's windows); gradients of the total loss are ready after.
+  virtual ModelLosses forward_backward(const std::vector<int>& tokens, int B, int T) = 0;
+  // Forward only (validation). Leaves the gradients alone.
+  virtual ModelLosses evaluate(const std::vector<int>& tokens, int B, int T) = 0;
+  // MTP cross-entropy of each depth in the last forward (size = num_nextn_predict_layers).
+  virtual std::vector<double> mtp_losses() const = 0;
+  // Tokens routed to each expert by every MoE layer in the last forward: one vector of E per MoE layer.
+  virtual std::vector<std::vector<int>> expert_counts() const = 0;
+
+  // Global L2 norm of every gradient (the MoE biases have none).
+  virtual double grad_norm() = 0;
+  // One AdamW step (step counts from 1) on every parameter with gradient * grad_scale (clipping); weight decay
+  // on matrices only (not norms), then the bias update (gamma) of every MoE layer from the last forward.
+  virtual void step(const AdamWConfig& opt, float grad_scale, int64_t step) = 0;
+
+  // Per-phase timing of forward and backward (the benchmark's breakdown; CUDA only, empty elsewhere).
+  virtual void set_phase_timing(bool) {}
+  virtual std::vector<std::pair<std::string, float>> phase_times() const { return {}; }
+  // Waits for queued device work (timing); no-op on the CPU.
+  virtual void synchronize() {}
+  // Device memory (bytes): in use now, peak (persistent buffers + the scratch pool's high-water mark), total;
+  // zeros on the CPU.
+  struct MemoryUse {
+    size_t used = 0, peak = 0, total = 0;
+  };
+  virtual MemoryUse memory() const { return {}; }
+
+  // Parameters by Hugging Face name (biases included), fp32 on the host, and back.
+  virtual TensorMap weights() const = 0;
+  virtual void load_weights(const TensorMap& m) = 0;
+  // AdamW moments: "<model.py name>.exp_avg" / ".exp_avg_sq" for every tensor of Model::tensors().
+  virtual TensorMap optimizer_state() const = 0;
+  virtual void load_optimizer_state(const TensorMap& m) = 0;  // UserError naming a missing or mis-sized tensor
+};
+
+// Weight decay applies to this tensor (Model::tensors() name)? Matrices yes, norm weights no.
+bool decays(const std::string& model_py_name);
+
+std::unique_ptr<Backend> make_cpu_backend(const ModelConfig& c, uint64_t seed);
+// UserError when CUDA is not built in or no GPU is present.
+std::unique_ptr<Backend> make_cuda_backend(const ModelConfig& c, uint64_t seed, Precision p);
+
+}  // namespace dsv3

@@ -1,0 +1,140 @@
+// Stage 07's CPU backend (backend.h): stage 06's Model<float>, the reference the CUDA backend is checked against.
+// AdamW is cpu::adamw_step (stage 04) once per tensor of Model::tensors(), with its own two moment buffers; the
+// gradients are multiplied by grad_scale (the clipping factor) on a scratch copy, so the model's gradients keep
+// their meaning. Also here: the precision names, the weight-decay rule shared by both backends, and the
+// make_cuda_backend of a build without CUDA.
+#include <fmt/format.h>
+
+#include <cmath>
+
+#include "07_train_gpu/backend.h"
+#include "common/errors.h"
+
+namespace dsv3 {
+
+std::string precision_name(Precision p) { return p == Precision::BF16 ? "bf16" : "fp32"; }
+
+Precision parse_precision(const std::string& s) {
+  if (s == "fp32") return Precision::FP32;
+  if (s == "bf16") return Precision::BF16;
+  throw UserError(fmt::format("unknown precision '{}': use fp32 or bf16", s));
+}
+
+// The norm weights (attn_norm, ffn_norm, q_norm, kv_norm, norm, enorm, hnorm) are gains around 1: decaying them
+// towards 0 would fight the normalisation. Every matrix (embedding, head, projections, experts, router) decays.
+bool decays(const std::string& model_py_name) {
+  const size_t dot = model_py_name.rfind('.');
+  const std::string last = dot == std::string::npos ? model_py_name : model_py_name.substr(dot + 1);
+  return !(last.size() >= 4 && last.compare(last.size() - 4, 4, "norm") == 0);
+}
+
+namespace {
+
+class CpuBackend final : public Backend {
+ public:
+  CpuBackend(const ModelConfig& c, uint64_t seed) : model_(c, seed) {
+    for (const auto& t : model_.tensors()) {
+      names_.push_back(t.name);
+      exp_avg_.emplace_back(t.value->size(), 0.f);
+      exp_avg_sq_.emplace_back(t.value->size(), 0.f);
+    }
+  }
+
+  std::string describe() const override { return "cpu fp32"; }
+  const ModelConfig& config() const override { return model_.config(); }
+
+  ModelLosses forward_backward(const std::vector<int>& tokens, int B, int T) override {
+    model_.forward(tokens, B, T);
+    model_.backward();
+    return model_.losses();
+  }
+  ModelLosses evaluate(const std::vector<int>& tokens, int B, int T) override {
+    model_.forward(tokens, B, T);
+    return model_.losses();
+  }
+  std::vector<double> mtp_losses() const override {
+    const auto& ce = model_.mtp_losses();
+    return std::vector<double>(ce.begin(), ce.end());
+  }
+  std::vector<std::vector<int>> expert_counts() const override {
+    std::vector<std::vector<int>> out;
+    for (int l = 0; l < model_.config().num_hidden_layers; ++l)
+      if (model_.config().is_moe_layer(l)) out.push_back(model_.expert_counts(l));
+    return out;
+  }
+
+  double grad_norm() override {
+    double sum = 0;
+    for (const auto& t : model_.tensors())
+      for (float g : *t.grad) sum += double(g) * double(g);
+    return std::sqrt(sum);
+  }
+
+  void step(const AdamWConfig& opt, float grad_scale, int64_t step) override {
+    auto tensors = model_.tensors();
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      const std::vector<float>& grad = *tensors[i].grad;
+      const float* g = grad.data();
+      if (grad_scale != 1.f) {  // the clipped gradient, on a copy (g * scale, as the CUDA kernel computes it)
+        scaled_.resize(grad.size());
+        for (size_t j = 0; j < grad.size(); ++j) scaled_[j] = grad[j] * grad_scale;
+        g = scaled_.data();
+      }
+      cpu::adamw_step(tensors[i].value->data(), g, exp_avg_[i].data(), exp_avg_sq_[i].data(), grad.size(), step, opt,
+                      decays(tensors[i].name));
+    }
+    model_.update_bias();
+  }
+
+  TensorMap weights() const override { return model_.to_tensor_map(); }
+  void load_weights(const TensorMap& m) override { model_.load_tensor_map(m); }
+
+  TensorMap optimizer_state() const override {
+    TensorMap out;
+    for (size_t i = 0; i < names_.size(); ++i) {
+      out[names_[i] + ".exp_avg"] = exp_avg_[i];
+      out[names_[i] + ".exp_avg_sq"] = exp_avg_sq_[i];
+    }
+    return out;
+  }
+  // Checks every tensor before replacing any, so a bad map leaves the moments as they were.
+  void load_optimizer_state(const TensorMap& m) override {
+    const auto tensors = model_.tensors();
+    std::vector<const std::vector<float>*> src;
+    for (const auto& t : tensors)
+      for (const char* suffix : {".exp_avg", ".exp_avg_sq"}) {
+        const std::string name = t.name + suffix;
+        const auto it = m.find(name);
+        if (it == m.end()) throw UserError(fmt::format("optimizer state: tensor {} is missing", name));
+        if (it->second.size() != t.value->size())
+          throw UserError(fmt::format("optimizer state: tensor {} has {} values, the model needs {}", name,
+                                      it->second.size(), t.value->size()));
+        src.push_back(&it->second);
+      }
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      exp_avg_[i] = *src[2 * i];
+      exp_avg_sq_[i] = *src[2 * i + 1];
+    }
+  }
+
+ private:
+  Model<float> model_;
+  std::vector<std::string> names_;                         // Model::tensors() names, in its order
+  std::vector<std::vector<float>> exp_avg_, exp_avg_sq_;  // per tensor of Model::tensors(), same order
+  std::vector<float> scaled_;                             // scratch: gradient * grad_scale
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend(const ModelConfig& c, uint64_t seed) {
+  return std::make_unique<CpuBackend>(c, seed);
+}
+
+#ifndef DSV3_HAVE_CUDA
+std::unique_ptr<Backend> make_cuda_backend(const ModelConfig&, uint64_t, Precision) {
+  throw UserError("this build has no CUDA (nvcc was not found at configure time, or DSV3_CUDA=OFF): "
+                  "train with the cpu backend, or rebuild on a machine with the CUDA toolkit");
+}
+#endif
+
+}  // namespace dsv3

@@ -1,0 +1,223 @@
+// Stage 07's CUDA backend (backend.h): stage 06's DeviceModel, with every parameter, gradient and AdamW moment
+// on the GPU. The optimizer is two launches per step over all tensors at once (a table of tensors on the device):
+// one for the squared gradient norm, one for the clipped AdamW update. Precision::BF16 runs the model's forward
+// and backward under ScopedGemmMath(BF16): every matrix product of the stages' entry points takes bf16 operands
+// on the tensor cores (fp32 accumulation and storage), except the router's, which asks for fp32 itself.
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "07_train_gpu/backend.h"
+#include "06_full_model/model_device.h"
+#include "common/cuda_kernels.cuh"
+#include "common/device.h"
+#include "common/errors.h"
+#include "common/gemm.h"
+
+namespace dsv3 {
+namespace {
+
+struct SlotDesc {  // one tensor of the optimizer's table
+  float* p;
+  float* g;
+  float* m;
+  float* v;
+  unsigned long long n;
+  float wd;  // weight decay of this tensor (0 for norms)
+};
+
+constexpr int kThreads = 256;
+constexpr int kMaxBlocksPerTensor = 240;
+
+// Sum of squared gradients of every tensor into *acc (double). grid (blocks, tensors).
+__global__ void sumsq_kernel(double* acc, const SlotDesc* slots) {
+  const SlotDesc s = slots[blockIdx.y];
+  double local = 0;
+  for (unsigned long long i = blockIdx.x * blockDim.x + threadIdx.x; i < s.n; i += gridDim.x * blockDim.x) {
+    const double g = s.g[i];
+    local += g * g;
+  }
+  __shared__ double part[kThreads / 32];
+  for (int o = 16; o > 0; o /= 2) local += __shfl_down_sync(0xffffffffu, local, o);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x / 32] = local;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double t = 0;
+    for (int w = 0; w < kThreads / 32; ++w) t += part[w];
+    atomicAdd(acc, t);
+  }
+}
+
+// AdamW (as cpu::adamw_step) on gradient * scale, every tensor of the table. grid (blocks, tensors).
+__global__ void adamw_multi_kernel(const SlotDesc* slots, float scale, float lr, float b1, float b2, float eps,
+                                   float bc1, float bc2) {
+  const SlotDesc s = slots[blockIdx.y];
+  for (unsigned long long i = blockIdx.x * blockDim.x + threadIdx.x; i < s.n; i += gridDim.x * blockDim.x) {
+    const float g = s.g[i] * scale;
+    const float m = b1 * s.m[i] + (1.f - b1) * g;
+    const float v = b2 * s.v[i] + (1.f - b2) * g * g;
+    s.m[i] = m;
+    s.v[i] = v;
+    float p = s.p[i];
+    p -= lr * s.wd * p;
+    p -= lr * (m / bc1) / (sqrtf(v / bc2) + eps);
+    s.p[i] = p;
+  }
+}
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend(const ModelConfig& c, uint64_t seed, Precision p)
+      : host_(c, seed), dev_(host_), precision_(p), slots_(dev_.slots(host_)) {
+    // Keep freed scratch memory in the stream-ordered pool across steps instead of returning it at every
+    // synchronisation (the default), so the per-step scratch allocations cost nothing after the first step.
+    cudaMemPool_t pool;
+    CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, 0));
+    uint64_t keep = std::numeric_limits<uint64_t>::max();
+    CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
+    std::vector<SlotDesc> table;
+    for (const auto& s : slots_) {
+      moments_.emplace_back(s.n);
+      moments_.back().zero();
+      moments_.emplace_back(s.n);
+      moments_.back().zero();
+      table.push_back({s.value, s.grad, moments_[moments_.size() - 2].get(), moments_.back().get(), s.n,
+                       decays(s.name) ? 1.f : 0.f});
+      max_n_ = std::max<unsigned long long>(max_n_, s.n);
+    }
+    table_bytes_.resize(table.size() * sizeof(SlotDesc));
+    std::memcpy(table_bytes_.data(), table.data(), table_bytes_.size());
+    table_ = DeviceBuffer<char>(table_bytes_);
+    wd_flags_.reserve(table.size());
+    for (const auto& t : table) wd_flags_.push_back(t.wd);
+  }
+
+  std::string describe() const override {
+    return fmt::format("cuda {} ({})", precision_name(precision_), gpu_description());
+  }
+  const ModelConfig& config() const override { return host_.config(); }
+
+  ModelLosses forward_backward(const std::vector<int>& tokens, int B, int T) override {
+    cuda::ScopedGemmMath math(gemm_math());
+    dev_.forward(tokens, B, T);
+    dev_.backward();
+    return dev_.losses();
+  }
+  ModelLosses evaluate(const std::vector<int>& tokens, int B, int T) override {
+    cuda::ScopedGemmMath math(gemm_math());
+    dev_.forward(tokens, B, T);
+    return dev_.losses();
+  }
+  std::vector<double> mtp_losses() const override {
+    const auto& ce = dev_.mtp_losses();
+    return std::vector<double>(ce.begin(), ce.end());
+  }
+  std::vector<std::vector<int>> expert_counts() const override {
+    std::vector<std::vector<int>> out;
+    for (int l = 0; l < host_.config().num_hidden_layers; ++l)
+      if (host_.config().is_moe_layer(l)) out.push_back(dev_.expert_counts(l));
+    return out;
+  }
+
+  double grad_norm() override {
+    DeviceBuffer<double> acc(1);
+    acc.zero();
+    sumsq_kernel<<<dim3(blocks(), unsigned(slots_.size())), kThreads>>>(acc.get(), table());
+    CUDA_CHECK_LAST();
+    return std::sqrt(acc.download()[0]);
+  }
+
+  void step(const AdamWConfig& opt, float grad_scale, int64_t step) override {
+    require(step >= 1, "AdamW step counts from 1, got {}", step);
+    if (opt.weight_decay != wd_) set_weight_decay(float(opt.weight_decay));
+    const float bc1 = float(1.0 - std::pow(double(opt.beta1), double(step)));
+    const float bc2 = float(1.0 - std::pow(double(opt.beta2), double(step)));
+    adamw_multi_kernel<<<dim3(blocks(), unsigned(slots_.size())), kThreads>>>(
+        table(), grad_scale, opt.lr, opt.beta1, opt.beta2, opt.eps, bc1, bc2);
+    CUDA_CHECK_LAST();
+    dev_.update_bias();
+  }
+
+  void set_phase_timing(bool on) override { dev_.set_phase_timing(on); }
+  std::vector<std::pair<std::string, float>> phase_times() const override { return dev_.phase_times(); }
+  void synchronize() override { CUDA_CHECK(cudaDeviceSynchronize()); }
+  MemoryUse memory() const override {
+    size_t free = 0, total = 0;
+    CUDA_CHECK(cudaMemGetInfo(&free, &total));
+    cudaMemPool_t pool;
+    CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, 0));
+    uint64_t reserved = 0, high = 0;
+    CUDA_CHECK(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReservedMemCurrent, &reserved));
+    CUDA_CHECK(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReservedMemHigh, &high));
+    const size_t used = total - free;
+    return {used, used - std::min<size_t>(used, reserved) + high, total};
+  }
+
+  TensorMap weights() const override {
+    dev_.download(host_, true);
+    return host_.to_tensor_map();
+  }
+  void load_weights(const TensorMap& m) override {
+    host_.load_tensor_map(m);
+    dev_.upload(host_);
+  }
+  TensorMap optimizer_state() const override {
+    TensorMap out;
+    for (size_t i = 0; i < slots_.size(); ++i) {
+      out[slots_[i].name + ".exp_avg"] = moments_[2 * i].download();
+      out[slots_[i].name + ".exp_avg_sq"] = moments_[2 * i + 1].download();
+    }
+    return out;
+  }
+  void load_optimizer_state(const TensorMap& m) override {
+    for (size_t i = 0; i < slots_.size(); ++i)
+      for (int k = 0; k < 2; ++k) {
+        const std::string name = slots_[i].name + (k ? ".exp_avg_sq" : ".exp_avg");
+        const auto it = m.find(name);
+        if (it == m.end()) throw UserError(fmt::format("optimizer state: tensor {} is missing", name));
+        if (it->second.size() != slots_[i].n)
+          throw UserError(fmt::format("optimizer state: tensor {} has {} values, the model needs {}", name,
+                                      it->second.size(), slots_[i].n));
+        moments_[2 * i + k].upload(it->second);
+      }
+  }
+
+ private:
+  cuda::GemmMath gemm_math() const {
+    return precision_ == Precision::BF16 ? cuda::GemmMath::BF16 : cuda::GemmMath::FP32;
+  }
+  unsigned blocks() const {
+    return unsigned(std::min<unsigned long long>(kMaxBlocksPerTensor, (max_n_ + kThreads - 1) / kThreads));
+  }
+  const SlotDesc* table() { return reinterpret_cast<const SlotDesc*>(table_.get()); }
+  // The table stores each tensor's decay as the weight decay itself (0 or wd): rewritten when wd changes.
+  void set_weight_decay(float wd) {
+    auto* t = reinterpret_cast<SlotDesc*>(table_bytes_.data());
+    for (size_t i = 0; i < slots_.size(); ++i) t[i].wd = wd_flags_[i] * wd;
+    table_.upload(table_bytes_);
+    wd_ = wd;
+  }
+
+  mutable Model<float> host_;  // the host twin: initial values, and the staging area of weights()
+  mutable DeviceModel dev_;
+  Precision precision_;
+  std::vector<DeviceModel::Slot> slots_;
+  std::vector<DeviceBuffer<float>> moments_;  // exp_avg, exp_avg_sq of slot i at 2i, 2i+1
+  std::vector<char> table_bytes_;
+  DeviceBuffer<char> table_;
+  std::vector<float> wd_flags_;  // 1 where the tensor decays
+  float wd_ = 1.f;               // the table starts with wd = flag (1 or 0): set on the first step
+  unsigned long long max_n_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cuda_backend(const ModelConfig& c, uint64_t seed, Precision p) {
+  if (!gpu_available()) throw UserError(fmt::format("no usable GPU: {}", gpu_description()));
+  return std::make_unique<CudaBackend>(c, seed, p);
+}
+
+}  // namespace dsv3

@@ -1,0 +1,160 @@
+// Stage 07: sampling from a trained model on the CPU.
+//
+//   Decoder      KV-cached incremental decoding of a Model<float>, batch 1. Every attention layer keeps only
+//                MLA's latent cache (c_kv and k_pe per position, stage 02) and attends in the absorbed form:
+//                q_nope W_uk scores against c_kv, the output o_lat W_uv^T. feed() takes a chunk of tokens.
+//   draft()      MTP module 1 (stage 05) on the final hidden state h_L, with its own latent cache: the token
+//                after the next one, as speculative decoding's draft.
+//   generate()   temperature / top-k / top-p sampling, plainly or speculatively with the MTP draft.
+//
+// Bitwise chunk invariance. Every per-token map (linear layers, norms, router, experts, head) is computed as
+// row-independent dot products in one fixed summation order (dot() in sampler_cpu.cpp), and attention of a
+// token reads only its own query and the cache; so feed() of a chunk of n tokens returns logits BITWISE equal
+// to n feeds of one token. That is what makes speculative decoding's output identical to plain decoding:
+// every emitted token is drawn from the main model's own logits with one RNG draw, in the same order.
+//
+// MTP stream alignment (the training-time alignment of 05_mtp/mtp.h, k = 1): MTP position j reads h_L at main
+// position j and Emb(t_{j+1}) and predicts t_{j+2}; its block attends causally over MTP positions 0..j (RoPE at
+// j). Position j therefore exists once t_{j+1} is known: after feeding t_0..t_{p-1} the main stream holds
+// positions 0..p-1 and the MTP stream at most 0..p-1, the last of them needing the not-yet-fed next token t_p.
+//
+// Shape legend: D hidden_size, V vocab_size, n tokens of a chunk, Dc kv_lora_rank, Dr qk_rope_head_dim,
+// Lmax = max_len (cache capacity in positions).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "02_mla/mla.h"
+#include "05_mtp/block.h"
+#include "06_full_model/model.h"
+#include "common/rng.h"
+
+namespace dsv3 {
+
+namespace data {
+class Tokenizer;
+}
+
+// Scratch buffers of the decoder (sampler_cpu.cpp), reused across calls so decoding does not allocate per token.
+struct DecodeScratch;
+
+class Decoder {
+ public:
+  // The model must outlive the decoder. max_len: positions the caches hold; UserError when it is < 1 or exceeds
+  // the model's max_position_embeddings (the RoPE table).
+  Decoder(const Model<float>& model, int max_len);
+  ~Decoder();
+  Decoder(const Decoder&) = delete;
+  Decoder& operator=(const Decoder&) = delete;
+
+  // Forgets every position (main and MTP streams).
+  void reset();
+  // Feeds tokens at positions pos() .. pos()+n-1 (causal within the chunk and over the cache) and returns their
+  // logits (n, V); the reference stays valid until the next call. UserError for an empty chunk, a token outside
+  // [0, V) or a chunk that does not fit max_len.
+  const std::vector<float>& feed(const std::vector<int>& tokens);
+  // Positions fed so far (the next token goes to position pos()).
+  int pos() const { return pos_; }
+  int max_len() const { return max_len_; }
+  // Drops positions new_pos .. pos()-1 of the main stream (a rejected draft) and the MTP positions that read
+  // them. UserError unless 0 <= new_pos <= pos().
+  void truncate(int new_pos);
+
+  // MTP module 1's logits (V) for token t_{p+1}, p = pos(), given next = t_p, the token that will be fed at
+  // position p. Computes the MTP positions still missing (catching up over fed positions, so it equals the
+  // training-time MTP forward of the same window) and recomputes any whose input token changed since (a
+  // truncate, or a different `next`). UserError when the model has no MTP module, nothing was fed yet, or next
+  // is outside [0, V). The reference stays valid until the next call.
+  const std::vector<float>& draft(int next);
+  // MTP positions currently computed (<= pos()).
+  int mtp_pos() const { return mtp_pos_; }
+  // The final hidden state h_L (D) of fed position p (before the final norm): the MTP module's input.
+  const float* final_hidden(int p) const;
+
+  // The latent cache of one transformer block (its weights are read from the model at every call).
+  struct LatentCache {
+    BlockConfig cfg;
+    std::vector<float> c_kv;  // (Lmax, Dc)  kv_norm(c_kv) of every position
+    std::vector<float> k_pe;  // (Lmax, Dr)  k_pe with RoPE applied
+  };
+
+ private:
+  const Model<float>& model_;
+  int max_len_ = 0, pos_ = 0, mtp_pos_ = 0;
+  std::vector<LatentCache> layers_;       // one per main layer
+  std::vector<LatentCache> mtp_;          // 0 or 1: MTP module 1's block
+  std::vector<int> tokens_;               // (Lmax) the fed tokens
+  std::vector<int> mtp_tokens_;           // (Lmax) t_{j+1}: the token MTP position j embedded
+  std::vector<float> hidden_;             // (Lmax, D) h_L of every fed position
+  std::vector<float> logits_, draft_logits_;
+  std::unique_ptr<DecodeScratch> scratch_;
+};
+
+namespace cpu {
+
+// The absorbed MLA decode of stage 02 for a chunk of n tokens of one sequence: inp (n, D) at positions
+// pos0 .. pos0+n-1 appends its c_kv, k_pe to the cache (B = 1) and each token attends causally over
+// positions 0 .. pos0+t; out (n, D). Row-independent: bitwise equal to n calls with n = 1.
+void mla_decode_chunk_absorbed(float* out, const MlaCache<float>& cache, const float* inp,
+                               const MlaWeights<float>& w, const MlaConfig& c, int n, int pos0,
+                               const MlaRope<float>& rope);
+
+}  // namespace cpu
+
+// ---- sampling -------------------------------------------------------------------------------------------
+
+struct SampleOptions {
+  std::string prompt;          // text; tokenised by generate(); must not tokenise to nothing
+  double temperature = 0.8;    // 0: greedy (argmax, no random draw)
+  int top_k = 0;               // keep the k most likely tokens; 0: off
+  double top_p = 1.0;          // nucleus over the top-k renormalised probabilities; 1: off; the top token stays
+  int max_new_tokens = 200;
+  uint64_t seed = 1234;
+  bool stop_at_eos = true;     // stop after emitting the tokenizer's eos (it is part of the result)
+};
+// UserError naming the first bad field: temperature >= 0 (finite), top_k >= 0, top_p in (0, 1],
+// max_new_tokens >= 1. The prompt is checked where it is tokenised.
+void validate_sample_options(const SampleOptions& opt);
+
+// One token from logits (V). Greedy when temperature == 0: the argmax (lowest id on ties), no draw. Otherwise
+// exactly one rng.uniform() draw: candidates sorted by logit (ties: lower id first), cut to top_k, softmax of
+// logit / temperature (in double) over them, cut to the shortest prefix whose probability reaches top_p
+// (at least one token), renormalised, and inverted at the uniform draw.
+int sample_token(const float* logits, int V, const SampleOptions& opt, Rng& rng);
+
+struct SampleResult {
+  std::vector<int> tokens;      // the new tokens (an eos that stopped generation included)
+  std::string text;             // decode(tokens); empty from generate_ids
+  int prompt_tokens = 0;
+  int drafted = 0, accepted = 0;  // speculative: drafts checked by the main model, and those it agreed with
+  double seconds = 0;           // wall time of prefill (the prompt) and decoding
+  double tokens_per_s = 0;      // tokens.size() / seconds
+};
+
+// Generation on token ids (opt.prompt is not read). eos_id < 0: no eos (stop_at_eos has no effect).
+// UserError for bad options, an empty prompt, an id outside [0, V), prompt + max_new_tokens beyond the model's
+// max_position_embeddings (the prompt is never cut), or speculative without an MTP module.
+// Plain: feed the prompt, then one token per step. Speculative: after sampling t_next, draft d = argmax of
+// the MTP logits, feed [t_next, d]; the logits at t_next's position give the following token (the same
+// sampling rule and RNG as plain); if it equals d, d is accepted and the logits at d's position give one
+// more token for free; else the main cache drops d's position. The output is identical to plain decoding.
+SampleResult generate_ids(const Model<float>& model, const std::vector<int>& prompt_ids, const SampleOptions& opt,
+                          int eos_id, bool speculative);
+// The same from text: the prompt is encoded with the tokenizer (whose vocabulary must equal the model's),
+// the new tokens decoded into result.text.
+SampleResult generate(const Model<float>& model, const data::Tokenizer& tok, const SampleOptions& opt,
+                      bool speculative);
+
+// Both modes on the same options, for the CLI: speedup = plain.seconds / speculative.seconds; identical tells
+// whether the two produced the same tokens (they must).
+struct SampleComparison {
+  SampleResult plain, speculative;
+  double speedup = 0;
+  bool identical = false;
+};
+SampleComparison generate_both(const Model<float>& model, const data::Tokenizer& tok, const SampleOptions& opt);
+
+}  // namespace dsv3
