@@ -1,29 +1,49 @@
-// 07_train_gpu, part 1: `prepare` builds the lyrics corpus, trains the SentencePiece BPE tokenizer on the
-// train split and writes <out>/data/{train.bin,val.bin,tokenizer.model,data.json}, printing a table.
-// --check runs a small fast version (vocab 512 on a subset) and verifies the round trips; exits 1 on failure.
-// Training, sampling and the benchmark are not built yet (see README "Status").
+// 07_train_gpu: the lyrics model, end to end. Subcommands:
+//   (none)   the main job: prepare the data if needed, train (the GPU "lyrics" run, or without a GPU a tiny model
+//            on the CPU), then sample lyrics from the best checkpoint and print them
+//   prepare  corpus -> tokenizer -> token files (<out>/data)
+//   train    train a model on prepared data into a run folder (<out>/run); --resume continues it
+//   sample   lyrics from a checkpoint: prompt, temperature, top-k, top-p; --speculative compares MTP drafting
+//   bench    training steps of a preset on random tokens: tokens/s, MFU, peak memory (JSON line)
+// --check: a small, fast version of the whole pipeline on the CPU (the CI test); exits 1 when a check fails.
 #include <fmt/format.h>
 
+#include <atomic>
 #include <chrono>
+#include <cmath>
+#include <csignal>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <sstream>
 
 #include "07_train_gpu/bench.h"
 #include "07_train_gpu/data.h"
+#include "07_train_gpu/sampler.h"
+#include "07_train_gpu/train.h"
 #include "common/cli.h"
+#include "common/device.h"
 #include "common/diag.h"
 #include "common/errors.h"
 
 using namespace dsv3;
 using namespace dsv3::data;
+namespace fs = std::filesystem;
 
 namespace {
 
-void print_table(const Prepared& p) {
+std::atomic<bool> g_stop{false};
+extern "C" void on_sigint(int) { g_stop = true; }
+
+// The three fixed prompts of the README's samples.
+const std::vector<std::string> kPrompts = {"I walked along the river", "O LORD, my heart", "Love is"};
+
+void print_data_table(const Prepared& p) {
   Table t({"split", "songs", "lines", "bytes", "tokens", "bytes/token"});
   for (const auto* s : {&p.info.train, &p.info.val}) {
-    t.add_row({s == &p.info.train ? "train" : "val", std::to_string(s->songs), std::to_string(s->lines), std::to_string(s->bytes),
-               std::to_string(s->tokens), fmt::format("{:.3f}", double(s->bytes) / double(s->tokens))});
+    t.add_row({s == &p.info.train ? "train" : "val", std::to_string(s->songs), std::to_string(s->lines),
+               std::to_string(s->bytes), std::to_string(s->tokens),
+               fmt::format("{:.3f}", double(s->bytes) / double(s->tokens))});
   }
   t.print();
   Table src({"source", "songs", "bytes"});
@@ -32,7 +52,7 @@ void print_table(const Prepared& p) {
 }
 
 // Round trips a reader can trust: decode(encode(song)) == song for every song given, and the token files
-// read back from disk equal what was written, song by song (eos-separated).
+// read back from disk equal what was written.
 int check_round_trips(const std::string& dir, const Prepared& written, const std::vector<Song>& songs) {
   int failures = 0;
   auto check = [&](bool ok, const std::string& what) {
@@ -55,26 +75,299 @@ int check_round_trips(const std::string& dir, const Prepared& written, const std
   return failures;
 }
 
+// Songs for a small --check run without the Debian packages: made-up lines over a small word list.
+std::vector<Song> generated_songs() {
+  const char* words[] = {"love", "night", "river", "shine", "heart", "road", "home", "rain", "song", "light", "O", "LORD"};
+  std::vector<Song> songs;
+  for (int i = 0; i < 120; ++i) {
+    std::string t;
+    for (int l = 0; l < 6; ++l)
+      for (int w = 0; w < 7; ++w) t += std::string(w ? " " : (l ? "\n" : "")) + words[(i * 5 + l * 7 + w * w * 3) % 12];
+    songs.push_back({t, "generated"});
+  }
+  return songs;
+}
+
+struct PrepareArgs {
+  PrepareOptions opt;
+  std::vector<std::string> lyrics;
+  bool no_default = false, dump = false;
+};
+
+// Builds the corpus and writes <data_dir>. check: every 4th song, vocab 512, generated songs when the Debian
+// packages are missing. Returns the failed round-trip checks.
+int do_prepare(PrepareArgs a, const std::string& data_dir, bool check, Prepared* out = nullptr) {
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<Song> songs;
+  if (check && !a.no_default && !default_sources_available()) {
+    std::cout << "default corpus unavailable (install fortunes and bible-kjv: scripts/setup.sh); checking on generated songs\n";
+    songs = generated_songs();
+    a.no_default = true;
+  }
+  if (!a.no_default) songs = load_default_corpus();
+  for (const auto& f : a.lyrics) {
+    const auto mine = read_lyrics_file(f);
+    songs.insert(songs.end(), mine.begin(), mine.end());
+  }
+  require(!songs.empty(), "no songs: give --lyrics files or drop --no-default-corpus");
+  if (check) {
+    std::vector<Song> subset;
+    for (size_t i = 0; i < songs.size(); i += 4) subset.push_back(songs[i]);
+    songs = subset;
+    a.opt.vocab_size = 512;
+  }
+  const Prepared p = prepare_data(songs, a.opt, data_dir);
+  if (a.dump) {
+    std::string all;
+    for (const auto& s : songs) all += s.text + "\n%\n";
+    data::write_file_atomic(data_dir + "/songs.txt", all);
+  }
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::cout << fmt::format("prepared {} songs, vocab {} in {:.1f} s -> {}\n", songs.size(), p.info.vocab_size, secs, data_dir);
+  print_data_table(p);
+  const int failures = check_round_trips(data_dir, p, songs);
+  if (out) *out = p;
+  return failures;
+}
+
+struct TrainArgs {
+  std::string data, run, preset, device = "auto", precision = "bf16";
+  bool resume = false;
+  TrainConfig cfg;
+  uint64_t model_seed = 1234;
+};
+
+// The CPU fallback of the main job: a tiny model, short sequences, a few hundred steps (minutes on 2 cores).
+void use_cpu_fallback(TrainArgs& a) {
+  a.preset = "tiny";
+  a.cfg.batch = 8;
+  a.cfg.seq_len = 64;
+  a.cfg.max_steps = 300;
+  a.cfg.warmup_steps = 20;
+  a.cfg.lr = 3e-3;
+  a.cfg.eval_every = 50;
+}
+
+std::unique_ptr<Backend> make_backend(const TrainArgs& a, const ModelConfig& c) {
+  const bool gpu = a.device == "cuda" || (a.device == "auto" && gpu_available());
+  require(a.device == "auto" || a.device == "cuda" || a.device == "cpu", "--device must be auto, cuda or cpu (got '{}')",
+          a.device);
+  if (gpu) return make_cuda_backend(c, a.model_seed, parse_precision(a.precision));
+  if (a.precision != "fp32") std::cout << "(the CPU path trains in fp32)\n";
+  return make_cpu_backend(c, a.model_seed);
+}
+
+// A fresh run must not overwrite another run's checkpoints: an old run folder moves to <run>.previous.
+void make_room_for_run(const std::string& run) {
+  if (!fs::exists(run)) return;
+  const std::string prev = run + ".previous";
+  fs::remove_all(prev);
+  fs::rename(run, prev);
+  std::cout << fmt::format("(the previous run in {} moved to {})\n", run, prev);
+}
+
+TrainResult do_train(const TrainArgs& a, const Prepared& data, std::ostream& out) {
+  const ModelConfig c = run_model_config(a.preset, data.info.vocab_size, a.cfg.seq_len);
+  auto backend = make_backend(a, c);
+  const ParamBreakdown pb = count_params(c);
+  out << fmt::format("model: preset {} | {:.2f} M parameters ({:.2f} M active per token, {:.2f} M in MTP) | {}\n",
+                     a.preset, (pb.main_total + pb.mtp_total) / 1e6, pb.main_active / 1e6, pb.mtp_total / 1e6,
+                     backend->describe());
+  out << fmt::format("data: {} train / {} val tokens, vocab {} | batch {} x {} | {} steps, lr {:g}, warm-up {}\n",
+                     data.info.train.tokens, data.info.val.tokens, data.info.vocab_size, a.cfg.batch, a.cfg.seq_len,
+                     a.cfg.max_steps, a.cfg.lr, a.cfg.warmup_steps);
+  if (!a.resume) make_room_for_run(a.run);
+  fs::create_directories(a.run);
+  // the run folder is self-contained: the tokenizer travels with the checkpoints
+  fs::copy_file(a.data + "/tokenizer.model", a.run + "/tokenizer.model", fs::copy_options::overwrite_existing);
+  TrainHooks hooks;
+  hooks.plots_script = std::string(DSV3_STAGE_DIR) + "/plots.gp";
+  hooks.stop = &g_stop;
+  std::signal(SIGINT, on_sigint);
+  const TrainResult r = train(*backend, data, a.cfg, a.run, a.resume, out, hooks);
+  std::signal(SIGINT, SIG_DFL);
+  out << fmt::format(
+      "done: {} steps ({}) in {:.1f} s | best val {:.4f} nats/token = {:.4f} bits/byte at step {} | {:.0f} tokens/s\n",
+      r.steps_done, r.stop_reason, r.elapsed_s, r.best_val_ce, r.best_val_bpb, r.best_step, r.tokens_per_s);
+  return r;
+}
+
+struct SampleArgs {
+  std::string checkpoint, tokenizer;
+  std::vector<std::string> prompts;
+  SampleOptions opt;
+  bool speculative = false;
+};
+
+Model<float> load_model(const std::string& dir) {
+  const Checkpoint ck = load_checkpoint(dir);
+  for (const auto& w : ck.warnings) std::cout << "warning: " << w << "\n";
+  Model<float> m(ck.config, 0);
+  m.load_tensor_map(ck.tensors);
+  return m;
+}
+
+// The tokenizer of a checkpoint: --tokenizer, else the run folder's copy (<run>/checkpoints/<name>/..).
+std::string find_tokenizer(const SampleArgs& a) {
+  if (!a.tokenizer.empty()) return a.tokenizer;
+  const std::string run_copy = (fs::path(a.checkpoint).parent_path().parent_path() / "tokenizer.model").string();
+  require(fs::exists(run_copy), "no tokenizer next to checkpoint {} (looked for {}); give --tokenizer", a.checkpoint,
+          run_copy);
+  return run_copy;
+}
+
+void print_sample(const std::string& prompt, const SampleResult& r) {
+  std::cout << fmt::format("--- prompt: \"{}\" ({} new tokens, {:.0f} tokens/s)\n{}{}\n", prompt, r.tokens.size(),
+                           r.tokens_per_s, prompt, r.text);
+}
+
+// Samples every prompt; with speculative, also decodes the first one speculatively and prints the comparison.
+// Returns false when speculative decoding did not reproduce plain decoding.
+bool do_sample(const SampleArgs& a) {
+  const Model<float> model = load_model(a.checkpoint);
+  const Tokenizer tok = Tokenizer::load(find_tokenizer(a));
+  std::cout << fmt::format("sampling from {} (CPU, latent KV cache, absorbed MLA) | temperature {:g}, top-k {}, "
+                           "top-p {:g}, seed {}\n",
+                           a.checkpoint, a.opt.temperature, a.opt.top_k, a.opt.top_p, a.opt.seed);
+  bool ok = true;
+  for (size_t i = 0; i < a.prompts.size(); ++i) {
+    SampleOptions o = a.opt;
+    o.prompt = a.prompts[i];
+    if (a.speculative && i == 0) {
+      const SampleComparison c = generate_both(model, tok, o);
+      print_sample(o.prompt, c.plain);
+      const double rate = c.speculative.drafted ? double(c.speculative.accepted) / c.speculative.drafted : 0.0;
+      Table t({"decoding", "new tokens", "seconds", "tokens/s", "drafts", "accepted", "acceptance"});
+      t.add_row({"plain", std::to_string(c.plain.tokens.size()), fmt::format("{:.3f}", c.plain.seconds),
+                 fmt::format("{:.0f}", c.plain.tokens_per_s), "-", "-", "-"});
+      t.add_row({"speculative (MTP)", std::to_string(c.speculative.tokens.size()),
+                 fmt::format("{:.3f}", c.speculative.seconds), fmt::format("{:.0f}", c.speculative.tokens_per_s),
+                 std::to_string(c.speculative.drafted), std::to_string(c.speculative.accepted),
+                 fmt::format("{:.1f}%", 100 * rate)});
+      t.print();
+      std::cout << fmt::format("speculative speed-up {:.2f}x; output identical to plain decoding: {}\n", c.speedup,
+                               c.identical ? "yes" : "NO");
+      ok = ok && c.identical;
+    } else {
+      print_sample(o.prompt, generate(model, tok, o, false));
+    }
+  }
+  return ok;
+}
+
+// --check: the whole pipeline, small: data (check mode), 60 CPU steps of the tiny preset with a resume in the
+// middle, sampling twice with one seed, speculative == plain.
+int run_check(const std::string& out, PrepareArgs pa) {
+  int failures = do_prepare(pa, out + "/data", true);
+  auto check = [&](bool ok, const std::string& what) {
+    std::cout << fmt::format("  [{}] {}\n", ok ? "ok" : "FAIL", what);
+    failures += !ok;
+  };
+  const Prepared data = load_prepared(out + "/data");
+  TrainArgs a;
+  a.data = out + "/data";
+  a.run = out + "/check_run";
+  a.device = "cpu";
+  a.precision = "fp32";
+  use_cpu_fallback(a);
+  a.cfg.seq_len = 32;
+  a.cfg.max_steps = 30;
+  a.cfg.warmup_steps = 5;
+  a.cfg.eval_every = 10;
+  std::ostringstream log1, log2;
+  const TrainResult first = do_train(a, data, log1);  // 30 steps
+  a.resume = true;
+  a.cfg.max_steps = 60;
+  const TrainResult second = do_train(a, data, log2);  // resumed to 60
+  std::cout << log1.str() << log2.str();
+  const auto& h1 = first.history;
+  const auto& h2 = second.history;
+  check(h1.size() == 30 && h2.size() == 30, "30 steps, then 30 more after a resume");
+  double early = 0, late = 0;
+  for (int i = 0; i < 5; ++i) early += h1[i].losses.ce / 5, late += h2[25 + i].losses.ce / 5;
+  check(late < early - 0.5, fmt::format("train loss falls: first 5 steps {:.3f} -> last 5 {:.3f}", early, late));
+  check(std::isfinite(second.best_val_ce), fmt::format("validation ran: best {:.3f} nats/token", second.best_val_ce));
+  SampleArgs s;
+  s.checkpoint = checkpoint_dir(a.run, "best");
+  s.prompts = {"love"};
+  s.opt.max_new_tokens = 24;
+  s.opt.seed = 7;
+  const Model<float> model = load_model(s.checkpoint);
+  const Tokenizer tok = Tokenizer::load(find_tokenizer(s));
+  SampleOptions o = s.opt;
+  o.prompt = "love";
+  const SampleResult r1 = generate(model, tok, o, false), r2 = generate(model, tok, o, false);
+  check(r1.tokens == r2.tokens && !r1.tokens.empty(), "sampling is deterministic for a seed");
+  const SampleComparison c = generate_both(model, tok, o);
+  check(c.identical, fmt::format("speculative decoding == plain decoding ({} of {} drafts accepted)", c.speculative.accepted,
+                                 c.speculative.drafted));
+  std::cout << fmt::format("sample: love{}\n", r1.text);
+  std::cout << (failures ? fmt::format("{} check(s) FAILED\n", failures) : "all checks passed\n");
+  return failures ? 1 : 0;
+}
+
+void add_train_options(CLI::App* cmd, TrainArgs& a) {
+  cmd->add_option("--data", a.data, "prepared data folder (default <out>/data)");
+  cmd->add_option("--run", a.run, "run folder: diagnostics, plots, checkpoints (default <out>/run)");
+  cmd->add_option("--preset", a.preset, "model preset (tiny, lyrics, small) or a config.json path");
+  cmd->add_option("--device", a.device, "auto (the GPU when there is one), cuda or cpu")->capture_default_str();
+  cmd->add_option("--precision", a.precision, "bf16 or fp32 (GPU)")->capture_default_str();
+  cmd->add_option("--steps", a.cfg.max_steps, "training steps")->check(CLI::PositiveNumber);
+  cmd->add_option("--batch", a.cfg.batch, "windows per step")->check(CLI::PositiveNumber);
+  cmd->add_option("--seq-len", a.cfg.seq_len, "tokens per window")->check(CLI::PositiveNumber);
+  cmd->add_option("--lr", a.cfg.lr, "peak learning rate")->check(CLI::PositiveNumber);
+  cmd->add_option("--min-lr-ratio", a.cfg.min_lr_ratio, "final learning rate / peak");
+  cmd->add_option("--warmup", a.cfg.warmup_steps, "linear warm-up steps")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--weight-decay", a.cfg.weight_decay, "AdamW weight decay (matrices)")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--eval-every", a.cfg.eval_every, "validate and checkpoint every this many steps")->check(CLI::PositiveNumber);
+  cmd->add_option("--patience", a.cfg.patience, "stop after this many evaluations without a new best (0: off)");
+  cmd->add_option("--max-minutes", a.cfg.max_minutes, "stop cleanly after this long (0: off)");
+  cmd->add_option("--model-seed", a.model_seed, "seed of the initial weights");
+  cmd->add_flag("--resume", a.resume, "continue the run in --run from its last checkpoint");
+}
+
+void add_sample_options(CLI::App* cmd, SampleArgs& s) {
+  cmd->add_option("--checkpoint", s.checkpoint, "checkpoint folder (default <out>/run/checkpoints/best)");
+  cmd->add_option("--tokenizer", s.tokenizer, "tokenizer.model (default: the run folder's copy)");
+  cmd->add_option("--prompt", s.prompts, "prompt text (repeatable; default three fixed prompts)");
+  cmd->add_option("--temperature", s.opt.temperature, "0 = greedy")->capture_default_str();
+  cmd->add_option("--top-k", s.opt.top_k, "keep the k most likely tokens (0 = off)")->capture_default_str();
+  cmd->add_option("--top-p", s.opt.top_p, "nucleus probability (1 = off)")->capture_default_str();
+  cmd->add_option("--max-new-tokens", s.opt.max_new_tokens, "tokens to generate")->capture_default_str();
+  cmd->add_flag("--speculative", s.speculative, "also decode the first prompt with MTP drafts and compare");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"Stage 07: lyrics corpus, SentencePiece BPE tokenizer and token files (training comes later)", "07_train_gpu"};
+  CLI::App app{"Stage 07: prepare the lyrics corpus, train the full DeepSeek-V3-style model, sample lyrics", "07_train_gpu"};
   DemoOptions opt;
-  PrepareOptions popt;
-  std::vector<std::string> lyrics;
-  bool no_default = false, dump = false;
   add_demo_options(app, opt, "out/07_train_gpu");
-  auto* prepare = app.add_subcommand("prepare", "build the corpus, train the tokenizer, write <out>/data (the default)");
-  prepare->fallthrough();
   app.require_subcommand(0, 1);
-  app.add_option("--vocab", popt.vocab_size, "SentencePiece BPE vocabulary size")->check(CLI::Range(300, 65535))->capture_default_str();
-  app.add_option("--val-fraction", popt.val_fraction, "share of songs in the validation split")
+
+  PrepareArgs pa;
+  auto* prepare = app.add_subcommand("prepare", "build the corpus, train the tokenizer, write <out>/data");
+  prepare->add_option("--vocab", pa.opt.vocab_size, "SentencePiece BPE vocabulary size")
+      ->check(CLI::Range(300, 65535))
+      ->capture_default_str();
+  prepare->add_option("--val-fraction", pa.opt.val_fraction, "share of songs in the validation split")
       ->check(CLI::Range(0.01, 0.5))
       ->capture_default_str();
-  app.add_option("--lyrics", lyrics, "your own lyrics files (UTF-8, songs separated by blank lines), added to the corpus")
+  prepare->add_option("--lyrics", pa.lyrics, "your own lyrics files (UTF-8, songs separated by blank lines)")
       ->check(CLI::ExistingFile);
-  app.add_flag("--no-default-corpus", no_default, "use only the --lyrics files");
-  app.add_flag("--dump-text", dump, "also write the cleaned songs to <out>/data/songs.txt (songs separated by a line '%')");
+  prepare->add_flag("--no-default-corpus", pa.no_default, "use only the --lyrics files");
+  prepare->add_flag("--dump-text", pa.dump, "also write the cleaned songs to <out>/data/songs.txt");
+
+  TrainArgs ta;
+  auto* train_cmd = app.add_subcommand("train", "train on prepared data (GPU when present, else CPU)");
+  add_train_options(train_cmd, ta);
+
+  SampleArgs sa;
+  sa.opt.top_k = 50;
+  sa.opt.top_p = 0.95;
+  auto* sample = app.add_subcommand("sample", "sample lyrics from a checkpoint (CPU, latent KV cache)");
+  add_sample_options(sample, sa);
+
   BenchOptions bopt;
   std::string bench_precision = "bf16";
   auto* bench = app.add_subcommand("bench", "time training steps of a preset on random tokens (GPU)");
@@ -85,15 +378,29 @@ int main(int argc, char** argv) {
   bench->add_option("--warmup", bopt.warmup, "untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
   bench->add_option("--precision", bench_precision, "fp32 or bf16")->capture_default_str();
   bench->add_flag("--phases", bopt.phases, "also print the median time of each phase of forward and backward");
+
   return run_main(app, argc, argv, [&] {
+    std::cout << fmt::format("{}\nseed {}\n", command_line(argc, argv), opt.seed);
+    const std::string data_dir = opt.out + "/data";
+    if (ta.data.empty()) ta.data = data_dir;
+    if (ta.run.empty()) ta.run = opt.out + "/run";
+    if (sa.checkpoint.empty()) sa.checkpoint = checkpoint_dir(opt.out + "/run", "best");
+    if (sa.prompts.empty()) sa.prompts = kPrompts;
+    sa.opt.seed = opt.seed;
+    ta.cfg.seed = opt.seed;
+    pa.opt.seed = opt.seed;
+    if (opt.check) return run_check(opt.out, pa);
+
+    if (*prepare) {
+      const int failures = do_prepare(pa, data_dir, false);
+      std::cout << (failures ? fmt::format("{} check(s) FAILED\n", failures) : "all checks passed\n");
+      return failures ? 1 : 0;
+    }
     if (*bench) {
-      std::cout << fmt::format("{}\nseed {}\n", command_line(argc, argv), opt.seed);
       bopt.seed = opt.seed;
       const Precision prec = parse_precision(bench_precision);
-      const ModelConfig c = config_preset(bopt.preset);
-      auto backend = make_cuda_backend(c, opt.seed, prec);
-      const BenchResult r0 = run_bench(*backend, bopt);
-      BenchResult r = r0;
+      auto backend = make_cuda_backend(config_preset(bopt.preset), opt.seed, prec);
+      BenchResult r = run_bench(*backend, bopt);
       r.precision = precision_name(prec);
       Table t({"preset", "precision", "batch x T", "step ms", "fwd+bwd ms", "optim ms", "tokens/s", "MFU", "peak GiB"});
       t.add_row({r.preset, r.precision, fmt::format("{} x {}", r.batch, r.seq_len), fmt::format("{:.2f}", r.step_ms),
@@ -112,47 +419,35 @@ int main(int argc, char** argv) {
       std::ofstream(opt.out + "/bench.jsonl", std::ios::app) << r.json() << "\n";  // one line per run, appended
       return 0;
     }
-    popt.seed = opt.seed;
-    std::cout << fmt::format("{}\nseed {}\n", command_line(argc, argv), opt.seed);
-    const auto t0 = std::chrono::steady_clock::now();
-    std::vector<Song> songs;
-    if (opt.check && !no_default && !default_sources_available()) {
-      // Without the Debian packages the check still exercises the whole pipeline, on generated songs.
-      std::cout << "default corpus unavailable (install fortunes and bible-kjv: scripts/setup.sh); checking on generated songs\n";
-      const char* words[] = {"love", "night", "river", "shine", "heart", "road", "home", "rain", "song", "light", "O", "LORD"};
-      for (int i = 0; i < 120; ++i) {
-        std::string t;
-        for (int l = 0; l < 6; ++l)
-          for (int w = 0; w < 7; ++w) t += std::string(w ? " " : (l ? "\n" : "")) + words[(i * 5 + l * 7 + w * w * 3) % 12];
-        songs.push_back({t, "generated"});
-      }
-      no_default = true;
+    if (*sample) return do_sample(sa) ? 0 : 1;
+    if (*train_cmd) {
+      if (ta.preset.empty()) ta.preset = gpu_available() && ta.device != "cpu" ? "lyrics" : "tiny";
+      do_train(ta, load_prepared(ta.data), std::cout);
+      return 0;
     }
-    if (!no_default) songs = load_default_corpus();
-    for (const auto& f : lyrics) {
-      const auto mine = read_lyrics_file(f);
-      songs.insert(songs.end(), mine.begin(), mine.end());
+
+    // the main job: data (once), the default run, samples
+    if (!fs::exists(data_dir + "/data.json")) {
+      const int failures = do_prepare(pa, data_dir, false);
+      require(failures == 0, "data preparation failed its checks");
+    } else {
+      std::cout << fmt::format("using the prepared data in {} (07_train_gpu prepare rebuilds it)\n", data_dir);
     }
-    require(!songs.empty(), "no songs: give --lyrics files or drop --no-default-corpus");
-    if (opt.check) {  // small and fast: every 4th song, vocab 512
-      std::vector<Song> subset;
-      for (size_t i = 0; i < songs.size(); i += 4) subset.push_back(songs[i]);
-      songs = subset;
-      popt.vocab_size = 512;
+    const Prepared data = load_prepared(data_dir);
+    if (gpu_available() && ta.device != "cpu") {
+      ta.preset = "lyrics";
+      std::cout << fmt::format("GPU: {} -> the lyrics run\n", gpu_description());
+    } else {
+      use_cpu_fallback(ta);
+      ta.device = "cpu";
+      ta.precision = "fp32";
+      std::cout << fmt::format(
+          "\nNO GPU ({}): training the tiny preset on the CPU so the whole pipeline runs in a few minutes.\n"
+          "Its lyrics will be poor: the real run (the lyrics preset, bf16) needs an NVIDIA GPU.\n\n",
+          gpu_description());
     }
-    const std::string dir = opt.out + "/data";
-    const Prepared p = prepare_data(songs, popt, dir);
-    if (dump) {
-      std::string all;
-      for (const auto& s : songs) all += s.text + "\n%\n";
-      data::write_file_atomic(dir + "/songs.txt", all);
-    }
-    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    std::cout << fmt::format("prepared {} songs, vocab {} in {:.1f} s -> {}\n", songs.size(), p.info.vocab_size, secs, dir);
-    print_table(p);
-    const int failures = check_round_trips(dir, p, songs);
-    std::cout << (failures ? fmt::format("{} check(s) FAILED\n", failures) : "all checks passed\n");
-    if (!opt.check) std::cout << "status: training, sampling and the benchmark are not built yet (data preparation only)\n";
-    return failures ? 1 : 0;
+    do_train(ta, data, std::cout);
+    sa.speculative = true;
+    return do_sample(sa) ? 0 : 1;
   });
 }

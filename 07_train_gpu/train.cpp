@@ -1,0 +1,792 @@
+// Stage 07's trainer (train.h): schedule, batches, validation, checkpoints, diagnostics, the training loop.
+// Nothing here knows which device holds the model: every model operation goes through the Backend.
+#include "07_train_gpu/train.h"
+
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <numeric>
+#include <optional>
+#include <sstream>
+
+#include "04_aux_loss/aux_loss.h"
+#include "common/diag.h"
+#include "common/errors.h"
+#include "common/rng.h"
+#include "common/safetensors.h"
+
+namespace dsv3 {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+// ---- config and schedule ------------------------------------------------------------------------------------
+
+void TrainConfig::validate() const {
+  auto at_least = [](auto v, auto lo, const char* name) {
+    require(v >= lo, "train config: {} must be >= {}, got {}", name, lo, v);
+  };
+  at_least(batch, 1, "batch");
+  at_least(seq_len, 1, "seq_len");
+  at_least(max_steps, int64_t(1), "max_steps");
+  require(std::isfinite(lr) && lr > 0, "train config: lr must be a positive number, got {}", lr);
+  require(min_lr_ratio >= 0 && min_lr_ratio <= 1, "train config: min_lr_ratio must be in [0, 1], got {}",
+          min_lr_ratio);
+  require(warmup_steps >= 0 && warmup_steps <= max_steps,
+          "train config: warmup_steps must be in [0, max_steps = {}], got {}", max_steps, warmup_steps);
+  require(std::isfinite(weight_decay) && weight_decay >= 0, "train config: weight_decay must be >= 0, got {}",
+          weight_decay);
+  require(beta1 >= 0 && beta1 < 1, "train config: beta1 must be in [0, 1), got {}", beta1);
+  require(beta2 >= 0 && beta2 < 1, "train config: beta2 must be in [0, 1), got {}", beta2);
+  require(std::isfinite(grad_clip) && grad_clip >= 0, "train config: grad_clip must be >= 0 (0 = off), got {}",
+          grad_clip);
+  at_least(eval_every, 1, "eval_every");
+  at_least(log_every, 1, "log_every");
+  at_least(ckpt_every, 0, "ckpt_every");
+  at_least(patience, 0, "patience");
+  require(std::isfinite(max_minutes) && max_minutes >= 0, "train config: max_minutes must be >= 0 (0 = off), got {}",
+          max_minutes);
+}
+
+double lr_at(const TrainConfig& c, int64_t step) {
+  step = std::max<int64_t>(step, 1);
+  if (step <= c.warmup_steps) return c.lr * double(step) / double(c.warmup_steps);
+  const double lo = c.lr * c.min_lr_ratio;
+  const int64_t decay_steps = c.max_steps - c.warmup_steps;
+  if (step >= c.max_steps || decay_steps <= 0) return lo;
+  const double progress = double(step - c.warmup_steps) / double(decay_steps);  // (0, 1)
+  return lo + (c.lr - lo) * 0.5 * (1.0 + std::cos(M_PI * progress));
+}
+
+// ---- batches ------------------------------------------------------------------------------------------------
+
+Batcher::Batcher(const std::vector<uint16_t>& tokens, int B, int T, uint64_t seed)
+    : tokens_(&tokens), B_(B), T_(T), seed_(seed) {
+  require(B >= 1 && T >= 1, "batcher: batch and seq_len must be >= 1, got {} and {}", B, T);
+  require(int64_t(tokens.size()) >= int64_t(T) + 1,
+          "the train split has {} tokens, fewer than one window of seq_len + 1 = {}: use a smaller seq_len or more "
+          "data", tokens.size(), int64_t(T) + 1);
+}
+
+std::vector<int64_t> Batcher::epoch_starts(int64_t epoch) const {
+  // 1) the epoch's own stream: the seed and the epoch number mixed (Rng's splitmix64 spreads it further)
+  Rng rng(seed_ ^ (0x9E3779B97F4A7C15ull * (uint64_t(epoch) + 1)));
+  // 2) the offset; o < n - T keeps at least one window
+  const int64_t n = int64_t(tokens_->size()), T = T_;
+  const int64_t o = int64_t(rng.below(uint64_t(std::min(T, n - T))));
+  const int64_t W = (n - 1 - o) / T;  // windows o + i*T .. o + i*T + T that end inside the split
+  std::vector<int64_t> starts(static_cast<size_t>(W));
+  for (int64_t i = 0; i < W; ++i) starts[size_t(i)] = o + i * T;
+  // 3) Fisher-Yates
+  for (int64_t i = W - 1; i > 0; --i) std::swap(starts[size_t(i)], starts[size_t(rng.below(uint64_t(i) + 1))]);
+  return starts;
+}
+
+void Batcher::set_state(const BatcherState& s) {
+  require(s.epoch >= 0 && s.cursor >= 0, "batcher state: epoch {} / cursor {} must be >= 0", s.epoch, s.cursor);
+  const auto starts = epoch_starts(s.epoch);
+  require(s.cursor <= int64_t(starts.size()), "batcher state: cursor {} is past the {} windows of epoch {}", s.cursor,
+          starts.size(), s.epoch);
+  state_ = s;
+  cached_epoch_ = s.epoch;
+  starts_ = starts;
+}
+
+std::vector<int> Batcher::next() {
+  std::vector<int> out;
+  out.reserve(size_t(B_) * (T_ + 1));
+  for (int b = 0; b < B_; ++b) {
+    if (cached_epoch_ != state_.epoch) {
+      starts_ = epoch_starts(state_.epoch);
+      cached_epoch_ = state_.epoch;
+    }
+    if (state_.cursor == int64_t(starts_.size())) {  // epoch done: the batch runs on into the next one
+      ++state_.epoch;
+      state_.cursor = 0;
+      starts_ = epoch_starts(state_.epoch);
+      cached_epoch_ = state_.epoch;
+    }
+    const int64_t s = starts_[size_t(state_.cursor++)];
+    out.insert(out.end(), tokens_->begin() + s, tokens_->begin() + s + T_ + 1);
+  }
+  return out;
+}
+
+// ---- validation ---------------------------------------------------------------------------------------------
+
+ValResult evaluate(Backend& backend, const std::vector<uint16_t>& val, int B, int T, const data::DataInfo& info) {
+  require(B >= 1 && T >= 1, "evaluate: batch and seq_len must be >= 1, got {} and {}", B, T);
+  const int64_t W = int64_t(val.size()) > T ? (int64_t(val.size()) - 1) / T : 0;
+  require(W >= 1, "the validation split has {} tokens, fewer than one window of seq_len + 1 = {}: use a smaller "
+          "seq_len or a larger --val-fraction", val.size(), int64_t(T) + 1);
+  require(info.val.tokens > 0 && info.val.bytes > 0, "data.json: the val split has {} tokens and {} bytes; bits per "
+          "byte needs both > 0", info.val.tokens, info.val.bytes);
+  // Every window of a depth has the same number of targets (T for the main model, T-k for MTP depth k), so the
+  // mean over all targets is the window-weighted mean of the batch means.
+  double ce_sum = 0;
+  std::vector<double> mtp_sum;
+  std::vector<int> tokens;
+  for (int64_t j0 = 0; j0 < W; j0 += B) {
+    const int b = int(std::min<int64_t>(B, W - j0));
+    tokens.clear();
+    for (int64_t j = j0; j < j0 + b; ++j) tokens.insert(tokens.end(), val.begin() + j * T, val.begin() + j * T + T + 1);
+    ce_sum += backend.evaluate(tokens, b, T).ce * b;
+    const auto mtp = backend.mtp_losses();
+    mtp_sum.resize(mtp.size(), 0.0);
+    for (size_t k = 0; k < mtp.size(); ++k) mtp_sum[k] += mtp[k] * b;
+  }
+  ValResult r;
+  r.ce = ce_sum / double(W);
+  for (double s : mtp_sum) r.mtp.push_back(s / double(W));
+  r.tokens = W * T;
+  r.bits_per_byte = r.ce / std::log(2.0) * (double(info.val.tokens) / double(info.val.bytes));
+  return r;
+}
+
+// ---- checkpoints --------------------------------------------------------------------------------------------
+namespace {
+
+// Field `key` of object j as T; UserError naming `where` and the field.
+template <typename T>
+T get_field(const json& j, const std::string& key, const std::string& where) {
+  require(j.is_object() && j.contains(key), "{}: field '{}' is missing", where, key);
+  try {
+    return j.at(key).get<T>();
+  } catch (const json::exception&) {
+    throw UserError(fmt::format("{}: field '{}' has the wrong type", where, key));
+  }
+}
+
+json config_json(const TrainConfig& c) {
+  return {{"batch", c.batch},
+          {"seq_len", c.seq_len},
+          {"max_steps", c.max_steps},
+          {"lr", c.lr},
+          {"min_lr_ratio", c.min_lr_ratio},
+          {"warmup_steps", c.warmup_steps},
+          {"weight_decay", c.weight_decay},
+          {"beta1", c.beta1},
+          {"beta2", c.beta2},
+          {"grad_clip", c.grad_clip},
+          {"eval_every", c.eval_every},
+          {"log_every", c.log_every},
+          {"ckpt_every", c.ckpt_every},
+          {"seed", c.seed},
+          {"patience", c.patience},
+          {"max_minutes", c.max_minutes}};
+}
+
+TrainConfig config_from_json(const json& j, const std::string& where) {
+  TrainConfig c;
+  c.batch = get_field<int>(j, "batch", where);
+  c.seq_len = get_field<int>(j, "seq_len", where);
+  c.max_steps = get_field<int64_t>(j, "max_steps", where);
+  c.lr = get_field<double>(j, "lr", where);
+  c.min_lr_ratio = get_field<double>(j, "min_lr_ratio", where);
+  c.warmup_steps = get_field<int64_t>(j, "warmup_steps", where);
+  c.weight_decay = get_field<double>(j, "weight_decay", where);
+  c.beta1 = get_field<double>(j, "beta1", where);
+  c.beta2 = get_field<double>(j, "beta2", where);
+  c.grad_clip = get_field<double>(j, "grad_clip", where);
+  c.eval_every = get_field<int>(j, "eval_every", where);
+  c.log_every = get_field<int>(j, "log_every", where);
+  c.ckpt_every = get_field<int>(j, "ckpt_every", where);
+  c.seed = get_field<uint64_t>(j, "seed", where);
+  c.patience = get_field<int>(j, "patience", where);
+  c.max_minutes = get_field<double>(j, "max_minutes", where);
+  try {
+    c.validate();
+  } catch (const UserError& e) {
+    throw UserError(fmt::format("{}: {}", where, e.what()));
+  }
+  return c;
+}
+
+std::string state_to_json(const TrainerState& s) {
+  json j;
+  j["format_version"] = kTrainerStateVersion;
+  j["step"] = s.step;
+  j["updates"] = s.updates;
+  j["batcher"] = {{"epoch", s.batcher.epoch}, {"cursor", s.batcher.cursor}};
+  j["best"] = {{"step", s.best_step}};
+  if (s.best_step >= 0) {
+    j["best"]["val_ce"] = s.best_val_ce;
+    j["best"]["val_bpb"] = s.best_val_bpb;
+  }
+  j["evals_since_best"] = s.evals_since_best;
+  j["last_eval_step"] = s.last_eval_step;
+  j["train_ce_sum"] = s.train_ce_sum;  // doubles are written with 17 digits: they read back bitwise
+  j["train_ce_count"] = s.train_ce_count;
+  j["skipped_steps"] = s.skipped_steps;
+  j["elapsed_s"] = s.elapsed_s;
+  j["train_config"] = config_json(s.config);
+  j["data"] = {{"vocab_size", s.vocab_size},   {"train_tokens", s.train_tokens}, {"val_tokens", s.val_tokens},
+               {"train_bytes", s.train_bytes}, {"val_bytes", s.val_bytes}};
+  return j.dump(2) + "\n";
+}
+
+TrainerState state_from_json(const std::string& text, const std::string& where) {
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::parse_error& e) {
+    throw UserError(fmt::format("{}: not valid JSON ({}); the checkpoint is damaged", where, e.what()));
+  }
+  require(j.is_object(), "{}: expected a JSON object", where);
+  const int version = get_field<int>(j, "format_version", where);
+  require(version == kTrainerStateVersion, "{}: format_version {} is not the {} this build reads", where, version,
+          kTrainerStateVersion);
+  TrainerState s;
+  s.step = get_field<int64_t>(j, "step", where);
+  s.updates = get_field<int64_t>(j, "updates", where);
+  const auto b = get_field<json>(j, "batcher", where);
+  s.batcher.epoch = get_field<int64_t>(b, "epoch", where + " batcher");
+  s.batcher.cursor = get_field<int64_t>(b, "cursor", where + " batcher");
+  const auto best = get_field<json>(j, "best", where);
+  s.best_step = get_field<int64_t>(best, "step", where + " best");
+  if (s.best_step >= 0) {
+    s.best_val_ce = get_field<double>(best, "val_ce", where + " best");
+    s.best_val_bpb = get_field<double>(best, "val_bpb", where + " best");
+  }
+  s.evals_since_best = get_field<int64_t>(j, "evals_since_best", where);
+  s.last_eval_step = get_field<int64_t>(j, "last_eval_step", where);
+  s.train_ce_sum = get_field<double>(j, "train_ce_sum", where);
+  s.train_ce_count = get_field<int64_t>(j, "train_ce_count", where);
+  s.skipped_steps = get_field<int64_t>(j, "skipped_steps", where);
+  s.elapsed_s = get_field<double>(j, "elapsed_s", where);
+  s.config = config_from_json(get_field<json>(j, "train_config", where), where + " train_config");
+  const auto d = get_field<json>(j, "data", where);
+  s.vocab_size = get_field<int>(d, "vocab_size", where + " data");
+  s.train_tokens = get_field<int64_t>(d, "train_tokens", where + " data");
+  s.val_tokens = get_field<int64_t>(d, "val_tokens", where + " data");
+  s.train_bytes = get_field<int64_t>(d, "train_bytes", where + " data");
+  s.val_bytes = get_field<int64_t>(d, "val_bytes", where + " data");
+  require(s.step >= 0 && s.updates >= 0 && s.updates <= s.step && s.skipped_steps >= 0 && s.best_step <= s.step &&
+              s.last_eval_step >= 0 && s.last_eval_step <= s.step && s.train_ce_count >= 0,
+          "{}: inconsistent counters (step {}, updates {}, best step {}, last eval {}); the checkpoint is damaged",
+          where, s.step, s.updates, s.best_step, s.last_eval_step);
+  return s;
+}
+
+// The first key path where two JSON values differ ("" when equal).
+std::string first_difference(const json& a, const json& b, const std::string& path = "") {
+  if (a.is_object() && b.is_object()) {
+    for (const auto& [k, v] : a.items()) {
+      if (!b.contains(k)) return path + k;
+      const std::string d = first_difference(v, b.at(k), path + k + ".");
+      if (!d.empty()) return d;
+    }
+    for (const auto& [k, v] : b.items())
+      if (!a.contains(k)) return path + k;
+    return "";
+  }
+  return a == b ? "" : (path.empty() ? "(value)" : path.substr(0, path.size() - 1));
+}
+
+// fsync a file or folder so a rename that follows is durable.
+void fsync_path(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) return;  // best effort: the data files themselves were fsynced by their writers
+  ::fsync(fd);
+  ::close(fd);
+}
+
+void rename_or_throw(const std::string& from, const std::string& to) {
+  std::error_code ec;
+  fs::rename(from, to, ec);
+  require(!ec, "cannot rename '{}' to '{}': {}", from, to, ec.message());
+}
+
+void remove_or_throw(const std::string& path) {
+  std::error_code ec;
+  fs::remove_all(path, ec);
+  require(!ec, "cannot remove '{}': {}", path, ec.message());
+}
+
+}  // namespace
+
+std::string checkpoint_dir(const std::string& run_dir, const std::string& name) {
+  return run_dir + "/checkpoints/" + name;
+}
+
+void save_run_checkpoint(const std::string& dir, const Backend& backend, const TrainerState& state) {
+  const std::string tmp = dir + ".tmp", old = dir + ".old";
+  // 1) the complete checkpoint in <dir>.tmp; each writer fsyncs its file and the folder
+  remove_or_throw(tmp);
+  ensure_dir(tmp);
+  save_checkpoint(tmp, backend.config(), backend.weights(), DType::F32);
+  SafetensorsWriter w;
+  for (const auto& [name, v] : backend.optimizer_state()) w.add_f32(name, {int64_t(v.size())}, v.data());
+  w.set_metadata("format", "nano-dsv3 AdamW moments (exp_avg, exp_avg_sq) per model.py tensor");
+  w.write(tmp + "/optimizer.safetensors");
+  write_file_atomic(tmp + "/trainer_state.json", state_to_json(state));
+  // 2) the swap: at every moment <dir> or <dir>.old is a complete checkpoint
+  if (fs::exists(dir)) {
+    remove_or_throw(old);
+    rename_or_throw(dir, old);
+  }
+  rename_or_throw(tmp, dir);
+  fsync_path(fs::path(dir).parent_path().string());
+  remove_or_throw(old);
+}
+
+std::string resolve_checkpoint(const std::string& dir) {
+  if (fs::is_directory(dir)) return dir;
+  if (fs::is_directory(dir + ".old")) return dir + ".old";  // a save was interrupted between its two renames
+  throw UserError(fmt::format("no checkpoint at '{}' (nor '{}.old')", dir, dir));
+}
+
+TrainerState read_trainer_state(const std::string& dir) {
+  const std::string path = resolve_checkpoint(dir) + "/trainer_state.json";
+  return state_from_json(data::read_file(path, "trainer state"), path);
+}
+
+TrainerState load_run_checkpoint(const std::string& dir, Backend& backend, const data::DataInfo& info) {
+  const std::string d = resolve_checkpoint(dir);
+  // 1) the trainer state, and that it was trained on this data
+  const std::string state_path = d + "/trainer_state.json";
+  const TrainerState st = state_from_json(data::read_file(state_path, "trainer state"), state_path);
+  require(st.vocab_size == info.vocab_size && st.train_tokens == info.train.tokens &&
+              st.val_tokens == info.val.tokens && st.train_bytes == info.train.bytes && st.val_bytes == info.val.bytes,
+          "{}: the checkpoint was trained on other data (vocab {}, {} train / {} val tokens; this data: vocab {}, "
+          "{} / {}): resume with the data it was trained on, or start a new run",
+          state_path, st.vocab_size, st.train_tokens, st.val_tokens, info.vocab_size, info.train.tokens,
+          info.val.tokens);
+  // 2) the model: config.json must describe the backend's model; model.safetensors is validated by stage 06
+  const Checkpoint ck = load_checkpoint(d);
+  const std::string diff =
+      first_difference(json::parse(config_to_json_text(ck.config)), json::parse(config_to_json_text(backend.config())));
+  require(diff.empty(), "{}/config.json: the checkpoint's model differs from this run's model in '{}': build the "
+          "model from this config.json to resume", d, diff);
+  // 3) the moments: exactly the backend's tensors, each of its size
+  const std::string opt_path = d + "/optimizer.safetensors";
+  const SafetensorsFile f(opt_path);
+  TensorMap moments;
+  for (const auto& [name, v] : backend.optimizer_state()) {
+    require(f.has(name), "{}: tensor '{}' is missing", opt_path, name);
+    moments[name] = f.read_f32(name, {int64_t(v.size())});
+  }
+  for (const auto& t : f.tensors())
+    require(moments.count(t.name), "{}: unexpected tensor '{}' for this model", opt_path, t.name);
+  // 4) everything checked: load
+  backend.load_weights(ck.tensors);
+  backend.load_optimizer_state(moments);
+  return st;
+}
+
+// ---- diagnostics CSVs ---------------------------------------------------------------------------------------
+namespace {
+
+std::string num(double x) { return fmt::format("{:.9g}", x); }
+std::string num(int64_t x) { return std::to_string(x); }
+
+// A CSV file appended row by row (flushed each time, so a crash keeps what was written). Started afresh, or on
+// resume kept up to the rows whose step (first column) is <= keep_step.
+class CsvLog {
+ public:
+  CsvLog(const std::string& path, const std::vector<std::string>& header, bool resume, int64_t keep_step)
+      : path_(path), ncols_(header.size()) {
+    std::string head;
+    for (size_t i = 0; i < header.size(); ++i) head += (i ? "," : "") + header[i];
+    std::string kept = head + "\n";
+    if (resume && fs::exists(path)) {
+      std::istringstream in(data::read_file(path, "diagnostics file"));
+      std::string line;
+      if (std::getline(in, line) && line == head)
+        while (std::getline(in, line))
+          if (!line.empty() && std::strtoll(line.c_str(), nullptr, 10) <= keep_step) kept += line + "\n";
+    }
+    write_file_atomic(path, kept);
+    f_.open(path, std::ios::app);
+    require(f_.good(), "cannot append to '{}'", path);
+  }
+  void row(const std::vector<std::string>& cells) {
+    require(cells.size() == ncols_, "CSV '{}': row has {} cells, header has {}", path_, cells.size(), ncols_);
+    for (size_t i = 0; i < cells.size(); ++i) f_ << (i ? "," : "") << cells[i];
+    f_ << "\n" << std::flush;
+    require(f_.good(), "writing '{}' failed (disk full?)", path_);
+  }
+
+ private:
+  std::string path_;
+  size_t ncols_;
+  std::ofstream f_;
+};
+
+std::string fmt_duration(double s) {
+  if (!std::isfinite(s) || s < 0) return "-";
+  const int64_t t = int64_t(std::llround(s));
+  if (t >= 3600) return fmt::format("{}h{:02}m", t / 3600, (t % 3600) / 60);
+  if (t >= 60) return fmt::format("{}m{:02}s", t / 60, t % 60);
+  return fmt::format("{}s", t);
+}
+
+std::string fmt_rate(double x) {
+  if (x >= 1e6) return fmt::format("{:.2f}M", x / 1e6);
+  if (x >= 1e3) return fmt::format("{:.0f}k", x / 1e3);
+  return fmt::format("{:.0f}", x);
+}
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t m = v.size() / 2;
+  return v.size() % 2 ? v[m] : 0.5 * (v[m - 1] + v[m]);
+}
+
+// The progress line: rewritten in place on a terminal, else printed as lines; other lines first end it.
+class Progress {
+ public:
+  Progress(std::ostream& out, bool tty) : out_(out), tty_(tty) {}
+  void status(const std::string& line) {
+    if (tty_) {
+      out_ << "\r" << line << std::string(line.size() < width_ ? width_ - line.size() : 0, ' ') << std::flush;
+      width_ = line.size();
+      open_ = true;
+    } else {
+      out_ << line << "\n" << std::flush;
+    }
+  }
+  void line(const std::string& text) {
+    end_status();
+    out_ << text << "\n" << std::flush;
+  }
+  void end_status() {
+    if (open_) out_ << "\n";
+    open_ = false;
+    width_ = 0;
+  }
+  bool tty() const { return tty_; }
+
+ private:
+  std::ostream& out_;
+  bool tty_;
+  bool open_ = false;
+  size_t width_ = 0;
+};
+
+constexpr int kMaxBadSteps = 5;  // consecutive non-finite steps before training is declared diverged
+
+}  // namespace
+
+// ---- the run ------------------------------------------------------------------------------------------------
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+// One call of train(): the state, the files and the per-step work, in the order a step does them.
+class Run {
+ public:
+  Run(Backend& backend, const data::Prepared& data, const TrainConfig& cfg, const std::string& run_dir, bool resume,
+      std::ostream& out, const TrainHooks& hooks)
+      : backend_(backend), data_(data), cfg_(cfg), mc_(backend.config()), out_(out), hooks_(hooks),
+        last_dir_(checkpoint_dir(run_dir, "last")), best_dir_(checkpoint_dir(run_dir, "best")),
+        batcher_(data.train, cfg.batch, cfg.seq_len, cfg.seed),
+        progress_(out, hooks.tty >= 0 ? hooks.tty == 1 : (&out == &std::cout && ::isatty(STDOUT_FILENO))) {
+    start_state(resume);
+    batcher_.set_state(st_.batcher);
+    ensure_dir(run_dir + "/checkpoints");
+    open_logs(run_dir, resume);
+    first_step_ = st_.step;
+    elapsed_before_ = st_.elapsed_s;
+    res_.stop_reason = "max_steps";
+  }
+
+  TrainResult run() {
+    if (st_.step >= cfg_.max_steps)
+      progress_.line(fmt::format("step {} >= max_steps {}: nothing to train (raise max_steps to go on)", st_.step,
+                                 cfg_.max_steps));
+    while (st_.step < cfg_.max_steps) {
+      const StepRecord rec = train_step();
+      const auto counts = backend_.expert_counts();  // this step's routing, before validation routes other tokens
+      log_step(rec, counts);
+      bool stop = stop_requested();
+      const bool at_end = stop || rec.step == cfg_.max_steps;
+      bool val_finite = true;
+      if (rec.step % cfg_.eval_every == 0 || at_end) {
+        log_expert_load(rec.step, counts);
+        val_finite = validate(rec.step);
+        if (!stop && patience_ran_out()) stop = true;
+      }
+      const int every = cfg_.ckpt_every > 0 ? cfg_.ckpt_every : cfg_.eval_every;
+      if (at_end || stop || rec.step % every == 0) save_last(val_finite);
+      show_progress(rec, at_end || stop);
+      if (stop) break;
+    }
+    progress_.end_status();
+    return finish();
+  }
+
+ private:
+  // 1) fresh (the run folder must hold no checkpoint) or from the last checkpoint
+  void start_state(bool resume) {
+    if (resume) {
+      st_ = load_run_checkpoint(last_dir_, backend_, data_.info);
+      const json was = config_json(st_.config), now = config_json(cfg_);
+      for (const char* fixed : {"batch", "seq_len", "seed"})
+        require(was[fixed] == now[fixed], "resume: {} was {} in this run and is {} now; it fixes the order of the "
+                "batches, so it cannot change (start a new run instead)", fixed, was[fixed].dump(), now[fixed].dump());
+      for (const auto& [k, v] : was.items())
+        if (v != now[k]) out_ << fmt::format("resume: {} {} -> {}\n", k, v.dump(), now[k].dump());
+      out_ << fmt::format("resumed {} at step {} ({} updates, best val ce {} at step {})\n",
+                          resolve_checkpoint(last_dir_), st_.step, st_.updates,
+                          st_.best_step >= 0 ? fmt::format("{:.4f}", st_.best_val_ce) : "-", st_.best_step);
+    } else {
+      for (const auto& d : {last_dir_, last_dir_ + ".old", best_dir_, best_dir_ + ".old"})
+        require(!fs::exists(d), "the run folder already holds a checkpoint ({}): resume it, or train into another "
+                "folder", d);
+      st_.vocab_size = data_.info.vocab_size;
+      st_.train_tokens = data_.info.train.tokens;
+      st_.val_tokens = data_.info.val.tokens;
+      st_.train_bytes = data_.info.train.bytes;
+      st_.val_bytes = data_.info.val.bytes;
+    }
+    st_.config = cfg_;
+  }
+
+  void open_logs(const std::string& run_dir, bool resume) {
+    std::vector<std::string> train_cols = {"step", "lr", "loss", "ce", "mtp"}, val_cols = {"step", "val_ce", "val_bpb"};
+    for (int k = 1; k <= depth(); ++k) {
+      train_cols.push_back(fmt::format("mtp_d{}", k));
+      val_cols.push_back(fmt::format("val_mtp_d{}", k));
+    }
+    train_cols.insert(train_cols.end(), {"balance", "grad_norm", "maxvio", "tokens_per_s", "elapsed_s"});
+    val_cols.insert(val_cols.end(), {"train_ce", "best"});
+    train_csv_.emplace(run_dir + "/train.csv", train_cols, resume, st_.step);
+    val_csv_.emplace(run_dir + "/val.csv", val_cols, resume, st_.step);
+    load_csv_.emplace(run_dir + "/expert_load.csv", std::vector<std::string>{"step", "layer", "expert", "load"},
+                      resume, st_.step);
+  }
+
+  // 2) one step: batch, forward + backward, norm; clip and update, or skip a non-finite step
+  StepRecord train_step() {
+    const int64_t step = st_.step + 1;
+    lr_ = lr_at(cfg_, step);
+    const std::vector<int> tokens = batcher_.next();
+    const auto t0 = Clock::now();
+    StepRecord rec;
+    rec.step = step;
+    rec.losses = backend_.forward_backward(tokens, cfg_.batch, cfg_.seq_len);
+    rec.grad_norm = backend_.grad_norm();
+    rec.skipped = !(std::isfinite(rec.losses.total()) && std::isfinite(rec.grad_norm));
+    if (!rec.skipped) {
+      AdamWConfig opt;
+      opt.lr = float(lr_);
+      opt.beta1 = float(cfg_.beta1);
+      opt.beta2 = float(cfg_.beta2);
+      opt.weight_decay = float(cfg_.weight_decay);
+      const bool clip = cfg_.grad_clip > 0 && rec.grad_norm > cfg_.grad_clip;
+      backend_.step(opt, clip ? float(cfg_.grad_clip / rec.grad_norm) : 1.f, ++st_.updates);
+      bad_in_a_row_ = 0;
+      st_.train_ce_sum += rec.losses.ce;
+      ++st_.train_ce_count;
+    } else {
+      ++bad_in_a_row_;
+      ++st_.skipped_steps;
+    }
+    step_times_.push_back(seconds_since(t0));
+    st_.step = step;
+    st_.batcher = batcher_.state();
+    res_.history.push_back(rec);
+    return rec;
+  }
+
+  // 3) train.csv; a skipped step's warning, and the divergence stop
+  void log_step(const StepRecord& rec, const std::vector<std::vector<int>>& counts) {
+    const std::vector<double> mtp = backend_.mtp_losses();
+    double maxvio = 0;
+    for (const auto& c : counts) maxvio += max_violation(c.data(), int(c.size())) / double(counts.size());
+    const ModelLosses& L = rec.losses;
+    std::vector<std::string> row = {num(rec.step), num(lr_), num(L.total()), num(L.ce), num(L.mtp)};
+    for (int k = 0; k < depth(); ++k) row.push_back(num(k < int(mtp.size()) ? mtp[size_t(k)] : NAN));
+    row.insert(row.end(), {num(L.balance), num(rec.grad_norm), num(maxvio), num(tokens_per_step() / step_times_.back()),
+                           num(elapsed())});
+    train_csv_->row(row);
+    if (!rec.skipped) return;
+    progress_.line(fmt::format("step {}: non-finite loss ({}) or gradient norm ({}): update skipped ({} in a row, "
+                               "{} in total)", rec.step, L.total(), rec.grad_norm, bad_in_a_row_, st_.skipped_steps));
+    if (bad_in_a_row_ >= kMaxBadSteps)
+      throw UserError(fmt::format(
+          "training diverged: {} steps in a row (up to step {}) had a non-finite loss or gradient norm; the last good "
+          "checkpoint ({}) is untouched: lower the learning rate (lr {:.3g}) or lengthen the warm-up",
+          bad_in_a_row_, rec.step, fs::exists(last_dir_) ? last_dir_ : "none saved yet", cfg_.lr));
+  }
+
+  bool stop_requested() {
+    if (hooks_.stop && hooks_.stop->load()) {
+      res_.stop_reason = "stopped";
+      return true;
+    }
+    if (cfg_.max_minutes > 0 && seconds_since(t_start_) >= cfg_.max_minutes * 60) {
+      res_.stop_reason = "max_minutes";
+      return true;
+    }
+    return false;
+  }
+
+  // 4) expert_load.csv: each MoE layer's share of routed slots per expert in this step's batch
+  void log_expert_load(int64_t step, const std::vector<std::vector<int>>& counts) {
+    for (size_t i = 0; i < counts.size(); ++i) {
+      const int64_t slots = std::accumulate(counts[i].begin(), counts[i].end(), int64_t(0));
+      for (size_t e = 0; e < counts[i].size(); ++e)
+        load_csv_->row({num(step), num(int64_t(mc_.first_k_dense_replace) + int64_t(i)), num(int64_t(e)),
+                        num(double(counts[i][e]) / double(std::max<int64_t>(slots, 1)))});
+    }
+  }
+
+  // 5) validation: val.csv, the eval line, the best checkpoint. Returns whether the val loss is finite.
+  bool validate(int64_t step) {
+    const ValResult v = evaluate(backend_, data_.val, cfg_.batch, cfg_.seq_len, data_.info);
+    const bool finite = std::isfinite(v.ce);
+    const double train_ce = st_.train_ce_count ? st_.train_ce_sum / double(st_.train_ce_count) : NAN;
+    const bool best = finite && bad_in_a_row_ == 0 && v.ce < st_.best_val_ce;
+    std::vector<std::string> row = {num(step), num(v.ce), num(v.bits_per_byte)};
+    for (int k = 0; k < depth(); ++k) row.push_back(num(k < int(v.mtp.size()) ? v.mtp[size_t(k)] : NAN));
+    row.insert(row.end(), {num(train_ce), num(int64_t(best))});
+    val_csv_->row(row);
+    std::string mtp_text;
+    for (size_t k = 0; k < v.mtp.size(); ++k) mtp_text += fmt::format(" | mtp d{} {:.4f}", k + 1, v.mtp[k]);
+    progress_.line(fmt::format("eval step {} | val ce {:.4f} | {:.4f} bpb{} | train ce {:.4f}{}", step, v.ce,
+                               v.bits_per_byte, mtp_text, train_ce, best ? " | new best" : ""));
+    val_text_ = fmt::format("{:.3f} ({:.2f} bpb)", v.ce, v.bits_per_byte);
+    res_.final_train_ce = train_ce;
+    st_.train_ce_sum = 0;
+    st_.train_ce_count = 0;
+    st_.last_eval_step = step;
+    if (best) {
+      st_.best_val_ce = v.ce;
+      st_.best_val_bpb = v.bits_per_byte;
+      st_.best_step = step;
+      st_.evals_since_best = 0;
+      save(best_dir_);
+    } else {
+      ++st_.evals_since_best;
+    }
+    if (!finite) progress_.line(fmt::format("step {}: the validation loss is not finite", step));
+    return finite;
+  }
+
+  bool patience_ran_out() {
+    if (cfg_.patience == 0 || st_.evals_since_best < cfg_.patience) return false;
+    res_.stop_reason = "patience";
+    progress_.line(fmt::format("no new best val ce in {} evaluations (patience): stopping", st_.evals_since_best));
+    return true;
+  }
+
+  // 6) the last checkpoint, unless the model is in a non-finite streak: the last good one stays
+  void save_last(bool val_finite) {
+    if (bad_in_a_row_ == 0 && val_finite)
+      save(last_dir_);
+    else
+      progress_.line(fmt::format("step {}: last checkpoint not updated (non-finite values)", st_.step));
+  }
+
+  void save(const std::string& dir) {
+    st_.elapsed_s = elapsed();
+    save_run_checkpoint(dir, backend_, st_);
+  }
+
+  void show_progress(const StepRecord& rec, bool last) {
+    const int64_t every = progress_.tty() ? cfg_.log_every : std::max(cfg_.log_every, std::max(1, cfg_.eval_every / 5));
+    if (rec.step % every != 0 && !last) return;
+    const double per_step = seconds_since(t_start_) / double(rec.step - first_step_);  // evaluations included
+    progress_.status(fmt::format("step {}/{} | ce {:.3f} | val {} | lr {:.1e} | {} tok/s | ETA {}", rec.step,
+                                 cfg_.max_steps, rec.losses.ce, val_text_, lr_, fmt_rate(tokens_per_s()),
+                                 fmt_duration(per_step * double(cfg_.max_steps - rec.step))));
+  }
+
+  TrainResult finish() {
+    res_.steps_done = st_.step;
+    res_.best_val_ce = st_.best_val_ce;
+    res_.best_val_bpb = st_.best_val_bpb;
+    res_.best_step = st_.best_step;
+    res_.tokens_per_s = tokens_per_s();
+    res_.elapsed_s = elapsed();
+    res_.skipped_steps = st_.skipped_steps;
+    out_ << fmt::format("done ({}) at step {}: best val ce {:.4f} ({:.4f} bpb) at step {}, {} tok/s, {} in all, {} "
+                        "skipped steps\n", res_.stop_reason, res_.steps_done, res_.best_val_ce, res_.best_val_bpb,
+                        res_.best_step, fmt_rate(res_.tokens_per_s), fmt_duration(res_.elapsed_s),
+                        res_.skipped_steps);
+    return res_;
+  }
+
+  int depth() const { return mc_.num_nextn_predict_layers; }
+  double tokens_per_step() const { return double(cfg_.batch) * cfg_.seq_len; }
+  double elapsed() const { return elapsed_before_ + seconds_since(t_start_); }
+  // Median over this call's steps after the first 3 (warm-up: allocations, caches), all of them when fewer.
+  double tokens_per_s() const {
+    if (step_times_.empty()) return 0;
+    const size_t skip = step_times_.size() > 3 ? 3 : 0;
+    return tokens_per_step() / median(std::vector<double>(step_times_.begin() + skip, step_times_.end()));
+  }
+
+  Backend& backend_;
+  const data::Prepared& data_;
+  const TrainConfig cfg_;
+  const ModelConfig& mc_;
+  std::ostream& out_;
+  const TrainHooks& hooks_;
+  const std::string last_dir_, best_dir_;
+  const Clock::time_point t_start_ = Clock::now();
+  Batcher batcher_;
+  Progress progress_;
+  std::optional<CsvLog> train_csv_, val_csv_, load_csv_;
+  TrainerState st_;
+  TrainResult res_;
+  int64_t first_step_ = 0;
+  double elapsed_before_ = 0;  // elapsed_s of the earlier calls (resume)
+  int bad_in_a_row_ = 0;
+  double lr_ = 0;
+  std::vector<double> step_times_;  // forward + backward + update of each step of this call, seconds
+  std::string val_text_ = "-";
+};
+
+}  // namespace
+
+TrainResult train(Backend& backend, const data::Prepared& data, const TrainConfig& cfg, const std::string& run_dir,
+                  bool resume, std::ostream& out, const TrainHooks& hooks) {
+  cfg.validate();
+  const ModelConfig& mc = backend.config();
+  require(data.info.vocab_size == mc.vocab_size, "the data's vocabulary has {} tokens but the model's vocab_size is "
+          "{}: build the model config for this data (run_model_config)", data.info.vocab_size, mc.vocab_size);
+  require(cfg.seq_len <= mc.max_position_embeddings, "seq_len {} exceeds the model's max_position_embeddings {}",
+          cfg.seq_len, mc.max_position_embeddings);
+  ensure_dir(run_dir);
+  TrainResult res = Run(backend, data, cfg, run_dir, resume, out, hooks).run();
+  if (!hooks.plots_script.empty()) render_plots(hooks.plots_script, run_dir);
+  return res;
+}
+
+ModelConfig run_model_config(const std::string& preset_or_path, int vocab_size, int seq_len) {
+  require(vocab_size > 0 && seq_len > 0, "run_model_config: vocab_size {} and seq_len {} must be > 0", vocab_size,
+          seq_len);
+  const auto presets = config_preset_names();
+  ModelConfig c;
+  if (std::find(presets.begin(), presets.end(), preset_or_path) != presets.end()) {
+    c = config_preset(preset_or_path);
+    c.vocab_size = vocab_size;
+  } else {
+    const std::string path = fs::is_directory(preset_or_path) ? preset_or_path + "/config.json" : preset_or_path;
+    std::string names;
+    for (const auto& n : presets) names += (names.empty() ? "" : ", ") + n;
+    require(fs::is_regular_file(path), "model '{}' is neither a preset ({}) nor a config.json file", preset_or_path,
+            names);
+    c = load_config(path);
+    require(c.vocab_size == vocab_size, "{}: vocab_size is {} but the data's tokenizer has {} tokens: use a config "
+            "made for this data, or a preset (its vocab_size is set from the data)", path, c.vocab_size, vocab_size);
+  }
+  c.max_position_embeddings = std::max(c.max_position_embeddings, seq_len);
+  c.validate();
+  return c;
+}
+
+}  // namespace dsv3
