@@ -142,10 +142,12 @@ void use_cpu_fallback(TrainArgs& a) {
   a.preset = "tiny";
   a.cfg.batch = 8;
   a.cfg.seq_len = 64;
-  a.cfg.max_steps = 300;
+  a.cfg.max_steps = 600;
   a.cfg.warmup_steps = 20;
   a.cfg.lr = 3e-3;
-  a.cfg.eval_every = 50;
+  a.cfg.weight_decay = 0.1;
+  a.cfg.eval_every = 100;
+  a.cfg.patience = 0;
 }
 
 std::unique_ptr<Backend> make_backend(const TrainArgs& a, const ModelConfig& c) {
@@ -233,6 +235,13 @@ bool do_sample(const SampleArgs& a) {
   for (size_t i = 0; i < a.prompts.size(); ++i) {
     SampleOptions o = a.opt;
     o.prompt = a.prompts[i];
+    // a model trained on short windows has a short position table: ask for what fits, and say so
+    const int room = model.config().max_position_embeddings - int(tok.encode(o.prompt).size());
+    if (room >= 1 && o.max_new_tokens > room) {
+      std::cout << fmt::format("(max_new_tokens {} -> {}: the model has {} positions)\n", o.max_new_tokens, room,
+                               model.config().max_position_embeddings);
+      o.max_new_tokens = room;
+    }
     if (a.speculative && i == 0) {
       const SampleComparison c = generate_both(model, tok, o);
       print_sample(o.prompt, c.plain);

@@ -182,7 +182,7 @@ TEST(TrainConfig, ValidateNamesTheBadField) {
       {[](TrainConfig& c) { c.lr = 0; }, "lr"},
       {[](TrainConfig& c) { c.lr = NAN; }, "lr"},
       {[](TrainConfig& c) { c.min_lr_ratio = 1.5; }, "min_lr_ratio"},
-      {[](TrainConfig& c) { c.warmup_steps = 601; }, "warmup_steps"},
+      {[](TrainConfig& c) { c.warmup_steps = c.max_steps + 1; }, "warmup_steps"},
       {[](TrainConfig& c) { c.beta2 = 1; }, "beta2"},
       {[](TrainConfig& c) { c.grad_clip = -1; }, "grad_clip"},
       {[](TrainConfig& c) { c.eval_every = 0; }, "eval_every"},
