@@ -151,7 +151,7 @@ ModelConfig config_preset(const std::string& name) {
     c.topk_group = 2;
     c.num_nextn_predict_layers = 1;
     c.max_position_embeddings = 64;
-  } else if (name == "lyrics") {  // provisional: stage 07 chooses the final size for the lyrics corpus
+  } else if (name == "lyrics") {  // the default run of stage 07 (its README compares the runs that chose its schedule)
     c.vocab_size = 4096;
     c.hidden_size = 384;
     c.intermediate_size = 1024;

@@ -33,7 +33,7 @@ struct TrainConfig {
   double lr = 1.5e-3;           // peak learning rate
   double min_lr_ratio = 0.1;    // the cosine ends at lr * min_lr_ratio at max_steps
   int64_t warmup_steps = 50;
-  double weight_decay = 2.0;    // AdamW, decoupled (lr * wd per step), matrices only (decays() in backend.h)
+  double weight_decay = 3.0;    // AdamW, decoupled (lr * wd per step), matrices only (decays() in backend.h)
   double beta1 = 0.9, beta2 = 0.95;
   double grad_clip = 1.0;       // clip the global gradient norm to this; 0 = off
   int eval_every = 20;          // validation (and the last checkpoint) every this many steps, and at the end
