@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cmath>
 #include <csignal>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -159,13 +160,18 @@ std::unique_ptr<Backend> make_backend(const TrainArgs& a, const ModelConfig& c) 
   return make_cpu_backend(c, a.model_seed);
 }
 
-// A fresh run must not overwrite another run's checkpoints: an old run folder moves to <run>.previous.
-void make_room_for_run(const std::string& run) {
+// The main job starts a fresh run each time; an earlier run folder is kept, renamed <run>.<date-time> (nothing
+// is ever deleted). The train subcommand does not do this: it refuses a folder that holds a run (use --resume or
+// another --run).
+void keep_previous_run(const std::string& run) {
   if (!fs::exists(run)) return;
-  const std::string prev = run + ".previous";
-  fs::remove_all(prev);
-  fs::rename(run, prev);
-  std::cout << fmt::format("(the previous run in {} moved to {})\n", run, prev);
+  const std::time_t now = std::time(nullptr);
+  char stamp[32];
+  std::strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", std::localtime(&now));
+  std::string kept = run + "." + stamp;
+  for (int i = 2; fs::exists(kept); ++i) kept = run + "." + stamp + "-" + std::to_string(i);
+  fs::rename(run, kept);
+  std::cout << fmt::format("(the previous run in {} is kept as {})\n", run, kept);
 }
 
 TrainResult do_train(const TrainArgs& a, const Prepared& data, std::ostream& out) {
@@ -178,10 +184,10 @@ TrainResult do_train(const TrainArgs& a, const Prepared& data, std::ostream& out
   out << fmt::format("data: {} train / {} val tokens, vocab {} | batch {} x {} | {} steps, lr {:g}, warm-up {}\n",
                      data.info.train.tokens, data.info.val.tokens, data.info.vocab_size, a.cfg.batch, a.cfg.seq_len,
                      a.cfg.max_steps, a.cfg.lr, a.cfg.warmup_steps);
-  if (!a.resume) make_room_for_run(a.run);
   fs::create_directories(a.run);
   // the run folder is self-contained: the tokenizer travels with the checkpoints
-  fs::copy_file(a.data + "/tokenizer.model", a.run + "/tokenizer.model", fs::copy_options::overwrite_existing);
+  // (never replaced: a folder that already holds a run keeps its own, and the trainer refuses other data)
+  fs::copy_file(a.data + "/tokenizer.model", a.run + "/tokenizer.model", fs::copy_options::skip_existing);
   TrainHooks hooks;
   hooks.plots_script = std::string(DSV3_STAGE_DIR) + "/plots.gp";
   hooks.stop = &g_stop;
@@ -276,6 +282,7 @@ int run_check(const std::string& out, PrepareArgs pa) {
   TrainArgs a;
   a.data = out + "/data";
   a.run = out + "/check_run";
+  fs::remove_all(a.run);  // the check's own scratch run
   a.device = "cpu";
   a.precision = "fp32";
   use_cpu_fallback(a);
@@ -455,6 +462,7 @@ int main(int argc, char** argv) {
           "Its lyrics will be poor: the real run (the lyrics preset, bf16) needs an NVIDIA GPU.\n\n",
           gpu_description());
     }
+    keep_previous_run(ta.run);
     do_train(ta, data, std::cout);
     sa.speculative = true;
     return do_sample(sa) ? 0 : 1;
