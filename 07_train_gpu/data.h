@@ -97,7 +97,7 @@ class Tokenizer {
   // byte_fallback, character_coverage 1.0, kNewlineSymbol as a user-defined symbol; unk 0, bos 1, eos 2.
   static Tokenizer train(const std::vector<std::string>& texts, int vocab_size);  // deterministic (BPE, no sampling)
   static Tokenizer load(const std::string& model_path);  // UserError when the file is missing or bad
-  void save(const std::string& model_path) const;        // atomic (temp file + rename)
+  void save(const std::string& model_path) const;        // atomic (write_file_atomic: temp file, fsync, rename)
 
   std::vector<int> encode(const std::string& text) const;  // '\n' -> kNewlineSymbol before encoding
   std::string decode(const std::vector<int>& ids) const;   // and back after decoding
@@ -154,6 +154,5 @@ Prepared load_prepared(const std::string& dir);
 // Helpers shared with the demo and the tests.
 int64_t count_lines(const std::string& text);
 std::string read_file(const std::string& path, const std::string& what);  // UserError when unreadable
-void write_file_atomic(const std::string& path, const std::string& bytes);
 
 }  // namespace dsv3::data

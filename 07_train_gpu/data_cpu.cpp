@@ -21,6 +21,7 @@
 #include "common/diag.h"
 #include "common/errors.h"
 #include "common/rng.h"
+#include "common/safetensors.h"  // write_file_atomic
 
 namespace dsv3::data {
 
@@ -351,20 +352,6 @@ std::string read_file(const std::string& path, const std::string& what) {
   ss << f.rdbuf();
   require(!f.bad(), "{} '{}': read error", what, path);
   return ss.str();
-}
-
-void write_file_atomic(const std::string& path, const std::string& bytes) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    require(f.good(), "cannot write '{}'", tmp);
-    f.write(bytes.data(), std::streamsize(bytes.size()));
-    f.flush();
-    require(f.good(), "write to '{}' failed (disk full?)", tmp);
-  }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  require(!ec, "cannot rename '{}' to '{}': {}", tmp, path, ec.message());
 }
 
 std::string run_bible(const std::string& bible_cmd) {

@@ -121,7 +121,7 @@ int do_prepare(PrepareArgs a, const std::string& data_dir, bool check, Prepared*
   if (a.dump) {
     std::string all;
     for (const auto& s : songs) all += s.text + "\n%\n";
-    data::write_file_atomic(data_dir + "/songs.txt", all);
+    write_file_atomic(data_dir + "/songs.txt", all);
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::cout << fmt::format("prepared {} songs, vocab {} in {:.1f} s -> {}\n", songs.size(), p.info.vocab_size, secs, data_dir);

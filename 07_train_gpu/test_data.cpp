@@ -1,13 +1,13 @@
 // Tests of stage 07's data preparation: cleaning rules, split by song, user-file errors, tokenizer round
 // trips, token file + JSON round trip and rejection of damaged files. No network; the Debian sources are
 // used only by DefaultCorpus.*, which skip visibly when they are missing.
-#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
 #include <set>
 
 #include "07_train_gpu/data.h"
+#include "07_train_gpu/test_support.h"
 #include "common/errors.h"
 #include "common/testing.h"
 
@@ -17,25 +17,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// A fresh folder under the system temp dir, removed at the end of the test.
-struct TempDir {
-  std::string path;
-  TempDir() {
-    path = (fs::temp_directory_path() / fmt::format("dsv3_07_{}_{}", ::getpid(), counter()++)).string();
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string file(const std::string& name, const std::string& bytes) const {
-    const std::string p = path + "/" + name;
-    std::ofstream(p, std::ios::binary) << bytes;
-    return p;
-  }
-  static int& counter() {
-    static int c = 0;
-    return c;
-  }
-};
+using test::TempDir;
 
 std::vector<Song> toy_songs(int n) {
   const char* words[] = {"love", "night", "river", "shine", "heart", "road", "home", "rain", "song", "light"};

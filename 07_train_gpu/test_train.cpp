@@ -2,7 +2,6 @@
 // schedule, the batcher's coverage and state, validation's averaging and bits per byte, AdamW's decay rule and
 // agreement with stage 04's adamw_step, a falling loss, resume == uninterrupted bitwise, the best checkpoint,
 // damaged or foreign checkpoints, the .old recovery, non-finite steps and divergence, the model config of a run.
-#include <unistd.h>
 
 #include <cmath>
 #include <filesystem>
@@ -12,6 +11,7 @@
 #include <set>
 #include <sstream>
 
+#include "07_train_gpu/test_support.h"
 #include "07_train_gpu/train.h"
 #include "common/errors.h"
 #include "common/rng.h"
@@ -22,54 +22,9 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// A fresh folder under the system temp dir, removed at the end of the test.
-struct TempDir {
-  std::string path;
-  TempDir() {
-    static int counter = 0;
-    path = (fs::temp_directory_path() / fmt::format("dsv3_07_train_{}_{}", ::getpid(), counter++)).string();
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string sub(const std::string& name) const { return path + "/" + name; }
-};
-
-constexpr int kVocab = 61, kEos = 2;
-
-// Songs of vocab 61: one of 4 fixed 12-token phrases sung 3 times with 10% of the tokens replaced by noise, then
-// eos. A model can learn the phrases (the loss falls well below ln 61) but not the noise.
-std::vector<uint16_t> synthetic_split(int songs, uint64_t seed) {
-  Rng phrases(42);  // the same phrases in both splits
-  std::vector<std::vector<uint16_t>> phrase(4);
-  for (auto& p : phrase)
-    for (int i = 0; i < 12; ++i) p.push_back(uint16_t(3 + phrases.below(kVocab - 3)));
-  Rng rng(seed);
-  std::vector<uint16_t> out;
-  for (int s = 0; s < songs; ++s) {
-    const auto& p = phrase[rng.below(4)];
-    for (int r = 0; r < 3; ++r)
-      for (uint16_t t : p) out.push_back(rng.uniform() < 0.1 ? uint16_t(3 + rng.below(kVocab - 3)) : t);
-    out.push_back(kEos);
-  }
-  return out;
-}
-
-data::Prepared synthetic_data() {
-  data::Prepared p;
-  p.train = synthetic_split(60, 1);  // 2220 tokens
-  p.val = synthetic_split(12, 2);    // 444 tokens
-  p.info.vocab_size = kVocab;
-  p.info.eos_id = kEos;
-  p.info.train = {"train.bin", 60, 180, 3 * int64_t(p.train.size() - 60), int64_t(p.train.size())};
-  p.info.val = {"val.bin", 12, 36, 3 * int64_t(p.val.size() - 12), int64_t(p.val.size())};
-  return p;
-}
-
-const data::Prepared& test_data() {
-  static const data::Prepared d = synthetic_data();
-  return d;
-}
+using test::TempDir;
+constexpr int kVocab = test::kSyntheticVocab;
+const data::Prepared& test_data() { return test::synthetic_data(); }
 
 ModelConfig tiny() { return run_model_config("tiny", kVocab, 16); }
 

@@ -9,7 +9,6 @@
 
 #ifdef DSV3_HAVE_CUDA
 #include <fmt/format.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -18,6 +17,7 @@
 #include <set>
 #include <sstream>
 
+#include "07_train_gpu/test_support.h"
 #include "07_train_gpu/train.h"
 #include "common/rng.h"
 
@@ -26,52 +26,11 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// A fresh folder under the system temp dir, removed at the end of the test.
-struct TempDir {
-  std::string path;
-  TempDir() {
-    static int counter = 0;
-    path = (fs::temp_directory_path() / fmt::format("dsv3_07_cuda_{}_{}", ::getpid(), counter++)).string();
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-};
-
-constexpr int kVocab = 61, kEos = 2;
+using test::TempDir;
+constexpr int kVocab = test::kSyntheticVocab;
 constexpr int kB = 8, kT = 32;  // 256 targets a step
-
-// Songs of vocab 61 (test_train.cpp's): one of 4 fixed 12-token phrases sung 3 times with 10% of the tokens replaced
-// by noise, then eos. A model learns the phrases (the loss falls far below ln 61) but not the noise.
-std::vector<uint16_t> synthetic_split(int songs, uint64_t seed) {
-  Rng phrases(42);  // the same phrases in both splits
-  std::vector<std::vector<uint16_t>> phrase(4);
-  for (auto& p : phrase)
-    for (int i = 0; i < 12; ++i) p.push_back(uint16_t(3 + phrases.below(kVocab - 3)));
-  Rng rng(seed);
-  std::vector<uint16_t> out;
-  for (int s = 0; s < songs; ++s) {
-    const auto& p = phrase[rng.below(4)];
-    for (int r = 0; r < 3; ++r)
-      for (uint16_t t : p) out.push_back(rng.uniform() < 0.1 ? uint16_t(3 + rng.below(kVocab - 3)) : t);
-    out.push_back(kEos);
-  }
-  return out;
-}
-
-const data::Prepared& test_data() {
-  static const data::Prepared d = [] {
-    data::Prepared p;
-    p.train = synthetic_split(60, 1);  // 2220 tokens: 69 windows of T+1
-    p.val = synthetic_split(12, 2);    // 444 tokens: 13 validation windows
-    p.info.vocab_size = kVocab;
-    p.info.eos_id = kEos;
-    p.info.train = {"train.bin", 60, 180, 3 * int64_t(p.train.size() - 60), int64_t(p.train.size())};
-    p.info.val = {"val.bin", 12, 36, 3 * int64_t(p.val.size() - 12), int64_t(p.val.size())};
-    return p;
-  }();
-  return d;
-}
+// test_support.h's synthetic songs: 2220 train tokens (69 windows of T+1), 444 validation tokens (13 windows).
+const data::Prepared& test_data() { return test::synthetic_data(); }
 
 // Stage 06's tiny preset (odd sizes, 8 routed experts top-2 in 4 groups, 1 shared, MTP depth 1), hidden 48 instead
 // of 24 and 3 layers (dense, MoE, MoE) instead of 2.

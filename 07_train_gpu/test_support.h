@@ -1,0 +1,75 @@
+// Stage 07's test helpers, shared by test_data.cpp, test_train.cpp and test_train_cuda.cpp: a temporary folder and
+// synthetic songs a small model can learn. Tests only (no library code includes this).
+#pragma once
+
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "07_train_gpu/data.h"
+#include "common/rng.h"
+
+namespace dsv3::test {
+
+// A fresh folder under the system temp dir, removed at the end of the test.
+struct TempDir {
+  std::string path;
+  TempDir() {
+    static int counter = 0;  // inline function: one counter for the whole test binary
+    path = (std::filesystem::temp_directory_path() / fmt::format("dsv3_07_{}_{}", ::getpid(), counter++)).string();
+    std::filesystem::remove_all(path);
+    std::filesystem::create_directories(path);
+  }
+  ~TempDir() { std::filesystem::remove_all(path); }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  std::string sub(const std::string& name) const { return path + "/" + name; }
+  // Writes bytes to <path>/name and returns that path.
+  std::string file(const std::string& name, const std::string& bytes) const {
+    const std::string p = sub(name);
+    std::ofstream(p, std::ios::binary) << bytes;
+    return p;
+  }
+};
+
+constexpr int kSyntheticVocab = 61, kSyntheticEos = 2;
+
+// Songs of vocab 61: one of 4 fixed 12-token phrases sung 3 times with 10% of the tokens replaced by noise, then
+// eos. A model can learn the phrases (the loss falls well below ln 61) but not the noise.
+inline std::vector<uint16_t> synthetic_split(int songs, uint64_t seed) {
+  Rng phrases(42);  // the same phrases in both splits
+  std::vector<std::vector<uint16_t>> phrase(4);
+  for (auto& p : phrase)
+    for (int i = 0; i < 12; ++i) p.push_back(uint16_t(3 + phrases.below(kSyntheticVocab - 3)));
+  Rng rng(seed);
+  std::vector<uint16_t> out;
+  for (int s = 0; s < songs; ++s) {
+    const auto& p = phrase[rng.below(4)];
+    for (int r = 0; r < 3; ++r)
+      for (uint16_t t : p) out.push_back(rng.uniform() < 0.1 ? uint16_t(3 + rng.below(kSyntheticVocab - 3)) : t);
+    out.push_back(kSyntheticEos);
+  }
+  return out;
+}
+
+// 60 train songs (2220 tokens), 12 validation songs (444 tokens); "bytes" count 3 per non-eos token.
+inline const data::Prepared& synthetic_data() {
+  static const data::Prepared d = [] {
+    data::Prepared p;
+    p.train = synthetic_split(60, 1);
+    p.val = synthetic_split(12, 2);
+    p.info.vocab_size = kSyntheticVocab;
+    p.info.eos_id = kSyntheticEos;
+    p.info.train = {"train.bin", 60, 180, 3 * int64_t(p.train.size() - 60), int64_t(p.train.size())};
+    p.info.val = {"val.bin", 12, 36, 3 * int64_t(p.val.size() - 12), int64_t(p.val.size())};
+    return p;
+  }();
+  return d;
+}
+
+}  // namespace dsv3::test
