@@ -1,7 +1,7 @@
 // Stage 02, CUDA: kernels, then launchers, then the public entry points (mla.h). fp32 throughout.
 // Shapes: see the legend in mla.h. Projections go through cuBLAS (dsv3::cuda::gemm); attention uses
-// strided-batched GEMMs over sequences or heads (gemm_bh: a host loop over the smaller, never over tokens) and simple
-// kernels for the causal softmax, its backward, the shared rope-key gradient and the decode attention.
+// one pointer-array batched GEMM over all (sequence, head) pairs per product (gemm_bh) and simple
+// kernels for the causal softmax, its backward and the decode attention.
 #include "02_mla/mla.h"
 #include "common/cuda_utils.h"
 #include "common/gemm.h"
@@ -55,24 +55,6 @@ __global__ void softmax_backward_kernel(float* dP, const float* P, int rows, int
   for (int s = lane; s < valid; s += kWarp) dot += p[s] * d[s];
   dot = warp_sum(dot);
   for (int s = lane; s < L; s += kWarp) d[s] = s < valid ? scale * p[s] * (d[s] - dot) : 0.f;
-}
-
-// dk_pe[b, s, j] = sum_h sum_{t >= s} dS[b, h, t, s] * q_pe[b, t, h, j]: the one rope key is shared by all
-// heads, so its gradient sums over them. One thread per (b, s, j); fixed summation order (deterministic).
-__global__ void dk_pe_kernel(float* dk_pe, const float* dS, const float* q, int B, int T, int H, int S, int Dn,
-                             int Dr) {
-  const size_t idx = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= static_cast<size_t>(B) * T * Dr) return;
-  const int j = static_cast<int>(idx % Dr);
-  const int s = static_cast<int>((idx / Dr) % T);
-  const int b = static_cast<int>(idx / (static_cast<size_t>(Dr) * T));
-  float acc = 0.f;
-  for (int h = 0; h < H; ++h) {
-    const float* ds = dS + (static_cast<size_t>(b) * H + h) * T * T;
-    for (int t = s; t < T; ++t)
-      acc += ds[static_cast<size_t>(t) * T + s] * q[((static_cast<size_t>(b) * T + t) * H + h) * S + Dn + j];
-  }
-  dk_pe[idx] = acc;
 }
 
 // Where the operands of one decode attention live: element j of query (b, h) is q[(b*H + h)*q_stride + j];
@@ -129,21 +111,13 @@ void launch_softmax_backward(float* dP, const float* P, int rows, int L, int Tq,
 }
 
 // Attention products, one per (sequence b, head h): operand X of pair (b, h) starts at X + b*xb + h*xh.
-// One strided-batched call per value of the smaller index, batched over the larger (B calls of H, or H of B).
+// All B*H in one pointer-array batched call (gemm_batched_2d).
 struct BH {
   int64_t b, h;  // strides of the sequence and the head index
 };
 void gemm_bh(Op opA, Op opB, int M, int N, int K, float alpha, const float* A, int lda, BH a, const float* Bm,
              int ldb, BH bm, float beta, float* C, int ldc, BH c, int B, int H) {
-  if (B >= H) {
-    for (int h = 0; h < H; ++h)
-      gemm_strided_batched(opA, opB, M, N, K, alpha, A + h * a.h, lda, a.b, Bm + h * bm.h, ldb, bm.b, beta,
-                           C + h * c.h, ldc, c.b, B);
-  } else {
-    for (int b = 0; b < B; ++b)
-      gemm_strided_batched(opA, opB, M, N, K, alpha, A + b * a.b, lda, a.h, Bm + b * bm.b, ldb, bm.h, beta,
-                           C + b * c.b, ldc, c.h, H);
-  }
+  gemm_batched_2d(opA, opB, M, N, K, alpha, A, lda, a.b, a.h, Bm, ldb, bm.b, bm.h, beta, C, ldc, c.b, c.h, B, H);
 }
 
 // y (rows, out) = x (rows, in) W^T.
@@ -266,12 +240,14 @@ void mla_backward(const MlaGrads<float>& g, float* dinp, const float* dout, cons
   gemm_bh(Op::T, Op::N, T, Dv, T, 1.f, s.att, T, p_bh, dy.get(), H * Dv, y_bh, 0.f, dkv.get() + Dn, H * KS, kv_bh, B,
           H);
   launch_softmax_backward(dP.get(), s.att, B * H * T, T, T, scale);
-  // dq_nope = dS k_nope, dq_pe = dS k_pe;  dk_nope = dS^T q_nope;  dk_pe = sum_h dS^T q_pe (kernel)
+  // dq_nope = dS k_nope, dq_pe = dS k_pe;  dk_nope = dS^T q_nope;  dk_pe = sum_h dS^T q_pe
   gemm_bh(Op::N, Op::N, T, Dn, T, 1.f, dP.get(), T, p_bh, s.kv, H * KS, kv_bh, 0.f, dq.get(), H * S, q_bh, B, H);
   gemm_bh(Op::N, Op::N, T, Dr, T, 1.f, dP.get(), T, p_bh, s.k_pe, Dr, kpe_bh, 0.f, dq.get() + Dn, H * S, q_bh, B, H);
   gemm_bh(Op::T, Op::N, T, Dn, T, 1.f, dP.get(), T, p_bh, s.q, H * S, q_bh, 0.f, dkv.get(), H * KS, kv_bh, B, H);
-  dk_pe_kernel<<<blocks_for(size_t(N) * Dr, 256), 256>>>(dk_pe.get(), dP.get(), s.q, B, T, H, S, Dn, Dr);
-  CUDA_CHECK_LAST();
+  // the one rope key is shared by all heads: dk_pe_b = sum_h dS_bh^T q_pe_bh, heads accumulated in order
+  for (int h = 0; h < H; ++h)
+    gemm_strided_batched(Op::T, Op::N, T, Dr, T, 1.f, dP.get() + h * TT, T, H * TT, s.q + h * S + Dn, H * S,
+                         int64_t(T) * H * S, h ? 1.f : 0.f, dk_pe.get(), Dr, int64_t(T) * Dr, B);
   rope_q_kpe(dq.get(), dk_pe.get(), c, B, T, pos0, rope, true);
   linear_backward(g.wkv_b, dc_kv.get(), dkv.get(), s.c_kv, w.wkv_b, N, Dc, H * KS, 0.f);
   rmsnorm_backward(g.kv_norm, dkv_lat.get(), dc_kv.get(), s.kv_rstd, s.kv_lat, w.kv_norm, N, Dc);

@@ -3,10 +3,11 @@
 //
 // Dispatch on the device, no host loop over tokens:
 //   gate GEMM -> route_kernel (one thread per token: scores, group limit, top-K, weights)
-//   -> count_kernel (one warp per expert, ballot counts) -> scan_kernel (offsets)
-//   -> place_kernel (one warp per expert: stable placement of its slots in (token, k) order = perm)
-//   -> gather rows -> per expert three cuBLAS GEMMs on its contiguous slice (host loop over EXPERTS after
-//   one copy of the E+1 offsets) -> combine_kernel (per token, fixed k order: deterministic).
+//   -> block_count_kernel -> dispatch_scan_kernel -> place_kernel (a stable counting sort of the slots by
+//   expert: rows within an expert in (token, k) order = perm)
+//   -> gather rows -> grouped cuBLAS GEMMs over the experts' contiguous slices (after one copy of the E+1
+//   offsets to the host) -> combine_kernel (per token, fixed k order: deterministic).
+#include <cstdint>
 #include <vector>
 
 #include "03_moe/moe.h"
@@ -34,52 +35,105 @@ __global__ void route_kernel(float* scores, float* sel, int* indices, float* wei
   moe_route::route_token(sel + r, indices + q, weights + q, scores + r, bias, E, K, G, Lg, route_scale, !softmax);
 }
 
-// One warp per expert: counts[e] = #slots routed to e (ballot + popc: exact, no atomics).
-__global__ void count_kernel(int* counts, const int* indices, int NK, int E) {
-  const int e = blockIdx.x * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  if (e >= E) return;
-  int c = 0;
-  for (int base = 0; base < NK; base += kWarpSize) {
-    const int i = base + lane;
-    c += __popc(__ballot_sync(0xffffffffu, i < NK && indices[i] == e));
-  }
-  if (lane == 0) counts[e] = c;
+// Dispatch = a stable counting sort of the NK slots by expert, in three small kernels over blocks of
+// kThreads slots (w = warp of the block, lanes with equal expert found by __match_any_sync):
+//   block_count_kernel:  block_counts[b, e] = #slots of block b routed to e
+//   dispatch_scan_kernel: counts, offsets = exclusive scan of counts, block_base[b, e] = offsets[e] + #slots
+//                         routed to e in blocks before b
+//   place_kernel:        row of slot i = block_base[b, e] + #slots to e in earlier warps of b + earlier lanes
+// so rows within an expert follow (token, k) order, as on the CPU: integer counts only, deterministic.
+constexpr int kWarpsPerBlock = kThreads / kWarpSize;
+
+// Fills wcnt (kWarpsPerBlock x E, shared) with the per-warp counts of block b's slots; returns this lane's
+// expert (-1 past NK) and the mask of lanes of its warp routed to the same expert.
+__device__ int warp_counts(int* wcnt, unsigned* same, const int* indices, int NK, int E) {
+  const int w = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  for (int j = threadIdx.x; j < kWarpsPerBlock * E; j += blockDim.x) wcnt[j] = 0;
+  __syncthreads();
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  const int e = i < NK ? indices[i] : -1;
+  const unsigned m = __match_any_sync(0xffffffffu, e);
+  if (e >= 0 && lane == __ffs(m) - 1) wcnt[w * E + e] = __popc(m);
+  __syncthreads();
+  *same = m;
+  return e;
 }
 
-// offsets (E+1) = exclusive scan of counts; E is small (256 for V3): one thread.
-__global__ void scan_kernel(int* offsets, const int* counts, int E) {
-  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+__global__ void block_count_kernel(int* block_counts, const int* indices, int NK, int E) {
+  extern __shared__ int wcnt[];
+  unsigned same;
+  warp_counts(wcnt, &same, indices, NK, E);
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    int c = 0;
+    for (int w = 0; w < kWarpsPerBlock; ++w) c += wcnt[w * E + e];
+    block_counts[static_cast<size_t>(blockIdx.x) * E + e] = c;
+  }
+}
+
+// One block of kScanThreads: P threads per expert (P * E <= kScanThreads), each over a contiguous range of
+// the NB blocks. Shared: part (E x P) range sums, then offsets (E + 1).
+constexpr int kScanThreads = 1024;
+__global__ void dispatch_scan_kernel(int* counts, int* offsets, int* block_base, const int* block_counts, int NB,
+                                     int E, int P) {
+  extern __shared__ int sh[];
+  int* part = sh;            // E * P
+  int* off = sh + E * P;     // E + 1
+  const int t = threadIdx.x, e = t / P, p = t % P;
+  const bool active = e < E;
+  const int per = (NB + P - 1) / P, b0 = min(NB, p * per), b1 = min(NB, b0 + per);
   int acc = 0;
-  for (int e = 0; e < E; ++e) {
-    offsets[e] = acc;
-    acc += counts[e];
-  }
-  offsets[E] = acc;
-}
-
-// One warp per expert: walks the slots in order and gives each hit the next row of the expert's slice,
-// so rows within an expert follow (token, k) order: a stable counting sort, deterministic.
-__global__ void place_kernel(int* perm, int* slot_row, const int* indices, const int* offsets, int NK, int E) {
-  const int e = blockIdx.x * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  if (e >= E) return;
-  int next = offsets[e];
-  for (int base = 0; base < NK; base += kWarpSize) {
-    const int i = base + lane;
-    const bool hit = i < NK && indices[i] == e;
-    const unsigned m = __ballot_sync(0xffffffffu, hit);
-    if (hit) {
-      const int r = next + __popc(m & ((1u << lane) - 1u));
-      perm[r] = i;
-      slot_row[i] = r;
+  if (active)
+    for (int b = b0; b < b1; ++b) acc += block_counts[static_cast<size_t>(b) * E + e];
+  if (active) part[e * P + p] = acc;
+  __syncthreads();
+  if (active && p == 0) {  // exclusive scan of this expert's P range sums
+    int run = 0;
+    for (int q = 0; q < P; ++q) {
+      const int v = part[e * P + q];
+      part[e * P + q] = run;
+      run += v;
     }
-    next += __popc(m);
+    counts[e] = run;
+    off[e] = run;
+  }
+  __syncthreads();
+  if (t == 0) {  // offsets = exclusive scan of counts (E is small: 256 for V3)
+    int run = 0;
+    for (int j = 0; j < E; ++j) {
+      const int v = off[j];
+      off[j] = run;
+      offsets[j] = run;
+      run += v;
+    }
+    offsets[E] = run;
+  }
+  __syncthreads();
+  if (!active) return;
+  int run = off[e] + part[e * P + p];
+  for (int b = b0; b < b1; ++b) {
+    const size_t j = static_cast<size_t>(b) * E + e;
+    const int v = block_counts[j];
+    block_base[j] = run;
+    run += v;
   }
 }
 
-// xp (NK, D): row r = inp row of token perm[r] / K.
-__global__ void gather_kernel(float* xp, const float* inp, const int* perm, int NK, int K, int D) {
+__global__ void place_kernel(int* perm, int* slot_row, const int* indices, const int* block_base, int NK, int E) {
+  extern __shared__ int wcnt[];
+  unsigned same;
+  const int e = warp_counts(wcnt, &same, indices, NK, E);
+  if (e < 0) return;
+  const int w = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  int r = block_base[static_cast<size_t>(blockIdx.x) * E + e] + __popc(same & ((1u << lane) - 1u));
+  for (int v = 0; v < w; ++v) r += wcnt[v * E + e];
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  perm[r] = i;
+  slot_row[i] = r;
+}
+
+// xp (NK, D): row r = inp row of token perm[r] / K. V = float4 moves 16 bytes per thread (D counted in Vs).
+template <typename V>
+__global__ void gather_kernel(V* xp, const V* inp, const int* perm, int NK, int K, int D) {
   const size_t idx = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= static_cast<size_t>(NK) * D) return;
   const size_t r = idx / D, d = idx % D;
@@ -230,47 +284,68 @@ void routed_ffn_forward(float* eo, float* h1, float* h3, float* a, const float* 
 }
 
 // The backward of routed_ffn_forward for every expert: weight gradients accumulated (+=), dxp overwritten.
+// The weight-gradient products are left running on side streams: the caller joins them (gemm_concurrent_join)
+// before freeing or overwriting their inputs.
 void routed_ffn_backward(const MoeGrads<float>& grads, float* dxp, const float* deo, const float* h1, const float* h3,
                          const float* xp, const MoeWeights<float>& w, const std::vector<int>& off, int D, int F,
                          const FfnScratch& s) {
   const int E = static_cast<int>(off.size()) - 1;
   const size_t FD = static_cast<size_t>(F) * D, n = static_cast<size_t>(off[E]) * F;
-  std::vector<GemmProblem> da, dw2, dw1, dw3, dx1, dx3;
+  std::vector<GemmProblem> da, dw, dx1, dx3;
   for (int e = 0; e < E; ++e) {
     const int rows = off[e + 1] - off[e];
     const size_t o = off[e];
-    da.push_back({rows, F, D, deo + o * D, D, w.w2 + e * FD, F, s.da + o * F, F});        // da = dy W2
-    dw2.push_back({D, F, rows, deo + o * D, D, s.a + o * F, F, grads.w2 + e * FD, F});    // dW2 += dy^T a
-    dw1.push_back({F, D, rows, s.dh1 + o * F, F, xp + o * D, D, grads.w1 + e * FD, D});   // dW1 += dh1^T x
-    dw3.push_back({F, D, rows, s.dh3 + o * F, F, xp + o * D, D, grads.w3 + e * FD, D});   // dW3 += dh3^T x
-    dx1.push_back({rows, D, F, s.dh1 + o * F, F, w.w1 + e * FD, D, dxp + o * D, D});      // dx = dh1 W1
-    dx3.push_back({rows, D, F, s.dh3 + o * F, F, w.w3 + e * FD, D, dxp + o * D, D});      // dx += dh3 W3
+    da.push_back({rows, F, D, deo + o * D, D, w.w2 + e * FD, F, s.da + o * F, F});       // da = dy W2
+    dw.push_back({D, F, rows, deo + o * D, D, s.a + o * F, F, grads.w2 + e * FD, F});    // dW2 += dy^T a
+    dw.push_back({F, D, rows, s.dh1 + o * F, F, xp + o * D, D, grads.w1 + e * FD, D});   // dW1 += dh1^T x
+    dw.push_back({F, D, rows, s.dh3 + o * F, F, xp + o * D, D, grads.w3 + e * FD, D});   // dW3 += dh3^T x
+    dx1.push_back({rows, D, F, s.dh1 + o * F, F, w.w1 + e * FD, D, dxp + o * D, D});     // dx = dh1 W1
+    dx3.push_back({rows, D, F, s.dh3 + o * F, F, w.w3 + e * FD, D, dxp + o * D, D});     // dx += dh3 W3
   }
-  // The weight gradients (small outputs, long inner dimension = the expert's token count) run as one cuBLAS
-  // GEMM per expert: its heuristics pick split-K kernels for that shape, which the grouped call does not
-  // (measured on an H100, small preset: 6.5 ms per layer grouped).
-  auto per_expert = [](Op opA, Op opB, const std::vector<GemmProblem>& ps) {
-    for (const auto& p : ps)
-      if (p.K > 0) gemm(opA, opB, p.M, p.N, p.K, 1.f, p.A, p.lda, p.B, p.ldb, 1.f, p.C, p.ldc);
-  };
   GroupedGemms g;
   const int ida = g.add(Op::N, Op::N, 1.f, 0.f, da), idx1 = g.add(Op::N, Op::N, 1.f, 0.f, dx1),
             idx3 = g.add(Op::N, Op::N, 1.f, 1.f, dx3);
   g.upload();
   launch_swiglu(s.a, h1, h3, n);
   g.run(ida);
-  per_expert(Op::T, Op::N, dw2);
   swiglu_backward_kernel<<<blocks_for(n, kThreads), kThreads>>>(s.dh1, s.dh3, s.da, h1, h3, n);
   CUDA_CHECK_LAST();
-  per_expert(Op::T, Op::N, dw1);
-  per_expert(Op::T, Op::N, dw3);
+  // The weight gradients (small outputs, long inner dimension = the expert's token count) run as one cuBLAS
+  // GEMM per expert, four streams side by side, overlapping the input-gradient products below: cuBLAS picks
+  // split-K kernels for that shape, which its grouped call does not (measured on an H100, small preset: 6.5 ms
+  // per layer grouped).
+  gemm_concurrent(Op::T, Op::N, 1.f, 1.f, dw, /*join=*/false);
   g.run(idx1);
   g.run(idx3);
 }
 
+// counts, offsets, perm and slot_row of MoeSaved from its indices (the three kernels above).
+void dispatch(const MoeSaved<float>& s, int NK, int E) {
+  require(E <= kScanThreads, "moe (CUDA): at most {} routed experts, got {}", kScanThreads, E);
+  const int NB = blocks_for(NK, kThreads);
+  int P = 1;
+  while (2 * P * E <= kScanThreads) P *= 2;
+  ScratchBuffer<int> block_counts(static_cast<size_t>(NB) * E), block_base(static_cast<size_t>(NB) * E);
+  const size_t wsh = static_cast<size_t>(kWarpsPerBlock) * E * sizeof(int);
+  block_count_kernel<<<NB, kThreads, wsh>>>(block_counts.get(), s.indices, NK, E);
+  CUDA_CHECK_LAST();
+  dispatch_scan_kernel<<<1, kScanThreads, (static_cast<size_t>(E) * P + E + 1) * sizeof(int)>>>(
+      s.counts, s.offsets, block_base.get(), block_counts.get(), NB, E, P);
+  CUDA_CHECK_LAST();
+  place_kernel<<<NB, kThreads, wsh>>>(s.perm, s.slot_row, s.indices, block_base.get(), NK, E);
+  CUDA_CHECK_LAST();
+}
+
 void launch_gather(float* xp, const float* inp, const int* perm, int NK, int K, int D) {
-  const size_t n = static_cast<size_t>(NK) * D;
-  gather_kernel<<<blocks_for(n, kThreads), kThreads>>>(xp, inp, perm, NK, K, D);
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % sizeof(float4) == 0; };
+  if (D % 4 == 0 && aligned(xp) && aligned(inp)) {
+    const size_t n = static_cast<size_t>(NK) * (D / 4);
+    gather_kernel<<<blocks_for(n, kThreads), kThreads>>>(reinterpret_cast<float4*>(xp),
+                                                         reinterpret_cast<const float4*>(inp), perm, NK, K, D / 4);
+  } else {
+    const size_t n = static_cast<size_t>(NK) * D;
+    gather_kernel<<<blocks_for(n, kThreads), kThreads>>>(xp, inp, perm, NK, K, D);
+  }
   CUDA_CHECK_LAST();
 }
 
@@ -285,7 +360,6 @@ void moe_forward(float* out, const MoeSaved<float>& s, const float* inp, const M
   const int E = c.n_routed_experts, K = c.n_activated_experts, D = c.dim, F = c.moe_inter_dim,
             Fs = c.shared_inter_dim(), NK = N * K;
   const bool softmax = c.score_func == ScoreFunc::Softmax;
-  constexpr int kWarpsPerBlock = kThreads / kWarpSize;
   // 1) gate logits and per-token routing
   ScratchBuffer<float> logits(static_cast<size_t>(N) * E);
   gemm(Op::N, Op::T, N, E, D, 1.f, inp, w.gate_weight, 0.f, logits.get(), GemmMath::FP32);  // router: fp32
@@ -294,12 +368,7 @@ void moe_forward(float* out, const MoeSaved<float>& s, const float* inp, const M
                                                       c.n_limited_groups, c.route_scale, softmax);
   CUDA_CHECK_LAST();
   // 2) counts, offsets, permutation
-  count_kernel<<<blocks_for(E, kWarpsPerBlock), kThreads>>>(s.counts, s.indices, NK, E);
-  CUDA_CHECK_LAST();
-  scan_kernel<<<1, 1>>>(s.offsets, s.counts, E);
-  CUDA_CHECK_LAST();
-  place_kernel<<<blocks_for(E, kWarpsPerBlock), kThreads>>>(s.perm, s.slot_row, s.indices, s.offsets, NK, E);
-  CUDA_CHECK_LAST();
+  dispatch(s, NK, E);
   // 3) gathered tokens through each expert's FFN, one contiguous slice per expert
   ScratchBuffer<float> xp(static_cast<size_t>(NK) * D), a(static_cast<size_t>(NK) * std::max(F, Fs));
   launch_gather(xp.get(), inp, s.perm, NK, K, D);
@@ -321,7 +390,6 @@ void moe_backward(const MoeGrads<float>& g, float* dinp, const float* dout, cons
   const int E = c.n_routed_experts, K = c.n_activated_experts, D = c.dim, F = c.moe_inter_dim,
             Fs = c.shared_inter_dim(), NK = N * K;
   const bool softmax = c.score_func == ScoreFunc::Softmax;
-  constexpr int kWarpsPerBlock = kThreads / kWarpSize;
   const size_t scratch_rows = std::max(static_cast<size_t>(NK) * F, static_cast<size_t>(N) * Fs);
   ScratchBuffer<float> a(scratch_rows), da(scratch_rows), dh1(scratch_rows), dh3(scratch_rows);
   const FfnScratch fs{a.get(), da.get(), dh1.get(), dh3.get()};
@@ -350,6 +418,7 @@ void moe_backward(const MoeGrads<float>& g, float* dinp, const float* dout, cons
   gemm(Op::N, Op::N, N, D, E, 1.f, dlogits.get(), w.gate_weight, 1.f, dinp, GemmMath::FP32);
   // 5) experts' input gradients back to their tokens, k in order
   launch_combine(dinp, dxp.get(), nullptr, s.slot_row, N, K, D);
+  gemm_concurrent_join();  // the experts' weight gradients, before their scratch inputs are freed
 }
 
 void mlp_forward(float* out, float* h1, float* h3, const float* inp, const MlpWeights<float>& w, int D, int F,

@@ -27,37 +27,49 @@ __global__ void row_sum_kernel(float* ssum, const float* scores, int N, int E) {
   if (lane == 0) ssum[t] = s;
 }
 
-// One block per sequence b: f_{b,i} from a shared histogram of its topk, P_{b,i} by a loop over its tokens
-// (threads i read consecutive scores of a row: coalesced), then loss_b = alpha * sum_i f_i P_i.
+// One block of kSeqThreads per sequence b: f_{b,i} from a shared histogram of its topk; P_{b,i} from per-warp
+// partial sums (warp w takes tokens w, w + kSeqWarps, ...; lanes take experts: coalesced rows), added in warp
+// order; then loss_b = alpha * sum_i f_i P_i by a fixed-order tree. Shared: E counts, kSeqWarps x E partials,
+// kSeqThreads tree slots.
+constexpr int kSeqThreads = 256;
+constexpr int kSeqWarps = kSeqThreads / kWarp;
 __global__ void seq_loss_kernel(float* loss_b, float* f, const float* scores, const float* ssum, const int* topk,
                                 int Tn, int E, int K, float alpha) {
-  extern __shared__ int sh[];  // E counts, then blockDim.x partial sums (as float)
+  extern __shared__ int sh[];
   int* cnt = sh;
   float* part = reinterpret_cast<float*>(sh + E);
-  const int b = blockIdx.x;
+  float* tree = part + kSeqWarps * E;
+  const int b = blockIdx.x, w = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   for (int i = threadIdx.x; i < E; i += blockDim.x) cnt[i] = 0;
   __syncthreads();
   const int* tk = topk + static_cast<size_t>(b) * Tn * K;
   for (int i = threadIdx.x; i < Tn * K; i += blockDim.x) atomicAdd(&cnt[tk[i]], 1);
+  for (int j0 = 0; j0 < E; j0 += kWarp) {
+    const int j = j0 + lane;
+    if (j >= E) break;
+    float p = 0.f;
+    for (int t = w; t < Tn; t += kSeqWarps) {
+      const size_t row = static_cast<size_t>(b) * Tn + t;
+      p += scores[row * E + j] / ssum[row];
+    }
+    part[w * E + j] = p;
+  }
   __syncthreads();
   float acc = 0.f;
   for (int i = threadIdx.x; i < E; i += blockDim.x) {
     const float fi = float(E) / (float(K) * Tn) * cnt[i];
     f[static_cast<size_t>(b) * E + i] = fi;
     float p = 0.f;
-    for (int t = 0; t < Tn; ++t) {
-      const size_t row = static_cast<size_t>(b) * Tn + t;
-      p += scores[row * E + i] / ssum[row];
-    }
+    for (int v = 0; v < kSeqWarps; ++v) p += part[v * E + i];
     acc += fi * p / Tn;
   }
-  part[threadIdx.x] = acc;
+  tree[threadIdx.x] = acc;
   __syncthreads();
-  for (int w = blockDim.x / 2; w > 0; w /= 2) {  // fixed-order tree: deterministic
-    if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
+  for (int h = blockDim.x / 2; h > 0; h /= 2) {  // fixed-order tree: deterministic
+    if (threadIdx.x < h) tree[threadIdx.x] += tree[threadIdx.x + h];
     __syncthreads();
   }
-  if (threadIdx.x == 0) loss_b[b] = alpha * part[0];
+  if (threadIdx.x == 0) loss_b[b] = alpha * tree[0];
 }
 
 __global__ void mean_kernel(float* out, const float* v, int n) {
@@ -116,9 +128,8 @@ void seq_balance_loss_forward(float* loss, float* f, float* ssum, const float* s
   }
   ScratchBuffer<float> loss_b(B);
   if (B > 0) {
-    const int threads = 128;
-    const size_t shmem = sizeof(int) * E + sizeof(float) * threads;
-    seq_loss_kernel<<<B, threads, shmem>>>(loss_b.get(), f, scores, ssum, topk, Tn, E, K, alpha);
+    const size_t shmem = sizeof(int) * E + sizeof(float) * (size_t(kSeqWarps) * E + kSeqThreads);
+    seq_loss_kernel<<<B, kSeqThreads, shmem>>>(loss_b.get(), f, scores, ssum, topk, Tn, E, K, alpha);
     CUDA_CHECK_LAST();
   }
   mean_kernel<<<1, 1>>>(loss, loss_b.get(), B);

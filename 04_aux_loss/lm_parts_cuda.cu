@@ -57,53 +57,88 @@ __global__ void embedding_backward_kernel(float* dwte, const float* dout, const 
   }
 }
 
-// One warp per row: probs = softmax(logits); loss_row = logsumexp - logit[target] (0 when ignored).
+// Cross entropy: one block of kXentThreads per row. Block reductions combine the warps in a fixed order
+// (deterministic). red: kXentThreads / 32 floats of shared memory.
+constexpr int kXentThreads = 256;
+constexpr int kXentWarps = kXentThreads / kWarpSize;
+constexpr size_t kXentCacheBytes = 32 * 1024;  // rows up to 8192 floats are read once, kept in shared memory
+
+template <bool kMax>
+__device__ float block_reduce(float v, float* red) {
+  const int w = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  v = kMax ? warp_max(v) : warp_sum(v);
+  if (lane == 0) red[w] = v;
+  __syncthreads();
+  float r = red[0];
+  for (int i = 1; i < kXentWarps; ++i) r = kMax ? fmaxf(r, red[i]) : r + red[i];
+  __syncthreads();  // red is reused by the next reduction
+  return r;
+}
+
+// probs = softmax(logits row); loss_row = logsumexp - logit[target] (0 when ignored). kCache: the row is read
+// from global memory once into shared memory (V floats); otherwise it is read three times.
+template <bool kCache>
 __global__ void softmax_xent_kernel(float* probs, float* loss_row, int* bad, const float* logits, const int* targets,
                                     int N, int V) {
-  const int n = blockIdx.x * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  if (n >= N) return;
+  extern __shared__ float cache[];
+  __shared__ float red[kXentWarps];
+  const int n = blockIdx.x;
   const float* z = logits + static_cast<size_t>(n) * V;
+  const float* zr = kCache ? cache : z;
   float mx = -INFINITY;
-  for (int v = lane; v < V; v += kWarpSize) mx = fmaxf(mx, z[v]);
-  mx = warp_max(mx);
+  for (int v = threadIdx.x; v < V; v += kXentThreads) {
+    const float x = z[v];
+    if (kCache) cache[v] = x;
+    mx = fmaxf(mx, x);
+  }
+  mx = block_reduce<true>(mx, red);  // its barrier also publishes the cache
   float sum = 0.f;
-  for (int v = lane; v < V; v += kWarpSize) sum += expf(z[v] - mx);
-  sum = warp_sum(sum);
+  for (int v = threadIdx.x; v < V; v += kXentThreads) sum += expf(zr[v] - mx);
+  sum = block_reduce<false>(sum, red);
   float* p = probs + static_cast<size_t>(n) * V;
-  for (int v = lane; v < V; v += kWarpSize) p[v] = expf(z[v] - mx) / sum;
-  if (lane == 0) {
+  const float inv = 1.f / sum;
+  for (int v = threadIdx.x; v < V; v += kXentThreads) p[v] = expf(zr[v] - mx) * inv;
+  if (threadIdx.x == 0) {
     const int t = targets[n];
     if (t != kIgnoreTarget && (t < 0 || t >= V)) atomicExch(bad, 1);
     loss_row[n] = (t == kIgnoreTarget || t < 0 || t >= V) ? 0.f : logf(sum) + mx - z[t];
   }
 }
 
-// Sum of the row losses and the number of rows with a target, in a fixed order (one thread: N is small
-// next to the softmax work, and this keeps the loss bit-reproducible).
+// One block of kReduceThreads: the sum of the row losses (when loss_row is given) and the number of rows
+// with a target. Each thread sums a fixed strided subset in double, then a fixed-order tree: bit-reproducible.
+constexpr int kReduceThreads = 1024;
 __global__ void reduce_loss_kernel(float* out, int* count, const float* loss_row, const int* targets, int N) {
-  double s = 0.0;
-  int c = 0;
-  for (int n = 0; n < N; ++n) {
-    s += loss_row[n];
-    c += targets[n] != kIgnoreTarget;
+  __shared__ double s[kReduceThreads];
+  __shared__ int c[kReduceThreads];
+  double acc = 0.0;
+  int cnt = 0;
+  for (int n = threadIdx.x; n < N; n += kReduceThreads) {
+    if (loss_row) acc += loss_row[n];
+    cnt += targets[n] != kIgnoreTarget;
   }
-  *out = static_cast<float>(s);
-  *count = c;
+  s[threadIdx.x] = acc;
+  c[threadIdx.x] = cnt;
+  __syncthreads();
+  for (int w = kReduceThreads / 2; w > 0; w /= 2) {
+    if (threadIdx.x < w) {
+      s[threadIdx.x] += s[threadIdx.x + w];
+      c[threadIdx.x] += c[threadIdx.x + w];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    if (out) *out = static_cast<float>(s[0]);
+    *count = c[0];
+  }
 }
 
-__global__ void xent_backward_kernel(float* dlogits, const float* probs, const int* targets, float scale, int N, int V) {
-  const size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= static_cast<size_t>(N) * V) return;
-  const int n = static_cast<int>(i / V), v = static_cast<int>(i % V);
-  const int t = targets[n];
-  dlogits[i] = t == kIgnoreTarget ? 0.f : scale * (probs[i] - (v == t ? 1.f : 0.f));
-}
-
-__global__ void count_targets_kernel(int* count, const int* targets, int N) {
-  int c = 0;
-  for (int n = 0; n < N; ++n) c += targets[n] != kIgnoreTarget;
-  *count = c;
+// One block per row: dlogits = scale * (probs - onehot(target)), 0 for an ignored row.
+__global__ void xent_backward_kernel(float* dlogits, const float* probs, const int* targets, float scale, int V) {
+  const size_t row = static_cast<size_t>(blockIdx.x) * V;
+  const int t = targets[blockIdx.x];
+  for (int v = threadIdx.x; v < V; v += blockDim.x)
+    dlogits[row + v] = t == kIgnoreTarget ? 0.f : scale * (probs[row + v] - (v == t ? 1.f : 0.f));
 }
 
 __global__ void adamw_kernel(float* p, const float* g, float* m, float* v, size_t n, float lr, float b1, float b2,
@@ -148,9 +183,13 @@ float cross_entropy_forward(float* probs, const float* logits, const int* target
   DeviceBuffer<int> bad(1), count(1);
   DeviceBuffer<float> loss_row(N), total(1);
   bad.zero();
-  softmax_xent_kernel<<<blocks_for(N, 8), 8 * kWarpSize>>>(probs, loss_row.get(), bad.get(), logits, targets, N, V);
+  const size_t row_bytes = static_cast<size_t>(V) * sizeof(float);
+  if (row_bytes <= kXentCacheBytes)
+    softmax_xent_kernel<true><<<N, kXentThreads, row_bytes>>>(probs, loss_row.get(), bad.get(), logits, targets, N, V);
+  else
+    softmax_xent_kernel<false><<<N, kXentThreads>>>(probs, loss_row.get(), bad.get(), logits, targets, N, V);
   CUDA_CHECK_LAST();
-  reduce_loss_kernel<<<1, 1>>>(total.get(), count.get(), loss_row.get(), targets, N);
+  reduce_loss_kernel<<<1, kReduceThreads>>>(total.get(), count.get(), loss_row.get(), targets, N);
   CUDA_CHECK_LAST();
   require(read_flag(bad) == 0, "a target id is outside the vocabulary [0, {})", V);
   const int c = count.download()[0];
@@ -160,12 +199,11 @@ float cross_entropy_forward(float* probs, const float* logits, const int* target
 void cross_entropy_backward(float* dlogits, float dloss, const float* probs, const int* targets, int N, int V) {
   if (N == 0) return;
   DeviceBuffer<int> count(1);
-  count_targets_kernel<<<1, 1>>>(count.get(), targets, N);
+  reduce_loss_kernel<<<1, kReduceThreads>>>(nullptr, count.get(), nullptr, targets, N);
   CUDA_CHECK_LAST();
   const int c = count.download()[0];
   const float scale = c ? dloss / c : 0.f;
-  const size_t n = static_cast<size_t>(N) * V;
-  xent_backward_kernel<<<blocks_for(n, 256), 256>>>(dlogits, probs, targets, scale, N, V);
+  xent_backward_kernel<<<N, 256>>>(dlogits, probs, targets, scale, V);
   CUDA_CHECK_LAST();
 }
 

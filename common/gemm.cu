@@ -7,6 +7,8 @@
 #include "common/errors.h"
 #include "common/gemm.h"
 
+#include <algorithm>
+#include <cstdint>
 #include <vector>
 
 namespace dsv3::cuda {
@@ -31,12 +33,16 @@ static cublasComputeType_t compute_type(GemmMath m) {
   }
 }
 
+static void gemm_on(cublasHandle_t h, Op opA, Op opB, int M, int N, int K, float alpha, const float* A, int lda,
+                    const float* B, int ldb, float beta, float* C, int ldc, GemmMath math) {
+  if (M == 0 || N == 0) return;
+  CUBLAS_CHECK(cublasGemmEx(h, to_cublas(opB), to_cublas(opA), N, M, K, &alpha, B, CUDA_R_32F, ldb, A, CUDA_R_32F,
+                            lda, &beta, C, CUDA_R_32F, ldc, compute_type(math), CUBLAS_GEMM_DEFAULT));
+}
+
 void gemm(Op opA, Op opB, int M, int N, int K, float alpha, const float* A, int lda, const float* B,
           int ldb, float beta, float* C, int ldc, GemmMath math) {
-  if (M == 0 || N == 0) return;
-  CUBLAS_CHECK(cublasGemmEx(blas_handle(), to_cublas(opB), to_cublas(opA), N, M, K, &alpha, B, CUDA_R_32F,
-                            ldb, A, CUDA_R_32F, lda, &beta, C, CUDA_R_32F, ldc, compute_type(math),
-                            CUBLAS_GEMM_DEFAULT));
+  gemm_on(blas_handle(), opA, opB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, math);
 }
 
 void gemm(Op opA, Op opB, int M, int N, int K, float alpha, const float* A, const float* B, float beta,
@@ -52,6 +58,119 @@ void gemm_strided_batched(Op opA, Op opB, int M, int N, int K, float alpha, cons
                                           CUDA_R_32F, ldb, strideB, A, CUDA_R_32F, lda, strideA, &beta, C,
                                           CUDA_R_32F, ldc, strideC, batch, compute_type(math),
                                           CUBLAS_GEMM_DEFAULT));
+}
+
+namespace {
+// Pointer tables of gemm_batched_2d: entry i = outer i / inner, inner i % inner.
+struct Strides2d {
+  int64_t outer, inner;
+};
+__global__ void pointer_table_kernel(const float** a, const float** b, float** c, const float* A, Strides2d sa,
+                                     const float* B, Strides2d sb, float* C, Strides2d sc, int outer, int inner) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= outer * inner) return;
+  const int o = i / inner, n = i % inner;
+  a[i] = A + o * sa.outer + n * sa.inner;
+  b[i] = B + o * sb.outer + n * sb.inner;
+  c[i] = C + o * sc.outer + n * sc.inner;
+}
+}  // namespace
+
+void gemm_batched_2d(Op opA, Op opB, int M, int N, int K, float alpha, const float* A, int lda, int64_t sa_outer,
+                     int64_t sa_inner, const float* B, int ldb, int64_t sb_outer, int64_t sb_inner, float beta,
+                     float* C, int ldc, int64_t sc_outer, int64_t sc_inner, int outer, int inner, GemmMath math) {
+  const int batch = outer * inner;
+  if (M == 0 || N == 0 || batch == 0) return;
+  // cuBLAS cannot see the alignment of pointers in a device table, and its tensor-core kernels fault on
+  // pointers off 16 bytes: unless every pointer and row is 16-byte aligned, one strided call per value of the
+  // smaller index instead.
+  const auto al = [](int64_t v) { return v % 4 == 0; };
+  const auto ap = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  if (!(ap(A) && ap(B) && ap(C) && al(lda) && al(ldb) && al(ldc) && al(sa_outer) && al(sa_inner) && al(sb_outer) &&
+        al(sb_inner) && al(sc_outer) && al(sc_inner))) {
+    if (outer >= inner) {
+      for (int n = 0; n < inner; ++n)
+        gemm_strided_batched(opA, opB, M, N, K, alpha, A + n * sa_inner, lda, sa_outer, B + n * sb_inner, ldb,
+                             sb_outer, beta, C + n * sc_inner, ldc, sc_outer, outer, math);
+    } else {
+      for (int o = 0; o < outer; ++o)
+        gemm_strided_batched(opA, opB, M, N, K, alpha, A + o * sa_outer, lda, sa_inner, B + o * sb_outer, ldb,
+                             sb_inner, beta, C + o * sc_outer, ldc, sc_inner, inner, math);
+    }
+    return;
+  }
+  ScratchBuffer<float*> table(3 * static_cast<size_t>(batch));
+  float** t = table.get();
+  const int threads = 256;
+  pointer_table_kernel<<<(batch + threads - 1) / threads, threads>>>(
+      const_cast<const float**>(t), const_cast<const float**>(t + batch), t + 2 * batch, A, {sa_outer, sa_inner}, B,
+      {sb_outer, sb_inner}, C, {sc_outer, sc_inner}, outer, inner);
+  CUDA_CHECK_LAST();
+  // row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: cuBLAS gets (B, A), N x M
+  CUBLAS_CHECK(cublasGemmBatchedEx(blas_handle(), to_cublas(opB), to_cublas(opA), N, M, K, &alpha,
+                                   reinterpret_cast<const void* const*>(t + batch), CUDA_R_32F, ldb,
+                                   reinterpret_cast<const void* const*>(t), CUDA_R_32F, lda, &beta,
+                                   reinterpret_cast<void* const*>(t + 2 * batch), CUDA_R_32F, ldc, batch,
+                                   compute_type(math), CUBLAS_GEMM_DEFAULT));
+}
+
+namespace {
+// The side streams of gemm_concurrent, each with its own cuBLAS handle (and so its own workspace), and the
+// events that fork them from and join them back to the default stream. One set per host thread, kept.
+constexpr int kSideStreams = 4;
+struct SideStreams {
+  Stream streams[kSideStreams];
+  CublasHandle handles[kSideStreams];
+  cudaEvent_t fork{}, join[kSideStreams]{};
+  SideStreams() {
+    CUDA_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
+    for (int i = 0; i < kSideStreams; ++i) {
+      CUBLAS_CHECK(cublasSetStream(handles[i].get(), streams[i].get()));
+      CUDA_CHECK(cudaEventCreateWithFlags(&join[i], cudaEventDisableTiming));
+    }
+  }
+  ~SideStreams() {
+    cudaEventDestroy(fork);
+    for (auto& e : join) cudaEventDestroy(e);
+  }
+};
+}  // namespace
+
+
+SideStreams& side_streams() {
+  thread_local SideStreams side;
+  return side;
+}
+thread_local int pending_lanes = 0;  // side streams with work the default stream has not joined yet
+
+void gemm_concurrent(Op opA, Op opB, float alpha, float beta, const std::vector<GemmProblem>& problems, bool join,
+                     GemmMath math) {
+  std::vector<const GemmProblem*> live;
+  for (const auto& p : problems)
+    if (p.M > 0 && p.N > 0 && (p.K > 0 || beta != 1.f)) live.push_back(&p);
+  if (!live.empty()) {
+    SideStreams& side = side_streams();
+    const int lanes = static_cast<int>(std::min<size_t>(kSideStreams, live.size()));
+    CUDA_CHECK(cudaEventRecord(side.fork, nullptr));
+    for (int i = 0; i < lanes; ++i) CUDA_CHECK(cudaStreamWaitEvent(side.streams[i].get(), side.fork, 0));
+    for (size_t j = 0; j < live.size(); ++j) {
+      const GemmProblem& p = *live[j];
+      gemm_on(side.handles[j % lanes].get(), opA, opB, p.M, p.N, p.K, alpha, p.A, p.lda, p.B, p.ldb, beta, p.C,
+              p.ldc, math);
+    }
+    pending_lanes = std::max(pending_lanes, lanes);
+  }
+  if (join) gemm_concurrent_join();
+}
+
+void gemm_concurrent_join() {
+  if (pending_lanes == 0) return;
+  SideStreams& side = side_streams();
+  for (int i = 0; i < pending_lanes; ++i) {
+    CUDA_CHECK(cudaEventRecord(side.join[i], side.streams[i].get()));
+    CUDA_CHECK(cudaStreamWaitEvent(nullptr, side.join[i], 0));
+  }
+  pending_lanes = 0;
 }
 
 // cuBLAS's grouped GEMM has no bf16-compute mode for fp32 operands (CUBLAS_COMPUTE_32F_FAST_16BF is refused):

@@ -78,6 +78,14 @@ void gemm(Op opA, Op opB, int M, int N, int K, float alpha, const float* A, cons
 void gemm_strided_batched(Op opA, Op opB, int M, int N, int K, float alpha, const float* A, int lda,
                           int64_t strideA, const float* B, int ldb, int64_t strideB, float beta, float* C,
                           int ldc, int64_t strideC, int batch, GemmMath math = GemmMath::Scoped);
+// outer x inner products of one shape whose operands sit on a two-level grid: product (o, n) reads A at
+// A + o*sa_outer + n*sa_inner (B and C alike). One cuBLAS pointer-array batched call (the table is built on the
+// device), where strided batching would need one call per value of o or n (attention: sequences x heads).
+// Pointers, leading dimensions or strides off 16 bytes: one strided-batched call per value of the smaller index.
+void gemm_batched_2d(Op opA, Op opB, int M, int N, int K, float alpha, const float* A, int lda, int64_t sa_outer,
+                     int64_t sa_inner, const float* B, int ldb, int64_t sb_outer, int64_t sb_inner, float beta,
+                     float* C, int ldc, int64_t sc_outer, int64_t sc_inner, int outer, int inner,
+                     GemmMath math = GemmMath::Scoped);
 
 // One problem of a grouped product: row-major C (M x N) = alpha op(A) op(B) + beta C, inner dimension K.
 struct GemmProblem {
@@ -89,6 +97,16 @@ struct GemmProblem {
   float* C;
   int ldc;
 };
+// Independent products (no two write the same C) with the same ops, alpha and beta, spread round-robin over a
+// few side streams (each with its own cuBLAS handle) so that small ones run side by side. Each C is written by
+// one product, so results do not depend on the overlap. Problems with M or N = 0 are skipped, as are K = 0
+// problems when beta = 1. join = true: the default stream waits for all of them before its next work. join =
+// false: the default stream goes on alongside them, and the caller must call gemm_concurrent_join() before
+// the default stream touches their outputs, writes their inputs or frees either.
+void gemm_concurrent(Op opA, Op opB, float alpha, float beta, const std::vector<GemmProblem>& problems,
+                     bool join = true, GemmMath math = GemmMath::Scoped);
+void gemm_concurrent_join();
+
 // Products of different shapes (the MoE experts, each with its own token count), each one cuBLAS grouped call
 // (cublasGemmGroupedBatchedEx). Queue them all with add(), upload() their pointer tables in one copy (it waits
 // for the host arrays to be staged), then run(i) each in turn, free to interleave other kernels. Problems with

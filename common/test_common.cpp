@@ -3,6 +3,8 @@
 #include <filesystem>
 #include <fstream>
 
+#include <fmt/format.h>
+
 #include "common/cli.h"
 #include "common/diag.h"
 #include "common/errors.h"
@@ -299,6 +301,54 @@ TEST(CudaGemm, StridedBatchedMatchesCpu) {
   cuda::gemm_strided_batched(Op::N, Op::T, M, N, K, 1.f, dA.get(), K, M * K, dB.get(), K, N * K, 0.f,
                              dC.get(), N, M * N, batch);
   EXPECT_CLOSE(compare(dC.download(), C, kReductionTol), "batched gemm");
+}
+
+// The attention layout: X (outer, rows, inner, width) row-major; product (o, n) uses rows of stride inner*width.
+// Widths that are multiples of 4 floats take the pointer-table call, the others the strided fallback.
+TEST(CudaGemm, Batched2dMatchesCpu) {
+  DSV3_REQUIRE_GPU();
+  for (const int K : {7, 8}) {
+    const int M = 9, N = K + 4, outer = 3, inner = 4;
+    Rng rng(14 + K);
+    auto A = rng.normal_vec<float>(outer * M * inner * K), B = rng.normal_vec<float>(outer * N * inner * K);
+    auto C = rng.normal_vec<float>(outer * M * inner * N);  // beta = 0.5: C is read
+    auto ref = C;
+    for (int o = 0; o < outer; ++o)
+      for (int n = 0; n < inner; ++n)
+        cpu::gemm(Op::N, Op::T, M, N, K, 1.5f, A.data() + (o * M * inner + n) * K, inner * K,
+                  B.data() + (o * N * inner + n) * K, inner * K, 0.5f, ref.data() + (o * M * inner + n) * N,
+                  inner * N);
+    DeviceBuffer<float> dA(A), dB(B), dC(C);
+    cuda::gemm_batched_2d(Op::N, Op::T, M, N, K, 1.5f, dA.get(), inner * K, M * inner * K, K, dB.get(), inner * K,
+                          N * inner * K, K, 0.5f, dC.get(), inner * N, M * inner * N, N, outer, inner);
+    EXPECT_CLOSE(compare(dC.download(), ref, kReductionTol), fmt::format("2-d batched gemm, K = {}", K));
+  }
+}
+
+TEST(CudaGemm, ConcurrentMatchesCpu) {
+  DSV3_REQUIRE_GPU();
+  Rng rng(15);
+  const int N = 6, K = 5;
+  std::vector<int> rows = {3, 0, 8, 1, 13, 4};  // a problem with M = 0 is skipped
+  std::vector<std::vector<float>> A, B, C, ref;
+  std::vector<DeviceBuffer<float>> dA, dB, dC;
+  std::vector<cuda::GemmProblem> ps;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    A.push_back(rng.normal_vec<float>(rows[i] * K));
+    B.push_back(rng.normal_vec<float>(N * K));
+    C.push_back(rng.normal_vec<float>(rows[i] * N));
+    ref.push_back(C.back());
+    cpu::gemm(Op::N, Op::T, rows[i], N, K, 1.f, A[i].data(), B[i].data(), 1.f, ref[i].data());
+  }
+  for (size_t i = 0; i < rows.size(); ++i) {
+    dA.emplace_back(A[i]);
+    dB.emplace_back(B[i]);
+    dC.emplace_back(C[i]);
+  }
+  for (size_t i = 0; i < rows.size(); ++i) ps.push_back({rows[i], N, K, dA[i].get(), K, dB[i].get(), K, dC[i].get(), N});
+  cuda::gemm_concurrent(Op::N, Op::T, 1.f, 1.f, ps);
+  for (size_t i = 0; i < rows.size(); ++i)
+    EXPECT_CLOSE(compare(dC[i].download(), ref[i], kReductionTol), fmt::format("product {}", i));
 }
 #else
 TEST(CudaBuffer, BuiltWithoutCuda) { GTEST_SKIP() << "built without CUDA"; }
