@@ -134,14 +134,13 @@ struct SideStreams {
     for (auto& e : join) cudaEventDestroy(e);
   }
 };
-}  // namespace
-
 
 SideStreams& side_streams() {
   thread_local SideStreams side;
   return side;
 }
 thread_local int pending_lanes = 0;  // side streams with work the default stream has not joined yet
+}  // namespace
 
 void gemm_concurrent(Op opA, Op opB, float alpha, float beta, const std::vector<GemmProblem>& problems, bool join,
                      GemmMath math) {
