@@ -8,13 +8,39 @@
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "07_train_gpu/backend.h"
 #include "07_train_gpu/data.h"
 #include "common/rng.h"
 
 namespace dsv3::test {
+
+// A Backend that hands every call to the one it wraps: tests derive from it and override only the calls they
+// watch or falsify (a NaN loss, a stop request after N updates, ...).
+class ForwardingBackend : public Backend {
+ public:
+  explicit ForwardingBackend(std::unique_ptr<Backend> in) : in_(std::move(in)) {}
+  std::string describe() const override { return in_->describe(); }
+  const ModelConfig& config() const override { return in_->config(); }
+  ModelLosses forward_backward(const std::vector<int>& tokens, int B, int T) override {
+    return in_->forward_backward(tokens, B, T);
+  }
+  ModelLosses evaluate(const std::vector<int>& tokens, int B, int T) override { return in_->evaluate(tokens, B, T); }
+  std::vector<double> mtp_losses() const override { return in_->mtp_losses(); }
+  std::vector<std::vector<int>> expert_counts() const override { return in_->expert_counts(); }
+  double grad_norm() override { return in_->grad_norm(); }
+  void step(const AdamWConfig& opt, float grad_scale, int64_t step) override { in_->step(opt, grad_scale, step); }
+  TensorMap weights() const override { return in_->weights(); }
+  void load_weights(const TensorMap& m) override { in_->load_weights(m); }
+  TensorMap optimizer_state() const override { return in_->optimizer_state(); }
+  void load_optimizer_state(const TensorMap& m) override { in_->load_optimizer_state(m); }
+
+ protected:
+  std::unique_ptr<Backend> in_;
+};
 
 // A fresh folder under the system temp dir, removed at the end of the test.
 struct TempDir {

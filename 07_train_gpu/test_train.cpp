@@ -22,6 +22,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
+using test::ForwardingBackend;
 using test::TempDir;
 constexpr int kVocab = test::kSyntheticVocab;
 const data::Prepared& test_data() { return test::synthetic_data(); }
@@ -41,9 +42,9 @@ TrainConfig small_run(int64_t steps) {
 }
 
 // Delegates to a CPU backend; can report non-finite losses or norms, and calls a hook after every update.
-class WrapBackend final : public Backend {
+class WrapBackend final : public ForwardingBackend {
  public:
-  explicit WrapBackend(uint64_t seed = 11) : in_(make_cpu_backend(tiny(), seed)) {}
+  explicit WrapBackend(uint64_t seed = 11) : ForwardingBackend(make_cpu_backend(tiny(), seed)) {}
   std::set<int> nan_loss_at, inf_norm_at;  // forward_backward call numbers (1-based)
   int nan_loss_from = 0;                   // > 0: NaN loss from this call on
   double fixed_val_ce = NAN;               // finite: evaluate() reports this ce (a validation that never improves)
@@ -52,7 +53,6 @@ class WrapBackend final : public Backend {
   std::vector<int64_t> adam_steps;
 
   std::string describe() const override { return "wrapped " + in_->describe(); }
-  const ModelConfig& config() const override { return in_->config(); }
   ModelLosses forward_backward(const std::vector<int>& tokens, int B, int T) override {
     ModelLosses l = in_->forward_backward(tokens, B, T);
     ++fb_calls;
@@ -64,8 +64,6 @@ class WrapBackend final : public Backend {
     if (std::isfinite(fixed_val_ce)) l.ce = fixed_val_ce;
     return l;
   }
-  std::vector<double> mtp_losses() const override { return in_->mtp_losses(); }
-  std::vector<std::vector<int>> expert_counts() const override { return in_->expert_counts(); }
   double grad_norm() override { return inf_norm_at.count(fb_calls) ? INFINITY : in_->grad_norm(); }
   void step(const AdamWConfig& opt, float grad_scale, int64_t step) override {
     in_->step(opt, grad_scale, step);
@@ -73,13 +71,6 @@ class WrapBackend final : public Backend {
     ++step_calls;
     if (after_step) after_step(step_calls);
   }
-  TensorMap weights() const override { return in_->weights(); }
-  void load_weights(const TensorMap& m) override { in_->load_weights(m); }
-  TensorMap optimizer_state() const override { return in_->optimizer_state(); }
-  void load_optimizer_state(const TensorMap& m) override { in_->load_optimizer_state(m); }
-
- private:
-  std::unique_ptr<Backend> in_;
 };
 
 std::vector<std::string> read_lines(const std::string& path) {

@@ -26,6 +26,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
+using test::ForwardingBackend;
 using test::TempDir;
 constexpr int kVocab = test::kSyntheticVocab;
 constexpr int kB = 8, kT = 32;  // 256 targets a step
@@ -130,30 +131,16 @@ TensorMap with_separated_biases(TensorMap w) {
 
 // Delegates to another backend and raises `stop` after `stop_after` optimizer steps (train()'s stop hook, as
 // SIGINT does), so train() ends there, saving, as an interrupted run.
-class StopAfter final : public Backend {
+class StopAfter final : public ForwardingBackend {
  public:
   StopAfter(std::unique_ptr<Backend> in, int stop_after, std::atomic<bool>& stop)
-      : in_(std::move(in)), stop_after_(stop_after), stop_(stop) {}
-  std::string describe() const override { return in_->describe(); }
-  const ModelConfig& config() const override { return in_->config(); }
-  ModelLosses forward_backward(const std::vector<int>& tokens, int B, int T) override {
-    return in_->forward_backward(tokens, B, T);
-  }
-  ModelLosses evaluate(const std::vector<int>& tokens, int B, int T) override { return in_->evaluate(tokens, B, T); }
-  std::vector<double> mtp_losses() const override { return in_->mtp_losses(); }
-  std::vector<std::vector<int>> expert_counts() const override { return in_->expert_counts(); }
-  double grad_norm() override { return in_->grad_norm(); }
+      : ForwardingBackend(std::move(in)), stop_after_(stop_after), stop_(stop) {}
   void step(const AdamWConfig& opt, float grad_scale, int64_t step) override {
     in_->step(opt, grad_scale, step);
     if (++steps_ == stop_after_) stop_ = true;
   }
-  TensorMap weights() const override { return in_->weights(); }
-  void load_weights(const TensorMap& m) override { in_->load_weights(m); }
-  TensorMap optimizer_state() const override { return in_->optimizer_state(); }
-  void load_optimizer_state(const TensorMap& m) override { in_->load_optimizer_state(m); }
 
  private:
-  std::unique_ptr<Backend> in_;
   int stop_after_, steps_ = 0;
   std::atomic<bool>& stop_;
 };
