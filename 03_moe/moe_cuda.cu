@@ -8,7 +8,12 @@
 //   -> gather rows -> grouped cuBLAS GEMMs over the experts' contiguous slices (after one copy of the E+1
 //   offsets to the host) -> combine_kernel (per token, fixed k order: deterministic).
 #include <cstdint>
+#include <cstdlib>
+#include <initializer_list>
+#include <string>
 #include <vector>
+
+#include <cuda_bf16.h>
 
 #include "03_moe/moe.h"
 #include "03_moe/moe_route.h"
@@ -142,21 +147,37 @@ __global__ void gather_kernel(V* xp, const V* inp, const int* perm, int NK, int 
 
 __device__ __forceinline__ float sigmoidf(float x) { return 1.f / (1.f + expf(-x)); }
 
+// Outputs that feed only the segmented bf16 products are stored as bf16 (T = __nv_bfloat16), else fp32.
+__device__ __forceinline__ void put(float* p, float v) { *p = v; }
+__device__ __forceinline__ void put(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
 // a = silu(h1) * h3
-__global__ void swiglu_kernel(float* a, const float* h1, const float* h3, size_t n) {
+template <typename T>
+__global__ void swiglu_kernel(T* a, const float* h1, const float* h3, size_t n) {
   const size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  a[i] = h1[i] * sigmoidf(h1[i]) * h3[i];
+  put(a + i, h1[i] * sigmoidf(h1[i]) * h3[i]);
 }
 
 // dh1 = da * h3 * silu'(h1), dh3 = da * silu(h1);  silu'(x) = sig (1 + x (1 - sig))
-__global__ void swiglu_backward_kernel(float* dh1, float* dh3, const float* da, const float* h1, const float* h3,
+template <typename T>
+__global__ void swiglu_backward_kernel(T* dh1, T* dh3, const float* da, const float* h1, const float* h3,
                                        size_t n) {
   const size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const float x = h1[i], sg = sigmoidf(x);
-  dh1[i] = da[i] * h3[i] * sg * (1.f + x * (1.f - sg));
-  dh3[i] = da[i] * x * sg;
+  put(dh1 + i, da[i] * h3[i] * sg * (1.f + x * (1.f - sg)));
+  put(dh3 + i, da[i] * x * sg);
+}
+
+// xp (NK, D) in bf16 from fp32 inp: as gather_kernel, four elements (16 bytes in, 8 out) per thread; D4 = D / 4.
+__global__ void gather_bf16_kernel(uint2* xp, const float4* inp, const int* perm, int NK, int K, int D4) {
+  const size_t idx = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= static_cast<size_t>(NK) * D4) return;
+  const size_t r = idx / D4, d = idx % D4;
+  const float4 v = inp[static_cast<size_t>(perm[r] / K) * D4 + d];
+  const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
+  xp[idx] = make_uint2(*reinterpret_cast<const unsigned*>(&lo), *reinterpret_cast<const unsigned*>(&hi));
 }
 
 // out[n, d] += sum_k (w[n,k] *) rows[slot_row[n*K+k], d], k in order. weights null: plain sum.
@@ -175,7 +196,8 @@ __global__ void combine_kernel(float* out, const float* rows, const float* weigh
 }
 
 // One warp per slot i = n*K+k, r = slot_row[i]: dw[i] = dout_n . eo_r;  deo_r = w[i] * dout_n.
-__global__ void combine_backward_kernel(float* dw, float* deo, const float* dout, const float* eo,
+template <typename T>
+__global__ void combine_backward_kernel(float* dw, T* deo, const float* dout, const float* eo,
                                         const float* weights, const int* slot_row, int NK, int K, int D) {
   const int i = blockIdx.x * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
@@ -186,7 +208,7 @@ __global__ void combine_backward_kernel(float* dw, float* deo, const float* dout
   float acc = 0.f;
   for (int d = lane; d < D; d += kWarpSize) {
     acc += dy[d] * eo[r * D + d];
-    deo[r * D + d] = wi * dy[d];
+    put(deo + r * D + d, wi * dy[d]);
   }
   acc = warp_sum(acc);
   if (lane == 0) dw[i] = acc;
@@ -319,6 +341,90 @@ void routed_ffn_backward(const MoeGrads<float>& grads, float* dxp, const float* 
   g.run(idx3);
 }
 
+// Under GemmMath::BF16 the routed experts' products run as segmented GEMMs (common/gemm.h) that read the
+// dispatch offsets on the device: no copy of them to the host, so the host never waits in a layer, and all
+// experts' weight gradients are one launch. Their operands are bf16: the gathered tokens, the SwiGLU
+// activations and the gradients that feed only these products are written as bf16 by the kernels that make
+// them, and the experts' weights are rounded to bf16 copies at each call (the fp32 weights stay the masters).
+// Other maths keep the grouped cuBLAS path above (FP32 is the one checked against the CPU).
+// DSV3_MOE_CUBLAS=1 in the environment keeps the cuBLAS path under BF16 too, to compare the two.
+using bf16 = __nv_bfloat16;
+uint16_t* bits(bf16* p) { return reinterpret_cast<uint16_t*>(p); }
+
+// The fp32 buffers the segmented path reads as float4 or writes as C rows must be 16-byte aligned (the weight
+// gradients and layer buffers of a model sit in one flat buffer, so theirs depend on the sizes before them).
+bool use_segmented(int D, int F, std::initializer_list<const void*> pointers) {
+  static const bool forced_cublas = [] {
+    const char* v = std::getenv("DSV3_MOE_CUBLAS");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  if (scoped_gemm_math() != GemmMath::BF16 || forced_cublas || D % 8 != 0 || F % 8 != 0) return false;
+  for (const void* p : pointers)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
+
+// bf16 copies of an MoE's routed weights into wb (3 E F D): w1 at 0, w3 at E F D, w2 at 2 E F D.
+void expert_weights_bf16(bf16* wb, const MoeWeights<float>& w, int E, int D, int F) {
+  const size_t n = static_cast<size_t>(E) * F * D;
+  to_bf16(bits(wb), w.w1, n);
+  to_bf16(bits(wb + n), w.w3, n);
+  to_bf16(bits(wb + 2 * n), w.w2, n);
+}
+
+void gather_bf16(bf16* xp, const float* inp, const int* perm, int NK, int K, int D) {
+  const size_t n = static_cast<size_t>(NK) * (D / 4);
+  gather_bf16_kernel<<<blocks_for(n, kThreads), kThreads>>>(reinterpret_cast<uint2*>(xp),
+                                                            reinterpret_cast<const float4*>(inp), perm, NK, K, D / 4);
+  CUDA_CHECK_LAST();
+}
+
+// routed_ffn_forward on the segmented path: eo, h1, h3 (fp32, saved) from inp gathered by perm.
+void routed_ffn_forward_segmented(float* eo, float* h1, float* h3, const float* inp, const int* perm,
+                                  const MoeWeights<float>& w, const int* off, int E, int K, int NK, int D, int F) {
+  const int64_t FD = static_cast<int64_t>(F) * D, n = static_cast<int64_t>(E) * FD;
+  ScratchBuffer<bf16> wb(3 * n), xb(static_cast<size_t>(NK) * D), ab(static_cast<size_t>(NK) * F);
+  expert_weights_bf16(wb.get(), w, E, D, F);
+  gather_bf16(xb.get(), inp, perm, NK, K, D);
+  const uint16_t *x = bits(xb.get()), *w1 = bits(wb.get()), *w3 = w1 + n, *w2 = w1 + 2 * n;
+  segmented_gemm_rows(Op::T, 1.f, 0.f, {{0, F, D, x, D, w1, D, h1, F, FD, 0}, {0, F, D, x, D, w3, D, h3, F, FD, 0}},
+                      off, E, NK);
+  const size_t nf = static_cast<size_t>(NK) * F;
+  swiglu_kernel<<<blocks_for(nf, kThreads), kThreads>>>(ab.get(), h1, h3, nf);
+  CUDA_CHECK_LAST();
+  segmented_gemm_rows(Op::T, 1.f, 0.f, {{0, D, F, bits(ab.get()), F, w2, F, eo, D, FD, 0}}, off, E, NK);
+}
+
+// routed_ffn_backward on the segmented path, from dout itself: dw (NK) and dxp (NK, D) overwritten, the
+// experts' weight gradients accumulated (+=).
+void routed_ffn_backward_segmented(const MoeGrads<float>& grads, float* dw, float* dxp, const float* dout,
+                                   const MoeSaved<float>& sv, const float* inp, const MoeWeights<float>& w, int E,
+                                   int K, int NK, int D, int F) {
+  const int64_t FD = static_cast<int64_t>(F) * D, n = static_cast<int64_t>(E) * FD;
+  const size_t nd = static_cast<size_t>(NK) * D, nf = static_cast<size_t>(NK) * F;
+  ScratchBuffer<bf16> deo(nd), xb(nd), ab(nf), dh1(nf), dh3(nf), wb(3 * n);
+  ScratchBuffer<float> da(nf);
+  combine_backward_kernel<<<blocks_for(NK, kWarpsPerBlock), kThreads>>>(dw, deo.get(), dout, sv.eo, sv.weights,
+                                                                        sv.slot_row, NK, K, D);
+  CUDA_CHECK_LAST();
+  gather_bf16(xb.get(), inp, sv.perm, NK, K, D);
+  expert_weights_bf16(wb.get(), w, E, D, F);
+  const uint16_t *w1 = bits(wb.get()), *w3 = w1 + n, *w2 = w1 + 2 * n;
+  swiglu_kernel<<<blocks_for(nf, kThreads), kThreads>>>(ab.get(), sv.h1, sv.h3, nf);
+  CUDA_CHECK_LAST();
+  const int* off = sv.offsets;
+  segmented_gemm_rows(Op::N, 1.f, 0.f, {{0, F, D, bits(deo.get()), D, w2, F, da.get(), F, FD, 0}}, off, E, NK);
+  swiglu_backward_kernel<<<blocks_for(nf, kThreads), kThreads>>>(dh1.get(), dh3.get(), da.get(), sv.h1, sv.h3, nf);
+  CUDA_CHECK_LAST();
+  segmented_gemm_tn(1.f, 1.f,
+                    {{D, F, 0, bits(deo.get()), D, bits(ab.get()), F, grads.w2, F, 0, FD},   // dW2 += dy^T a
+                     {F, D, 0, bits(dh1.get()), F, bits(xb.get()), D, grads.w1, D, 0, FD},   // dW1 += dh1^T x
+                     {F, D, 0, bits(dh3.get()), F, bits(xb.get()), D, grads.w3, D, 0, FD}},  // dW3 += dh3^T x
+                    off, E);
+  segmented_gemm_rows(Op::N, 1.f, 0.f, {{0, D, F, bits(dh1.get()), F, w1, D, dxp, D, FD, 0}}, off, E, NK);
+  segmented_gemm_rows(Op::N, 1.f, 1.f, {{0, D, F, bits(dh3.get()), F, w3, D, dxp, D, FD, 0}}, off, E, NK);
+}
+
 // counts, offsets, perm and slot_row of MoeSaved from its indices (the three kernels above).
 void dispatch(const MoeSaved<float>& s, int NK, int E) {
   require(E <= kScanThreads, "moe (CUDA): at most {} routed experts, got {}", kScanThreads, E);
@@ -370,10 +476,15 @@ void moe_forward(float* out, const MoeSaved<float>& s, const float* inp, const M
   // 2) counts, offsets, permutation
   dispatch(s, NK, E);
   // 3) gathered tokens through each expert's FFN, one contiguous slice per expert
-  ScratchBuffer<float> xp(static_cast<size_t>(NK) * D), a(static_cast<size_t>(NK) * std::max(F, Fs));
-  launch_gather(xp.get(), inp, s.perm, NK, K, D);
-  const std::vector<int> off = host_offsets(s.offsets, E);
-  routed_ffn_forward(s.eo, s.h1, s.h3, a.get(), xp.get(), w, off, D, F);
+  const bool seg = use_segmented(D, F, {inp, s.h1, s.h3, s.eo});
+  ScratchBuffer<float> xp(seg ? 0 : static_cast<size_t>(NK) * D),
+      a(std::max(seg ? 0 : static_cast<size_t>(NK) * F, static_cast<size_t>(N) * Fs));
+  if (seg) {
+    routed_ffn_forward_segmented(s.eo, s.h1, s.h3, inp, s.perm, w, s.offsets, E, K, NK, D, F);
+  } else {
+    launch_gather(xp.get(), inp, s.perm, NK, K, D);
+    routed_ffn_forward(s.eo, s.h1, s.h3, a.get(), xp.get(), w, host_offsets(s.offsets, E), D, F);
+  }
   // 4) out = shared(x) + sum_k w_k eo_k
   if (Fs > 0)
     ffn_forward(out, s.sh1, s.sh3, a.get(), inp, w.shared_w1, w.shared_w2, w.shared_w3, N, D, Fs);
@@ -390,7 +501,8 @@ void moe_backward(const MoeGrads<float>& g, float* dinp, const float* dout, cons
   const int E = c.n_routed_experts, K = c.n_activated_experts, D = c.dim, F = c.moe_inter_dim,
             Fs = c.shared_inter_dim(), NK = N * K;
   const bool softmax = c.score_func == ScoreFunc::Softmax;
-  const size_t scratch_rows = std::max(static_cast<size_t>(NK) * F, static_cast<size_t>(N) * Fs);
+  const bool seg = use_segmented(D, F, {inp, g.w1, g.w2, g.w3});
+  const size_t scratch_rows = std::max(seg ? 0 : static_cast<size_t>(NK) * F, static_cast<size_t>(N) * Fs);
   ScratchBuffer<float> a(scratch_rows), da(scratch_rows), dh1(scratch_rows), dh3(scratch_rows);
   const FfnScratch fs{a.get(), da.get(), dh1.get(), dh3.get()};
   // 1) shared experts: dinp = their input gradient (overwrite)
@@ -399,26 +511,28 @@ void moe_backward(const MoeGrads<float>& g, float* dinp, const float* dout, cons
                  w.shared_w3, N, D, Fs, fs);
   else
     CUDA_CHECK(cudaMemsetAsync(dinp, 0, static_cast<size_t>(N) * D * sizeof(float)));
-  // 2) combine backward: dw (N, K), deo (NK, D) in dispatch order
-  ScratchBuffer<float> dw(NK), deo(static_cast<size_t>(NK) * D), xp(static_cast<size_t>(NK) * D),
-      dxp(static_cast<size_t>(NK) * D);
-  combine_backward_kernel<<<blocks_for(NK, kWarpsPerBlock), kThreads>>>(dw.get(), deo.get(), dout, s.eo, s.weights,
-                                                                        s.slot_row, NK, K, D);
-  CUDA_CHECK_LAST();
-  // 3) each routed expert on its slice
-  launch_gather(xp.get(), inp, s.perm, NK, K, D);
-  const std::vector<int> off = host_offsets(s.offsets, E);
-  routed_ffn_backward(g, dxp.get(), deo.get(), s.h1, s.h3, xp.get(), w, off, D, F, fs);
-  // 4) router: dlogits, then dWg += dlogits^T x and dinp += dlogits Wg
+  // 2) combine backward and each routed expert on its slice: dw (N, K), dxp (NK, D) in dispatch order
+  ScratchBuffer<float> dw(NK), dxp(static_cast<size_t>(NK) * D);
+  if (seg) {
+    routed_ffn_backward_segmented(g, dw.get(), dxp.get(), dout, s, inp, w, E, K, NK, D, F);
+  } else {
+    ScratchBuffer<float> deo(static_cast<size_t>(NK) * D), xp(static_cast<size_t>(NK) * D);
+    combine_backward_kernel<<<blocks_for(NK, kWarpsPerBlock), kThreads>>>(dw.get(), deo.get(), dout, s.eo,
+                                                                          s.weights, s.slot_row, NK, K, D);
+    CUDA_CHECK_LAST();
+    launch_gather(xp.get(), inp, s.perm, NK, K, D);
+    routed_ffn_backward(g, dxp.get(), deo.get(), s.h1, s.h3, xp.get(), w, host_offsets(s.offsets, E), D, F, fs);
+    gemm_concurrent_join();  // the experts' weight gradients, before their scratch inputs (deo, xp) are freed
+  }
+  // 3) router: dlogits, then dWg += dlogits^T x and dinp += dlogits Wg
   ScratchBuffer<float> dlogits(static_cast<size_t>(N) * E);
   gate_backward_kernel<<<blocks_for(N, kThreads), kThreads>>>(dlogits.get(), dw.get(), dscores_extra, s.indices,
                                                               s.weights, s.scores, N, E, K, c.route_scale, softmax);
   CUDA_CHECK_LAST();
   gemm(Op::T, Op::N, E, D, N, 1.f, dlogits.get(), inp, 1.f, g.gate_weight, GemmMath::FP32);
   gemm(Op::N, Op::N, N, D, E, 1.f, dlogits.get(), w.gate_weight, 1.f, dinp, GemmMath::FP32);
-  // 5) experts' input gradients back to their tokens, k in order
+  // 4) experts' input gradients back to their tokens, k in order
   launch_combine(dinp, dxp.get(), nullptr, s.slot_row, N, K, D);
-  gemm_concurrent_join();  // the experts' weight gradients, before their scratch inputs are freed
 }
 
 void mlp_forward(float* out, float* h1, float* h3, const float* inp, const MlpWeights<float>& w, int D, int F,

@@ -260,9 +260,10 @@ void DeviceModel::upload(const Model<float>& host) {
 
 std::vector<int> DeviceModel::expert_counts(int layer) const {
   if (size_t(layer) >= saved_.size() || host_.block_config(layer).ffn != FfnKind::Moe) return {};
-  const auto ints = saved_[layer].i.download();
-  const size_t off = size_t(saved_[layer].saved.moe.counts - saved_[layer].i.get());
-  return std::vector<int>(ints.begin() + off, ints.begin() + off + cfg_.n_routed_experts);
+  std::vector<int> counts(cfg_.n_routed_experts);  // only the E counts, not the layer's whole int buffer
+  CUDA_CHECK(cudaMemcpy(counts.data(), saved_[layer].saved.moe.counts, counts.size() * sizeof(int),
+                        cudaMemcpyDeviceToHost));
+  return counts;
 }
 
 std::vector<int> DeviceModel::routing(int layer) const {

@@ -22,6 +22,7 @@ ScopedGemmMath::ScopedGemmMath(GemmMath m) : previous_(scoped_math) {
   if (m != GemmMath::Scoped) scoped_math = m;
 }
 ScopedGemmMath::~ScopedGemmMath() { scoped_math = previous_; }
+GemmMath scoped_gemm_math() { return scoped_math; }
 
 static cublasOperation_t to_cublas(Op op) { return op == Op::N ? CUBLAS_OP_N : CUBLAS_OP_T; }
 static cublasComputeType_t compute_type(GemmMath m) {

@@ -131,5 +131,38 @@ class GroupedGemms {
   std::shared_ptr<void> owner_;  // the device table (stream-ordered free)
 };
 
+// The math GemmMath::Scoped stands for on this thread now (FP32 outside any ScopedGemmMath).
+GemmMath scoped_gemm_math();
+
+// Segmented products: the rows of a token-sorted matrix split into segments (the MoE experts) at offsets
+// off[0] = 0 <= off[1] <= ... <= off[segments], held on the device and read there, so that the host never
+// waits for them. bf16 operands (A and B hold bf16 bit patterns, as written by to_bf16 or a kernel that stores
+// bf16), fp32 accumulation on the tensor cores, fp32 C. Up to 3 independent products of one layout per call
+// (one launch); none may write another's C. C = alpha P + beta C, and beta = 0 never reads C.
+//   segmented_gemm_rows: for each segment s, C[off[s]:off[s+1]] (rows x N) = A[off[s]:off[s+1]] (rows x K)
+//     op(B_s) with B_s = B + s * strideB: N x K for opB = T, K x N for opB = N. M and strideC unused.
+//     total_rows = off[segments] (sizes the grid).
+//   segmented_gemm_tn: for each segment s, C_s (M x N) = A[off[s]:off[s+1]]^T B[off[s]:off[s+1]] with
+//     C_s = C + s * strideC: the segment's rows are the inner dimension (a weight gradient). K and strideB unused.
+// Needs A, B, C 16-byte aligned, lda, ldb, strideB and M, N, K (those used) multiples of 8, ldc and strideC
+// multiples of 4: segmented_gemm_supported says; the calls refuse others with a UserError.
+struct SegmentGemm {
+  int M, N, K;
+  const uint16_t* A;
+  int lda;
+  const uint16_t* B;
+  int ldb;
+  float* C;
+  int ldc;
+  int64_t strideB, strideC;
+};
+bool segmented_gemm_supported(const std::vector<SegmentGemm>& products, bool tn);
+void segmented_gemm_rows(Op opB, float alpha, float beta, const std::vector<SegmentGemm>& products,
+                         const int* offsets, int segments, int total_rows);
+void segmented_gemm_tn(float alpha, float beta, const std::vector<SegmentGemm>& products, const int* offsets,
+                       int segments);
+// dst[i] = src[i] rounded to bf16 (nearest even), n elements.
+void to_bf16(uint16_t* dst, const float* src, size_t n);
+
 }  // namespace cuda
 }  // namespace dsv3

@@ -1,5 +1,7 @@
 // Tests of common/: the tools every stage's tests rely on must themselves be able to fail.
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 
@@ -10,6 +12,7 @@
 #include "common/errors.h"
 #include "common/gemm.h"
 #include "common/rng.h"
+#include "common/safetensors.h"
 #include "common/testing.h"
 #ifdef DSV3_HAVE_CUDA
 #include "common/cuda_utils.h"
@@ -349,6 +352,131 @@ TEST(CudaGemm, ConcurrentMatchesCpu) {
   cuda::gemm_concurrent(Op::N, Op::T, 1.f, 1.f, ps);
   for (size_t i = 0; i < rows.size(); ++i)
     EXPECT_CLOSE(compare(dC[i].download(), ref[i], kReductionTol), fmt::format("product {}", i));
+}
+
+// Segmented products against the CPU on the same bf16 operands (so only the summation order differs).
+// Segments: empty ones (first, middle, last), one row, one past a tile (129 rows) and one over two tiles; output
+// shapes that are not tile multiples.
+namespace {
+struct Bf16Operand {  // bf16 bits for the GPU, the same values as floats for the CPU
+  std::vector<uint16_t> bits;
+  std::vector<float> values;
+};
+Bf16Operand bf16_operand(const std::vector<float>& v) {
+  Bf16Operand o;
+  for (float x : v) {
+    o.bits.push_back(float_to_bf16(x));
+    o.values.push_back(bf16_to_float(o.bits.back()));
+  }
+  return o;
+}
+const std::vector<int> kSegOffsets = {0, 0, 5, 6, 6, 135, 400, 417, 417};
+}  // namespace
+
+TEST(CudaSegmentGemm, RowsMatchCpuForBothLayouts) {
+  DSV3_REQUIRE_GPU();
+  const int S = static_cast<int>(kSegOffsets.size()) - 1, rows = kSegOffsets.back(), N = 136, K = 40;
+  const int lda = K + 8, ldc = N + 4;
+  Rng rng(21);
+  DeviceBuffer<int> doff(kSegOffsets);
+  for (Op ob : {Op::T, Op::N}) {
+    const int ldb = ob == Op::T ? K : N;
+    const int64_t sb = static_cast<int64_t>(N) * K;
+    const auto A = bf16_operand(rng.normal_vec<float>(static_cast<size_t>(rows) * lda));
+    const auto B1 = bf16_operand(rng.normal_vec<float>(S * sb)), B2 = bf16_operand(rng.normal_vec<float>(S * sb));
+    // call 1: two products, beta = 0 over poisoned C; call 2: product 2's C again with beta = 0.5
+    std::vector<float> ref1(static_cast<size_t>(rows) * ldc, 0.f), ref2 = ref1;
+    for (int s = 0; s < S; ++s) {
+      const int r0 = kSegOffsets[s], n = kSegOffsets[s + 1] - r0;
+      if (n == 0) continue;
+      const float* a = A.values.data() + r0 * lda;
+      cpu::gemm(Op::N, ob, n, N, K, 1.5f, a, lda, B1.values.data() + s * sb, ldb, 0.f, ref1.data() + r0 * ldc, ldc);
+      cpu::gemm(Op::N, ob, n, N, K, 1.5f, a, lda, B2.values.data() + s * sb, ldb, 0.f, ref2.data() + r0 * ldc, ldc);
+      cpu::gemm(Op::N, ob, n, N, K, -1.f, a, lda, B1.values.data() + s * sb, ldb, 0.5f, ref2.data() + r0 * ldc, ldc);
+    }
+    DeviceBuffer<uint16_t> dA(A.bits), dB1(B1.bits), dB2(B2.bits);
+    DeviceBuffer<float> dC1(ref1.size()), dC2(ref2.size());
+    dC1.poison();
+    dC2.poison();
+    cuda::SegmentGemm p1{0, N, K, dA.get(), lda, dB1.get(), ldb, dC1.get(), ldc, sb, 0};
+    cuda::SegmentGemm p2{0, N, K, dA.get(), lda, dB2.get(), ldb, dC2.get(), ldc, sb, 0};
+    cuda::segmented_gemm_rows(ob, 1.5f, 0.f, {p1, p2}, doff.get(), S, rows);
+    p2.B = dB1.get();
+    cuda::segmented_gemm_rows(ob, -1.f, 0.5f, {p2}, doff.get(), S, rows);
+    // the padding columns of C are never written: compare the N columns of each row
+    const auto strip = [&](const std::vector<float>& c) {
+      std::vector<float> out;
+      for (int r = 0; r < rows; ++r) out.insert(out.end(), c.begin() + r * ldc, c.begin() + r * ldc + N);
+      return out;
+    };
+    const char* name = ob == Op::T ? "opB = T" : "opB = N";
+    EXPECT_CLOSE(compare(strip(dC1.download()), strip(ref1), kReductionTol), fmt::format("rows, {}, beta 0", name));
+    EXPECT_CLOSE(compare(strip(dC2.download()), strip(ref2), kReductionTol), fmt::format("rows, {}, beta 0.5", name));
+  }
+}
+
+TEST(CudaSegmentGemm, TnMatchesCpu) {
+  DSV3_REQUIRE_GPU();
+  const int S = static_cast<int>(kSegOffsets.size()) - 1, rows = kSegOffsets.back();
+  // two products of transposed shapes (an expert's dW2 and dW1), one not a tile multiple either way
+  const int Ma = 136, Na = 72, Mb = 72, Nb = 136;
+  const int64_t sca = Ma * Na, scb = Mb * Nb;
+  Rng rng(22);
+  const auto X = bf16_operand(rng.normal_vec<float>(static_cast<size_t>(rows) * Ma));  // rows x 136
+  const auto Y = bf16_operand(rng.normal_vec<float>(static_cast<size_t>(rows) * Na));  // rows x 72
+  const auto C0 = rng.normal_vec<float>(S * sca);
+  auto refa = C0, refb = C0;
+  for (int s = 0; s < S; ++s) {
+    const int r0 = kSegOffsets[s], n = kSegOffsets[s + 1] - r0;
+    // K = 0 (an empty segment): C = beta C, as a GEMM with no inner dimension
+    if (n == 0) {
+      for (int64_t i = 0; i < sca; ++i) refa[s * sca + i] *= 0.5f, refb[s * scb + i] *= 0.5f;
+      continue;
+    }
+    cpu::gemm(Op::T, Op::N, Ma, Na, n, 2.f, X.values.data() + r0 * Ma, Ma, Y.values.data() + r0 * Na, Na, 0.5f,
+              refa.data() + s * sca, Na);
+    cpu::gemm(Op::T, Op::N, Mb, Nb, n, 2.f, Y.values.data() + r0 * Na, Na, X.values.data() + r0 * Ma, Ma, 0.5f,
+              refb.data() + s * scb, Nb);
+  }
+  DeviceBuffer<uint16_t> dX(X.bits), dY(Y.bits);
+  DeviceBuffer<float> dCa(C0), dCb(C0);
+  DeviceBuffer<int> off(kSegOffsets);
+  cuda::segmented_gemm_tn(2.f, 0.5f,
+                          {{Ma, Na, 0, dX.get(), Ma, dY.get(), Na, dCa.get(), Na, 0, sca},
+                           {Mb, Nb, 0, dY.get(), Na, dX.get(), Ma, dCb.get(), Nb, 0, scb}},
+                          off.get(), S);
+  EXPECT_CLOSE(compare(dCa.download(), refa, kReductionTol), "tn, 136 x 72");
+  EXPECT_CLOSE(compare(dCb.download(), refb, kReductionTol), "tn, 72 x 136");
+}
+
+TEST(CudaSegmentGemm, ToBf16RoundsToNearestEven) {
+  DSV3_REQUIRE_GPU();
+  Rng rng(23);
+  auto v = rng.normal_vec<float>(1000);
+  v.push_back(1.f + 1.f / 256);  // halfway between two bf16 values: rounds to the even one, 1.0
+  DeviceBuffer<float> d(v);
+  DeviceBuffer<uint16_t> b(v.size());
+  cuda::to_bf16(b.get(), d.get(), v.size());
+  std::vector<uint16_t> want;
+  for (float x : v) want.push_back(float_to_bf16(x));
+  EXPECT_EQ(b.download(), want);
+  EXPECT_EQ(want.back(), float_to_bf16(1.f));
+}
+
+TEST(CudaSegmentGemm, RefusesUnalignedOperands) {
+  DSV3_REQUIRE_GPU();
+  DeviceBuffer<uint16_t> a(64), b(64);
+  DeviceBuffer<float> c(64);
+  DeviceBuffer<int> off(std::vector<int>{0, 2});
+  const cuda::SegmentGemm ok{0, 8, 8, a.get(), 8, b.get(), 8, c.get(), 8, 64, 0};
+  EXPECT_TRUE(cuda::segmented_gemm_supported({ok}, false));
+  auto odd = ok;
+  odd.A = a.get() + 4;  // 8 bytes off
+  EXPECT_FALSE(cuda::segmented_gemm_supported({odd}, false));
+  odd = ok;
+  odd.N = 12;
+  EXPECT_FALSE(cuda::segmented_gemm_supported({odd}, false));
+  EXPECT_THROW(cuda::segmented_gemm_rows(Op::T, 1.f, 0.f, {odd}, off.get(), 1, 2), UserError);
 }
 #else
 TEST(CudaBuffer, BuiltWithoutCuda) { GTEST_SKIP() << "built without CUDA"; }
