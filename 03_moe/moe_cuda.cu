@@ -7,6 +7,8 @@
 //   expert: rows within an expert in (token, k) order = perm)
 //   -> gather rows -> grouped cuBLAS GEMMs over the experts' contiguous slices (after one copy of the E+1
 //   offsets to the host) -> combine_kernel (per token, fixed k order: deterministic).
+// Under bf16 math the experts' products are segmented bf16 GEMMs that read the offsets on the device instead
+// (no host copy; see use_segmented below).
 #include <cstdint>
 #include <cstdlib>
 #include <initializer_list>
