@@ -6,8 +6,9 @@
 //   tn              C_s  = A[s]^T B[s]  A: rows x M, B: rows x N, the segment's rows are the inner dimension
 //                                                                                (its weight gradients)
 //
-// A block computes a 128 x 128 tile of one product's output with 8 warps (2 x 4, each 64 x 32 as 4 x 2 WMMA
-// bf16 16x16x16 fragments, fp32 accumulators). The bf16 operand tiles (128 x 32 each) stream global -> shared
+// A block computes a 128 x 128 tile of one product's output with 4 warps (2 x 2, each 64 x 64 as 4 x 4 WMMA
+// bf16 16x16x16 fragments, fp32 accumulators: about 250 registers a thread, two blocks per SM; measured on an
+// H200 against 8 warps of 64 x 32, it cut the up-projection product from 246 to 215 us). The bf16 operand tiles (128 x 32 each) stream global -> shared
 // memory by cp.async, four stages deep (three tiles in flight while the fourth multiplies; one barrier per
 // tile). Operands are bf16 in memory because fp32 ones would double the bytes per product and the tiles are
 // limited by what the L2 cache delivers (measured: a kernel reading fp32 and rounding on the way ran at about
@@ -29,7 +30,8 @@ namespace dsv3::cuda {
 
 namespace {
 
-constexpr int kBM = 128, kBN = 128, kBK = 32, kStages = 4, kThreads = 256, kPad = 8, kMaxProducts = 3;
+constexpr int kBM = 128, kBN = 128, kBK = 32, kStages = 4, kPad = 8, kMaxProducts = 3;
+constexpr int kWM = 2, kWN = 2, kThreads = 32 * kWM * kWN;  // a 2 x 2 grid of warps, each 64 x 64 of the tile
 using bf16 = __nv_bfloat16;
 
 struct Product {
@@ -50,13 +52,13 @@ struct Args {
 // A R x C bf16 tile (C contiguous in memory) copied global -> shared by cp.async, 16 bytes (8 elements) a
 // copy, rows of C + kPad elements in shared memory. Element (r, c) is base[(row0 + r) * ld + col0 + c];
 // zero-filled where row0 + r >= rows or col0 + c >= cols (cols % 8 == 0: a 16-byte chunk is all in or out).
-template <int R, int C>
+template <int R, int C, int kT>
 __device__ void copy_tile(bf16* s, const bf16* base, int ld, int row0, int rows, int col0, int cols) {
-  constexpr int kC8 = C / 8, kVec = R * kC8 / kThreads;
-  static_assert(R * kC8 % kThreads == 0, "tile must split evenly over the block");
+  constexpr int kC8 = C / 8, kVec = R * kC8 / kT;
+  static_assert(R * kC8 % kT == 0, "tile must split evenly over the block");
 #pragma unroll
   for (int i = 0; i < kVec; ++i) {
-    const int idx = threadIdx.x + i * kThreads, r = idx / kC8, c = (idx % kC8) * 8;
+    const int idx = threadIdx.x + i * kT, r = idx / kC8, c = (idx % kC8) * 8;
     const bool in = row0 + r < rows && col0 + c < cols;
     const bf16* src = in ? base + static_cast<int64_t>(row0 + r) * ld + col0 + c : base;
     const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(s + r * (C + kPad) + c));
@@ -77,7 +79,7 @@ struct Layout {
   static constexpr int kA = kAK ? kBM * (kBK + kPad) : kBK * (kBM + kPad);  // elements of one A stage
   static constexpr int kB = kBKc ? kBN * (kBK + kPad) : kBK * (kBN + kPad);
   static constexpr size_t kSmem = static_cast<size_t>(kStages) * (kA + kB) * sizeof(bf16);
-  static_assert(kSmem >= kThreads / 32 * 16 * 16 * sizeof(float), "epilogue staging reuses the stages");
+  static_assert(kSmem >= kWM * kWN * 16 * 16 * sizeof(float), "epilogue staging reuses the stages");
   static_assert((kA * sizeof(bf16)) % 128 == 0 && (kB * sizeof(bf16)) % 128 == 0, "stages stay 128-byte aligned");
 };
 
@@ -85,8 +87,9 @@ template <bool kRows, bool kAK, bool kBKc>
 __global__ void __launch_bounds__(kThreads, 2) segment_gemm_kernel(const __grid_constant__ Args args) {
   using namespace nvcuda;
   using L = Layout<kRows, kAK, kBKc>;
+  constexpr int kT = kThreads, kFN = kBN / kWN / 16, kWTN = kBN / kWN;  // per warp: fragments and columns along N
   const Product& p = args.p[blockIdx.z];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wm = warp / 4, wn = warp % 4;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wm = warp / kWN, wn = warp % kWN;
   const int n_tiles = (p.N + kBN - 1) / kBN;
 
   // This block's operands: A, B and C as (base, valid extents), and its tile (m0, n0).
@@ -132,22 +135,22 @@ __global__ void __launch_bounds__(kThreads, 2) segment_gemm_kernel(const __grid_
   const auto b_stage = [&](int st) { return smem + st * (L::kA + L::kB) + L::kA; };
   const auto load = [&](int st, int k0) {
     if (kAK)
-      copy_tile<kBM, kBK>(a_stage(st), A, p.lda, m0, M, k0, K);
+      copy_tile<kBM, kBK, kT>(a_stage(st), A, p.lda, m0, M, k0, K);
     else
-      copy_tile<kBK, kBM>(a_stage(st), A, p.lda, k0, K, m0, M);
+      copy_tile<kBK, kBM, kT>(a_stage(st), A, p.lda, k0, K, m0, M);
     if (kBKc)
-      copy_tile<kBN, kBK>(b_stage(st), B, p.ldb, n0, N, k0, K);
+      copy_tile<kBN, kBK, kT>(b_stage(st), B, p.ldb, n0, N, k0, K);
     else
-      copy_tile<kBK, kBN>(b_stage(st), B, p.ldb, k0, K, n0, N);
+      copy_tile<kBK, kBN, kT>(b_stage(st), B, p.ldb, k0, K, n0, N);
   };
 
   using ALayout = typename std::conditional<kAK, wmma::row_major, wmma::col_major>::type;
   using BLayout = typename std::conditional<kBKc, wmma::col_major, wmma::row_major>::type;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][kFN];
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
-    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+    for (int j = 0; j < kFN; ++j) wmma::fill_fragment(acc[i][j], 0.f);
 
   // kStages - 1 tiles in flight ahead of the one being multiplied; an empty commit group past the end keeps
   // the wait counts uniform
@@ -167,10 +170,10 @@ __global__ void __launch_bounds__(kThreads, 2) segment_gemm_kernel(const __grid_
     const bf16* Bs = b_stage(kt % kStages);
 #pragma unroll
     for (int kk = 0; kk < kBK; kk += 16) {
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, BLayout> b[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, BLayout> b[kFN];
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int n = wn * 32 + j * 16;
+      for (int j = 0; j < kFN; ++j) {
+        const int n = wn * kWTN + j * 16;
         wmma::load_matrix_sync(b[j], kBKc ? Bs + n * (kBK + kPad) + kk : Bs + kk * (kBN + kPad) + n,
                                kBKc ? kBK + kPad : kBN + kPad);
       }
@@ -181,7 +184,7 @@ __global__ void __launch_bounds__(kThreads, 2) segment_gemm_kernel(const __grid_
         wmma::load_matrix_sync(a, kAK ? As + m * (kBK + kPad) + kk : As + kk * (kBM + kPad) + m,
                                kAK ? kBK + kPad : kBM + kPad);
 #pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a, b[j], acc[i][j]);
+        for (int j = 0; j < kFN; ++j) wmma::mma_sync(acc[i][j], a, b[j], acc[i][j]);
       }
     }
   }
@@ -195,10 +198,10 @@ __global__ void __launch_bounds__(kThreads, 2) segment_gemm_kernel(const __grid_
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
+    for (int j = 0; j < kFN; ++j) {
       wmma::store_matrix_sync(st, acc[i][j], 16, wmma::mem_row_major);
       __syncwarp();
-      const int gm = m0 + wm * 64 + i * 16 + r, gn = n0 + wn * 32 + j * 16 + c;
+      const int gm = m0 + wm * 64 + i * 16 + r, gn = n0 + wn * kWTN + j * 16 + c;
       if (gm < M && gn < N) {
         float4* dst = reinterpret_cast<float4*>(C + static_cast<int64_t>(gm) * p.ldc + gn);
 #pragma unroll
@@ -271,7 +274,10 @@ void segmented_gemm_rows(Op opB, float alpha, float beta, const std::vector<Segm
   for (const SegmentGemm& q : products) n_tiles = std::max(n_tiles, (q.N + kBN - 1) / kBN);
   if (n_tiles == 0) return;
   // every segment adds at most one partial row tile
-  const dim3 grid(n_tiles, (total_rows + kBM - 1) / kBM + segments, static_cast<unsigned>(products.size()));
+  const int64_t row_tiles = (static_cast<int64_t>(total_rows) + kBM - 1) / kBM + segments;
+  require(row_tiles <= 65535, "segmented_gemm_rows: {} rows in {} segments need {} row tiles, over the grid's 65535",
+          total_rows, segments, row_tiles);
+  const dim3 grid(n_tiles, static_cast<unsigned>(row_tiles), static_cast<unsigned>(products.size()));
   if (opB == Op::T)
     launch<true, true, true>(grid, a);
   else
@@ -287,6 +293,7 @@ void segmented_gemm_tn(float alpha, float beta, const std::vector<SegmentGemm>& 
   int tiles = 0;
   for (const SegmentGemm& q : products) tiles = std::max(tiles, ((q.M + kBM - 1) / kBM) * ((q.N + kBN - 1) / kBN));
   if (tiles == 0) return;
+  require(segments <= 65535, "segmented_gemm_tn: {} segments, over the grid's 65535", segments);
   const dim3 grid(tiles, segments, static_cast<unsigned>(products.size()));
   launch<false, false, false>(grid, a);
 }
