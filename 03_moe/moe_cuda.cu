@@ -1,4 +1,5 @@
-// Stage 03, CUDA: kernels, then launchers, then the public entry points (moe.h). fp32 throughout.
+// Stage 03, CUDA: kernels, then launchers, then the public entry points (moe.h). fp32 throughout, except the bf16
+// operands of the segmented expert products under bf16 math (see use_segmented).
 // Shapes: see the legend in moe.h.
 //
 // Dispatch on the device, no host loop over tokens:
