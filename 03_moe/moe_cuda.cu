@@ -233,7 +233,8 @@ __global__ void gate_backward_kernel(float* dlogits, const float* dw, const floa
 
 // ---- launchers ----------------------------------------------------------------------------------
 
-void launch_swiglu(float* a, const float* h1, const float* h3, size_t n) {
+template <typename T>
+void launch_swiglu(T* a, const float* h1, const float* h3, size_t n) {
   if (n == 0) return;
   swiglu_kernel<<<blocks_for(n, kThreads), kThreads>>>(a, h1, h3, n);
   CUDA_CHECK_LAST();
@@ -392,9 +393,7 @@ void routed_ffn_forward_segmented(float* eo, float* h1, float* h3, const float* 
   const uint16_t *x = bits(xb.get()), *w1 = bits(wb.get()), *w3 = w1 + n, *w2 = w1 + 2 * n;
   segmented_gemm_rows(Op::T, 1.f, 0.f, {{0, F, D, x, D, w1, D, h1, F, FD, 0}, {0, F, D, x, D, w3, D, h3, F, FD, 0}},
                       off, E, NK);
-  const size_t nf = static_cast<size_t>(NK) * F;
-  swiglu_kernel<<<blocks_for(nf, kThreads), kThreads>>>(ab.get(), h1, h3, nf);
-  CUDA_CHECK_LAST();
+  launch_swiglu(ab.get(), h1, h3, static_cast<size_t>(NK) * F);
   segmented_gemm_rows(Op::T, 1.f, 0.f, {{0, D, F, bits(ab.get()), F, w2, F, eo, D, FD, 0}}, off, E, NK);
 }
 
@@ -413,8 +412,7 @@ void routed_ffn_backward_segmented(const MoeGrads<float>& grads, float* dw, floa
   gather_bf16(xb.get(), inp, sv.perm, NK, K, D);
   expert_weights_bf16(wb.get(), w, E, D, F);
   const uint16_t *w1 = bits(wb.get()), *w3 = w1 + n, *w2 = w1 + 2 * n;
-  swiglu_kernel<<<blocks_for(nf, kThreads), kThreads>>>(ab.get(), sv.h1, sv.h3, nf);
-  CUDA_CHECK_LAST();
+  launch_swiglu(ab.get(), sv.h1, sv.h3, nf);
   const int* off = sv.offsets;
   segmented_gemm_rows(Op::N, 1.f, 0.f, {{0, F, D, bits(deo.get()), D, w2, F, da.get(), F, FD, 0}}, off, E, NK);
   swiglu_backward_kernel<<<blocks_for(nf, kThreads), kThreads>>>(dh1.get(), dh3.get(), da.get(), sv.h1, sv.h3, nf);

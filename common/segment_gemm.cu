@@ -8,12 +8,14 @@
 //
 // A block computes a 128 x 128 tile of one product's output with 4 warps (2 x 2, each 64 x 64 as 4 x 4 WMMA
 // bf16 16x16x16 fragments, fp32 accumulators: about 250 registers a thread, two blocks per SM; measured on an
-// H200 against 8 warps of 64 x 32, it cut the up-projection product from 246 to 215 us). The bf16 operand tiles (128 x 32 each) stream global -> shared
-// memory by cp.async, four stages deep (three tiles in flight while the fourth multiplies; one barrier per
-// tile). Operands are bf16 in memory because fp32 ones would double the bytes per product and the tiles are
-// limited by what the L2 cache delivers (measured: a kernel reading fp32 and rounding on the way ran at about
-// 100 TFLOP/s, below cuBLAS's TF32 grouped GEMM). The epilogue goes through a per-warp 16 x 16 staging tile, so
-// that rows past a segment's end (they belong to the next segment) are never written.
+// H200 against 8 warps of 64 x 32, it cut the up-projection product from 246 to 215 us). The bf16 operand tiles
+// (128 x 32 each) stream global -> shared memory by cp.async, four stages deep (three tiles in flight while the
+// fourth multiplies; one barrier per tile). Operands are bf16 in memory because fp32 ones would double the bytes
+// per product and the tiles are limited by what the L2 cache delivers (measured: a kernel reading fp32 and
+// rounding on the way ran at about 100 TFLOP/s, below cuBLAS's TF32 grouped GEMM). The epilogue goes through a
+// per-warp 16 x 16 staging tile, so that rows past a segment's end (they belong to the next segment) are never
+// written.
+#include "common/cuda_kernels.cuh"
 #include "common/cuda_utils.h"
 #include "common/errors.h"
 #include "common/gemm.h"
@@ -22,8 +24,8 @@
 #include <mma.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace dsv3::cuda {
@@ -71,10 +73,9 @@ __device__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// kRows: the rows mode (segments split the output rows) else the tn mode (segments split the inner dimension).
-// kAK: A's inner index is contiguous (rows mode) else its output-row index is (tn). kBKc: B is stored N x K
-// (opB = T) else K x N.
-template <bool kRows, bool kAK, bool kBKc>
+// Shared-memory sizes of one pipeline stage. kAK: A's inner index is contiguous (rows mode) else its output-row
+// index is (tn). kBKc: B is stored N x K (opB = T) else K x N.
+template <bool kAK, bool kBKc>
 struct Layout {
   static constexpr int kA = kAK ? kBM * (kBK + kPad) : kBK * (kBM + kPad);  // elements of one A stage
   static constexpr int kB = kBKc ? kBN * (kBK + kPad) : kBK * (kBN + kPad);
@@ -83,10 +84,12 @@ struct Layout {
   static_assert((kA * sizeof(bf16)) % 128 == 0 && (kB * sizeof(bf16)) % 128 == 0, "stages stay 128-byte aligned");
 };
 
+// kRows: the rows mode (segments split the output rows) else the tn mode (segments split the inner dimension);
+// kAK, kBKc: the operand layouts, as in Layout.
 template <bool kRows, bool kAK, bool kBKc>
 __global__ void __launch_bounds__(kThreads, 2) segment_gemm_kernel(const __grid_constant__ Args args) {
   using namespace nvcuda;
-  using L = Layout<kRows, kAK, kBKc>;
+  using L = Layout<kAK, kBKc>;
   constexpr int kT = kThreads, kFN = kBN / kWN / 16, kWTN = kBN / kWN;  // per warp: fragments and columns along N
   const Product& p = args.p[blockIdx.z];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wm = warp / kWN, wn = warp % kWN;
@@ -224,7 +227,7 @@ __global__ void __launch_bounds__(kThreads, 2) segment_gemm_kernel(const __grid_
 
 template <bool kRows, bool kAK, bool kBKc>
 void launch(dim3 grid, const Args& a) {
-  using L = Layout<kRows, kAK, kBKc>;
+  using L = Layout<kAK, kBKc>;
   static const bool configured = [] {  // above 48 KB of dynamic shared memory needs the opt-in, once
     CUDA_CHECK(cudaFuncSetAttribute(segment_gemm_kernel<kRows, kAK, kBKc>,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L::kSmem)));
@@ -243,7 +246,8 @@ Args make_args(const std::vector<SegmentGemm>& products, const int* offsets, int
   Args a{};
   for (size_t i = 0; i < products.size(); ++i) {
     const SegmentGemm& q = products[i];
-    a.p[i] = {reinterpret_cast<const bf16*>(q.A), reinterpret_cast<const bf16*>(q.B), q.C, q.lda, q.ldb, q.ldc, q.M, q.N, q.K, q.strideB, q.strideC};
+    a.p[i] = {reinterpret_cast<const bf16*>(q.A), reinterpret_cast<const bf16*>(q.B), q.C, q.lda, q.ldb, q.ldc,
+              q.M, q.N, q.K, q.strideB, q.strideC};
   }
   a.off = offsets;
   a.segments = segments;
@@ -307,8 +311,7 @@ __global__ void to_bf16_kernel(bf16* dst, const float* src, size_t n) {
 
 void to_bf16(uint16_t* dst, const float* src, size_t n) {
   if (n == 0) return;
-  to_bf16_kernel<<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads>>>(reinterpret_cast<bf16*>(dst),
-                                                                                    src, n);
+  to_bf16_kernel<<<blocks_for(n, kThreads), kThreads>>>(reinterpret_cast<bf16*>(dst), src, n);
   CUDA_CHECK_LAST();
 }
 

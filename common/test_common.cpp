@@ -1,7 +1,6 @@
 // Tests of common/: the tools every stage's tests rely on must themselves be able to fail.
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <filesystem>
 #include <fstream>
 
