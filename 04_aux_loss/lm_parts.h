@@ -32,10 +32,13 @@ namespace cpu {
 template <typename T>
 T lm_head_forward(T* logits, T* probs, T* z, T* zrstd, const T* h, const T* norm, const T* head, const int* targets,
                   int N, int D, int V, float eps);
-// Gradients of dloss * CE: dnorm (D) +=, dhead (V, D) +=, dh (N, D) = (overwritten).
+// Gradients of dloss * CE: dnorm (D) +=, dhead (V, D) +=, dh (N, D) = (overwritten). dz_extra (N, D) or
+// nullptr: a gradient that reaches z from elsewhere (stage 05's MTP chain reads z), added before the norm's
+// backward.
 template <typename T>
-void lm_head_backward(T* dnorm, T* dhead, T* dh, T dloss, const T* probs, const T* z, const T* zrstd, const T* h,
-                      const T* norm, const T* head, const int* targets, int N, int D, int V);
+void lm_head_backward(T* dnorm, T* dhead, T* dh, T dloss, const T* dz_extra, const T* probs, const T* z,
+                      const T* zrstd, const T* h, const T* norm, const T* head, const int* targets, int N, int D,
+                      int V);
 
 // out (N, D) = wte[tokens] ; UserError on a token outside [0, V).
 template <typename T>

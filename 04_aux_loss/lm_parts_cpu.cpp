@@ -34,12 +34,15 @@ T lm_head_forward(T* logits, T* probs, T* z, T* zrstd, const T* h, const T* norm
 }
 
 template <typename T>
-void lm_head_backward(T* dnorm, T* dhead, T* dh, T dloss, const T* probs, const T* z, const T* zrstd, const T* h,
-                      const T* norm, const T* head, const int* targets, int N, int D, int V) {
+void lm_head_backward(T* dnorm, T* dhead, T* dh, T dloss, const T* dz_extra, const T* probs, const T* z,
+                      const T* zrstd, const T* h, const T* norm, const T* head, const int* targets, int N, int D,
+                      int V) {
   std::vector<T> dlogits(size_t(N) * V), dz(size_t(N) * D);
   cross_entropy_backward(dlogits.data(), dloss, probs, targets, N, V);
   gemm(Op::T, Op::N, V, D, N, T(1), dlogits.data(), z, T(1), dhead);       // dhead += dlogits^T z
   gemm(Op::N, Op::N, N, D, V, T(1), dlogits.data(), head, T(0), dz.data());  // dz = dlogits head
+  if (dz_extra)
+    for (size_t i = 0; i < dz.size(); ++i) dz[i] += dz_extra[i];
   rmsnorm_backward(dnorm, dh, dz.data(), zrstd, h, norm, N, D);
 }
 
@@ -121,8 +124,8 @@ void adamw_step(T* param, const T* grad, T* m, T* v, size_t n, int64_t step, con
 
 #define DSV3_INSTANTIATE(T)                                                                   \
   template T lm_head_forward<T>(T*, T*, T*, T*, const T*, const T*, const T*, const int*, int, int, int, float); \
-  template void lm_head_backward<T>(T*, T*, T*, T, const T*, const T*, const T*, const T*, const T*, const T*, \
-                                    const int*, int, int, int);                                \
+  template void lm_head_backward<T>(T*, T*, T*, T, const T*, const T*, const T*, const T*, const T*, \
+                                    const T*, const T*, const int*, int, int, int);           \
   template void embedding_forward<T>(T*, const int*, const T*, int, int, int);                \
   template void embedding_backward<T>(T*, const T*, const int*, int, int, int);               \
   template T cross_entropy_forward<T>(T*, const T*, const int*, int, int);                    \

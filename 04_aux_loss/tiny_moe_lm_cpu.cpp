@@ -111,8 +111,9 @@ void TinyMoeLm<T>::backward() {
   for (auto& t : tensors()) std::fill(t.grad->begin(), t.grad->end(), T(0));
   // 4) cross-entropy, head, final norm
   std::vector<T> dh(size_t(N) * D), tmp(size_t(N) * D);
-  cpu::lm_head_backward(dfinal_norm_.data(), dhead_.data(), dh.data(), T(1), probs_.data(), z_.data(), zrstd_.data(),
-                        h_.back().data(), final_norm_.data(), head_.data(), targets_.data(), N, D, V);
+  cpu::lm_head_backward(dfinal_norm_.data(), dhead_.data(), dh.data(), T(1), static_cast<const T*>(nullptr),
+                        probs_.data(), z_.data(), zrstd_.data(), h_.back().data(), final_norm_.data(), head_.data(),
+                        targets_.data(), N, D, V);
   // 2-3) layers in reverse: the residual passes dh through; the branch adds its input gradient
   std::vector<T> dscores(size_t(N) * E);
   for (int l = int(layers_.size()) - 1; l >= 0; --l) {

@@ -4,13 +4,14 @@
 //
 // Token alignment. A training window of one sequence holds T+1 tokens t_0 .. t_T: the main model reads
 // t_0 .. t_{T-1} and predicts t_{i+1} at position i (its targets are t_1 .. t_T). Module k (1..depth) at
-// position i reads the previous depth's hidden state h^{k-1}_i (the main model's final hidden state for
-// k = 1) and the embedding of t_{i+k}, and predicts t_{i+k+1}:
+// position i reads the previous depth's normalised output z^{k-1}_i (for k = 1 the main model's
+// z^0 = final_norm(h_L), what its head reads: the engines that serve the released weights feed that, see the
+// README) and the embedding of t_{i+k}, and predicts t_{i+k+1}:
 //
-//   h'^k_i  = eh_proj [ enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i) ]      (embedding FIRST: released weights)
+//   h'^k_i  = eh_proj [ enorm(Emb(t_{i+k})) ; hnorm(z^{k-1}_i) ]      (embedding FIRST: released weights)
 //   h^k     = Block_k(h'^k)                                           (causal over positions 0..T-1)
-//   P^k_i   = softmax(head(final_norm(h^k_i)))                         (the main model's norm and head)
-//   CE_k    = mean over i in [0, T-k) of -log P^k_i[t_{i+k+1}]         (T-k positions, paper eq. 24)
+//   z^k     = final_norm(h^k);  P^k_i = softmax(head(z^k_i))           (the main model's norm and head)
+//   CE_k    = -(1/T) sum over i in [0, T-k) of log P^k_i[t_{i+k+1}]    (T-k targets divided by T: paper eq. 24)
 //   L_MTP   = (mtp_lambda / depth) * sum_k CE_k                        (eq. 25)
 //
 // Positions i >= T-k have no target (kIgnoreTarget); their embedding token is t_T for i+k > T (a pad: by
@@ -102,7 +103,7 @@ struct MtpSaved {
   T* hp;         // (N, D)  h' = eh_proj [en ; hn]: the block's input
   BlockSaved<T> block;
   T* hk;         // (N, D)  h^k: the block's output, the next module's input
-  T* z;          // (N, D)  final_norm(h^k)
+  T* z;          // (N, D)  z^k = final_norm(h^k): the head's input and the next module's
   T* z_rstd;     // (N)
   T* probs;      // (N, V)  softmax of the logits
 };
@@ -129,18 +130,21 @@ void validate_mtp_call(const MtpConfig& c, int B, int T_, int table_positions);
 
 namespace cpu {
 
-// Runs the chain of c.depth modules on the main model's final hidden state h0 (B, T, D) and the window
-// tokens (B, T+1). ce (depth, HOST) = CE_k of each module. Returns L_MTP = mtp_lambda/depth * sum_k CE_k
-// (0 when depth = 0). modules: depth structs (host array). Fills saved (depth entries).
+// Runs the chain of c.depth modules on the main model's normalised final hidden state h0 = final_norm(h_L)
+// (B, T, D) and the window tokens (B, T+1). ce (depth, HOST) = CE_k of each module (eq. 24). Returns
+// L_MTP = mtp_lambda/depth * sum_k CE_k (0 when depth = 0). modules: depth structs (host array). Fills saved
+// (depth entries).
 template <typename T>
 T mtp_forward(T* ce, const MtpSaved<T>* saved, const T* h0, const int* tokens, const MtpShared<T>& shared,
               const MtpModuleWeights<T>* modules, const MtpConfig& c, int B, int T_, const MlaRope<T>& rope);
 // Gradients of dloss * L_MTP: module and shared parameter gradients += ..., dh0 (B, T, D) = d / d h0.
+// dscores_extra: nullptr, or depth pointers (each nullptr or (N, E)): a gradient on module k's router scores
+// that its MoE block adds (stage 04's sequence-wise balance loss, as block_backward takes it).
 template <typename T>
 void mtp_backward(const MtpModuleGrads<T>* module_grads, const MtpSharedGrads<T>& shared_grads, T* dh0,
-                  NoDeduce<T> dloss, const MtpSaved<T>* saved, const T* h0, const int* tokens,
-                  const MtpShared<T>& shared, const MtpModuleWeights<T>* modules, const MtpConfig& c, int B, int T_,
-                  const MlaRope<T>& rope);
+                  NoDeduce<T> dloss, const NoDeduce<T>* const* dscores_extra, const MtpSaved<T>* saved, const T* h0,
+                  const int* tokens, const MtpShared<T>& shared, const MtpModuleWeights<T>* modules,
+                  const MtpConfig& c, int B, int T_, const MlaRope<T>& rope);
 
 }  // namespace cpu
 
@@ -150,9 +154,9 @@ float mtp_forward(float* ce, const MtpSaved<float>* saved, const float* h0, cons
                   const MtpShared<float>& shared, const MtpModuleWeights<float>* modules, const MtpConfig& c, int B,
                   int T_, const MlaRope<float>& rope);
 void mtp_backward(const MtpModuleGrads<float>* module_grads, const MtpSharedGrads<float>& shared_grads, float* dh0,
-                  float dloss, const MtpSaved<float>* saved, const float* h0, const int* tokens,
-                  const MtpShared<float>& shared, const MtpModuleWeights<float>* modules, const MtpConfig& c, int B,
-                  int T_, const MlaRope<float>& rope);
+                  float dloss, const float* const* dscores_extra, const MtpSaved<float>* saved, const float* h0,
+                  const int* tokens, const MtpShared<float>& shared, const MtpModuleWeights<float>* modules,
+                  const MtpConfig& c, int B, int T_, const MlaRope<float>& rope);
 
 }  // namespace cuda
 }  // namespace dsv3

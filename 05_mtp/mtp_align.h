@@ -20,4 +20,8 @@ DSV3_MTP_HD inline void align(int* token, int* target, const int* window, int n,
   *target = i + k + 1 <= T ? w[i + k + 1] : ignore;
 }
 
+// Paper eq. 24: CE_k = -(1/T) sum over the T-k positions that have a target. The cross-entropy helpers average
+// over the rows with a target (B(T-k) of the N = BT rows), so CE_k is that mean times (T-k)/T (0 when k >= T).
+DSV3_MTP_HD inline double ce_scale(int T, int k) { return T > k ? double(T - k) / double(T) : 0.0; }
+
 }  // namespace dsv3::mtp_align

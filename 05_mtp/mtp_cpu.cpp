@@ -111,7 +111,7 @@ T mtp_forward(T* ce, const MtpSaved<T>* saved, const T* h0, const int* tokens, c
   const int N = B * T_, D = c.dim(), V = c.vocab;
   std::vector<T> logits(size_t(N) * V);
   T sum = 0;
-  const T* h_prev = h0;
+  const T* h_prev = h0;  // module k reads the previous depth's normalised output: h0 = final_norm(h_L), then z^{k-1}
   for (int k = 1; k <= c.depth; ++k) {
     const MtpSaved<T>& s = saved[k - 1];
     const MtpModuleWeights<T>& m = modules[k - 1];
@@ -126,20 +126,21 @@ T mtp_forward(T* ce, const MtpSaved<T>* saved, const T* h0, const int* tokens, c
     gemm(Op::N, Op::T, N, D, D, T(1), s.hn, D, m.eh_proj + D, 2 * D, T(1), s.hp, D);
     // 4) the module's transformer block
     block_forward(s.hk, s.block, s.hp, m.block, c.block, B, T_, 0, rope);
-    // 5) the shared final norm and head, cross-entropy against t_{i+k+1}
+    // 5) the shared final norm and head, cross-entropy against t_{i+k+1}: eq. 24's sum over the T-k targets / T
     rmsnorm_forward(s.z, s.z_rstd, s.hk, sh.norm, N, D, c.norm_eps);
     gemm(Op::N, Op::T, N, V, D, T(1), s.z, sh.head, T(0), logits.data());
-    ce[k - 1] = cross_entropy_forward(s.probs, logits.data(), s.targets, N, V);
+    ce[k - 1] = T(mtp_align::ce_scale(T_, k)) * cross_entropy_forward(s.probs, logits.data(), s.targets, N, V);
     sum += ce[k - 1];
-    h_prev = s.hk;
+    h_prev = s.z;
   }
   return c.depth > 0 ? T(c.mtp_lambda) / T(c.depth) * sum : T(0);
 }
 
 template <typename T>
 void mtp_backward(const MtpModuleGrads<T>* mg, const MtpSharedGrads<T>& sg, T* dh0, NoDeduce<T> dloss,
-                  const MtpSaved<T>* saved, const T* h0, const int* tokens, const MtpShared<T>& sh,
-                  const MtpModuleWeights<T>* modules, const MtpConfig& c, int B, int T_, const MlaRope<T>& rope) {
+                  const NoDeduce<T>* const* dscores_extra, const MtpSaved<T>* saved, const T* h0, const int* tokens,
+                  const MtpShared<T>& sh, const MtpModuleWeights<T>* modules, const MtpConfig& c, int B, int T_,
+                  const MlaRope<T>& rope) {
   validate_mtp_call(c, B, T_, rope.positions);
   (void)tokens;  // the aligned tokens were saved by the forward
   const int N = B * T_, D = c.dim(), V = c.vocab;
@@ -148,41 +149,41 @@ void mtp_backward(const MtpModuleGrads<T>* mg, const MtpSharedGrads<T>& sg, T* d
   if (c.depth == 0) return;
   const T dce = dloss * T(c.mtp_lambda) / T(c.depth);  // d L / d CE_k, the same for every depth
   std::vector<T> dlogits(size_t(N) * V), dz(ND), dhk(ND), dhp(ND), den(ND), dhn(ND), de(ND);
-  // dh_next: d L / d h^k through module k+1 (zero for the last module); ends as dh0.
-  std::vector<T> dh_next(ND, T(0));
+  // dz_next: d L / d z^k through module k+1, which reads z^k (zero for the last module); ends as dh0.
+  std::vector<T> dz_next(ND, T(0));
   for (int k = c.depth; k >= 1; --k) {
     const MtpSaved<T>& s = saved[k - 1];
     const MtpModuleWeights<T>& m = modules[k - 1];
     const MtpModuleGrads<T>& g = mg[k - 1];
-    const T* h_prev = k == 1 ? h0 : saved[k - 2].hk;
-    // 5) cross-entropy, shared head and final norm; the gradient from module k+1 joins here
-    cross_entropy_backward(dlogits.data(), dce, s.probs, s.targets, N, V);
+    const T* h_prev = k == 1 ? h0 : saved[k - 2].z;
+    // 5) cross-entropy (eq. 24's 1/T), shared head; the gradient from module k+1 joins at z^k; final norm
+    cross_entropy_backward(dlogits.data(), dce * T(mtp_align::ce_scale(T_, k)), s.probs, s.targets, N, V);
     gemm(Op::T, Op::N, V, D, N, T(1), dlogits.data(), s.z, T(1), sg.head);  // dhead += dlogits^T z
     gemm(Op::N, Op::N, N, D, V, T(1), dlogits.data(), sh.head, T(0), dz.data());
+    for (size_t i = 0; i < ND; ++i) dz[i] += dz_next[i];
     rmsnorm_backward(sg.norm, dhk.data(), dz.data(), s.z_rstd, s.hk, sh.norm, N, D);
-    for (size_t i = 0; i < ND; ++i) dhk[i] += dh_next[i];
-    // 4) block
-    block_backward(g.block, dhp.data(), dhk.data(), nullptr, s.block, s.hp, m.block,
-                   c.block, B, T_, 0, rope);
+    // 4) block (with the balance-loss gradient on its router's scores, when the caller gives one)
+    block_backward(g.block, dhp.data(), dhk.data(), dscores_extra ? dscores_extra[k - 1] : nullptr, s.block, s.hp,
+                   m.block, c.block, B, T_, 0, rope);
     // 3) eh_proj: den = dhp W[:, :D], dhn = dhp W[:, D:], dW[:, :D] += dhp^T en, dW[:, D:] += dhp^T hn
     gemm(Op::N, Op::N, N, D, D, T(1), dhp.data(), D, m.eh_proj, 2 * D, T(0), den.data(), D);
     gemm(Op::N, Op::N, N, D, D, T(1), dhp.data(), D, m.eh_proj + D, 2 * D, T(0), dhn.data(), D);
     gemm(Op::T, Op::N, D, D, N, T(1), dhp.data(), D, s.en, D, T(1), g.eh_proj, 2 * D);
     gemm(Op::T, Op::N, D, D, N, T(1), dhp.data(), D, s.hn, D, T(1), g.eh_proj + D, 2 * D);
-    // 2) enorm -> shared embedding; hnorm -> the previous depth's hidden state
+    // 2) enorm -> shared embedding; hnorm -> the previous depth's normalised output
     rmsnorm_backward(g.enorm, de.data(), den.data(), s.en_rstd, s.e, m.enorm, N, D);
     embedding_backward(sg.embed, de.data(), s.tokens, N, D, V);
-    rmsnorm_backward(g.hnorm, dh_next.data(), dhn.data(), s.hn_rstd, h_prev, m.hnorm, N, D);
+    rmsnorm_backward(g.hnorm, dz_next.data(), dhn.data(), s.hn_rstd, h_prev, m.hnorm, N, D);
   }
-  std::copy(dh_next.begin(), dh_next.end(), dh0);
+  std::copy(dz_next.begin(), dz_next.end(), dh0);
 }
 
 #define DSV3_INSTANTIATE(T)                                                                                        \
   template T mtp_forward<T>(T*, const MtpSaved<T>*, const T*, const int*, const MtpShared<T>&,                     \
                             const MtpModuleWeights<T>*, const MtpConfig&, int, int, const MlaRope<T>&);            \
-  template void mtp_backward<T>(const MtpModuleGrads<T>*, const MtpSharedGrads<T>&, T*, T, const MtpSaved<T>*,     \
-                                const T*, const int*, const MtpShared<T>&, const MtpModuleWeights<T>*,             \
-                                const MtpConfig&, int, int, const MlaRope<T>&);
+  template void mtp_backward<T>(const MtpModuleGrads<T>*, const MtpSharedGrads<T>&, T*, T, const T* const*,       \
+                                const MtpSaved<T>*, const T*, const int*, const MtpShared<T>&,                     \
+                                const MtpModuleWeights<T>*, const MtpConfig&, int, int, const MlaRope<T>&);
 DSV3_INSTANTIATE(float)
 DSV3_INSTANTIATE(double)
 #undef DSV3_INSTANTIATE

@@ -43,7 +43,7 @@ float mtp_forward(float* ce, const MtpSaved<float>* saved, const float* h0, cons
   const int N = B * T_, D = c.dim(), V = c.vocab;
   ScratchBuffer<float> logits(static_cast<size_t>(N) * V);
   float sum = 0;
-  const float* h_prev = h0;
+  const float* h_prev = h0;  // module k reads the previous depth's normalised output: h0, then z^{k-1}
   for (int k = 1; k <= c.depth; ++k) {
     const MtpSaved<float>& s = saved[k - 1];
     const MtpModuleWeights<float>& m = modules[k - 1];
@@ -58,25 +58,25 @@ float mtp_forward(float* ce, const MtpSaved<float>* saved, const float* h0, cons
     gemm(Op::N, Op::T, N, D, D, 1.f, s.hn, D, m.eh_proj + D, 2 * D, 1.f, s.hp, D);
     // 4) the module's transformer block
     block_forward(s.hk, s.block, s.hp, m.block, c.block, B, T_, 0, rope);
-    // 5) shared final norm and head, cross-entropy against t_{i+k+1} (returns on the host)
+    // 5) shared final norm and head, cross-entropy against t_{i+k+1} scaled to eq. 24's 1/T (on the host)
     rmsnorm_forward(s.z, s.z_rstd, s.hk, sh.norm, N, D, c.norm_eps);
     gemm(Op::N, Op::T, N, V, D, 1.f, s.z, sh.head, 0.f, logits.get());
-    ce[k - 1] = cross_entropy_forward(s.probs, logits.get(), s.targets, N, V);
+    ce[k - 1] = float(mtp_align::ce_scale(T_, k)) * cross_entropy_forward(s.probs, logits.get(), s.targets, N, V);
     sum += ce[k - 1];
-    h_prev = s.hk;
+    h_prev = s.z;
   }
   return c.depth > 0 ? c.mtp_lambda / static_cast<float>(c.depth) * sum : 0.f;
 }
 
 void mtp_backward(const MtpModuleGrads<float>* mg, const MtpSharedGrads<float>& sg, float* dh0, float dloss,
-                  const MtpSaved<float>* saved, const float* h0, const int* tokens, const MtpShared<float>& sh,
+                  const float* const* dscores_extra, const MtpSaved<float>* saved, const float* h0, const int* tokens, const MtpShared<float>& sh,
                   const MtpModuleWeights<float>* modules, const MtpConfig& c, int B, int T_,
                   const MlaRope<float>& rope) {
   validate_mtp_call(c, B, T_, rope.positions);
   (void)tokens;  // the aligned tokens were saved by the forward
   const int N = B * T_, D = c.dim(), V = c.vocab;
   const size_t ND = static_cast<size_t>(N) * D;
-  // dh_next accumulates in dh0 itself: d L / d h^k through module k+1 (zero for the last module).
+  // dh0 carries d L / d z^k through module k+1, which reads z^k (zero for the last module), then is overwritten.
   CUDA_CHECK(cudaMemsetAsync(dh0, 0, ND * sizeof(float)));
   if (c.depth == 0) return;
   const float dce = dloss * c.mtp_lambda / static_cast<float>(c.depth);
@@ -85,21 +85,22 @@ void mtp_backward(const MtpModuleGrads<float>* mg, const MtpSharedGrads<float>& 
     const MtpSaved<float>& s = saved[k - 1];
     const MtpModuleWeights<float>& m = modules[k - 1];
     const MtpModuleGrads<float>& g = mg[k - 1];
-    const float* h_prev = k == 1 ? h0 : saved[k - 2].hk;
-    // 5) cross-entropy, shared head and final norm; the gradient from module k+1 (in dh0) joins here
-    cross_entropy_backward(dlogits.get(), dce, s.probs, s.targets, N, V);
+    const float* h_prev = k == 1 ? h0 : saved[k - 2].z;
+    // 5) cross-entropy (eq. 24's 1/T), shared head; the gradient from module k+1 (in dh0) joins at z^k; final norm
+    cross_entropy_backward(dlogits.get(), dce * float(mtp_align::ce_scale(T_, k)), s.probs, s.targets, N, V);
     gemm(Op::T, Op::N, V, D, N, 1.f, dlogits.get(), s.z, 1.f, sg.head);
     gemm(Op::N, Op::N, N, D, V, 1.f, dlogits.get(), sh.head, 0.f, dz.get());
+    if (k < c.depth) add_inplace(dz.get(), dh0, ND);
     rmsnorm_backward(sg.norm, dhk.get(), dz.get(), s.z_rstd, s.hk, sh.norm, N, D);
-    add_inplace(dhk.get(), dh0, ND);
-    // 4) block
-    block_backward(g.block, dhp.get(), dhk.get(), nullptr, s.block, s.hp, m.block, c.block, B, T_, 0, rope);
+    // 4) block (with the balance-loss gradient on its router's scores, when the caller gives one)
+    block_backward(g.block, dhp.get(), dhk.get(), dscores_extra ? dscores_extra[k - 1] : nullptr, s.block, s.hp,
+                   m.block, c.block, B, T_, 0, rope);
     // 3) eh_proj
     gemm(Op::N, Op::N, N, D, D, 1.f, dhp.get(), D, m.eh_proj, 2 * D, 0.f, den.get(), D);
     gemm(Op::N, Op::N, N, D, D, 1.f, dhp.get(), D, m.eh_proj + D, 2 * D, 0.f, dhn.get(), D);
     gemm(Op::T, Op::N, D, D, N, 1.f, dhp.get(), D, s.en, D, 1.f, g.eh_proj, 2 * D);
     gemm(Op::T, Op::N, D, D, N, 1.f, dhp.get(), D, s.hn, D, 1.f, g.eh_proj + D, 2 * D);
-    // 2) enorm -> shared embedding; hnorm -> the previous depth's hidden state (overwrites dh0)
+    // 2) enorm -> shared embedding; hnorm -> the previous depth's normalised output (overwrites dh0)
     rmsnorm_backward(g.enorm, de.get(), den.get(), s.en_rstd, s.e, m.enorm, N, D);
     embedding_backward(sg.embed, de.get(), s.tokens, N, D, V);
     rmsnorm_backward(g.hnorm, dh0, dhn.get(), s.hn_rstd, h_prev, m.hnorm, N, D);

@@ -2,8 +2,8 @@
 // plain model" test compares against. Built from block.h, mtp.h and stage 04's lm_parts:
 //
 //   h_0 = Emb(t_0..t_{T-1});  h_{l+1} = Block_l(h_l)              main model, n_layers blocks
-//   L_main = CE(head(final_norm(h_L)), t_1..t_T)
-//   L = L_main + L_MTP(h_L)                                      mtp.h, sharing Emb, final_norm, head
+//   z = final_norm(h_L);  L_main = CE(head(z), t_1..t_T)
+//   L = L_main + L_MTP(z)                                        mtp.h, sharing Emb, final_norm, head
 //
 // Shape legend: B batch, T time, N = B*T, D width, V vocabulary (see mtp.h).
 #pragma once

@@ -82,12 +82,12 @@ T MtpLm<T>::forward(const std::vector<int>& tokens, int B, int Tn) {
   probs_.resize(logits.size());
   main_ce_ = cpu::lm_head_forward(logits.data(), probs_.data(), z_.data(), zrstd_.data(), h_.back().data(),
                                   norm_.data(), head_.data(), targets_.data(), N, D, V, mc.norm_eps);
-  // 3) the MTP chain on the main model's final hidden state
+  // 3) the MTP chain on the main model's normalised final hidden state z = final_norm(h_L)
   mtp_saved_.emplace(mc, B, Tn);
   mtp_ce_.assign(mc.depth, T(0));
   std::vector<MtpModuleWeights<T>> mw;
   for (auto& m : mtp_) mw.push_back(m.weights());
-  const T l_mtp = cpu::mtp_forward(mtp_ce_.data(), mtp_saved_->saved.data(), h_.back().data(), window_.data(),
+  const T l_mtp = cpu::mtp_forward(mtp_ce_.data(), mtp_saved_->saved.data(), z_.data(), window_.data(),
                                    {embed_.data(), norm_.data(), head_.data()}, mw.data(), mc, B, Tn, rope);
   return main_ce_ + l_mtp;
 }
@@ -98,8 +98,8 @@ void MtpLm<T>::backward() {
   const int D = mc.dim(), V = mc.vocab, N = B_ * T_;
   const MlaRope<T> rope = mla_rope(rope_);
   for (auto& t : tensors()) std::fill(t.grad->begin(), t.grad->end(), T(0));
-  // 3) the MTP chain: its gradient into h_L, the shared embedding, norm and head
-  std::vector<T> dh(size_t(N) * D), tmp(size_t(N) * D);
+  // 3) the MTP chain: its gradient into z, the shared embedding, norm and head
+  std::vector<T> dz_mtp(size_t(N) * D), dh(size_t(N) * D), tmp(size_t(N) * D);
   std::vector<MtpModuleWeights<T>> mw;
   std::vector<MtpModuleGrads<T>> mg;
   for (size_t k = 0; k < mtp_.size(); ++k) {
@@ -107,12 +107,11 @@ void MtpLm<T>::backward() {
     mg.push_back(dmtp_[k].grads());
   }
   const MtpSharedGrads<T> sg{dembed_.data(), dnorm_.data(), dhead_.data()};
-  cpu::mtp_backward(mg.data(), sg, dh.data(), T(1), mtp_saved_->saved.data(), h_.back().data(), window_.data(),
+  cpu::mtp_backward(mg.data(), sg, dz_mtp.data(), T(1), nullptr, mtp_saved_->saved.data(), z_.data(), window_.data(),
                     {embed_.data(), norm_.data(), head_.data()}, mw.data(), mc, B_, T_, rope);
-  // 2) main loss, head, final norm; both gradients into h_L add up
-  cpu::lm_head_backward(dnorm_.data(), dhead_.data(), tmp.data(), T(1), probs_.data(), z_.data(), zrstd_.data(),
-                        h_.back().data(), norm_.data(), head_.data(), targets_.data(), N, D, V);
-  for (size_t i = 0; i < dh.size(); ++i) dh[i] += tmp[i];
+  // 2) main loss, head; both gradients into z add up before the final norm's backward
+  cpu::lm_head_backward(dnorm_.data(), dhead_.data(), dh.data(), T(1), dz_mtp.data(), probs_.data(), z_.data(),
+                        zrstd_.data(), h_.back().data(), norm_.data(), head_.data(), targets_.data(), N, D, V);
   // 1) blocks in reverse, then the embedding
   for (int l = int(layers_.size()) - 1; l >= 0; --l) {
     cpu::block_backward(dlayers_[l].grads(), tmp.data(), dh.data(), nullptr, block_saved_[l].saved, h_[l].data(),

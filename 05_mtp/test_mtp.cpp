@@ -4,6 +4,7 @@
 #include <cmath>
 #include <numeric>
 
+#include "01_rmsnorm_rope/rmsnorm_rope.h"
 #include "05_mtp/block.h"
 #include "05_mtp/mtp.h"
 #include "05_mtp/mtp_lm.h"
@@ -120,9 +121,9 @@ struct Chain {
     const auto w = weights();
     std::vector<MtpModuleGrads<T>> g;
     for (auto& d : dmods) g.push_back(d.grads());
-    cpu::mtp_backward(g.data(), {dembed.data(), dnorm.data(), dhead.data()}, dh0.data(), dloss, hs.saved.data(),
-                      h0.data(), window.data(), {embed.data(), norm.data(), head.data()}, w.data(), c, B, Tn,
-                      mla_rope(rope));
+    cpu::mtp_backward(g.data(), {dembed.data(), dnorm.data(), dhead.data()}, dh0.data(), dloss, nullptr,
+                      hs.saved.data(), h0.data(), window.data(), {embed.data(), norm.data(), head.data()}, w.data(), c,
+                      B, Tn, mla_rope(rope));
   }
   uint64_t routing() const {
     uint64_t h = 1469598103934665603ull;
@@ -364,6 +365,44 @@ TEST(Mtp, TokensAndTargetsAreAlignedPerDepth) {
     }
 }
 
+// Paper eq. 24: CE_k = -(1/T) sum over the T-k positions with a target, i.e. the sum divided by T (not T-k).
+// Recomputed here from the saved probabilities and targets, for every depth of a chain with T = 5.
+TEST(Mtp, CrossEntropyOfDepthKDividesItsTMinusKTargetsByT) {
+  const int B = 2, Tn = 5, V = 11;
+  Chain<double> ch(small_mtp(3), B, Tn, 24);
+  const double l = ch.forward();
+  double sum_ce = 0;
+  for (int k = 1; k <= 3; ++k) {
+    const MtpSaved<double>& s = ch.hs.saved[k - 1];
+    double nll = 0;
+    int targets = 0;
+    for (int n = 0; n < B * Tn; ++n)
+      if (s.targets[n] != kIgnoreTarget) {
+        nll -= std::log(s.probs[size_t(n) * V + s.targets[n]]);
+        ++targets;
+      }
+    ASSERT_EQ(targets, B * (Tn - k)) << "depth " << k;
+    EXPECT_NEAR(ch.ce[k - 1], nll / (B * Tn), 1e-12) << "depth " << k << ": not the sum over T-k targets / T";
+    EXPECT_GT(std::abs(ch.ce[k - 1] - nll / targets), 1e-3) << "depth " << k << " divides by T-k";
+    sum_ce += ch.ce[k - 1];
+  }
+  EXPECT_NEAR(l, double(ch.c.mtp_lambda) / 3 * sum_ce, 1e-12);  // eq. 25
+}
+
+// Module k >= 2 reads the previous module's normalised output z^{k-1} = final_norm(h^{k-1}) (the vector its
+// head reads), as module 1 reads the main model's final_norm(h_L), which the caller passes as h0.
+TEST(Mtp, ModuleKReadsThePreviousDepthsNormalisedOutput) {
+  const int B = 1, Tn = 5, D = 8;
+  Chain<double> ch(small_mtp(2), B, Tn, 25);
+  ch.forward();
+  std::vector<double> hn(size_t(B) * Tn * D), rstd(size_t(B) * Tn);
+  cpu::rmsnorm_forward(hn.data(), rstd.data(), ch.hs.saved[0].z, ch.mods[1].hnorm.data(), B * Tn, D,
+                       ch.c.norm_eps);
+  EXPECT_TRUE(std::equal(hn.begin(), hn.end(), ch.hs.saved[1].hn)) << "module 2's hnorm input is not z^1";
+  cpu::rmsnorm_forward(hn.data(), rstd.data(), ch.h0.data(), ch.mods[0].hnorm.data(), B * Tn, D, ch.c.norm_eps);
+  EXPECT_TRUE(std::equal(hn.begin(), hn.end(), ch.hs.saved[0].hn)) << "module 1's hnorm input is not h0";
+}
+
 TEST(Mtp, HandBuiltModulesPredictTheirTargetsExactly) {
   // A sequence that follows a known successor map succ (a cycle over V tokens). Each module is built so that
   // its prediction is succ(the token it reads): one-hot embeddings, eh_proj = [I | 0] (ignore h), a block
@@ -576,8 +615,8 @@ TEST_P(CudaMtp, ForwardBackwardMatchCpu) {
   std::vector<float> ce(c.depth);
   const float l_gpu = cuda::mtp_forward(ce.data(), ds.saved.data(), h0.get(), window.get(),
                                         {embed.get(), norm.get(), head.get()}, w.data(), c, B, Tn, drope.view());
-  cuda::mtp_backward(g.data(), {dembed.get(), dnorm.get(), dhead.get()}, dh0.get(), dloss, ds.saved.data(), h0.get(),
-                     window.get(), {embed.get(), norm.get(), head.get()}, w.data(), c, B, Tn, drope.view());
+  cuda::mtp_backward(g.data(), {dembed.get(), dnorm.get(), dhead.get()}, dh0.get(), dloss, nullptr, ds.saved.data(),
+                     h0.get(), window.get(), {embed.get(), norm.get(), head.get()}, w.data(), c, B, Tn, drope.view());
   EXPECT_NEAR(l_gpu, l_cpu, 1e-4 * (1 + std::abs(l_cpu)));
   EXPECT_CLOSE(compare(ce, ch.ce, kReductionTol), "CE per depth");
   EXPECT_EQ(ds.i.download(), ch.hs.i) << "aligned tokens / targets / routing differ";

@@ -72,8 +72,19 @@ void init_step(const std::string& preset, int B, int T, uint64_t seed, const std
 
 // Writes a randomly initialised model of `preset` (routing biases set too) as a checkpoint, plus tokens and the
 // CPU reference's logits, for check_transformers.py to compare with transformers' DeepseekV3ForCausalLM.
-void export_for_transformers(const std::string& dir, const std::string& preset, uint64_t seed) {
-  const ModelConfig c = config_preset(preset);
+// yarn: rope_scaling on (V3's betas and mscale, factor 4 = max_position_embeddings / original context), and
+// sequences 2.5x the original context, so positions beyond it are compared too.
+void export_for_transformers(const std::string& dir, const std::string& preset, bool yarn, uint64_t seed) {
+  ModelConfig c = config_preset(preset);
+  int T = std::min(16, c.max_position_embeddings);
+  if (yarn) {
+    RopeScaling y;  // beta_fast 32, beta_slow 1, mscale = mscale_all_dim = 1: DeepSeek-V3's
+    y.factor = 4;
+    y.original_max_position_embeddings = c.max_position_embeddings / 4;
+    c.rope_scaling = y;
+    c.validate();
+    T = y.original_max_position_embeddings * 5 / 2;
+  }
   Model<float> m(c, seed);
   TensorMap t = m.to_tensor_map();
   Rng rng(seed + 2);
@@ -81,7 +92,7 @@ void export_for_transformers(const std::string& dir, const std::string& preset, 
     if (name.find("e_score_correction_bias") != std::string::npos)
       for (auto& x : v) x = float(rng.uniform(0.0, 0.05));
   m.load_tensor_map(t);
-  const int B = 2, T = std::min(16, c.max_position_embeddings);
+  const int B = 2;
   std::vector<int> tokens(size_t(B) * (T + 1));
   for (auto& x : tokens) x = int(rng.below(c.vocab_size));
   m.forward(tokens, B, T);
@@ -95,7 +106,7 @@ void export_for_transformers(const std::string& dir, const std::string& preset, 
   std::ofstream lf(dir + "/logits.f32", std::ios::binary);  // (B, T, V) float32, little-endian
   lf.write(reinterpret_cast<const char*>(m.logits().data()), std::streamsize(m.logits().size() * sizeof(float)));
   require(tf.good() && lf.good(), "writing the export into '{}' failed", dir);
-  std::cout << fmt::format("exported '{}' (B={}, T={}) to {}\n", preset, B, T, dir);
+  std::cout << fmt::format("exported '{}'{} (B={}, T={}) to {}\n", preset, yarn ? " with YaRN" : "", B, T, dir);
 }
 
 std::string billions(int64_t n) { return n >= 1e9 ? fmt::format("{:.2f} B", n / 1e9) : fmt::format("{:.2f} M", n / 1e6); }
@@ -111,10 +122,12 @@ int main(int argc, char** argv) {
   std::string export_dir, export_preset = "tiny";
   app.add_option("--export", export_dir, "write a random model, tokens and our logits there for check_transformers.py");
   app.add_option("--export-preset", export_preset, "preset for --export")->capture_default_str();
+  bool export_yarn = false;
+  app.add_flag("--export-yarn", export_yarn, "--export with YaRN on (factor 4) and sequences past the original context");
   return run_main(app, argc, argv, [&] {
     std::cout << command_line(argc, argv) << "\n";
     if (!export_dir.empty()) {
-      export_for_transformers(export_dir, export_preset, opt.seed);
+      export_for_transformers(export_dir, export_preset, export_yarn, opt.seed);
       return 0;
     }
     std::vector<std::pair<std::string, ModelConfig>> configs;

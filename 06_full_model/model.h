@@ -2,10 +2,12 @@
 //
 //   h_0 = Emb(t_0..t_{T-1})
 //   h_{l+1} = Block_l(h_l)           pre-norm MLA + (dense SwiGLU for l < first_k_dense_replace, else DeepSeekMoE)
-//   L_CE  = CE(head(norm(h_L)), t_1..t_T)
-//   L_MTP = (lambda / depth) sum_k CE_k          MTP modules on h_L, sharing Emb, norm and head (stage 05)
-//   L_Bal = sum over MoE layers of the sequence-wise balance loss (alpha; stage 04)
-//   L     = L_CE + L_MTP + L_Bal;  after each optimizer step every MoE layer's bias moves by gamma.
+//   z     = norm(h_L);  L_CE = CE(head(z), t_1..t_T)
+//   L_MTP = (lambda / depth) sum_k CE_k          MTP modules on z, sharing Emb, norm and head (stage 05)
+//   L_Bal = sum over MoE layers (the MTP modules' included) of the sequence-wise balance loss (alpha; stage 04)
+//   L     = L_CE + L_MTP + L_Bal;  after each optimizer step every MoE layer's bias (MTP's too) moves by gamma.
+//
+// Layers are numbered as in the checkpoint: 0 .. L-1 the main blocks, L + k the block of MTP module k.
 //
 // Parameters convert to and from the Hugging Face tensor names of checkpoint.h. The same model on the GPU:
 // model_device.h.
@@ -32,6 +34,9 @@ struct ModelLosses {
 template <typename T>
 class Model {
  public:
+  // Initial values from seed: with c.initializer_range set, every weight matrix N(0, r^2) (Hugging Face's and
+  // DeepSeek-V3's rule); otherwise the stages' fan-in scheme: embedding N(0, 1), head N(0, 1/D), projections and
+  // experts N(0, 1/fan_in). Norm weights 1, routing biases 0.
   Model(const ModelConfig& c, uint64_t seed);
 
   // Forward on tokens (B, T+1) (stage 05's window: inputs t_0..t_{T-1}, targets t_1..t_T). Returns the total
@@ -39,7 +44,8 @@ class Model {
   T forward(const std::vector<int>& tokens, int B, int Tn);
   // Gradients of the last forward's total loss (zeroed first).
   void backward();
-  // gamma * sign(mean load - load) on every MoE layer's bias, from the last forward's loads.
+  // gamma * sign(mean load - load) on every MoE layer's bias (the MTP modules' blocks included), from the last
+  // forward's loads.
   void update_bias();
 
   const ModelLosses& losses() const { return losses_; }
@@ -48,6 +54,8 @@ class Model {
   const std::vector<T>& mtp_losses() const { return mtp_ce_; }
   // The residual stream h_0 .. h_L (each (N, D)) of the last forward.
   const std::vector<std::vector<T>>& hidden() const { return h_; }
+  // z = norm(h_L) (N, D) of the last forward: what the head and MTP module 1 read.
+  const std::vector<T>& normed_hidden() const { return z_; }
   const ModelConfig& config() const { return cfg_; }
   // Read-only parameter views for inference code (stage 07's sampler) and diagnostics.
   const std::vector<T>& embed() const { return embed_; }
@@ -56,7 +64,8 @@ class Model {
   const BlockParams<T>& layer(int l) const { return layers_.at(size_t(l)); }
   const MtpModuleParams<T>& mtp_module(int k) const { return mtp_.at(size_t(k)); }
   const RopeTables<T>& rope() const { return rope_; }
-  // Tokens routed to each expert (E) by MoE layer l in the last forward (empty for a dense layer).
+  // Tokens routed to each expert (E) by MoE layer l in the last forward (empty for a dense layer); l in
+  // [0, L + depth): L + k is MTP module k's block.
   std::vector<int> expert_counts(int l) const;
 
   struct Tensor {
@@ -66,6 +75,8 @@ class Model {
   };
   // Every trained parameter with its gradient (the MoE biases excluded: they have none).
   std::vector<Tensor> tensors();
+  // Is this tensors() name a norm's weight (…norm: starts at 1, takes no weight decay)?
+  static bool is_norm_weight(const std::string& name);
   // Hugging Face names -> fp32 values, and back (UserError naming a missing or mis-sized tensor).
   TensorMap to_tensor_map() const;
   void load_tensor_map(const TensorMap& m);
@@ -86,6 +97,13 @@ class Model {
     size_t offset, count;
   };
   std::vector<View> views() const;
+  // The MoE parameters and saved routing of layer l in [0, L + depth) (L + k: MTP module k's block).
+  const MoeParams<T>& moe_params(int layer) const;
+  MoeParams<T>& moe_params(int layer);
+  const MoeSaved<T>& moe_saved(int layer) const;
+  bool has_balance_loss(int layer) const;
+  T balance_forward(int layer, const MoeSaved<T>& moe);
+  void balance_backward(T* dscores, int layer, const MoeSaved<T>& moe) const;
 
   ModelConfig cfg_;
   RopeTables<T> rope_;
@@ -98,7 +116,7 @@ class Model {
   std::vector<std::vector<T>> h_;
   std::vector<BlockHostSaved<T>> saved_;
   std::optional<MtpHostSaved<T>> mtp_saved_;
-  std::vector<std::vector<T>> bal_f_, bal_ssum_;
+  std::vector<std::vector<T>> bal_f_, bal_ssum_;  // per layer in [0, L + depth); empty without a balance loss
   std::vector<T> z_, zrstd_, probs_, logits_;
   std::vector<T> mtp_ce_;
   ModelLosses losses_;

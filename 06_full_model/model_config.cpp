@@ -72,6 +72,9 @@ void ModelConfig::validate() const {
   rope().validate();
   mla().validate();
   if (first_k_dense_replace < num_hidden_layers || num_nextn_predict_layers > 0) moe().validate();
+  if (initializer_range)
+    require(*initializer_range > 0 && *initializer_range < 10, "config: initializer_range must be in (0, 10), got {}",
+            *initializer_range);
   require(training.aux_alpha >= 0, "config: nano_dsv3.aux_alpha must be >= 0, got {}", training.aux_alpha);
   require(training.bias_update_speed >= 0, "config: nano_dsv3.bias_update_speed must be >= 0, got {}",
           training.bias_update_speed);
@@ -212,6 +215,7 @@ ModelConfig config_preset(const std::string& name) {
     c.num_nextn_predict_layers = 1;
     c.max_position_embeddings = 163840;
     c.rope_scaling = RopeScaling{};  // yarn, factor 40, original 4096, beta 32/1, mscale 1/1
+    c.initializer_range = 0.006;     // paper §4.2
   } else {
     std::string names;
     for (const auto& n : config_preset_names()) names += (names.empty() ? "" : ", ") + n;
@@ -228,7 +232,7 @@ namespace {
 // Keys transformers writes that we accept without using them (some are checked below).
 const std::set<std::string> kBookkeeping = {
     "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "bos_token_id",
-    "eos_token_id", "pad_token_id", "initializer_range", "hidden_act", "use_cache", "attention_bias",
+    "eos_token_id", "pad_token_id", "hidden_act", "use_cache", "attention_bias",
     "attention_dropout", "num_key_value_heads", "topk_method", "auto_map", "ep_size", "moe_layer_freq",
     "pretraining_tp", "rope_interleave", "quantization_config", "head_dim", "qk_head_dim", "output_router_logits",
     "router_aux_loss_coef", "aux_loss_alpha", "seq_aux", "n_experts",
@@ -353,6 +357,11 @@ ModelConfig config_from_json_text(const std::string& text, std::vector<std::stri
   r.read("rms_norm_eps", c.rms_norm_eps);
   r.read("max_position_embeddings", c.max_position_embeddings);
   r.read("tie_word_embeddings", c.tie_word_embeddings);
+  if (const json* ir = r.find("initializer_range")) {
+    require(ir->is_number(), "config: field 'initializer_range' must be a number, got {} {}", type_name(*ir),
+            ir->dump());
+    c.initializer_range = ir->get<double>();
+  }
   if (const json* rp = r.find("rope_parameters")) {
     // transformers 5 writes RoPE settings as one "rope_parameters" object
     require(rp->is_object(), "config: field 'rope_parameters' must be an object, got {}", rp->dump());
@@ -434,6 +443,7 @@ std::string config_to_json_text(const ModelConfig& c) {
   j["rope_interleave"] = true;  // DeepSeek's RoPE rotates adjacent pairs (stage 01)
   j["max_position_embeddings"] = c.max_position_embeddings;
   j["tie_word_embeddings"] = c.tie_word_embeddings;
+  if (c.initializer_range) j["initializer_range"] = *c.initializer_range;
   j["attention_bias"] = false;
   j["nano_dsv3"] = {{"aux_alpha", c.training.aux_alpha},
                     {"bias_update_speed", c.training.bias_update_speed},

@@ -62,6 +62,10 @@ struct ModelConfig {
   std::optional<RopeScaling> rope_scaling;
   int max_position_embeddings = 0;
   bool tie_word_embeddings = false;
+  // Hugging Face's initializer_range: when set, every weight matrix (embedding, projections, experts, router,
+  // head) starts as N(0, initializer_range^2) and every norm weight at 1 (DeepSeek-V3, paper §4.2: 0.006).
+  // Unset: the fan-in scheme of the stages (model.h).
+  std::optional<double> initializer_range;
   TrainingFields training;
 
   // UserError naming the first field that is out of range or inconsistent with another.

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 
 #include "01_rmsnorm_rope/rmsnorm_rope.h"
 #include "04_aux_loss/aux_loss.h"
@@ -46,6 +47,19 @@ Model<T>::Model(const ModelConfig& c, uint64_t seed) : cfg_(c) {
   norm_.assign(D, T(1));
   for (int l = 0; l < c.num_hidden_layers; ++l) layers_.push_back(block_init_params<T>(block_config(l), rng.next_u64()));
   for (int k = 0; k < c.num_nextn_predict_layers; ++k) mtp_.push_back(mtp_init_params<T>(mtp_config(), rng.next_u64()));
+  if (c.initializer_range) {  // one std for every weight matrix (the draws above only fixed the shapes)
+    Rng r(rng.next_u64());
+    for (auto& t : tensors())
+      if (!is_norm_weight(t.name))
+        for (auto& x : *t.value) x = static_cast<T>(r.normal() * *c.initializer_range);
+  }
+}
+
+template <typename T>
+bool Model<T>::is_norm_weight(const std::string& name) {
+  const size_t dot = name.rfind('.');
+  const std::string last = dot == std::string::npos ? name : name.substr(dot + 1);
+  return last.size() >= 4 && last.compare(last.size() - 4, 4, "norm") == 0;
 }
 
 template <typename T>
@@ -69,11 +83,34 @@ std::vector<typename Model<T>::Tensor> Model<T>::tensors() {
 }
 
 template <typename T>
+bool Model<T>::has_balance_loss(int layer) const {
+  return cfg_.is_moe_layer(layer) && cfg_.training.aux_alpha > 0;
+}
+
+// Layer `layer`'s sequence-wise balance loss (stage 04) from its router's saved scores and choices; keeps f and
+// the score sums for the backward.
+template <typename T>
+T Model<T>::balance_forward(int layer, const MoeSaved<T>& moe) {
+  const int E = cfg_.n_routed_experts, N = B_ * T_;
+  bal_f_[size_t(layer)].resize(size_t(B_) * E);
+  bal_ssum_[size_t(layer)].resize(N);
+  T bal = 0;
+  cpu::seq_balance_loss_forward(&bal, bal_f_[size_t(layer)].data(), bal_ssum_[size_t(layer)].data(), moe.scores,
+                                moe.indices, B_, T_, E, cfg_.num_experts_per_tok, float(cfg_.training.aux_alpha));
+  return bal;
+}
+
+template <typename T>
+void Model<T>::balance_backward(T* dscores, int layer, const MoeSaved<T>& moe) const {
+  cpu::seq_balance_loss_backward(dscores, T(1), bal_f_[size_t(layer)].data(), bal_ssum_[size_t(layer)].data(),
+                                 moe.scores, B_, T_, cfg_.n_routed_experts, float(cfg_.training.aux_alpha));
+}
+
+template <typename T>
 T Model<T>::forward(const std::vector<int>& tokens, int B, int Tn) {
   require(B > 0 && Tn > 0 && tokens.size() == size_t(B) * (Tn + 1), "model: need B*(T+1) = {} tokens, got {}",
           size_t(B) * (Tn + 1), tokens.size());
   const int D = cfg_.hidden_size, V = cfg_.vocab_size, N = B * Tn;
-  const int E = cfg_.n_routed_experts, K = cfg_.num_experts_per_tok;
   B_ = B;
   T_ = Tn;
   window_ = tokens;
@@ -81,23 +118,17 @@ T Model<T>::forward(const std::vector<int>& tokens, int B, int Tn) {
   const MlaRope<T> rope = mla_rope(rope_);
   losses_ = ModelLosses{};
   // 1) embedding and blocks; the balance loss of every MoE layer from its router's scores
+  const int L = cfg_.num_hidden_layers;
   h_.assign(layers_.size() + 1, std::vector<T>(size_t(N) * D));
   cpu::embedding_forward(h_[0].data(), inputs_.data(), embed_.data(), N, D, V);
   saved_.clear();
-  bal_f_.assign(layers_.size(), {});
-  bal_ssum_.assign(layers_.size(), {});
-  for (size_t l = 0; l < layers_.size(); ++l) {
-    const BlockConfig bc = block_config(int(l));
+  bal_f_.assign(size_t(L) + mtp_.size(), {});
+  bal_ssum_.assign(bal_f_.size(), {});
+  for (int l = 0; l < L; ++l) {
+    const BlockConfig bc = block_config(l);
     saved_.emplace_back(bc, B, Tn);
     cpu::block_forward(h_[l + 1].data(), saved_[l].saved, h_[l].data(), layers_[l].weights(), bc, B, Tn, 0, rope);
-    if (bc.ffn == FfnKind::Moe && cfg_.training.aux_alpha > 0) {
-      bal_f_[l].resize(size_t(B) * E);
-      bal_ssum_[l].resize(N);
-      T bal = 0;
-      cpu::seq_balance_loss_forward(&bal, bal_f_[l].data(), bal_ssum_[l].data(), saved_[l].saved.moe.scores,
-                                    saved_[l].saved.moe.indices, B, Tn, E, K, float(cfg_.training.aux_alpha));
-      losses_.balance += double(bal);
-    }
+    if (has_balance_loss(l)) losses_.balance += double(balance_forward(l, saved_[l].saved.moe));
   }
   // 2) final norm, head, cross-entropy
   z_.resize(size_t(N) * D);
@@ -107,15 +138,19 @@ T Model<T>::forward(const std::vector<int>& tokens, int B, int Tn) {
   losses_.ce = double(cpu::lm_head_forward(logits_.data(), probs_.data(), z_.data(), zrstd_.data(), h_.back().data(),
                                            norm_.data(), head_.data(), targets_.data(), N, D, V,
                                            float(cfg_.rms_norm_eps)));
-  // 3) MTP on the final hidden state
+  // 3) MTP on the normalised final hidden state z = final_norm(h_L) (what the head reads); the balance loss of
+  //    each module's MoE block, as of the main layers'
   if (!mtp_.empty()) {
     const MtpConfig mc = mtp_config();
     mtp_saved_.emplace(mc, B, Tn);
     mtp_ce_.assign(mc.depth, T(0));
     std::vector<MtpModuleWeights<T>> mw;
     for (auto& m : mtp_) mw.push_back(m.weights());
-    losses_.mtp = double(cpu::mtp_forward(mtp_ce_.data(), mtp_saved_->saved.data(), h_.back().data(), window_.data(),
+    losses_.mtp = double(cpu::mtp_forward(mtp_ce_.data(), mtp_saved_->saved.data(), z_.data(), window_.data(),
                                           {embed_.data(), norm_.data(), head_.data()}, mw.data(), mc, B, Tn, rope));
+    for (int k = 0; k < mc.depth; ++k)
+      if (has_balance_loss(L + k))
+        losses_.balance += double(balance_forward(L + k, mtp_saved_->saved[size_t(k)].block.moe));
   }
   return T(losses_.ce) + T(losses_.mtp) + T(losses_.balance);
 }
@@ -123,37 +158,41 @@ T Model<T>::forward(const std::vector<int>& tokens, int B, int Tn) {
 template <typename T>
 void Model<T>::backward() {
   const int D = cfg_.hidden_size, V = cfg_.vocab_size, N = B_ * T_, E = cfg_.n_routed_experts;
+  const int L = cfg_.num_hidden_layers;
   const MlaRope<T> rope = mla_rope(rope_);
   for (auto& t : tensors()) std::fill(t.grad->begin(), t.grad->end(), T(0));
-  std::vector<T> dh(size_t(N) * D, T(0)), tmp(size_t(N) * D);
-  // 3) MTP: gradient into h_L and the shared embedding, norm, head
+  std::vector<T> dz_mtp(size_t(N) * D, T(0)), dh(size_t(N) * D), tmp(size_t(N) * D);
+  // 3) MTP (with its blocks' balance-loss gradients): gradient into z and the shared embedding, norm, head
   if (!mtp_.empty()) {
     std::vector<MtpModuleWeights<T>> mw;
     std::vector<MtpModuleGrads<T>> mg;
+    std::vector<std::vector<T>> dscores(mtp_.size());
+    std::vector<const T*> extra(mtp_.size(), nullptr);
     for (size_t k = 0; k < mtp_.size(); ++k) {
       mw.push_back(mtp_[k].weights());
       mg.push_back(dmtp_[k].grads());
+      if (!has_balance_loss(L + int(k))) continue;
+      dscores[k].resize(size_t(N) * E);
+      balance_backward(dscores[k].data(), L + int(k), mtp_saved_->saved[k].block.moe);
+      extra[k] = dscores[k].data();
     }
-    cpu::mtp_backward(mg.data(), {dembed_.data(), dnorm_.data(), dhead_.data()}, dh.data(), T(1),
-                      mtp_saved_->saved.data(), h_.back().data(), window_.data(),
-                      {embed_.data(), norm_.data(), head_.data()}, mw.data(), mtp_config(), B_, T_, rope);
+    cpu::mtp_backward(mg.data(), {dembed_.data(), dnorm_.data(), dhead_.data()}, dz_mtp.data(), T(1), extra.data(),
+                      mtp_saved_->saved.data(), z_.data(), window_.data(), {embed_.data(), norm_.data(), head_.data()},
+                      mw.data(), mtp_config(), B_, T_, rope);
   }
-  // 2) cross-entropy, head, final norm
-  cpu::lm_head_backward(dnorm_.data(), dhead_.data(), tmp.data(), T(1), probs_.data(), z_.data(), zrstd_.data(),
-                        h_.back().data(), norm_.data(), head_.data(), targets_.data(), N, D, V);
-  for (size_t i = 0; i < dh.size(); ++i) dh[i] += tmp[i];
+  // 2) cross-entropy, head; the MTP gradient joins at z; final norm
+  cpu::lm_head_backward(dnorm_.data(), dhead_.data(), dh.data(), T(1), dz_mtp.data(), probs_.data(), z_.data(),
+                        zrstd_.data(), h_.back().data(), norm_.data(), head_.data(), targets_.data(), N, D, V);
   // 1) blocks in reverse (with each MoE layer's balance-loss gradient on its scores), then the embedding
   std::vector<T> dscores(size_t(N) * E);
-  for (int l = int(layers_.size()) - 1; l >= 0; --l) {
-    const BlockConfig bc = block_config(l);
+  for (int l = L - 1; l >= 0; --l) {
     const T* extra = nullptr;
-    if (!bal_f_[l].empty()) {
-      cpu::seq_balance_loss_backward(dscores.data(), T(1), bal_f_[l].data(), bal_ssum_[l].data(),
-                                     saved_[l].saved.moe.scores, B_, T_, E, float(cfg_.training.aux_alpha));
+    if (has_balance_loss(l)) {
+      balance_backward(dscores.data(), l, saved_[l].saved.moe);
       extra = dscores.data();
     }
     cpu::block_backward(dlayers_[l].grads(), tmp.data(), dh.data(), extra, saved_[l].saved, h_[l].data(),
-                        layers_[l].weights(), bc, B_, T_, 0, rope);
+                        layers_[l].weights(), block_config(l), B_, T_, 0, rope);
     dh.swap(tmp);
   }
   cpu::embedding_backward(dembed_.data(), dh.data(), inputs_.data(), N, D, V);
@@ -163,10 +202,29 @@ template <typename T>
 void Model<T>::update_bias() {
   const float gamma = float(cfg_.training.bias_update_speed);
   if (gamma <= 0) return;
-  for (size_t l = 0; l < layers_.size(); ++l)
-    if (block_config(int(l)).ffn == FfnKind::Moe)
-      cpu::bias_update(layers_[l].moe.gate_bias.data(), saved_[l].saved.moe.counts, cfg_.n_routed_experts, B_ * T_,
+  // every MoE layer, the MTP modules' blocks included (paper §2.1.2: the bias of every routed expert)
+  for (int l = 0; l < cfg_.num_hidden_layers + int(mtp_.size()); ++l)
+    if (cfg_.is_moe_layer(l))
+      cpu::bias_update(moe_params(l).gate_bias.data(), moe_saved(l).counts, cfg_.n_routed_experts, B_ * T_,
                        cfg_.num_experts_per_tok, gamma);
+}
+
+template <typename T>
+const MoeParams<T>& Model<T>::moe_params(int layer) const {
+  const int L = cfg_.num_hidden_layers;
+  return layer < L ? layers_.at(size_t(layer)).moe : mtp_.at(size_t(layer - L)).block.moe;
+}
+
+template <typename T>
+MoeParams<T>& Model<T>::moe_params(int layer) {
+  return const_cast<MoeParams<T>&>(std::as_const(*this).moe_params(layer));
+}
+
+template <typename T>
+const MoeSaved<T>& Model<T>::moe_saved(int layer) const {
+  const int L = cfg_.num_hidden_layers;
+  require(B_ > 0, "model: no forward has run yet");
+  return layer < L ? saved_.at(size_t(layer)).saved.moe : mtp_saved_->saved.at(size_t(layer - L)).block.moe;
 }
 
 template <typename T>
@@ -186,8 +244,8 @@ uint64_t Model<T>::routing_signature() const {
 
 template <typename T>
 std::vector<int> Model<T>::expert_counts(int l) const {
-  if (size_t(l) >= saved_.size() || block_config(l).ffn != FfnKind::Moe) return {};
-  const int* c = saved_[size_t(l)].saved.moe.counts;
+  if (l < 0 || l >= cfg_.num_hidden_layers + int(mtp_.size()) || !cfg_.is_moe_layer(l) || B_ == 0) return {};
+  const int* c = moe_saved(l).counts;
   return std::vector<int>(c, c + cfg_.n_routed_experts);
 }
 

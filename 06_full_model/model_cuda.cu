@@ -55,14 +55,13 @@ float DeviceModel::forward(const std::vector<int>& tokens, int B, int Tn) {
     bal_ssum_.clear();
     mtp_saved_.reset();
     for (int l = 0; l <= L; ++l) h_.emplace_back(size_t(N) * D);
-    for (int l = 0; l < L; ++l) {
-      const BlockConfig bc = host_.block_config(l);
-      saved_.emplace_back(bc, B, Tn);
-      const bool bal = bc.ffn == FfnKind::Moe && cfg_.training.aux_alpha > 0;
+    for (int l = 0; l < L; ++l) saved_.emplace_back(host_.block_config(l), B, Tn);
+    for (int l = 0; l < L + int(mtp_.size()); ++l) {  // L + k: MTP module k's block
+      const bool bal = host_.has_balance_loss(l);
       bal_f_.emplace_back(bal ? size_t(B) * E : 0);
       bal_ssum_.emplace_back(bal ? size_t(N) : 0);
     }
-    bal_loss_ = DeviceBuffer<float>(L);
+    bal_loss_ = DeviceBuffer<float>(bal_f_.size());
     z_ = DeviceBuffer<float>(size_t(N) * D);
     zrstd_ = DeviceBuffer<float>(N);
     logits_ = DeviceBuffer<float>(size_t(N) * V);
@@ -83,10 +82,7 @@ float DeviceModel::forward(const std::vector<int>& tokens, int B, int Tn) {
   for (int l = 0; l < L; ++l) {
     const BlockConfig bc = host_.block_config(l);
     cuda::block_forward(h_[l + 1].get(), saved_[l].saved, h_[l].get(), layers_[l].weights(), bc, B, Tn, 0, rope);
-    if (bal_f_[l].size())
-      cuda::seq_balance_loss_forward(bal_loss_.get() + l, bal_f_[l].get(), bal_ssum_[l].get(),
-                                     saved_[l].saved.moe.scores, saved_[l].saved.moe.indices, B, Tn, E, K,
-                                     float(cfg_.training.aux_alpha));
+    balance_forward(l, saved_[l].saved.moe);
     mark(fmt::format("layer {} ({}) fwd", l, bc.ffn == FfnKind::Moe ? "moe" : "dense"));
   }
   // 2) final norm, head, cross-entropy
@@ -94,14 +90,15 @@ float DeviceModel::forward(const std::vector<int>& tokens, int B, int Tn) {
   cuda::gemm(Op::N, Op::T, N, V, D, 1.f, z_.get(), head_.get(), 0.f, logits_.get());
   losses_.ce = cuda::cross_entropy_forward(probs_.get(), logits_.get(), targets_.get(), N, V);
   mark("head + CE fwd");
-  // 3) MTP on the final hidden state
+  // 3) MTP on z = norm(h_L), what the head reads; the balance loss of each module's MoE block
   if (!mtp_.empty()) {
     const MtpConfig mc = host_.mtp_config();
     std::vector<float> ce(mc.depth);
     std::vector<MtpModuleWeights<float>> mw;
     for (auto& m : mtp_) mw.push_back(m.weights());
-    losses_.mtp = cuda::mtp_forward(ce.data(), mtp_saved_->saved.data(), h_.back().get(), window_.get(),
+    losses_.mtp = cuda::mtp_forward(ce.data(), mtp_saved_->saved.data(), z_.get(), window_.get(),
                                     {embed_.get(), norm_.get(), head_.get()}, mw.data(), mc, B, Tn, rope);
+    for (int k = 0; k < mc.depth; ++k) balance_forward(L + k, mtp_saved_->saved[k].block.moe);
     mtp_ce_ = ce;
     mark("MTP fwd");
   }
@@ -111,44 +108,43 @@ float DeviceModel::forward(const std::vector<int>& tokens, int B, int Tn) {
 
 void DeviceModel::backward() {
   const int D = cfg_.hidden_size, V = cfg_.vocab_size, N = B_ * T_, E = cfg_.n_routed_experts;
+  const int L = cfg_.num_hidden_layers;
   const MlaRope<float> rope = rope_.view();
   // zero every gradient in place
   pair_tensors(host_, [](const std::vector<float>*, DeviceBuffer<float>*, DeviceBuffer<float>* g) { g->zero(); });
   mark("zero grads");
   ScratchBuffer<float> dh_buf(size_t(N) * D), tmp_buf(size_t(N) * D), dz_buf(size_t(N) * D),
-      dlogits_buf(size_t(N) * V);
+      dz_mtp_buf(size_t(N) * D), dlogits_buf(size_t(N) * V);
   float *dh = dh_buf.get(), *tmp = tmp_buf.get(), *dz = dz_buf.get(), *dlogits = dlogits_buf.get();
-  CUDA_CHECK(cudaMemsetAsync(dh, 0, size_t(N) * D * sizeof(float), nullptr));
-  // 3) MTP
+  // 3) MTP (with its blocks' balance-loss gradients): gradient into z and the shared embedding, norm, head
   if (!mtp_.empty()) {
     std::vector<MtpModuleWeights<float>> mw;
     std::vector<MtpModuleGrads<float>> mg;
+    ScratchBuffer<float> dscores(size_t(N) * E * mtp_.size());
+    std::vector<const float*> extra(mtp_.size(), nullptr);
     for (size_t k = 0; k < mtp_.size(); ++k) {
       mw.push_back(mtp_[k].weights());
       mg.push_back(dmtp_[k].grads());
+      float* ds = dscores.get() + k * size_t(N) * E;
+      if (balance_backward(ds, L + int(k), mtp_saved_->saved[k].block.moe)) extra[k] = ds;
     }
-    cuda::mtp_backward(mg.data(), {dembed_.get(), dnorm_.get(), dhead_.get()}, dh, 1.f,
-                       mtp_saved_->saved.data(), h_.back().get(), window_.get(),
-                       {embed_.get(), norm_.get(), head_.get()}, mw.data(), host_.mtp_config(), B_, T_, rope);
+    cuda::mtp_backward(mg.data(), {dembed_.get(), dnorm_.get(), dhead_.get()}, dz_mtp_buf.get(), 1.f, extra.data(),
+                       mtp_saved_->saved.data(), z_.get(), window_.get(), {embed_.get(), norm_.get(), head_.get()},
+                       mw.data(), host_.mtp_config(), B_, T_, rope);
     mark("MTP bwd");
   }
-  // 2) cross-entropy, head, final norm
+  // 2) cross-entropy, head; the MTP gradient joins at z; final norm
   cuda::cross_entropy_backward(dlogits, 1.f, probs_.get(), targets_.get(), N, V);
   cuda::gemm(Op::T, Op::N, V, D, N, 1.f, dlogits, z_.get(), 1.f, dhead_.get());
   cuda::gemm(Op::N, Op::N, N, D, V, 1.f, dlogits, head_.get(), 0.f, dz);
-  cuda::rmsnorm_backward(dnorm_.get(), tmp, dz, zrstd_.get(), h_.back().get(), norm_.get(), N, D);
-  cuda::add_inplace(dh, tmp, size_t(N) * D);  // 05_mtp/residual_add.cuh
+  if (!mtp_.empty()) cuda::add_inplace(dz, dz_mtp_buf.get(), size_t(N) * D);  // 05_mtp/residual_add.cuh
+  cuda::rmsnorm_backward(dnorm_.get(), dh, dz, zrstd_.get(), h_.back().get(), norm_.get(), N, D);
   mark("head + CE bwd");
   // 1) blocks in reverse, then the embedding
   ScratchBuffer<float> dscores(size_t(N) * E);
-  for (int l = cfg_.num_hidden_layers - 1; l >= 0; --l) {
+  for (int l = L - 1; l >= 0; --l) {
     const BlockConfig bc = host_.block_config(l);
-    const float* extra = nullptr;
-    if (bal_f_[l].size()) {
-      cuda::seq_balance_loss_backward(dscores.get(), 1.f, bal_f_[l].get(), bal_ssum_[l].get(),
-                                      saved_[l].saved.moe.scores, B_, T_, E, float(cfg_.training.aux_alpha));
-      extra = dscores.get();
-    }
+    const float* extra = balance_backward(dscores.get(), l, saved_[l].saved.moe) ? dscores.get() : nullptr;
     cuda::block_backward(dlayers_[l].grads(), tmp, dh, extra, saved_[l].saved, h_[l].get(),
                          layers_[l].weights(), bc, B_, T_, 0, rope);
     std::swap(dh, tmp);
@@ -158,13 +154,37 @@ void DeviceModel::backward() {
   mark("embedding bwd");
 }
 
+void DeviceModel::balance_forward(int layer, const MoeSaved<float>& moe) {
+  if (!bal_f_[size_t(layer)].size()) return;
+  cuda::seq_balance_loss_forward(bal_loss_.get() + layer, bal_f_[size_t(layer)].get(), bal_ssum_[size_t(layer)].get(),
+                                 moe.scores, moe.indices, B_, T_, cfg_.n_routed_experts, cfg_.num_experts_per_tok,
+                                 float(cfg_.training.aux_alpha));
+}
+
+bool DeviceModel::balance_backward(float* dscores, int layer, const MoeSaved<float>& moe) const {
+  if (!bal_f_[size_t(layer)].size()) return false;
+  cuda::seq_balance_loss_backward(dscores, 1.f, bal_f_[size_t(layer)].get(), bal_ssum_[size_t(layer)].get(),
+                                  moe.scores, B_, T_, cfg_.n_routed_experts, float(cfg_.training.aux_alpha));
+  return true;
+}
+
 void DeviceModel::update_bias() {
   const float gamma = float(cfg_.training.bias_update_speed);
   if (gamma <= 0) return;
-  for (int l = 0; l < cfg_.num_hidden_layers; ++l)
-    if (host_.block_config(l).ffn == FfnKind::Moe)
-      cuda::bias_update(layers_[l].moe.ptr(1), saved_[l].saved.moe.counts, cfg_.n_routed_experts, B_ * T_,
-                        cfg_.num_experts_per_tok, gamma);
+  // every MoE layer, the MTP modules' blocks included (paper §2.1.2: the bias of every routed expert)
+  const int L = cfg_.num_hidden_layers;
+  for (int l = 0; l < L + int(mtp_.size()); ++l) {
+    if (!cfg_.is_moe_layer(l)) continue;
+    MoeDeviceParams& p = l < L ? layers_[size_t(l)].moe : mtp_[size_t(l - L)].block.moe;
+    cuda::bias_update(p.ptr(1), moe_saved(l).counts, cfg_.n_routed_experts, B_ * T_, cfg_.num_experts_per_tok,
+                      gamma);
+  }
+}
+
+const MoeSaved<float>& DeviceModel::moe_saved(int layer) const {
+  const int L = cfg_.num_hidden_layers;
+  require(B_ > 0, "model: no forward has run yet");
+  return layer < L ? saved_.at(size_t(layer)).saved.moe : mtp_saved_->saved.at(size_t(layer - L)).block.moe;
 }
 
 void DeviceModel::download(Model<float>& host, bool values) const {
@@ -259,10 +279,10 @@ void DeviceModel::upload(const Model<float>& host) {
 }
 
 std::vector<int> DeviceModel::expert_counts(int layer) const {
-  if (size_t(layer) >= saved_.size() || host_.block_config(layer).ffn != FfnKind::Moe) return {};
+  if (layer < 0 || layer >= cfg_.num_hidden_layers + int(mtp_.size()) || !cfg_.is_moe_layer(layer) || B_ == 0)
+    return {};
   std::vector<int> counts(cfg_.n_routed_experts);  // only the E counts, not the layer's whole int buffer
-  CUDA_CHECK(cudaMemcpy(counts.data(), saved_[layer].saved.moe.counts, counts.size() * sizeof(int),
-                        cudaMemcpyDeviceToHost));
+  CUDA_CHECK(cudaMemcpy(counts.data(), moe_saved(layer).counts, counts.size() * sizeof(int), cudaMemcpyDeviceToHost));
   return counts;
 }
 

@@ -30,7 +30,8 @@ class DeviceModel {
   void download(Model<float>& host, bool values) const;
   // The chosen experts of every main MoE layer in the last forward, as the host model's saved ints.
   std::vector<int> routing(int layer) const;
-  // Tokens routed to each expert (E) by MoE layer l in the last forward (empty for a dense layer).
+  // Tokens routed to each expert (E) by MoE layer l in the last forward (empty for a dense layer); l in
+  // [0, L + depth): L + k is MTP module k's block (model.h's numbering).
   std::vector<int> expert_counts(int layer) const;
 
   // Every trained parameter on the device with its gradient, named and ordered as host.tensors() (the host
@@ -62,11 +63,15 @@ class DeviceModel {
   std::vector<DeviceBuffer<float>> h_;
   std::vector<BlockDeviceSaved> saved_;
   std::optional<MtpDeviceSaved> mtp_saved_;
-  std::vector<DeviceBuffer<float>> bal_f_, bal_ssum_;
+  std::vector<DeviceBuffer<float>> bal_f_, bal_ssum_;  // per layer in [0, L + depth); empty without a balance loss
   DeviceBuffer<float> z_, zrstd_, logits_, probs_, bal_loss_;
   // Calls f(host value tensor, device value buffer, device gradient buffer) for every parameter tensor.
   template <typename F>
   void pair_tensors(const Model<float>& host, F&& f);
+  const MoeSaved<float>& moe_saved(int layer) const;  // layer in [0, L + depth)
+  // Layer l's sequence-wise balance loss into bal_loss_[l], and its gradient on the scores (false: none).
+  void balance_forward(int layer, const MoeSaved<float>& moe);
+  bool balance_backward(float* dscores, int layer, const MoeSaved<float>& moe) const;
   ModelLosses losses_;
   std::vector<float> mtp_ce_;
   bool timing_ = false;

@@ -1,6 +1,8 @@
 // Stage 06 whole-model tests on the CPU reference: gradcheck of every parameter tensor of the tiny preset
 // (dense and MoE layers, MTP, balance loss; routing flips skipped and counted), save -> load -> identical
 // logits, the loss decomposition, and the bias update.
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
 
 #include "06_full_model/checkpoint.h"
@@ -88,22 +90,65 @@ TEST(Model, SaveLoadGivesIdenticalLogits) {
   EXPECT_THROW(b.load_tensor_map(partial), UserError);
 }
 
-TEST(Model, BiasUpdateMovesOnlyMoeBiases) {
+// Paper §2.1.2: the bias of every routed expert moves, the MTP module's MoE block (layer L = 2 of tiny) as well
+// as the main MoE layer (1): by gamma * sign(mean load - load) from that block's own loads; nothing else moves.
+TEST(Model, BiasUpdateMovesEveryMoeBiasTheMtpModulesToo) {
   ModelConfig c = config_preset("tiny");
   c.training.bias_update_speed = 0.05;
   Model<double> m(c, 9);
-  m.forward(random_window(c, 4, 8, 10), 4, 8);
+  const int B = 4, T = 8;
+  m.forward(random_window(c, B, T, 10), B, T);
   const TensorMap before = m.to_tensor_map();
   m.update_bias();
   const TensorMap after = m.to_tensor_map();
+  int moved_layers = 0;
   for (const auto& [name, v] : before) {
-    const bool is_bias = name.find("e_score_correction_bias") != std::string::npos;
-    if (is_bias && name.rfind("model.layers.1.", 0) == 0) {
-      EXPECT_NE(after.at(name), v) << name;  // the main MoE layer's load was unbalanced: its bias moved
-    } else {
+    if (name.find("e_score_correction_bias") == std::string::npos) {
       EXPECT_EQ(after.at(name), v) << name;
+      continue;
     }
+    const int layer = std::stoi(name.substr(std::string("model.layers.").size()));
+    const std::vector<int> load = m.expert_counts(layer);
+    ASSERT_EQ(load.size(), v.size()) << name;
+    const double mean = double(B * T * c.num_experts_per_tok) / c.n_routed_experts;
+    for (size_t e = 0; e < v.size(); ++e) {
+      const double expect = load[e] < mean ? 0.05 : load[e] > mean ? -0.05 : 0.0;
+      EXPECT_NEAR(after.at(name)[e] - v[e], expect, 1e-6) << name << " expert " << e << " load " << load[e];
+    }
+    moved_layers += after.at(name) != v;
   }
+  EXPECT_EQ(moved_layers, 2) << "the main MoE layer and the MTP module's block";
+  EXPECT_FALSE(m.expert_counts(2).empty()) << "layer L = 2 is the MTP module's MoE block";
+  EXPECT_TRUE(m.expert_counts(0).empty()) << "layer 0 is dense";
+}
+
+// initializer_range set: every weight matrix is N(0, r^2) (sample std within 10 % for tensors of 200+ values,
+// mean within 4 standard errors of 0), every norm weight 1; unset: the fan-in scheme (embedding std 1).
+TEST(Model, InitializerRangeDrawsEveryWeightMatrixWithThatStd) {
+  ModelConfig c = config_preset("tiny");
+  c.initializer_range = 0.02;
+  Model<double> m(c, 31);
+  int checked = 0;
+  for (const auto& t : m.tensors()) {
+    const std::vector<double>& v = *t.value;
+    if (Model<double>::is_norm_weight(t.name)) {
+      EXPECT_TRUE(std::all_of(v.begin(), v.end(), [](double x) { return x == 1.0; })) << t.name;
+      continue;
+    }
+    if (v.size() < 200) continue;
+    double mean = 0, sq = 0;
+    for (double x : v) mean += x / double(v.size());
+    for (double x : v) sq += (x - mean) * (x - mean) / double(v.size());
+    EXPECT_NEAR(std::sqrt(sq), 0.02, 0.002) << t.name;
+    EXPECT_NEAR(mean, 0.0, 4 * 0.02 / std::sqrt(double(v.size()))) << t.name;
+    ++checked;
+  }
+  EXPECT_GT(checked, 10);
+  Model<double> fan_in(config_preset("tiny"), 31);
+  const std::vector<double>& e = *fan_in.tensors().front().value;  // embed: N(0, 1)
+  double sq = 0;
+  for (double x : e) sq += x * x / double(e.size());
+  EXPECT_NEAR(std::sqrt(sq), 1.0, 0.1);
 }
 
 #ifdef DSV3_HAVE_CUDA

@@ -151,3 +151,14 @@ TEST(ParamCount, TinyPresetByHand) {
   EXPECT_EQ(b.rows[4].total, 8 * 3 * 24 * 8);        // 8 routed experts in one MoE layer
   EXPECT_EQ(b.rows[4].active, 2 * 3 * 24 * 8);       // 2 of them per token
 }
+
+// Hugging Face's initializer_range: read and written when set (the deepseek-v3 preset: 0.006, paper §4.2),
+// absent from our small presets' files, rejected when not a positive number.
+TEST(ModelConfig, InitializerRangeIsReadWrittenAndChecked) {
+  EXPECT_EQ(config_preset("deepseek-v3").initializer_range, 0.006);
+  EXPECT_FALSE(config_preset("tiny").initializer_range.has_value());
+  EXPECT_EQ(config_from_json_text(edited("tiny", "initializer_range", "0.02")).initializer_range, 0.02);
+  EXPECT_FALSE(nlohmann::json::parse(config_to_json_text(config_preset("tiny"))).contains("initializer_range"));
+  expect_error(edited("tiny", "initializer_range", "0"), "initializer_range must be in (0, 10)");
+  expect_error(edited("tiny", "initializer_range", "\"0.02\""), "field 'initializer_range' must be a number");
+}

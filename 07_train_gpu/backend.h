@@ -38,7 +38,8 @@ class Backend {
   virtual ModelLosses evaluate(const std::vector<int>& tokens, int B, int T) = 0;
   // MTP cross-entropy of each depth in the last forward (size = num_nextn_predict_layers).
   virtual std::vector<double> mtp_losses() const = 0;
-  // Tokens routed to each expert by every MoE layer in the last forward: one vector of E per MoE layer.
+  // Tokens routed to each expert by every layer in the last forward, indexed by layer in [0, L + depth) (L + k:
+  // MTP module k's block, the checkpoint's numbering): E counts for an MoE layer, empty for a dense one.
   virtual std::vector<std::vector<int>> expert_counts() const = 0;
 
   // Global L2 norm of every gradient (the MoE biases have none).

@@ -22,11 +22,7 @@ Precision parse_precision(const std::string& s) {
 
 // The norm weights (attn_norm, ffn_norm, q_norm, kv_norm, norm, enorm, hnorm) are gains around 1: decaying them
 // towards 0 would fight the normalisation. Every matrix (embedding, head, projections, experts, router) decays.
-bool decays(const std::string& model_py_name) {
-  const size_t dot = model_py_name.rfind('.');
-  const std::string last = dot == std::string::npos ? model_py_name : model_py_name.substr(dot + 1);
-  return !(last.size() >= 4 && last.compare(last.size() - 4, 4, "norm") == 0);
-}
+bool decays(const std::string& model_py_name) { return !Model<float>::is_norm_weight(model_py_name); }
 
 namespace {
 
@@ -57,9 +53,9 @@ class CpuBackend final : public Backend {
     return std::vector<double>(ce.begin(), ce.end());
   }
   std::vector<std::vector<int>> expert_counts() const override {
+    const ModelConfig& c = model_.config();
     std::vector<std::vector<int>> out;
-    for (int l = 0; l < model_.config().num_hidden_layers; ++l)
-      if (model_.config().is_moe_layer(l)) out.push_back(model_.expert_counts(l));
+    for (int l = 0; l < c.num_hidden_layers + c.num_nextn_predict_layers; ++l) out.push_back(model_.expert_counts(l));
     return out;
   }
 

@@ -116,9 +116,9 @@ class CudaBackend final : public Backend {
     return std::vector<double>(ce.begin(), ce.end());
   }
   std::vector<std::vector<int>> expert_counts() const override {
+    const ModelConfig& c = host_.config();
     std::vector<std::vector<int>> out;
-    for (int l = 0; l < host_.config().num_hidden_layers; ++l)
-      if (host_.config().is_moe_layer(l)) out.push_back(dev_.expert_counts(l));
+    for (int l = 0; l < c.num_hidden_layers + c.num_nextn_predict_layers; ++l) out.push_back(dev_.expert_counts(l));
     return out;
   }
 

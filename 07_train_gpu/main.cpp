@@ -270,6 +270,37 @@ bool do_sample(const SampleArgs& a) {
   return ok;
 }
 
+struct EvalArgs {
+  std::string checkpoint, data, device = "auto", precision = "fp32";
+  int batch = 8;
+};
+
+// The validation loss of a checkpoint on a prepared data folder, as the trainer measures it (train.h's
+// evaluate(): every window of seq_len + 1 tokens of val.bin, strided by seq_len, at the seq_len the checkpoint
+// was trained with). The last line is JSON (check_transformers.py --ours reads it).
+void do_eval(const EvalArgs& a) {
+  const Checkpoint ck = load_checkpoint(a.checkpoint);
+  for (const auto& w : ck.warnings) std::cout << "warning: " << w << "\n";
+  const TrainerState st = read_trainer_state(a.checkpoint);
+  const Prepared data = load_prepared(a.data);
+  require(data.info.vocab_size == ck.config.vocab_size, "eval: the data in {} has vocabulary {}, the checkpoint {}: "
+          "give the --data folder the model was trained on", a.data, data.info.vocab_size, ck.config.vocab_size);
+  TrainArgs ta;
+  ta.device = a.device;
+  ta.precision = a.precision;
+  auto backend = make_backend(ta, ck.config);
+  backend->load_weights(ck.tensors);
+  const ValResult v = evaluate(*backend, data.val, a.batch, st.config.seq_len, data.info);
+  std::string mtp;
+  for (size_t k = 0; k < v.mtp.size(); ++k) mtp += fmt::format(", \"val_mtp_d{}\": {:.8f}", k + 1, v.mtp[k]);
+  std::cout << fmt::format("{} on {} ({}): val ce {:.6f} nats/token = {:.6f} bits/byte over {} tokens "
+                           "(windows of {} + 1)\n", a.checkpoint, a.data, backend->describe(), v.ce, v.bits_per_byte,
+                           v.tokens, st.config.seq_len);
+  std::cout << fmt::format("{{\"val_ce\": {:.8f}, \"val_bpb\": {:.8f}, \"tokens\": {}, \"seq_len\": {}{}, "
+                           "\"device\": \"{}\"}}\n", v.ce, v.bits_per_byte, v.tokens, st.config.seq_len, mtp,
+                           backend->describe());
+}
+
 // --check: the whole pipeline, small: data (check mode), 60 CPU steps of the tiny preset with a resume in the
 // middle, sampling twice with one seed, speculative == plain.
 int run_check(const std::string& out, PrepareArgs pa) {
@@ -384,6 +415,14 @@ int main(int argc, char** argv) {
   auto* sample = app.add_subcommand("sample", "sample lyrics from a checkpoint (CPU, latent KV cache)");
   add_sample_options(sample, sa);
 
+  EvalArgs ea;
+  auto* eval = app.add_subcommand("eval", "validation loss of a checkpoint on prepared data (as the trainer reports it)");
+  eval->add_option("--checkpoint", ea.checkpoint, "checkpoint folder (default <out>/run/checkpoints/best)");
+  eval->add_option("--data", ea.data, "prepared data folder (default <out>/data)");
+  eval->add_option("--device", ea.device, "auto, cuda or cpu")->capture_default_str();
+  eval->add_option("--precision", ea.precision, "fp32 or bf16 (GPU)")->capture_default_str();
+  eval->add_option("--batch", ea.batch, "windows per forward")->check(CLI::PositiveNumber)->capture_default_str();
+
   BenchOptions bopt;
   std::string bench_precision = "bf16";
   auto* bench = app.add_subcommand("bench", "time training steps of a preset on random tokens (GPU)");
@@ -401,6 +440,8 @@ int main(int argc, char** argv) {
     if (ta.data.empty()) ta.data = data_dir;
     if (ta.run.empty()) ta.run = opt.out + "/run";
     if (sa.checkpoint.empty()) sa.checkpoint = checkpoint_dir(opt.out + "/run", "best");
+    if (ea.checkpoint.empty()) ea.checkpoint = checkpoint_dir(opt.out + "/run", "best");
+    if (ea.data.empty()) ea.data = data_dir;
     if (sa.prompts.empty()) sa.prompts = kPrompts;
     sa.opt.seed = opt.seed;
     ta.cfg.seed = opt.seed;
@@ -436,6 +477,10 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (*sample) return do_sample(sa) ? 0 : 1;
+    if (*eval) {
+      do_eval(ea);
+      return 0;
+    }
     if (*train_cmd) {
       if (ta.preset.empty()) ta.preset = gpu_available() && ta.device != "cpu" ? "lyrics" : "tiny";
       do_train(ta, load_prepared(ta.data), std::cout);

@@ -1,8 +1,8 @@
 # Plots of a 07_train_gpu training run, from the CSVs the trainer writes into the run folder.
 # Run: gnuplot -e "outdir='out/07_train_gpu/run'" 07_train_gpu/plots.gp
-#   train.csv        step,lr,loss,ce,mtp,mtp_d1..mtp_dD,balance,grad_norm,maxvio,tokens_per_s,elapsed_s
+#   train.csv        step,lr,loss,ce,mtp,mtp_d1..mtp_dD,balance,grad_norm,maxvio[,maxvio_mtp],tokens_per_s,elapsed_s
 #   val.csv          step,val_ce,val_bpb,val_mtp_d1..val_mtp_dD,train_ce,best
-#   expert_load.csv  step,layer,expert,load
+#   expert_load.csv  step,layer,expert,load    (layers L .. L+D-1: the MTP modules' blocks)
 if (!exists("outdir")) outdir = "out/07_train_gpu/run"
 set terminal pngcairo size 800,500 font ",11" noenhanced
 set datafile separator ","
@@ -12,9 +12,11 @@ train = outdir."/train.csv"
 val = outdir."/val.csv"
 load_csv = outdir."/expert_load.csv"
 
-# D, the MTP depth, from the width of train.csv (10 columns + one per depth)
-stats train skip 1 nooutput
-D = STATS_columns - 10
+# From train.csv's header: D, the MTP depth (columns mtp_d1 .. mtp_dD), and whether the MTP blocks are MoE
+# layers (column maxvio_mtp)
+header = system("head -1 '".train."' | tr ',' ' '")
+mtp_moe = strstrt(header, "maxvio_mtp") > 0
+D = words(header) - 10 - mtp_moe
 gn = 7 + D
 mv = 8 + D
 
@@ -44,10 +46,11 @@ plot train skip 1 using 1:(column(gn)) with lines lw 1 lc 1 notitle
 unset logscale y
 
 set output outdir."/maxvio.png"
-set title "MaxVio of the step's batch, mean over MoE layers (0 = perfect balance)"
+set title "MaxVio of the step's batch (0 = perfect balance)"
 set ylabel "MaxVio"
 set yrange [0:*]
-plot train skip 1 using 1:(column(mv)) with lines lw 1 lc 1 notitle
+plot train skip 1 using 1:(column(mv)) with lines lw 1 lc 1 title "main model, mean over MoE layers", \
+     for [i=1:mtp_moe] train skip 1 using 1:(column(mv + 1)) with lines lw 1 lc 2 title "MTP module's MoE block"
 set yrange [*:*]
 
 # Heat map: one row per (MoE layer, expert), one column per evaluation step; colour = share of the layer's
@@ -63,15 +66,16 @@ stats load_csv skip 1 using 1 nooutput
 rows_per_step = (L1 - L0 + 1) * E
 nsteps = STATS_records / rows_per_step
 dx = nsteps > 1 ? (STATS_max - STATS_min) / (nsteps - 1) : 1
-set title sprintf("share of each MoE layer's routed slots per expert (balanced: 1/%d)", E)
+set title sprintf("share of each MoE layer's routed slots per expert (balanced: 1/%d; MTPk: module k's block)", E)
 set xlabel "step"
 set ylabel "layer:expert"
 unset key
 unset grid
 set ytics ()
 do for [l=L0:L1] {
-  if (rows_per_step <= 40) { do for [e=0:E-1] { set ytics add (sprintf("%d:%d", l, e) (l - L0) * E + e) } }
-  else { set ytics add (sprintf("%d:0", l) (l - L0) * E) }
+  name = (mtp_moe && l > L1 - D) ? sprintf("MTP%d", l - (L1 - D)) : sprintf("%d", l)
+  if (rows_per_step <= 40) { do for [e=0:E-1] { set ytics add (sprintf("%s:%d", name, e) (l - L0) * E + e) } }
+  else { set ytics add (sprintf("%s:0", name) (l - L0) * E) }
   y = (l - L0) * E - 0.5
   if (l > L0) { set arrow from graph 0, first y to graph 1, first y nohead front lw 2 lc "white" }
 }

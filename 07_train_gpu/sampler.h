@@ -3,7 +3,7 @@
 //   Decoder      KV-cached incremental decoding of a Model<float>, batch 1. Every attention layer keeps only
 //                MLA's latent cache (c_kv and k_pe per position, stage 02) and attends in the absorbed form:
 //                q_nope W_uk scores against c_kv, the output o_lat W_uv^T. feed() takes a chunk of tokens.
-//   draft()      MTP module 1 (stage 05) on the final hidden state h_L, with its own latent cache: the token
+//   draft()      MTP module 1 (stage 05) on z = final_norm(h_L), with its own latent cache: the token
 //                after the next one, as speculative decoding's draft.
 //   generate()   temperature / top-k / top-p sampling, plainly or speculatively with the MTP draft.
 //
@@ -13,7 +13,7 @@
 // to n feeds of one token. That is what makes speculative decoding's output identical to plain decoding:
 // every emitted token is drawn from the main model's own logits with one RNG draw, in the same order.
 //
-// MTP stream alignment (the training-time alignment of 05_mtp/mtp.h, k = 1): MTP position j reads h_L at main
+// MTP stream alignment (the training-time alignment of 05_mtp/mtp.h, k = 1): MTP position j reads z at main
 // position j and Emb(t_{j+1}) and predicts t_{j+2}; its block attends causally over MTP positions 0..j (RoPE at
 // j). Position j therefore exists once t_{j+1} is known: after feeding t_0..t_{p-1} the main stream holds
 // positions 0..p-1 and the MTP stream at most 0..p-1, the last of them needing the not-yet-fed next token t_p.
@@ -71,8 +71,8 @@ class Decoder {
   const std::vector<float>& draft(int next);
   // MTP positions currently computed (<= pos()).
   int mtp_pos() const { return mtp_pos_; }
-  // The final hidden state h_L (D) of fed position p (before the final norm): the MTP module's input.
-  const float* final_hidden(int p) const;
+  // z = final_norm(h_L) (D) of fed position p: what the head and the MTP module read.
+  const float* normed_hidden(int p) const;
 
   // The latent cache of one transformer block (its weights are read from the model at every call).
   struct LatentCache {
@@ -88,7 +88,7 @@ class Decoder {
   std::vector<LatentCache> mtp_;          // 0 or 1: MTP module 1's block
   std::vector<int> tokens_;               // (Lmax) the fed tokens
   std::vector<int> mtp_tokens_;           // (Lmax) t_{j+1}: the token MTP position j embedded
-  std::vector<float> hidden_;             // (Lmax, D) h_L of every fed position
+  std::vector<float> hidden_;             // (Lmax, D) z = final_norm(h_L) of every fed position
   std::vector<float> logits_, draft_logits_;
   std::unique_ptr<DecodeScratch> scratch_;
 };

@@ -280,7 +280,7 @@ void Decoder::truncate(int new_pos) {
   mtp_pos_ = std::min(mtp_pos_, new_pos);  // MTP position new_pos-1 read t_{new_pos}: draft() re-checks it
 }
 
-const float* Decoder::final_hidden(int p) const {
+const float* Decoder::normed_hidden(int p) const {
   require(p >= 0 && p < pos_, "decoder: position {} is not fed (pos() = {})", p, pos_);
   return hidden_.data() + size_t(p) * model_.config().hidden_size;
 }
@@ -298,10 +298,10 @@ const std::vector<float>& Decoder::feed(const std::vector<int>& tokens) {
   for (int t = 0; t < n; ++t) std::copy_n(model_.embed().data() + size_t(tokens[t]) * D, D, x + size_t(t) * D);
   for (size_t l = 0; l < layers_.size(); ++l)
     block_rows(x, layers_[l], model_.layer(int(l)).weights(), max_len_, n, pos_, rope, s);
-  // 3) keep h_L for the MTP module; final norm and head
-  std::copy_n(x, size_t(n) * D, hidden_.data() + size_t(pos_) * D);
+  // 3) final norm (its output z is kept for the MTP module) and head
   float* z = grow(s.z, size_t(n) * D);
   rmsnorm_rows(z, x, model_.final_norm().data(), n, D, float(c.rms_norm_eps));
+  std::copy_n(z, size_t(n) * D, hidden_.data() + size_t(pos_) * D);
   logits_.resize(size_t(n) * V);
   linear(logits_.data(), z, model_.head().data(), n, D, V);
   std::copy(tokens.begin(), tokens.end(), tokens_.begin() + pos_);
@@ -313,7 +313,7 @@ const std::vector<float>& Decoder::draft(int next) {
   const ModelConfig& c = model_.config();
   const int D = c.hidden_size, V = c.vocab_size;
   require(!mtp_.empty(), "decoder: the model has no MTP module (num_nextn_predict_layers = 0) to draft with");
-  require(pos_ > 0, "decoder: draft needs a fed token first (the MTP module reads its final hidden state)");
+  require(pos_ > 0, "decoder: draft needs a fed token first (the MTP module reads its normalised final hidden state)");
   require(next >= 0 && next < V, "decoder: token id {} is outside the vocabulary [0, {})", next, V);
   // 1) MTP position j embeds t_{j+1}: keep the computed prefix whose tokens still match (and always recompute
   //    the last position, whose output is what we return)
@@ -321,7 +321,7 @@ const std::vector<float>& Decoder::draft(int next) {
   int keep = 0;
   while (keep < std::min(mtp_pos_, pos_ - 1) && mtp_tokens_[keep] == input_token(keep)) ++keep;
   mtp_pos_ = keep;
-  // 2) MTP positions j0..pos-1 as one chunk: h'_j = eh_proj [enorm(Emb(t_{j+1})) ; hnorm(h_L_j)] -> block
+  // 2) MTP positions j0..pos-1 as one chunk: h'_j = eh_proj [enorm(Emb(t_{j+1})) ; hnorm(z_j)] -> block
   const int j0 = mtp_pos_, m = pos_ - j0;
   const MtpConfig mc = model_.mtp_config();
   const MtpModuleWeights<float> mw = model_.mtp_module(0).weights();

@@ -191,10 +191,10 @@ TEST(SamplerDecoder, CachedLogitsMatchFullForward) {
     Decoder dec(m, T);
     const std::vector<float> single = feed_in_chunks(dec, inputs, std::vector<int>(T, 1));
     EXPECT_CLOSE(compare(single, m.logits(), kElementwiseTol), "decoder (one by one) vs Model::forward");
-    for (int p = 0; p < T; ++p) {  // the kept final hidden states are the forward's h_L
-      const float* h = dec.final_hidden(p);
-      const float* ref = m.hidden().back().data() + size_t(p) * c.hidden_size;
-      EXPECT_CLOSE(compare(h, ref, c.hidden_size, kElementwiseTol), "h_L at position " + std::to_string(p));
+    for (int p = 0; p < T; ++p) {  // the kept hidden states are the forward's z = final_norm(h_L)
+      const float* h = dec.normed_hidden(p);
+      const float* ref = m.normed_hidden().data() + size_t(p) * c.hidden_size;
+      EXPECT_CLOSE(compare(h, ref, c.hidden_size, kElementwiseTol), "z at position " + std::to_string(p));
     }
     dec.reset();
     const std::vector<float> chunked = feed_in_chunks(dec, inputs, {5, 3, 4});
@@ -226,8 +226,8 @@ TEST(SamplerDecoder, ChunkedFeedIsBitwiseEqualToOneByOne) {
 
 // ---- the MTP draft --------------------------------------------------------------------------------------
 
-// The draft at position p (h_L of p, Emb(t_{p+1})) equals the training-time MTP module 1 on the same window:
-// stage 05's mtp_forward on the model's weights and its forward's h_L (checked to be what Model::forward runs:
+// The draft at position p (z of p, Emb(t_{p+1})) equals the training-time MTP module 1 on the same window:
+// stage 05's mtp_forward on the model's weights and its forward's z = final_norm(h_L) (checked to be what Model::forward runs:
 // its CE equals the model's mtp_losses()). Tolerance on probabilities kElementwiseTol.
 TEST(SamplerDraft, DraftEqualsTrainingTimeMtpForward) {
   for (const ModelConfig& c : {config_preset("tiny"), tiny_variant()}) {
@@ -239,7 +239,7 @@ TEST(SamplerDraft, DraftEqualsTrainingTimeMtpForward) {
     MtpHostSaved<float> saved(mc, 1, T);
     const MtpModuleWeights<float> mw = m.mtp_module(0).weights();
     float ce = 0;
-    cpu::mtp_forward(&ce, saved.saved.data(), m.hidden().back().data(), window.data(),
+    cpu::mtp_forward(&ce, saved.saved.data(), m.normed_hidden().data(), window.data(),
                      MtpShared<float>{m.embed().data(), m.final_norm().data(), m.head().data()}, &mw, mc, 1, T,
                      mla_rope(m.rope()));
     ASSERT_FLOAT_EQ(ce, m.mtp_losses().at(0));
@@ -450,7 +450,7 @@ TEST(SamplerErrors, BadOptionsPromptsAndCallsAreUserErrors) {
   EXPECT_THROW(dec.feed({4, 5}), UserError);  // 5 positions > max_len 4
   EXPECT_THROW(dec.draft(61), UserError);
   EXPECT_THROW(dec.truncate(4), UserError);
-  EXPECT_THROW(dec.final_hidden(3), UserError);
+  EXPECT_THROW(dec.normed_hidden(3), UserError);
   Decoder no_draft(plain_only, 4);
   no_draft.feed({1});
   EXPECT_THROW(no_draft.draft(1), UserError);

@@ -345,22 +345,23 @@ TEST(Train, LossFallsAndTheDiagnosticsAreWritten) {
   // diagnostics: one row per step / evaluation / (evaluation, MoE layer, expert); loads sum to 1
   const auto train_lines = read_lines(dir.sub("train.csv"));
   ASSERT_EQ(train_lines.size(), 41u);
-  EXPECT_EQ(train_lines[0], "step,lr,loss,ce,mtp,mtp_d1,balance,grad_norm,maxvio,tokens_per_s,elapsed_s");
+  EXPECT_EQ(train_lines[0], "step,lr,loss,ce,mtp,mtp_d1,balance,grad_norm,maxvio,maxvio_mtp,tokens_per_s,elapsed_s");
   EXPECT_EQ(read_lines(dir.sub("val.csv"))[0], "step,val_ce,val_bpb,val_mtp_d1,train_ce,best");
   EXPECT_EQ(csv_steps(dir.sub("val.csv")), (std::vector<int64_t>{20, 40}));
   const auto load = read_lines(dir.sub("expert_load.csv"));
-  ASSERT_EQ(load.size(), 1u + 2 * 8);  // tiny: one MoE layer (1) of 8 experts
-  double sum = 0;
-  for (size_t i = 1; i <= 8; ++i) {
+  ASSERT_EQ(load.size(), 1u + 2 * 2 * 8);  // tiny: one main MoE layer (1) and the MTP module's (2), 8 experts each
+  double sum[2] = {0, 0};
+  for (size_t i = 1; i <= 16; ++i) {
     int64_t step, layer, expert;
     double share;
     ASSERT_EQ(std::sscanf(load[i].c_str(), "%ld,%ld,%ld,%lf", &step, &layer, &expert, &share), 4);
     EXPECT_EQ(step, 20);
-    EXPECT_EQ(layer, 1);
-    EXPECT_EQ(expert, int64_t(i - 1));
-    sum += share;
+    EXPECT_EQ(layer, i <= 8 ? 1 : 2);
+    EXPECT_EQ(expert, int64_t((i - 1) % 8));
+    sum[i > 8] += share;
   }
-  EXPECT_NEAR(sum, 1.0, 1e-6);
+  EXPECT_NEAR(sum[0], 1.0, 1e-6);
+  EXPECT_NEAR(sum[1], 1.0, 1e-6);
   // progress: not a terminal, so lines (every eval_every/5 = 4 steps) and the evaluations on their own
   const std::string log = out.str();
   EXPECT_NE(log.find("step 40/40 | ce "), std::string::npos) << log;

@@ -559,7 +559,9 @@ class Run {
       train_cols.push_back(fmt::format("mtp_d{}", k));
       val_cols.push_back(fmt::format("val_mtp_d{}", k));
     }
-    train_cols.insert(train_cols.end(), {"balance", "grad_norm", "maxvio", "tokens_per_s", "elapsed_s"});
+    train_cols.insert(train_cols.end(), {"balance", "grad_norm", "maxvio"});
+    if (mtp_is_moe()) train_cols.push_back("maxvio_mtp");
+    train_cols.insert(train_cols.end(), {"tokens_per_s", "elapsed_s"});
     val_cols.insert(val_cols.end(), {"train_ce", "best"});
     train_csv_.emplace(run_dir + "/train.csv", train_cols, resume, st_.step);
     val_csv_.emplace(run_dir + "/val.csv", val_cols, resume, st_.step);
@@ -603,13 +605,12 @@ class Run {
   // 3) train.csv; a skipped step's warning, and the divergence stop
   void log_step(const StepRecord& rec, const std::vector<std::vector<int>>& counts) {
     const std::vector<double> mtp = backend_.mtp_losses();
-    double maxvio = 0;
-    for (const auto& c : counts) maxvio += max_violation(c.data(), int(c.size())) / double(counts.size());
     const ModelLosses& L = rec.losses;
     std::vector<std::string> row = {num(rec.step), num(lr_), num(L.total()), num(L.ce), num(L.mtp)};
     for (int k = 0; k < depth(); ++k) row.push_back(num(k < int(mtp.size()) ? mtp[size_t(k)] : NAN));
-    row.insert(row.end(), {num(L.balance), num(rec.grad_norm), num(maxvio), num(tokens_per_step() / step_times_.back()),
-                           num(elapsed())});
+    row.insert(row.end(), {num(L.balance), num(rec.grad_norm), num(mean_maxvio(counts, 0, mc_.num_hidden_layers))});
+    if (mtp_is_moe()) row.push_back(num(mean_maxvio(counts, mc_.num_hidden_layers, int(counts.size()))));
+    row.insert(row.end(), {num(tokens_per_step() / step_times_.back()), num(elapsed())});
     train_csv_->row(row);
     if (!rec.skipped) return;
     progress_.line(fmt::format("step {}: non-finite loss ({}) or gradient norm ({}): update skipped ({} in a row, "
@@ -633,13 +634,27 @@ class Run {
     return false;
   }
 
-  // 4) expert_load.csv: each MoE layer's share of routed slots per expert in this step's batch
+  // MaxVio of layers [l0, l1), averaged over those that are MoE layers (0 when none is).
+  static double mean_maxvio(const std::vector<std::vector<int>>& counts, int l0, int l1) {
+    double sum = 0;
+    int n = 0;
+    for (int l = l0; l < l1 && l < int(counts.size()); ++l)
+      if (!counts[size_t(l)].empty()) {
+        sum += max_violation(counts[size_t(l)].data(), int(counts[size_t(l)].size()));
+        ++n;
+      }
+    return n ? sum / n : 0.0;
+  }
+  bool mtp_is_moe() const { return depth() > 0 && mc_.is_moe_layer(mc_.num_hidden_layers); }
+
+  // 4) expert_load.csv: each MoE layer's share of routed slots per expert in this step's batch (layer L + k is
+  //    MTP module k's block, the checkpoint's numbering)
   void log_expert_load(int64_t step, const std::vector<std::vector<int>>& counts) {
-    for (size_t i = 0; i < counts.size(); ++i) {
-      const int64_t slots = std::accumulate(counts[i].begin(), counts[i].end(), int64_t(0));
-      for (size_t e = 0; e < counts[i].size(); ++e)
-        load_csv_->row({num(step), num(int64_t(mc_.first_k_dense_replace) + int64_t(i)), num(int64_t(e)),
-                        num(double(counts[i][e]) / double(std::max<int64_t>(slots, 1)))});
+    for (size_t l = 0; l < counts.size(); ++l) {
+      const int64_t slots = std::accumulate(counts[l].begin(), counts[l].end(), int64_t(0));
+      for (size_t e = 0; e < counts[l].size(); ++e)
+        load_csv_->row({num(step), num(int64_t(l)), num(int64_t(e)),
+                        num(double(counts[l][e]) / double(std::max<int64_t>(slots, 1)))});
     }
   }
 
