@@ -14,6 +14,7 @@
 #include <iostream>
 #include <memory>
 
+#include "05_mtp/mtp_align.h"
 #include "05_mtp/mtp_lm.h"
 #include "common/cli.h"
 #include "common/compare.h"
@@ -124,8 +125,17 @@ Agreement agreement(const MtpLm<float>& lm, const std::vector<int>& window, int 
   return a;
 }
 
+// Depth k's mean cross-entropy per target: eq. 24's CE_k (its T-k targets summed, divided by T) times T/(T-k),
+// so every depth compares with the same floor.
+std::vector<double> per_target(const std::vector<float>& mtp_ce, int T) {
+  std::vector<double> out;
+  for (size_t k = 1; k <= mtp_ce.size(); ++k)
+    out.push_back(double(mtp_ce[k - 1]) / mtp_align::ce_scale(T, int(k)));
+  return out;
+}
+
 struct Result {
-  std::vector<double> eval_ce;  // main, depth 1, .., depth D on the held-out batch
+  std::vector<double> eval_ce;  // main, depth 1, .., depth D on the held-out batch (per target)
   Agreement agree;
   double seconds = 0;
   double ce_floor = 0, acc_ceiling = 0;
@@ -161,11 +171,11 @@ Result train(const Experiment& x, uint64_t seed, const std::string& out) {
     lm.backward();
     lm.optimizer_step(opt, step);
     std::vector<double> row{double(step), double(lm.main_ce())};
-    for (float ce : lm.mtp_ce()) row.push_back(ce);
+    for (double ce : per_target(lm.mtp_ce(), x.seq)) row.push_back(ce);
     if (step % x.eval_every == 0 || step == x.steps) {
       lm.forward(eval_window, x.batch * 4, x.seq);
       r.eval_ce = {double(lm.main_ce())};
-      for (float ce : lm.mtp_ce()) r.eval_ce.push_back(ce);
+      for (double ce : per_target(lm.mtp_ce(), x.seq)) r.eval_ce.push_back(ce);
       r.agree = x.depth > 0 ? agreement(lm, eval_window, x.batch * 4, x.seq) : Agreement{};
       row.insert(row.end(), r.eval_ce.begin(), r.eval_ce.end());
       row.insert(row.end(), {r.agree.acceptance, r.agree.main_acc, r.agree.mtp1_acc});
@@ -276,7 +286,7 @@ int main(int argc, char** argv) {
     if (opt.check) return self_check(x, opt.seed);
     ensure_dir(opt.out);
     const Result r = train(x, opt.seed, opt.out);
-    Table t({"depth", "predicts", "held-out CE", "best possible", "uniform ln V"});
+    Table t({"depth", "predicts", "held-out CE per target", "best possible", "uniform ln V"});
     for (size_t k = 0; k < r.eval_ce.size(); ++k)
       t.add_row({k == 0 ? "main" : fmt::format("mtp {}", k), fmt::format("t_(i+{})", k + 1), fmt_num(r.eval_ce[k], 4),
                  fmt_num(r.ce_floor, 4), fmt_num(std::log(double(x.vocab)), 4)});
