@@ -3,6 +3,7 @@
 // agreement with stage 04's adamw_step, a falling loss, resume == uninterrupted bitwise, the best checkpoint,
 // damaged or foreign checkpoints, the .old recovery, non-finite steps and divergence, the model config of a run.
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -362,6 +363,12 @@ TEST(Train, LossFallsAndTheDiagnosticsAreWritten) {
   }
   EXPECT_NEAR(sum[0], 1.0, 1e-6);
   EXPECT_NEAR(sum[1], 1.0, 1e-6);
+  // the bias update balanced the MTP module's router too (paper §2.1.2): its bias left 0 during training
+  const TensorMap w = backend->weights();
+  for (const char* layer : {"1", "2"}) {
+    const std::vector<float>& bias = w.at(std::string("model.layers.") + layer + ".mlp.gate.e_score_correction_bias");
+    EXPECT_TRUE(std::any_of(bias.begin(), bias.end(), [](float b) { return b != 0.f; })) << "layer " << layer;
+  }
   // progress: not a terminal, so lines (every eval_every/5 = 4 steps) and the evaluations on their own
   const std::string log = out.str();
   EXPECT_NE(log.find("step 40/40 | ce "), std::string::npos) << log;
