@@ -21,6 +21,8 @@
 #include <vector>
 
 #include "01_rmsnorm_rope/rmsnorm_rope.h"
+#include "common/gemm.h"
+#include "common/param_list.h"
 
 namespace dsv3 {
 
@@ -35,6 +37,7 @@ struct MlaConfig {
   int v_head_dim = 64;
   float norm_eps = 1e-6f;
   RopeConfig rope;
+  Matmul matmul = Matmul::FP32;  // the CUDA path's products (common/gemm.h); the CPU reference ignores it
 
   int qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }  // S
   int kv_head_dim() const { return qk_nope_head_dim + v_head_dim; }        // KS
@@ -43,46 +46,64 @@ struct MlaConfig {
   void validate() const;  // UserError naming the bad field (qk_rope_head_dim = 0 included)
 };
 
-// Parameters, PyTorch Linear layout (out_features, in_features). Unused pointers may be null:
-// wq when q_lora_rank > 0; wq_a, q_norm, wq_b when q_lora_rank == 0.
-template <typename T>
-struct MlaWeights {
-  const T* wq_a;     // (Dq, D)
-  const T* q_norm;   // (Dq)
-  const T* wq_b;     // (H*S, Dq)
-  const T* wq;       // (H*S, D)      only when Dq == 0
-  const T* wkv_a;    // (Dc+Dr, D)    rows [0, Dc): c_kv, rows [Dc, Dc+Dr): the shared k_pe
-  const T* kv_norm;  // (Dc)
-  const T* wkv_b;    // (H*KS, Dc)    per head: rows [0, Dn) give k_nope, rows [Dn, KS) give v
-  const T* wo;       // (D, H*Dv)
-};
-template <typename T>
-struct MlaGrads {  // same shapes as MlaWeights; accumulated (+=)
-  T *wq_a, *q_norm, *wq_b, *wq, *wkv_a, *kv_norm, *wkv_b, *wo;
-};
+// MLA's parameters, PyTorch Linear layout (out_features, in_features), over a tensor storage X
+// (common/param_list.h): MlaParams<T> owns them on the host, MlaDeviceParams on the device, MlaWeights<T> and
+// MlaGrads<T> are what the entry points take. Unused members are empty (null views): wq when q_lora_rank > 0;
+// wq_a, q_norm, wq_b when q_lora_rank == 0.
+template <typename X>
+struct MlaTensors {
+  using Config = MlaConfig;
+  X wq_a;     // (Dq, D)
+  X q_norm;   // (Dq)
+  X wq_b;     // (H*S, Dq)
+  X wq;       // (H*S, D)      only when Dq == 0
+  X wkv_a;    // (Dc+Dr, D)    rows [0, Dc): c_kv, rows [Dc, Dc+Dr): the shared k_pe
+  X kv_norm;  // (Dc)
+  X wkv_b;    // (H*KS, Dc)    per head: rows [0, Dn) give k_nope, rows [Dn, KS) give v
+  X wo;       // (D, H*Dv)
 
-// Element counts of each parameter (0 for the unused ones), in MlaWeights order.
-struct MlaParamSizes {
-  size_t wq_a, q_norm, wq_b, wq, wkv_a, kv_norm, wkv_b, wo;
+  auto weights() const { return param_list::weights(*this); }
+  auto grads() { return param_list::grads(*this); }
+  auto tensors() { return param_list::named(*this); }  // (name, tensor) of the used members
 };
-MlaParamSizes mla_param_sizes(const MlaConfig& c);
-
-// Host-side owner of the parameters (tests, demos, later stages upload them to the device).
 template <typename T>
-struct MlaParams {
-  std::vector<T> wq_a, q_norm, wq_b, wq, wkv_a, kv_norm, wkv_b, wo;  // shapes as MlaWeights
-  MlaWeights<T> weights() const;
-  MlaGrads<T> grads();
-  // (name, tensor) for every parameter the config uses, in MlaWeights order.
-  std::vector<std::pair<std::string, std::vector<T>*>> tensors();
-};
+using MlaParams = MlaTensors<std::vector<T>>;
+template <typename T>
+using MlaWeights = MlaTensors<const T*>;
+template <typename T>
+using MlaGrads = MlaTensors<T*>;  // accumulated (+=)
+
+// The one list of MLA's parameters (common/param_list.h): model.py names, Hugging Face names, shapes under c.
+template <typename F, typename... S>
+void for_each_param(const MlaConfig& c, F&& f, S&&... s) {
+  const int64_t D = c.dim, H = c.n_heads, Dq = c.q_lora_rank, Dc = c.kv_lora_rank, Dr = c.qk_rope_head_dim;
+  const int64_t S_ = c.qk_head_dim(), KS = c.kv_head_dim(), Dv = c.v_head_dim;
+  const ParamKind M = ParamKind::Matrix, N = ParamKind::Norm;
+  f(ParamInfo{"wq_a", "self_attn.q_a_proj.weight", {Dq, D}, M, ""}, s.wq_a...);
+  f(ParamInfo{"q_norm", "self_attn.q_a_layernorm.weight", {Dq}, N, ""}, s.q_norm...);
+  f(ParamInfo{"wq_b", "self_attn.q_b_proj.weight", {Dq > 0 ? H * S_ : 0, Dq}, M, ""}, s.wq_b...);
+  f(ParamInfo{"wq", "self_attn.q_proj.weight", {Dq == 0 ? H * S_ : 0, D}, M, ""}, s.wq...);
+  f(ParamInfo{"wkv_a", "self_attn.kv_a_proj_with_mqa.weight", {Dc + Dr, D}, M, ""}, s.wkv_a...);
+  f(ParamInfo{"kv_norm", "self_attn.kv_a_layernorm.weight", {Dc}, N, ""}, s.kv_norm...);
+  f(ParamInfo{"wkv_b", "self_attn.kv_b_proj.weight", {H * KS, Dc}, M, ""}, s.wkv_b...);
+  f(ParamInfo{"wo", "self_attn.o_proj.weight", {D, H * Dv}, M, ""}, s.wo...);
+}
+
 // Zero-filled parameters of the right sizes (e.g. gradient buffers).
 template <typename T>
-MlaParams<T> mla_zero_params(const MlaConfig& c);
+MlaParams<T> mla_zero_params(const MlaConfig& c) {
+  MlaParams<T> p;
+  param_list::zero(p, c);
+  return p;
+}
 // Linear weights ~ N(0, 1/fan_in); norm weights 1 (model.py), or 1 + 0.2 N(0, 1) with jitter_norms (tests:
 // a gradient that ignored the norm weight must not pass by accident).
 template <typename T>
-MlaParams<T> mla_init_params(const MlaConfig& c, uint64_t seed, bool jitter_norms = false);
+MlaParams<T> mla_init_params(const MlaConfig& c, uint64_t seed, bool jitter_norms = false) {
+  MlaParams<T> p;
+  param_list::init(p, c, seed, jitter_norms);
+  return p;
+}
 
 // Activations the forward saves for the backward: pointers into one buffer of mla_saved_size() elements
 // (host for cpu::, device for cuda::), carved by mla_saved_layout().

@@ -8,7 +8,7 @@
 
 #include "02_mla/mla.h"
 #include "common/errors.h"
-#include "common/gemm.h"
+#include "common/gemm_cpu.h"
 #include "common/rng.h"
 
 namespace dsv3 {
@@ -49,77 +49,6 @@ void validate_mla_decode(const MlaConfig& c, int B, int pos, int max_len, int ta
   validate_mla_call(c, B, 1, pos, table_positions);
   require(pos < max_len, "mla decode: position {} does not fit a cache of max_len {}", pos, max_len);
 }
-
-MlaParamSizes mla_param_sizes(const MlaConfig& c) {
-  const size_t D = c.dim, H = c.n_heads, Dq = c.q_lora_rank, Dc = c.kv_lora_rank, Dr = c.qk_rope_head_dim;
-  const size_t S = c.qk_head_dim(), KS = c.kv_head_dim(), Dv = c.v_head_dim;
-  return {Dq * D, Dq, H * S * Dq, Dq == 0 ? H * S * D : 0, (Dc + Dr) * D, Dc, H * KS * Dc, D * H * Dv};
-}
-
-template <typename T>
-MlaWeights<T> MlaParams<T>::weights() const {
-  auto p = [](const std::vector<T>& v) { return v.empty() ? nullptr : v.data(); };
-  return {p(wq_a), p(q_norm), p(wq_b), p(wq), p(wkv_a), p(kv_norm), p(wkv_b), p(wo)};
-}
-template <typename T>
-MlaGrads<T> MlaParams<T>::grads() {
-  auto p = [](std::vector<T>& v) { return v.empty() ? nullptr : v.data(); };
-  return {p(wq_a), p(q_norm), p(wq_b), p(wq), p(wkv_a), p(kv_norm), p(wkv_b), p(wo)};
-}
-template <typename T>
-std::vector<std::pair<std::string, std::vector<T>*>> MlaParams<T>::tensors() {
-  std::vector<std::pair<std::string, std::vector<T>*>> all = {
-      {"wq_a", &wq_a}, {"q_norm", &q_norm}, {"wq_b", &wq_b},   {"wq", &wq},
-      {"wkv_a", &wkv_a}, {"kv_norm", &kv_norm}, {"wkv_b", &wkv_b}, {"wo", &wo}};
-  std::vector<std::pair<std::string, std::vector<T>*>> used;
-  for (auto& t : all)
-    if (!t.second->empty()) used.push_back(t);
-  return used;
-}
-
-template <typename T>
-MlaParams<T> mla_zero_params(const MlaConfig& c) {
-  c.validate();
-  const MlaParamSizes n = mla_param_sizes(c);
-  MlaParams<T> p;
-  p.wq_a.assign(n.wq_a, T(0));
-  p.q_norm.assign(n.q_norm, T(0));
-  p.wq_b.assign(n.wq_b, T(0));
-  p.wq.assign(n.wq, T(0));
-  p.wkv_a.assign(n.wkv_a, T(0));
-  p.kv_norm.assign(n.kv_norm, T(0));
-  p.wkv_b.assign(n.wkv_b, T(0));
-  p.wo.assign(n.wo, T(0));
-  return p;
-}
-
-template <typename T>
-MlaParams<T> mla_init_params(const MlaConfig& c, uint64_t seed, bool jitter_norms) {
-  MlaParams<T> p = mla_zero_params<T>(c);
-  Rng rng(seed);
-  auto linear_init = [&](std::vector<T>& v, int fan_in) {
-    for (auto& x : v) x = static_cast<T>(rng.normal() / std::sqrt(double(fan_in)));
-  };
-  auto norm_init = [&](std::vector<T>& v) {
-    for (auto& x : v) x = static_cast<T>(jitter_norms ? 1.0 + 0.2 * rng.normal() : 1.0);
-  };
-  linear_init(p.wq_a, c.dim);
-  norm_init(p.q_norm);
-  linear_init(p.wq_b, std::max(c.q_lora_rank, 1));
-  linear_init(p.wq, c.dim);
-  linear_init(p.wkv_a, c.dim);
-  norm_init(p.kv_norm);
-  linear_init(p.wkv_b, c.kv_lora_rank);
-  linear_init(p.wo, c.n_heads * c.v_head_dim);
-  return p;
-}
-
-template struct MlaParams<float>;
-template struct MlaParams<double>;
-template MlaParams<float> mla_zero_params(const MlaConfig&);
-template MlaParams<double> mla_zero_params(const MlaConfig&);
-template MlaParams<float> mla_init_params(const MlaConfig&, uint64_t, bool);
-template MlaParams<double> mla_init_params(const MlaConfig&, uint64_t, bool);
 
 namespace {
 // Element counts of the MlaSaved fields, in declaration order.

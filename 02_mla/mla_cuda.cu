@@ -1,25 +1,17 @@
-// Stage 02, CUDA: kernels, then launchers, then the public entry points (mla.h). fp32 throughout.
-// Shapes: see the legend in mla.h. Projections go through cuBLAS (dsv3::cuda::gemm); attention uses
-// one pointer-array batched GEMM over all (sequence, head) pairs per product (gemm_bh) and simple
-// kernels for the causal softmax, its backward and the decode attention.
+// Stage 02, CUDA: kernels, then launchers, then the public entry points (mla.h). Activations fp32; every matrix
+// product at the config's matmul precision (common/gemm.h). Shapes: see the legend in mla.h. Projections go
+// through cuBLAS (dsv3::cuda::gemm); attention uses one pointer-array batched GEMM over all (sequence, head)
+// pairs per product (gemm_bh) and simple kernels for the causal softmax, its backward and the decode attention.
 #include "02_mla/mla.h"
+#include "common/cuda_kernels.cuh"
 #include "common/cuda_utils.h"
 #include "common/gemm.h"
 
 namespace dsv3::cuda {
 namespace {
 
-constexpr int kWarp = 32;
+constexpr int kWarp = kWarpSize;
 constexpr int kRowsPerBlock = 8;  // softmax kernels: one warp per row, 8 warps per block
-
-__device__ float warp_sum(float v) {
-  for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-__device__ float warp_max(float v) {
-  for (int o = kWarp / 2; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
 
 // Row r of `rows` rows of length L attends to its first `valid` entries:
 // valid = (r % Tq) + 1 + (L - Tq): causal training (Tq = L: query t sees 0..t) and decode (Tq = 1: all L).
@@ -116,19 +108,20 @@ struct BH {
   int64_t b, h;  // strides of the sequence and the head index
 };
 void gemm_bh(Op opA, Op opB, int M, int N, int K, float alpha, const float* A, int lda, BH a, const float* Bm,
-             int ldb, BH bm, float beta, float* C, int ldc, BH c, int B, int H) {
-  gemm_batched_2d(opA, opB, M, N, K, alpha, A, lda, a.b, a.h, Bm, ldb, bm.b, bm.h, beta, C, ldc, c.b, c.h, B, H);
+             int ldb, BH bm, float beta, float* C, int ldc, BH c, int B, int H, Matmul math) {
+  gemm_batched_2d(opA, opB, M, N, K, alpha, A, lda, a.b, a.h, Bm, ldb, bm.b, bm.h, beta, C, ldc, c.b, c.h, B, H,
+                  math);
 }
 
 // y (rows, out) = x (rows, in) W^T.
-void linear(float* y, const float* x, const float* W, int rows, int in, int out) {
-  gemm(Op::N, Op::T, rows, out, in, 1.f, x, in, W, in, 0.f, y, out);
+void linear(float* y, const float* x, const float* W, int rows, int in, int out, Matmul math) {
+  gemm(Op::N, Op::T, rows, out, in, 1.f, x, in, W, in, 0.f, y, out, math);
 }
 // dx (rows, in) = dy W (beta 0) or += (beta 1); dW (out, in) += dy^T x.
 void linear_backward(float* dW, float* dx, const float* dy, const float* x, const float* W, int rows, int in,
-                     int out, float beta_dx) {
-  gemm(Op::N, Op::N, rows, in, out, 1.f, dy, out, W, in, beta_dx, dx, in);
-  gemm(Op::T, Op::N, out, in, rows, 1.f, dy, out, x, in, 1.f, dW, in);
+                     int out, float beta_dx, Matmul math) {
+  gemm(Op::N, Op::N, rows, in, out, 1.f, dy, out, W, in, beta_dx, dx, in, math);
+  gemm(Op::T, Op::N, out, in, rows, 1.f, dy, out, x, in, 1.f, dW, in, math);
 }
 
 // 1) q = wq_b(q_norm(wq_a x)) or wq x;  2) [kv_lat | k_pe] = wkv_a x, c_kv = kv_norm(kv_lat)  (as the CPU).
@@ -136,18 +129,18 @@ void project_q(float* q, float* q_lat, float* q_rstd, float* q_lat_n, const floa
                const MlaConfig& c, int N) {
   const int D = c.dim, Dq = c.q_lora_rank, HS = c.n_heads * c.qk_head_dim();
   if (Dq > 0) {
-    linear(q_lat, x, w.wq_a, N, D, Dq);
+    linear(q_lat, x, w.wq_a, N, D, Dq, c.matmul);
     rmsnorm_forward(q_lat_n, q_rstd, q_lat, w.q_norm, N, Dq, c.norm_eps);
-    linear(q, q_lat_n, w.wq_b, N, Dq, HS);
+    linear(q, q_lat_n, w.wq_b, N, Dq, HS, c.matmul);
   } else {
-    linear(q, x, w.wq, N, D, HS);
+    linear(q, x, w.wq, N, D, HS, c.matmul);
   }
 }
 void project_kv(float* kv_lat, float* kv_rstd, float* c_kv, float* k_pe, const float* x, const MlaWeights<float>& w,
                 const MlaConfig& c, int N) {
   const int D = c.dim, Dc = c.kv_lora_rank, Dr = c.qk_rope_head_dim;
-  linear(kv_lat, x, w.wkv_a, N, D, Dc);
-  linear(k_pe, x, w.wkv_a + static_cast<size_t>(Dc) * D, N, D, Dr);
+  linear(kv_lat, x, w.wkv_a, N, D, Dc, c.matmul);
+  linear(k_pe, x, w.wkv_a + static_cast<size_t>(Dc) * D, N, D, Dr, c.matmul);
   rmsnorm_forward(c_kv, kv_rstd, kv_lat, w.kv_norm, N, Dc, c.norm_eps);
 }
 void rope_q_kpe(float* q, float* k_pe, const MlaConfig& c, int B, int T, int pos0, const MlaRope<float>& r,
@@ -210,16 +203,16 @@ void mla_forward(float* out, const MlaSaved<float>& s, const float* inp, const M
   project_q(s.q, s.q_lat, s.q_rstd, s.q_lat_n, inp, w, c, N);
   project_kv(s.kv_lat, s.kv_rstd, s.c_kv, s.k_pe, inp, w, c, N);
   rope_q_kpe(s.q, s.k_pe, c, B, T, pos0, rope, false);
-  linear(s.kv, s.c_kv, w.wkv_b, N, Dc, H * KS);
+  linear(s.kv, s.c_kv, w.wkv_b, N, Dc, H * KS, c.matmul);
   const int64_t TT = int64_t(T) * T;
   // per (b, h): q (T, S) rows of stride H*S; kv (T, KS) rows of stride H*KS; P (T, T); k_pe (T, Dr) shared by heads
   const BH q_bh{int64_t(T) * H * S, S}, kv_bh{int64_t(T) * H * KS, KS}, p_bh{H * TT, TT}, kpe_bh{int64_t(T) * Dr, 0},
       y_bh{int64_t(T) * H * Dv, Dv};
-  gemm_bh(Op::N, Op::T, T, T, Dn, scale, s.q, H * S, q_bh, s.kv, H * KS, kv_bh, 0.f, s.att, T, p_bh, B, H);
-  gemm_bh(Op::N, Op::T, T, T, Dr, scale, s.q + Dn, H * S, q_bh, s.k_pe, Dr, kpe_bh, 1.f, s.att, T, p_bh, B, H);
+  gemm_bh(Op::N, Op::T, T, T, Dn, scale, s.q, H * S, q_bh, s.kv, H * KS, kv_bh, 0.f, s.att, T, p_bh, B, H, c.matmul);
+  gemm_bh(Op::N, Op::T, T, T, Dr, scale, s.q + Dn, H * S, q_bh, s.k_pe, Dr, kpe_bh, 1.f, s.att, T, p_bh, B, H, c.matmul);
   launch_softmax_forward(s.att, B * H * T, T, T);
-  gemm_bh(Op::N, Op::N, T, Dv, T, 1.f, s.att, T, p_bh, s.kv + Dn, H * KS, kv_bh, 0.f, s.y, H * Dv, y_bh, B, H);
-  linear(out, s.y, w.wo, N, H * Dv, c.dim);
+  gemm_bh(Op::N, Op::N, T, Dv, T, 1.f, s.att, T, p_bh, s.kv + Dn, H * KS, kv_bh, 0.f, s.y, H * Dv, y_bh, B, H, c.matmul);
+  linear(out, s.y, w.wo, N, H * Dv, c.dim, c.matmul);
 }
 
 void mla_backward(const MlaGrads<float>& g, float* dinp, const float* dout, const MlaSaved<float>& s,
@@ -232,34 +225,34 @@ void mla_backward(const MlaGrads<float>& g, float* dinp, const float* dout, cons
   const int64_t TT = int64_t(T) * T;
   ScratchBuffer<float> dy(size_t(N) * H * Dv), dP(size_t(B) * H * TT), dq(size_t(N) * H * S),
       dkv(size_t(N) * H * KS), dk_pe(size_t(N) * Dr), dc_kv(size_t(N) * Dc), dkv_lat(size_t(N) * Dc);
-  linear_backward(g.wo, dy.get(), dout, s.y, w.wo, N, H * Dv, D, 0.f);
+  linear_backward(g.wo, dy.get(), dout, s.y, w.wo, N, H * Dv, D, 0.f, c.matmul);
   const BH q_bh{int64_t(T) * H * S, S}, kv_bh{int64_t(T) * H * KS, KS}, p_bh{H * TT, TT}, kpe_bh{int64_t(T) * Dr, 0},
       y_bh{int64_t(T) * H * Dv, Dv};
   // dP = dy_h v_h^T;  dv_h = P^T dy_h
-  gemm_bh(Op::N, Op::T, T, T, Dv, 1.f, dy.get(), H * Dv, y_bh, s.kv + Dn, H * KS, kv_bh, 0.f, dP.get(), T, p_bh, B, H);
+  gemm_bh(Op::N, Op::T, T, T, Dv, 1.f, dy.get(), H * Dv, y_bh, s.kv + Dn, H * KS, kv_bh, 0.f, dP.get(), T, p_bh, B, H, c.matmul);
   gemm_bh(Op::T, Op::N, T, Dv, T, 1.f, s.att, T, p_bh, dy.get(), H * Dv, y_bh, 0.f, dkv.get() + Dn, H * KS, kv_bh, B,
-          H);
+          H, c.matmul);
   launch_softmax_backward(dP.get(), s.att, B * H * T, T, T, scale);
   // dq_nope = dS k_nope, dq_pe = dS k_pe;  dk_nope = dS^T q_nope;  dk_pe = sum_h dS^T q_pe
-  gemm_bh(Op::N, Op::N, T, Dn, T, 1.f, dP.get(), T, p_bh, s.kv, H * KS, kv_bh, 0.f, dq.get(), H * S, q_bh, B, H);
-  gemm_bh(Op::N, Op::N, T, Dr, T, 1.f, dP.get(), T, p_bh, s.k_pe, Dr, kpe_bh, 0.f, dq.get() + Dn, H * S, q_bh, B, H);
-  gemm_bh(Op::T, Op::N, T, Dn, T, 1.f, dP.get(), T, p_bh, s.q, H * S, q_bh, 0.f, dkv.get(), H * KS, kv_bh, B, H);
+  gemm_bh(Op::N, Op::N, T, Dn, T, 1.f, dP.get(), T, p_bh, s.kv, H * KS, kv_bh, 0.f, dq.get(), H * S, q_bh, B, H, c.matmul);
+  gemm_bh(Op::N, Op::N, T, Dr, T, 1.f, dP.get(), T, p_bh, s.k_pe, Dr, kpe_bh, 0.f, dq.get() + Dn, H * S, q_bh, B, H, c.matmul);
+  gemm_bh(Op::T, Op::N, T, Dn, T, 1.f, dP.get(), T, p_bh, s.q, H * S, q_bh, 0.f, dkv.get(), H * KS, kv_bh, B, H, c.matmul);
   // the one rope key is shared by all heads: dk_pe_b = sum_h dS_bh^T q_pe_bh, heads accumulated in order
   for (int h = 0; h < H; ++h)
     gemm_strided_batched(Op::T, Op::N, T, Dr, T, 1.f, dP.get() + h * TT, T, H * TT, s.q + h * S + Dn, H * S,
-                         int64_t(T) * H * S, h ? 1.f : 0.f, dk_pe.get(), Dr, int64_t(T) * Dr, B);
+                         int64_t(T) * H * S, h ? 1.f : 0.f, dk_pe.get(), Dr, int64_t(T) * Dr, B, c.matmul);
   rope_q_kpe(dq.get(), dk_pe.get(), c, B, T, pos0, rope, true);
-  linear_backward(g.wkv_b, dc_kv.get(), dkv.get(), s.c_kv, w.wkv_b, N, Dc, H * KS, 0.f);
+  linear_backward(g.wkv_b, dc_kv.get(), dkv.get(), s.c_kv, w.wkv_b, N, Dc, H * KS, 0.f, c.matmul);
   rmsnorm_backward(g.kv_norm, dkv_lat.get(), dc_kv.get(), s.kv_rstd, s.kv_lat, w.kv_norm, N, Dc);
-  linear_backward(g.wkv_a, dinp, dkv_lat.get(), inp, w.wkv_a, N, D, Dc, 0.f);
-  linear_backward(g.wkv_a + size_t(Dc) * D, dinp, dk_pe.get(), inp, w.wkv_a + size_t(Dc) * D, N, D, Dr, 1.f);
+  linear_backward(g.wkv_a, dinp, dkv_lat.get(), inp, w.wkv_a, N, D, Dc, 0.f, c.matmul);
+  linear_backward(g.wkv_a + size_t(Dc) * D, dinp, dk_pe.get(), inp, w.wkv_a + size_t(Dc) * D, N, D, Dr, 1.f, c.matmul);
   if (Dq > 0) {
     ScratchBuffer<float> dq_lat_n(size_t(N) * Dq), dq_lat(size_t(N) * Dq);
-    linear_backward(g.wq_b, dq_lat_n.get(), dq.get(), s.q_lat_n, w.wq_b, N, Dq, H * S, 0.f);
+    linear_backward(g.wq_b, dq_lat_n.get(), dq.get(), s.q_lat_n, w.wq_b, N, Dq, H * S, 0.f, c.matmul);
     rmsnorm_backward(g.q_norm, dq_lat.get(), dq_lat_n.get(), s.q_rstd, s.q_lat, w.q_norm, N, Dq);
-    linear_backward(g.wq_a, dinp, dq_lat.get(), inp, w.wq_a, N, D, Dq, 1.f);
+    linear_backward(g.wq_a, dinp, dq_lat.get(), inp, w.wq_a, N, D, Dq, 1.f, c.matmul);
   } else {
-    linear_backward(g.wq, dinp, dq.get(), inp, w.wq, N, D, H * S, 1.f);
+    linear_backward(g.wq, dinp, dq.get(), inp, w.wq, N, D, H * S, 1.f, c.matmul);
   }
 }
 
@@ -272,13 +265,13 @@ void mla_decode_step_naive(float* out, const MlaCache<float>& cache, const float
   // expand every cached latent: kv (B, L, H, KS) = c_kv wkv_b^T (wkv_b shared: batch stride 0)
   const size_t lmax = cache.max_len;
   gemm_strided_batched(Op::N, Op::T, L, H * KS, Dc, 1.f, cache.c_kv, Dc, int64_t(lmax * Dc), w.wkv_b, Dc, 0, 0.f,
-                       kv.get(), H * KS, int64_t(L) * H * KS, B);
+                       kv.get(), H * KS, int64_t(L) * H * KS, B, c.matmul);
   const DecodeOperand k_nope{kv.get(), size_t(L) * H * KS, size_t(H) * KS, size_t(KS)};
   const DecodeOperand k_pe{cache.k_pe, lmax * Dr, size_t(Dr), 0};
   const DecodeOperand v{kv.get() + Dn, size_t(L) * H * KS, size_t(H) * KS, size_t(KS)};
   decode_attend(o.get(), q.get(), S, k_nope, Dn, q.get() + Dn, S, k_pe, Dr, v, Dv, B, H, L,
                 static_cast<float>(c.softmax_scale()));
-  linear(out, o.get(), w.wo, B, H * Dv, c.dim);
+  linear(out, o.get(), w.wo, B, H * Dv, c.dim, c.matmul);
 }
 
 void mla_decode_step_absorbed(float* out, const MlaCache<float>& cache, const float* inp,
@@ -291,7 +284,7 @@ void mla_decode_step_absorbed(float* out, const MlaCache<float>& cache, const fl
   decode_prologue(q.get(), cache, inp, w, c, B, pos, rope);
   // 1) q_abs_h (B, Dc) = q_nope_h W_uk_h, W_uk_h = wkv_b[h, :Dn, :] (Dn, Dc); batched over heads
   gemm_strided_batched(Op::N, Op::N, B, Dc, Dn, 1.f, q.get(), H * S, S, w.wkv_b, Dc, int64_t(KS) * Dc, 0.f,
-                       q_abs.get(), H * Dc, Dc, H);
+                       q_abs.get(), H * Dc, Dc, H, c.matmul);
   // 2) attend in latent space: keys c_kv and k_pe, values c_kv, all shared by the heads (h stride 0)
   const size_t lmax = cache.max_len;
   const DecodeOperand ckv{cache.c_kv, lmax * Dc, size_t(Dc), 0};
@@ -300,8 +293,8 @@ void mla_decode_step_absorbed(float* out, const MlaCache<float>& cache, const fl
                 static_cast<float>(c.softmax_scale()));
   // 3) o_h (B, Dv) = o_lat_h W_uv_h^T, W_uv_h = wkv_b[h, Dn:, :] (Dv, Dc); batched over heads
   gemm_strided_batched(Op::N, Op::T, B, Dv, Dc, 1.f, o_lat.get(), H * Dc, Dc, w.wkv_b + size_t(Dn) * Dc, Dc,
-                       int64_t(KS) * Dc, 0.f, o.get(), H * Dv, Dv, H);
-  linear(out, o.get(), w.wo, B, H * Dv, c.dim);
+                       int64_t(KS) * Dc, 0.f, o.get(), H * Dv, Dv, H, c.matmul);
+  linear(out, o.get(), w.wo, B, H * Dv, c.dim, c.matmul);
 }
 
 }  // namespace dsv3::cuda

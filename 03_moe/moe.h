@@ -23,9 +23,19 @@
 #include <utility>
 #include <vector>
 
+#include "common/gemm.h"
+#include "common/param_list.h"
+
 namespace dsv3 {
 
 enum class ScoreFunc { Sigmoid, Softmax };
+
+// How the CUDA path runs the routed experts' products (the CPU reference has one way):
+//   Grouped:   cuBLAS grouped GEMMs over the experts' slices, any matmul precision; the host reads the
+//              dispatch offsets back (one wait per layer and pass). The path checked against the CPU in fp32.
+//   Segmented: the bf16 segmented GEMMs of common/gemm.h (moe_experts_bf16.cu), which read the offsets on the
+//              device; needs matmul = BF16 and dim, moe_inter_dim multiples of 8 (MoeConfig::validate says so).
+enum class MoeExperts { Grouped, Segmented };
 
 // Named as DeepSeek-V3's ModelArgs; defaults are a small teaching size (V3: D 7168, F 2048, E 256, Es 1,
 // K 8, G 8, Lg 4, route_scale 2.5, sigmoid).
@@ -39,47 +49,78 @@ struct MoeConfig {
   int n_limited_groups = 2;
   float route_scale = 1.0f;
   ScoreFunc score_func = ScoreFunc::Sigmoid;
+  Matmul matmul = Matmul::FP32;             // the CUDA path's expert products (the router's stay fp32)
+  MoeExperts experts = MoeExperts::Grouped;  // the CUDA path's routed-expert products (below)
 
   int shared_inter_dim() const { return n_shared_experts * moe_inter_dim; }  // Fs
   int group_size() const { return n_routed_experts / n_expert_groups; }
   void validate() const;  // UserError naming the bad field
 };
 
+// Can this config run its routed experts as MoeExperts::Segmented (bf16, dim and moe_inter_dim multiples of 8)?
+// Trainers choose the path with it when they build the config; validate() refuses Segmented otherwise.
+bool segmented_experts_fit(const MoeConfig& c);
+
 // The most expert groups a token's routing keeps state for (a fixed array in the routing kernel).
 inline constexpr int kMaxExpertGroups = 64;
 
-// Parameters, PyTorch Linear layout (out_features, in_features). gate_bias may be null (= zeros).
-template <typename T>
-struct MoeWeights {
-  const T* gate_weight;  // (E, D)
-  const T* gate_bias;    // (E)      selection only: no gradient (stage 04 updates it)
-  const T* w1;           // (E, F, D) routed experts, stacked
-  const T* w2;           // (E, D, F)
-  const T* w3;           // (E, F, D)
-  const T* shared_w1;    // (Fs, D)  the shared experts as one SwiGLU MLP of width Es*F (model.py)
-  const T* shared_w2;    // (D, Fs)
-  const T* shared_w3;    // (Fs, D)
-};
-template <typename T>
-struct MoeGrads {  // same shapes as MoeWeights, no bias; accumulated (+=)
-  T *gate_weight, *w1, *w2, *w3, *shared_w1, *shared_w2, *shared_w3;
-};
+// The MoE's parameters, PyTorch Linear layout (out_features, in_features), over a tensor storage X
+// (common/param_list.h): MoeParams<T> on the host, MoeDeviceParams on the device, MoeWeights<T> / MoeGrads<T>
+// for the entry points. A null gate_bias view means zeros. MoeGrads<T>::gate_bias is always null: the bias
+// selects experts but has no gradient (stage 04 moves it).
+template <typename X>
+struct MoeTensors {
+  using Config = MoeConfig;
+  X gate_weight;  // (E, D)
+  X gate_bias;    // (E)       selection only
+  X w1;           // (E, F, D) routed experts, stacked
+  X w2;           // (E, D, F)
+  X w3;           // (E, F, D)
+  X shared_w1;    // (Fs, D)   the shared experts as one SwiGLU MLP of width Es*F (model.py)
+  X shared_w2;    // (D, Fs)
+  X shared_w3;    // (Fs, D)
 
-// Host-side owner of the parameters.
-template <typename T>
-struct MoeParams {
-  std::vector<T> gate_weight, gate_bias, w1, w2, w3, shared_w1, shared_w2, shared_w3;  // shapes as MoeWeights
-  MoeWeights<T> weights() const;
-  MoeGrads<T> grads();
-  // (name, tensor) of every parameter that has a gradient (gate_bias excluded), in MoeGrads order.
-  std::vector<std::pair<std::string, std::vector<T>*>> tensors();
+  auto weights() const { return param_list::weights(*this); }
+  auto grads() { return param_list::grads(*this); }
+  auto tensors() { return param_list::named(*this); }  // (name, tensor) of the used members with a gradient
 };
+template <typename T>
+using MoeParams = MoeTensors<std::vector<T>>;
+template <typename T>
+using MoeWeights = MoeTensors<const T*>;
+template <typename T>
+using MoeGrads = MoeTensors<T*>;  // accumulated (+=)
+
+// The one list of the MoE's parameters (common/param_list.h). Hugging Face stores one tensor per routed
+// expert ("{e}"); ours are stacked over experts.
+template <typename F, typename... S>
+void for_each_param(const MoeConfig& c, F&& f, S&&... s) {
+  const int64_t D = c.dim, F_ = c.moe_inter_dim, E = c.n_routed_experts, Fs = c.shared_inter_dim();
+  const ParamKind M = ParamKind::Matrix;
+  f(ParamInfo{"gate.weight", "mlp.gate.weight", {E, D}, M, ""}, s.gate_weight...);
+  f(ParamInfo{"gate.bias", "mlp.gate.e_score_correction_bias", {E}, ParamKind::Bias, ""}, s.gate_bias...);
+  f(ParamInfo{"experts.w1", "mlp.experts.{e}.gate_proj.weight", {E, F_, D}, M, ""}, s.w1...);
+  f(ParamInfo{"experts.w2", "mlp.experts.{e}.down_proj.weight", {E, D, F_}, M, ""}, s.w2...);
+  f(ParamInfo{"experts.w3", "mlp.experts.{e}.up_proj.weight", {E, F_, D}, M, ""}, s.w3...);
+  f(ParamInfo{"shared.w1", "mlp.shared_experts.gate_proj.weight", {Fs, D}, M, ""}, s.shared_w1...);
+  f(ParamInfo{"shared.w2", "mlp.shared_experts.down_proj.weight", {D, Fs}, M, ""}, s.shared_w2...);
+  f(ParamInfo{"shared.w3", "mlp.shared_experts.up_proj.weight", {Fs, D}, M, ""}, s.shared_w3...);
+}
+
 // Zero-filled parameters of the right sizes (gradient buffers); gate_bias zero.
 template <typename T>
-MoeParams<T> moe_zero_params(const MoeConfig& c);
+MoeParams<T> moe_zero_params(const MoeConfig& c) {
+  MoeParams<T> p;
+  param_list::zero(p, c);
+  return p;
+}
 // Linear weights ~ N(0, 1/fan_in), gate_bias 0.
 template <typename T>
-MoeParams<T> moe_init_params(const MoeConfig& c, uint64_t seed);
+MoeParams<T> moe_init_params(const MoeConfig& c, uint64_t seed) {
+  MoeParams<T> p;
+  param_list::init(p, c, seed, false);
+  return p;
+}
 
 // What the forward saves: the router's outputs (stage 04 reads scores, indices, counts), the dispatch,
 // and the activations the backward needs. Pointers into one scalar buffer of moe_saved_size() and one int
@@ -101,6 +142,10 @@ struct MoeSaved {
   int* slot_row;  // (NK)     slot -> dispatch row (inverse of perm)
 };
 size_t moe_saved_size(const MoeConfig& c, int N);
+// Saved buffers are carved into fields that each start on a 16-byte boundary of the buffer (the segmented bf16
+// expert path moves them in 16-byte vectors): a float field of n elements takes saved_field_count(n) (layouts
+// that contain an MoE's, the block's and the MTP chain's, carve the same way).
+inline size_t saved_field_count(size_t n) { return (n + 3) / 4 * 4; }
 size_t moe_saved_int_size(const MoeConfig& c, int N);
 template <typename T>
 MoeSaved<T> moe_saved_layout(T* base, int* ibase, const MoeConfig& c, int N);
@@ -129,28 +174,52 @@ using NoDeduce = typename std::common_type<T>::type;
 // A dense SwiGLU MLP (model.py class MLP): out = (silu(x w1^T) * (x w3^T)) w2^T. The full model's first
 // first_k_dense_replace layers and dense MTP blocks use it; MoE's experts are the same function.
 // F is the hidden width (ModelArgs inter_dim).
-template <typename T>
-struct MlpWeights {
-  const T* w1;  // (F, D)
-  const T* w2;  // (D, F)
-  const T* w3;  // (F, D)
+struct MlpConfig {
+  int dim = 0;                   // D
+  int inter_dim = 0;             // F
+  Matmul matmul = Matmul::FP32;  // the CUDA path's products
+  void validate() const;         // UserError naming the bad field
+};
+void validate_mlp_call(const MlpConfig& c, int N);
+template <typename X>
+struct MlpTensors {
+  using Config = MlpConfig;
+  X w1;  // (F, D)  gate
+  X w2;  // (D, F)  down
+  X w3;  // (F, D)  up
+
+  auto weights() const { return param_list::weights(*this); }
+  auto grads() { return param_list::grads(*this); }
+  auto tensors() { return param_list::named(*this); }
 };
 template <typename T>
-struct MlpGrads {  // same shapes; accumulated (+=)
-  T *w1, *w2, *w3;
-};
+using MlpParams = MlpTensors<std::vector<T>>;
 template <typename T>
-struct MlpParams {
-  std::vector<T> w1, w2, w3;  // shapes as MlpWeights
-  MlpWeights<T> weights() const { return {w1.data(), w2.data(), w3.data()}; }
-  MlpGrads<T> grads() { return {w1.data(), w2.data(), w3.data()}; }
-  std::vector<std::pair<std::string, std::vector<T>*>> tensors() { return {{"w1", &w1}, {"w2", &w2}, {"w3", &w3}}; }
-};
+using MlpWeights = MlpTensors<const T*>;
 template <typename T>
-MlpParams<T> mlp_zero_params(int D, int F);
+using MlpGrads = MlpTensors<T*>;  // accumulated (+=)
+
+// The one list of the MLP's parameters: gate, up, down (Hugging Face's order, and the order of their draws).
+template <typename F, typename... S>
+void for_each_param(const MlpConfig& c, F&& f, S&&... s) {
+  const int64_t D = c.dim, F_ = c.inter_dim;
+  f(ParamInfo{"w1", "mlp.gate_proj.weight", {F_, D}, ParamKind::Matrix, ""}, s.w1...);
+  f(ParamInfo{"w3", "mlp.up_proj.weight", {F_, D}, ParamKind::Matrix, ""}, s.w3...);
+  f(ParamInfo{"w2", "mlp.down_proj.weight", {D, F_}, ParamKind::Matrix, ""}, s.w2...);
+}
+template <typename T>
+MlpParams<T> mlp_zero_params(const MlpConfig& c) {
+  MlpParams<T> p;
+  param_list::zero(p, c);
+  return p;
+}
 // Linear weights ~ N(0, 1/fan_in), as moe_init_params.
 template <typename T>
-MlpParams<T> mlp_init_params(int D, int F, uint64_t seed);
+MlpParams<T> mlp_init_params(const MlpConfig& c, uint64_t seed) {
+  MlpParams<T> p;
+  param_list::init(p, c, seed, false);
+  return p;
+}
 
 namespace cpu {
 
@@ -171,11 +240,11 @@ void moe_forward_dense(T* out, const T* inp, const MoeWeights<T>& w, const MoeCo
 
 // Dense MLP on N rows: out (N, D); saves h1 = x w1^T and h3 = x w3^T, each (N, F).
 template <typename T>
-void mlp_forward(T* out, T* h1, T* h3, const T* inp, const MlpWeights<T>& w, int D, int F, int N);
+void mlp_forward(T* out, T* h1, T* h3, const T* inp, const MlpWeights<T>& w, const MlpConfig& c, int N);
 // grads += d loss / d w;  dinp (N, D) = d loss / d inp.
 template <typename T>
 void mlp_backward(const MlpGrads<T>& grads, T* dinp, const T* dout, const T* h1, const T* h3, const T* inp,
-                  const MlpWeights<T>& w, int D, int F, int N);
+                  const MlpWeights<T>& w, const MlpConfig& c, int N);
 
 }  // namespace cpu
 
@@ -186,9 +255,10 @@ void moe_forward(float* out, const MoeSaved<float>& saved, const float* inp, con
 void moe_backward(const MoeGrads<float>& grads, float* dinp, const float* dout, const float* dscores_extra,
                   const MoeSaved<float>& saved, const float* inp, const MoeWeights<float>& w, const MoeConfig& c,
                   int N);
-void mlp_forward(float* out, float* h1, float* h3, const float* inp, const MlpWeights<float>& w, int D, int F, int N);
+void mlp_forward(float* out, float* h1, float* h3, const float* inp, const MlpWeights<float>& w, const MlpConfig& c,
+                 int N);
 void mlp_backward(const MlpGrads<float>& grads, float* dinp, const float* dout, const float* h1, const float* h3,
-                  const float* inp, const MlpWeights<float>& w, int D, int F, int N);
+                  const float* inp, const MlpWeights<float>& w, const MlpConfig& c, int N);
 
 }  // namespace cuda
 }  // namespace dsv3

@@ -5,7 +5,7 @@
 #include "03_moe/moe.h"
 #include "03_moe/moe_route.h"
 #include "common/errors.h"
-#include "common/gemm.h"
+#include "common/gemm_cpu.h"
 #include "common/rng.h"
 
 namespace dsv3 {
@@ -31,6 +31,21 @@ void MoeConfig::validate() const {
           "n_activated_experts = {} exceeds the {} experts of the n_limited_groups = {} kept groups",
           n_activated_experts, group_size() * n_limited_groups, n_limited_groups);
   require(route_scale > 0.f && std::isfinite(route_scale), "route_scale must be positive, got {}", route_scale);
+  if (experts == MoeExperts::Segmented) {
+    require(matmul == Matmul::BF16, "experts = Segmented runs bf16 products only: it needs matmul = BF16, got {} "
+            "(use MoeExperts::Grouped)", matmul_name(matmul));
+    require(dim % 8 == 0 && moe_inter_dim % 8 == 0, "experts = Segmented needs dim and moe_inter_dim multiples of "
+            "8 (its tiles load 8 bf16 at a time), got {} and {} (use MoeExperts::Grouped)", dim, moe_inter_dim);
+  }
+}
+
+void validate_mlp_call(const MlpConfig& c, int N) {
+  c.validate();
+  require(N >= 0, "mlp: number of tokens N must be >= 0, got {}", N);
+}
+
+bool segmented_experts_fit(const MoeConfig& c) {
+  return c.matmul == Matmul::BF16 && c.dim % 8 == 0 && c.moe_inter_dim % 8 == 0;
 }
 
 void validate_moe_call(const MoeConfig& c, int N) {
@@ -38,59 +53,16 @@ void validate_moe_call(const MoeConfig& c, int N) {
   require(N >= 0, "moe: number of tokens N must be >= 0, got {}", N);
 }
 
-template <typename T>
-MoeWeights<T> MoeParams<T>::weights() const {
-  auto p = [](const std::vector<T>& v) { return v.empty() ? nullptr : v.data(); };
-  return {p(gate_weight), p(gate_bias), p(w1), p(w2), p(w3), p(shared_w1), p(shared_w2), p(shared_w3)};
-}
-template <typename T>
-MoeGrads<T> MoeParams<T>::grads() {
-  auto p = [](std::vector<T>& v) { return v.empty() ? nullptr : v.data(); };
-  return {p(gate_weight), p(w1), p(w2), p(w3), p(shared_w1), p(shared_w2), p(shared_w3)};
-}
-template <typename T>
-std::vector<std::pair<std::string, std::vector<T>*>> MoeParams<T>::tensors() {
-  return {{"gate.weight", &gate_weight}, {"experts.w1", &w1},       {"experts.w2", &w2},
-          {"experts.w3", &w3},           {"shared.w1", &shared_w1}, {"shared.w2", &shared_w2},
-          {"shared.w3", &shared_w3}};
-}
-
-template <typename T>
-MoeParams<T> moe_zero_params(const MoeConfig& c) {
-  c.validate();
-  const size_t D = c.dim, F = c.moe_inter_dim, E = c.n_routed_experts, Fs = c.shared_inter_dim();
-  MoeParams<T> p;
-  p.gate_weight.assign(E * D, T(0));
-  p.gate_bias.assign(E, T(0));
-  p.w1.assign(E * F * D, T(0));
-  p.w2.assign(E * D * F, T(0));
-  p.w3.assign(E * F * D, T(0));
-  p.shared_w1.assign(Fs * D, T(0));
-  p.shared_w2.assign(D * Fs, T(0));
-  p.shared_w3.assign(Fs * D, T(0));
-  return p;
-}
-
-template <typename T>
-MoeParams<T> moe_init_params(const MoeConfig& c, uint64_t seed) {
-  MoeParams<T> p = moe_zero_params<T>(c);
-  Rng rng(seed);
-  auto fill = [&](std::vector<T>& v, int fan_in) {
-    for (auto& x : v) x = static_cast<T>(rng.normal() / std::sqrt(double(fan_in)));
-  };
-  fill(p.gate_weight, c.dim);
-  fill(p.w1, c.dim);
-  fill(p.w2, c.moe_inter_dim);
-  fill(p.w3, c.dim);
-  fill(p.shared_w1, c.dim);
-  fill(p.shared_w2, std::max(1, c.shared_inter_dim()));
-  fill(p.shared_w3, c.dim);
-  return p;
+void MlpConfig::validate() const {
+  require(dim > 0, "MlpConfig.dim must be positive, got {}", dim);
+  require(inter_dim > 0, "MlpConfig.inter_dim must be positive, got {}", inter_dim);
 }
 
 size_t moe_saved_size(const MoeConfig& c, int N) {
-  const size_t n = N, E = c.n_routed_experts, K = c.n_activated_experts, F = c.moe_inter_dim, D = c.dim;
-  return 2 * n * E + n * K + 2 * n * K * F + n * K * D + 2 * n * c.shared_inter_dim();
+  const size_t n = N, E = c.n_routed_experts, K = c.n_activated_experts, F = c.moe_inter_dim, D = c.dim,
+               Fs = c.shared_inter_dim();
+  return 2 * saved_field_count(n * E) + saved_field_count(n * K) + 2 * saved_field_count(n * K * F) +
+         saved_field_count(n * K * D) + 2 * saved_field_count(n * Fs);
 }
 size_t moe_saved_int_size(const MoeConfig& c, int N) {
   const size_t n = N, E = c.n_routed_experts, K = c.n_activated_experts;
@@ -102,7 +74,7 @@ MoeSaved<T> moe_saved_layout(T* base, int* ibase, const MoeConfig& c, int N) {
   const size_t n = N, E = c.n_routed_experts, K = c.n_activated_experts, F = c.moe_inter_dim, D = c.dim,
                Fs = c.shared_inter_dim();
   MoeSaved<T> s;
-  auto take = [&](size_t count) { T* p = base; base += count; return p; };
+  auto take = [&](size_t count) { T* p = base; base += saved_field_count(count); return p; };
   auto take_i = [&](size_t count) { int* p = ibase; ibase += count; return p; };
   s.scores = take(n * E);
   s.sel = take(n * E);
@@ -309,16 +281,16 @@ void moe_forward_dense(T* out, const T* inp, const MoeWeights<T>& w, const MoeCo
 }
 
 template <typename T>
-void mlp_forward(T* out, T* h1, T* h3, const T* inp, const MlpWeights<T>& w, int D, int F, int N) {
-  require(D > 0 && F > 0 && N >= 0, "mlp: need dim > 0, inter_dim > 0, N >= 0 (got {}, {}, {})", D, F, N);
-  ffn_forward(out, h1, h3, inp, w.w1, w.w2, w.w3, N, D, F);
+void mlp_forward(T* out, T* h1, T* h3, const T* inp, const MlpWeights<T>& w, const MlpConfig& c, int N) {
+  validate_mlp_call(c, N);
+  ffn_forward(out, h1, h3, inp, w.w1, w.w2, w.w3, N, c.dim, c.inter_dim);
 }
 
 template <typename T>
 void mlp_backward(const MlpGrads<T>& g, T* dinp, const T* dout, const T* h1, const T* h3, const T* inp,
-                  const MlpWeights<T>& w, int D, int F, int N) {
-  require(D > 0 && F > 0 && N >= 0, "mlp: need dim > 0, inter_dim > 0, N >= 0 (got {}, {}, {})", D, F, N);
-  ffn_backward(g.w1, g.w2, g.w3, dinp, dout, h1, h3, inp, w.w1, w.w2, w.w3, N, D, F);
+                  const MlpWeights<T>& w, const MlpConfig& c, int N) {
+  validate_mlp_call(c, N);
+  ffn_backward(g.w1, g.w2, g.w3, dinp, dout, h1, h3, inp, w.w1, w.w2, w.w3, N, c.dim, c.inter_dim);
 }
 
 #define DSV3_INSTANTIATE(T)                                                                                   \
@@ -326,42 +298,15 @@ void mlp_backward(const MlpGrads<T>& g, T* dinp, const T* dout, const T* h1, con
   template void moe_backward<T>(const MoeGrads<T>&, T*, const T*, const T*, const MoeSaved<T>&, const T*,     \
                                 const MoeWeights<T>&, const MoeConfig&, int);                                 \
   template void moe_forward_dense<T>(T*, const T*, const MoeWeights<T>&, const MoeConfig&, int); \
-  template void mlp_forward<T>(T*, T*, T*, const T*, const MlpWeights<T>&, int, int, int);                  \
+  template void mlp_forward<T>(T*, T*, T*, const T*, const MlpWeights<T>&, const MlpConfig&, int);          \
   template void mlp_backward<T>(const MlpGrads<T>&, T*, const T*, const T*, const T*, const T*,               \
-                                const MlpWeights<T>&, int, int, int);
+                                const MlpWeights<T>&, const MlpConfig&, int);
 DSV3_INSTANTIATE(float)
 DSV3_INSTANTIATE(double)
 #undef DSV3_INSTANTIATE
 
 }  // namespace cpu
 
-template struct MoeParams<float>;
-template struct MoeParams<double>;
-template MoeParams<float> moe_zero_params<float>(const MoeConfig&);
-template MoeParams<double> moe_zero_params<double>(const MoeConfig&);
-template MoeParams<float> moe_init_params<float>(const MoeConfig&, uint64_t);
-template MoeParams<double> moe_init_params<double>(const MoeConfig&, uint64_t);
-template <typename T>
-MlpParams<T> mlp_zero_params(int D, int F) {
-  MlpParams<T> p;
-  p.w1.assign(size_t(F) * D, T(0));
-  p.w2.assign(size_t(D) * F, T(0));
-  p.w3.assign(size_t(F) * D, T(0));
-  return p;
-}
-template <typename T>
-MlpParams<T> mlp_init_params(int D, int F, uint64_t seed) {
-  MlpParams<T> p = mlp_zero_params<T>(D, F);
-  Rng rng(seed);
-  for (auto* v : {&p.w1, &p.w3})
-    for (auto& x : *v) x = static_cast<T>(rng.normal() / std::sqrt(double(D)));
-  for (auto& x : p.w2) x = static_cast<T>(rng.normal() / std::sqrt(double(F)));
-  return p;
-}
-template MlpParams<float> mlp_zero_params<float>(int, int);
-template MlpParams<double> mlp_zero_params<double>(int, int);
-template MlpParams<float> mlp_init_params<float>(int, int, uint64_t);
-template MlpParams<double> mlp_init_params<double>(int, int, uint64_t);
 template MoeSaved<float> moe_saved_layout<float>(float*, int*, const MoeConfig&, int);
 template MoeSaved<double> moe_saved_layout<double>(double*, int*, const MoeConfig&, int);
 

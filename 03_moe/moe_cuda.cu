@@ -1,6 +1,7 @@
-// Stage 03, CUDA: kernels, then launchers, then the public entry points (moe.h). fp32 throughout, except the bf16
-// operands of the segmented expert products under bf16 math (see use_segmented).
-// Shapes: see the legend in moe.h.
+// Stage 03, CUDA: kernels, then launchers, then the public entry points (moe.h): the router, the dispatch and
+// the grouped cuBLAS expert path (MoeExperts::Grouped), at the config's matmul precision (the router's products
+// in fp32 always). The segmented bf16 expert path (MoeExperts::Segmented) is moe_experts_bf16.cu; the kernels
+// both use are moe_kernels.cuh. Shapes: see the legend in moe.h.
 //
 // Dispatch on the device, no host loop over tokens:
 //   gate GEMM -> route_kernel (one thread per token: scores, group limit, top-K, weights)
@@ -8,27 +9,20 @@
 //   expert: rows within an expert in (token, k) order = perm)
 //   -> gather rows -> grouped cuBLAS GEMMs over the experts' contiguous slices (after one copy of the E+1
 //   offsets to the host) -> combine_kernel (per token, fixed k order: deterministic).
-// Under bf16 math the experts' products are segmented bf16 GEMMs that read the offsets on the device instead
-// (no host copy; see use_segmented below).
+// MoeExperts::Segmented replaces the gather and the grouped GEMMs by segmented bf16 GEMMs that read the
+// offsets on the device (no host copy): moe_experts_bf16.cu.
 #include <cstdint>
-#include <cstdlib>
-#include <initializer_list>
-#include <string>
 #include <vector>
 
-#include <cuda_bf16.h>
-
 #include "03_moe/moe.h"
+#include "03_moe/moe_experts_bf16.h"
+#include "03_moe/moe_kernels.cuh"
 #include "03_moe/moe_route.h"
-#include "common/cuda_kernels.cuh"
-#include "common/cuda_utils.h"
 #include "common/errors.h"
 #include "common/gemm.h"
 
 namespace dsv3::cuda {
 namespace {
-
-constexpr int kThreads = 256;
 
 // ---- kernels ------------------------------------------------------------------------------------
 
@@ -50,7 +44,6 @@ __global__ void route_kernel(float* scores, float* sel, int* indices, float* wei
 //                         routed to e in blocks before b
 //   place_kernel:        row of slot i = block_base[b, e] + #slots to e in earlier warps of b + earlier lanes
 // so rows within an expert follow (token, k) order, as on the CPU: integer counts only, deterministic.
-constexpr int kWarpsPerBlock = kThreads / kWarpSize;
 
 // Fills wcnt (kWarpsPerBlock x E, shared) with the per-warp counts of block b's slots; returns this lane's
 // expert (-1 past NK) and the mask of lanes of its warp routed to the same expert.
@@ -148,41 +141,6 @@ __global__ void gather_kernel(V* xp, const V* inp, const int* perm, int NK, int 
   xp[idx] = inp[static_cast<size_t>(perm[r] / K) * D + d];
 }
 
-__device__ __forceinline__ float sigmoidf(float x) { return 1.f / (1.f + expf(-x)); }
-
-// Outputs that feed only the segmented bf16 products are stored as bf16 (T = __nv_bfloat16), else fp32.
-__device__ __forceinline__ void put(float* p, float v) { *p = v; }
-__device__ __forceinline__ void put(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-
-// a = silu(h1) * h3
-template <typename T>
-__global__ void swiglu_kernel(T* a, const float* h1, const float* h3, size_t n) {
-  const size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  put(a + i, h1[i] * sigmoidf(h1[i]) * h3[i]);
-}
-
-// dh1 = da * h3 * silu'(h1), dh3 = da * silu(h1);  silu'(x) = sig (1 + x (1 - sig))
-template <typename T>
-__global__ void swiglu_backward_kernel(T* dh1, T* dh3, const float* da, const float* h1, const float* h3,
-                                       size_t n) {
-  const size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  const float x = h1[i], sg = sigmoidf(x);
-  put(dh1 + i, da[i] * h3[i] * sg * (1.f + x * (1.f - sg)));
-  put(dh3 + i, da[i] * x * sg);
-}
-
-// xp (NK, D) in bf16 from fp32 inp: as gather_kernel, four elements (16 bytes in, 8 out) per thread; D4 = D / 4.
-__global__ void gather_bf16_kernel(uint2* xp, const float4* inp, const int* perm, int NK, int K, int D4) {
-  const size_t idx = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= static_cast<size_t>(NK) * D4) return;
-  const size_t r = idx / D4, d = idx % D4;
-  const float4 v = inp[static_cast<size_t>(perm[r] / K) * D4 + d];
-  const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
-  xp[idx] = make_uint2(*reinterpret_cast<const unsigned*>(&lo), *reinterpret_cast<const unsigned*>(&hi));
-}
-
 // out[n, d] += sum_k (w[n,k] *) rows[slot_row[n*K+k], d], k in order. weights null: plain sum.
 __global__ void combine_kernel(float* out, const float* rows, const float* weights, const int* slot_row, int N,
                                int K, int D) {
@@ -196,25 +154,6 @@ __global__ void combine_kernel(float* out, const float* rows, const float* weigh
     acc += weights ? weights[i] * v : v;
   }
   out[idx] = acc;
-}
-
-// One warp per slot i = n*K+k, r = slot_row[i]: dw[i] = dout_n . eo_r;  deo_r = w[i] * dout_n.
-template <typename T>
-__global__ void combine_backward_kernel(float* dw, T* deo, const float* dout, const float* eo,
-                                        const float* weights, const int* slot_row, int NK, int K, int D) {
-  const int i = blockIdx.x * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  if (i >= NK) return;
-  const size_t r = slot_row[i];
-  const float* dy = dout + static_cast<size_t>(i / K) * D;
-  const float wi = weights[i];
-  float acc = 0.f;
-  for (int d = lane; d < D; d += kWarpSize) {
-    acc += dy[d] * eo[r * D + d];
-    put(deo + r * D + d, wi * dy[d]);
-  }
-  acc = warp_sum(acc);
-  if (lane == 0) dw[i] = acc;
 }
 
 // One thread per token: dlogits (N, E) from dw (N, K) through the normalisation and sigmoid/softmax.
@@ -233,13 +172,6 @@ __global__ void gate_backward_kernel(float* dlogits, const float* dw, const floa
 
 // ---- launchers ----------------------------------------------------------------------------------
 
-template <typename T>
-void launch_swiglu(T* a, const float* h1, const float* h3, size_t n) {
-  if (n == 0) return;
-  swiglu_kernel<<<blocks_for(n, kThreads), kThreads>>>(a, h1, h3, n);
-  CUDA_CHECK_LAST();
-}
-
 void launch_combine(float* out, const float* rows, const float* weights, const int* slot_row, int N, int K, int D) {
   const size_t n = static_cast<size_t>(N) * D;
   combine_kernel<<<blocks_for(n, kThreads), kThreads>>>(out, rows, weights, slot_row, N, K, D);
@@ -248,12 +180,12 @@ void launch_combine(float* out, const float* rows, const float* weights, const i
 
 // One SwiGLU FFN on `rows` rows (a: (rows, F) scratch): h1 = x W1^T, h3 = x W3^T, y = (silu(h1) h3) W2^T.
 void ffn_forward(float* y, float* h1, float* h3, float* a, const float* x, const float* W1, const float* W2,
-                 const float* W3, int rows, int D, int F) {
+                 const float* W3, int rows, int D, int F, Matmul math) {
   if (rows == 0) return;
-  gemm(Op::N, Op::T, rows, F, D, 1.f, x, W1, 0.f, h1);
-  gemm(Op::N, Op::T, rows, F, D, 1.f, x, W3, 0.f, h3);
+  gemm(Op::N, Op::T, rows, F, D, 1.f, x, W1, 0.f, h1, math);
+  gemm(Op::N, Op::T, rows, F, D, 1.f, x, W3, 0.f, h3, math);
   launch_swiglu(a, h1, h3, static_cast<size_t>(rows) * F);
-  gemm(Op::N, Op::T, rows, D, F, 1.f, a, W2, 0.f, y);
+  gemm(Op::N, Op::T, rows, D, F, 1.f, a, W2, 0.f, y, math);
 }
 
 // Scratch of one FFN backward, each (rows, F).
@@ -264,18 +196,18 @@ struct FfnScratch {
 // dW1/dW2/dW3 += ...;  dx (rows, D) = dh1 W1 + dh3 W3.
 void ffn_backward(float* dW1, float* dW2, float* dW3, float* dx, const float* dy, const float* h1, const float* h3,
                   const float* x, const float* W1, const float* W2, const float* W3, int rows, int D, int F,
-                  const FfnScratch& s) {
+                  const FfnScratch& s, Matmul math) {
   if (rows == 0) return;
   const size_t n = static_cast<size_t>(rows) * F;
   launch_swiglu(s.a, h1, h3, n);
-  gemm(Op::N, Op::N, rows, F, D, 1.f, dy, W2, 0.f, s.da);   // da = dy W2
-  gemm(Op::T, Op::N, D, F, rows, 1.f, dy, s.a, 1.f, dW2);   // dW2 += dy^T a
+  gemm(Op::N, Op::N, rows, F, D, 1.f, dy, W2, 0.f, s.da, math);   // da = dy W2
+  gemm(Op::T, Op::N, D, F, rows, 1.f, dy, s.a, 1.f, dW2, math);   // dW2 += dy^T a
   swiglu_backward_kernel<<<blocks_for(n, kThreads), kThreads>>>(s.dh1, s.dh3, s.da, h1, h3, n);
   CUDA_CHECK_LAST();
-  gemm(Op::T, Op::N, F, D, rows, 1.f, s.dh1, x, 1.f, dW1);
-  gemm(Op::T, Op::N, F, D, rows, 1.f, s.dh3, x, 1.f, dW3);
-  gemm(Op::N, Op::N, rows, D, F, 1.f, s.dh1, W1, 0.f, dx);
-  gemm(Op::N, Op::N, rows, D, F, 1.f, s.dh3, W3, 1.f, dx);
+  gemm(Op::T, Op::N, F, D, rows, 1.f, s.dh1, x, 1.f, dW1, math);
+  gemm(Op::T, Op::N, F, D, rows, 1.f, s.dh3, x, 1.f, dW3, math);
+  gemm(Op::N, Op::N, rows, D, F, 1.f, s.dh1, W1, 0.f, dx, math);
+  gemm(Op::N, Op::N, rows, D, F, 1.f, s.dh3, W3, 1.f, dx, math);
 }
 
 // The E+1 dispatch offsets on the host: the one device->host copy per layer call (synchronises).
@@ -288,7 +220,7 @@ std::vector<int> host_offsets(const int* offsets, int E) {
 // Every routed expert's SwiGLU FFN at once: expert e owns rows off[e]..off[e+1] of xp (gathered tokens, D wide),
 // h1/h3/a (F wide) and eo (D wide). Each product is one grouped cuBLAS call over the experts.
 void routed_ffn_forward(float* eo, float* h1, float* h3, float* a, const float* xp, const MoeWeights<float>& w,
-                        const std::vector<int>& off, int D, int F) {
+                        const std::vector<int>& off, int D, int F, Matmul math) {
   const int E = static_cast<int>(off.size()) - 1;
   const size_t FD = static_cast<size_t>(F) * D;
   std::vector<GemmProblem> p1, p3, p2;
@@ -303,18 +235,16 @@ void routed_ffn_forward(float* eo, float* h1, float* h3, float* a, const float* 
   const int i1 = g.add(Op::N, Op::T, 1.f, 0.f, p1), i3 = g.add(Op::N, Op::T, 1.f, 0.f, p3),
             i2 = g.add(Op::N, Op::T, 1.f, 0.f, p2);
   g.upload();
-  g.run(i1);
-  g.run(i3);
+  g.run(i1, math);
+  g.run(i3, math);
   launch_swiglu(a, h1, h3, static_cast<size_t>(off[E]) * F);
-  g.run(i2);
+  g.run(i2, math);
 }
 
 // The backward of routed_ffn_forward for every expert: weight gradients accumulated (+=), dxp overwritten.
-// The weight-gradient products are left running on side streams: the caller joins them (gemm_concurrent_join)
-// before freeing or overwriting their inputs.
 void routed_ffn_backward(const MoeGrads<float>& grads, float* dxp, const float* deo, const float* h1, const float* h3,
                          const float* xp, const MoeWeights<float>& w, const std::vector<int>& off, int D, int F,
-                         const FfnScratch& s) {
+                         const FfnScratch& s, Matmul math) {
   const int E = static_cast<int>(off.size()) - 1;
   const size_t FD = static_cast<size_t>(F) * D, n = static_cast<size_t>(off[E]) * F;
   std::vector<GemmProblem> da, dw, dx1, dx3;
@@ -333,97 +263,17 @@ void routed_ffn_backward(const MoeGrads<float>& grads, float* dxp, const float* 
             idx3 = g.add(Op::N, Op::N, 1.f, 1.f, dx3);
   g.upload();
   launch_swiglu(s.a, h1, h3, n);
-  g.run(ida);
+  g.run(ida, math);
   swiglu_backward_kernel<<<blocks_for(n, kThreads), kThreads>>>(s.dh1, s.dh3, s.da, h1, h3, n);
   CUDA_CHECK_LAST();
   // The weight gradients (small outputs, long inner dimension = the expert's token count) run as one cuBLAS
   // GEMM per expert, four streams side by side, overlapping the input-gradient products below: cuBLAS picks
   // split-K kernels for that shape, which its grouped call does not (measured on an H100, small preset: 6.5 ms
-  // per layer grouped).
-  gemm_concurrent(Op::T, Op::N, 1.f, 1.f, dw, /*join=*/false);
-  g.run(idx1);
-  g.run(idx3);
-}
-
-// Under GemmMath::BF16 the routed experts' products run as segmented GEMMs (common/gemm.h) that read the
-// dispatch offsets on the device: no copy of them to the host, so the host never waits in a layer, and all
-// experts' weight gradients are one launch. Their operands are bf16: the gathered tokens, the SwiGLU
-// activations and the gradients that feed only these products are written as bf16 by the kernels that make
-// them, and the experts' weights are rounded to bf16 copies at each call (the fp32 weights stay the masters).
-// Other maths keep the grouped cuBLAS path above (FP32 is the one checked against the CPU).
-// DSV3_MOE_CUBLAS=1 in the environment keeps the cuBLAS path under BF16 too, to compare the two.
-using bf16 = __nv_bfloat16;
-uint16_t* bits(bf16* p) { return reinterpret_cast<uint16_t*>(p); }
-
-// The fp32 buffers the segmented path reads as float4 or writes as C rows must be 16-byte aligned (the weight
-// gradients and layer buffers of a model sit in one flat buffer, so theirs depend on the sizes before them).
-bool use_segmented(int D, int F, std::initializer_list<const void*> pointers) {
-  static const bool forced_cublas = [] {
-    const char* v = std::getenv("DSV3_MOE_CUBLAS");
-    return v != nullptr && std::string(v) == "1";
-  }();
-  if (scoped_gemm_math() != GemmMath::BF16 || forced_cublas || D % 8 != 0 || F % 8 != 0) return false;
-  for (const void* p : pointers)
-    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
-  return true;
-}
-
-// bf16 copies of an MoE's routed weights into wb (3 E F D): w1 at 0, w3 at E F D, w2 at 2 E F D.
-void expert_weights_bf16(bf16* wb, const MoeWeights<float>& w, int E, int D, int F) {
-  const size_t n = static_cast<size_t>(E) * F * D;
-  to_bf16(bits(wb), w.w1, n);
-  to_bf16(bits(wb + n), w.w3, n);
-  to_bf16(bits(wb + 2 * n), w.w2, n);
-}
-
-void gather_bf16(bf16* xp, const float* inp, const int* perm, int NK, int K, int D) {
-  const size_t n = static_cast<size_t>(NK) * (D / 4);
-  gather_bf16_kernel<<<blocks_for(n, kThreads), kThreads>>>(reinterpret_cast<uint2*>(xp),
-                                                            reinterpret_cast<const float4*>(inp), perm, NK, K, D / 4);
-  CUDA_CHECK_LAST();
-}
-
-// routed_ffn_forward on the segmented path: eo, h1, h3 (fp32, saved) from inp gathered by perm.
-void routed_ffn_forward_segmented(float* eo, float* h1, float* h3, const float* inp, const int* perm,
-                                  const MoeWeights<float>& w, const int* off, int E, int K, int NK, int D, int F) {
-  const int64_t FD = static_cast<int64_t>(F) * D, n = static_cast<int64_t>(E) * FD;
-  ScratchBuffer<bf16> wb(3 * n), xb(static_cast<size_t>(NK) * D), ab(static_cast<size_t>(NK) * F);
-  expert_weights_bf16(wb.get(), w, E, D, F);
-  gather_bf16(xb.get(), inp, perm, NK, K, D);
-  const uint16_t *x = bits(xb.get()), *w1 = bits(wb.get()), *w3 = w1 + n, *w2 = w1 + 2 * n;
-  segmented_gemm_rows(Op::T, 1.f, 0.f, {{0, F, D, x, D, w1, D, h1, F, FD, 0}, {0, F, D, x, D, w3, D, h3, F, FD, 0}},
-                      off, E, NK);
-  launch_swiglu(ab.get(), h1, h3, static_cast<size_t>(NK) * F);
-  segmented_gemm_rows(Op::T, 1.f, 0.f, {{0, D, F, bits(ab.get()), F, w2, F, eo, D, FD, 0}}, off, E, NK);
-}
-
-// routed_ffn_backward on the segmented path, from dout itself: dw (NK) and dxp (NK, D) overwritten, the
-// experts' weight gradients accumulated (+=).
-void routed_ffn_backward_segmented(const MoeGrads<float>& grads, float* dw, float* dxp, const float* dout,
-                                   const MoeSaved<float>& sv, const float* inp, const MoeWeights<float>& w, int E,
-                                   int K, int NK, int D, int F) {
-  const int64_t FD = static_cast<int64_t>(F) * D, n = static_cast<int64_t>(E) * FD;
-  const size_t nd = static_cast<size_t>(NK) * D, nf = static_cast<size_t>(NK) * F;
-  ScratchBuffer<bf16> deo(nd), xb(nd), ab(nf), dh1(nf), dh3(nf), wb(3 * n);
-  ScratchBuffer<float> da(nf);
-  combine_backward_kernel<<<blocks_for(NK, kWarpsPerBlock), kThreads>>>(dw, deo.get(), dout, sv.eo, sv.weights,
-                                                                        sv.slot_row, NK, K, D);
-  CUDA_CHECK_LAST();
-  gather_bf16(xb.get(), inp, sv.perm, NK, K, D);
-  expert_weights_bf16(wb.get(), w, E, D, F);
-  const uint16_t *w1 = bits(wb.get()), *w3 = w1 + n, *w2 = w1 + 2 * n;
-  launch_swiglu(ab.get(), sv.h1, sv.h3, nf);
-  const int* off = sv.offsets;
-  segmented_gemm_rows(Op::N, 1.f, 0.f, {{0, F, D, bits(deo.get()), D, w2, F, da.get(), F, FD, 0}}, off, E, NK);
-  swiglu_backward_kernel<<<blocks_for(nf, kThreads), kThreads>>>(dh1.get(), dh3.get(), da.get(), sv.h1, sv.h3, nf);
-  CUDA_CHECK_LAST();
-  segmented_gemm_tn(1.f, 1.f,
-                    {{D, F, 0, bits(deo.get()), D, bits(ab.get()), F, grads.w2, F, 0, FD},   // dW2 += dy^T a
-                     {F, D, 0, bits(dh1.get()), F, bits(xb.get()), D, grads.w1, D, 0, FD},   // dW1 += dh1^T x
-                     {F, D, 0, bits(dh3.get()), F, bits(xb.get()), D, grads.w3, D, 0, FD}},  // dW3 += dh3^T x
-                    off, E);
-  segmented_gemm_rows(Op::N, 1.f, 0.f, {{0, D, F, bits(dh1.get()), F, w1, D, dxp, D, FD, 0}}, off, E, NK);
-  segmented_gemm_rows(Op::N, 1.f, 1.f, {{0, D, F, bits(dh3.get()), F, w3, D, dxp, D, FD, 0}}, off, E, NK);
+  // per layer grouped). The default stream joins them when `side` goes out of scope, after the input gradients.
+  ConcurrentGemms side;
+  side.run(Op::T, Op::N, 1.f, 1.f, dw, math);
+  g.run(idx1, math);
+  g.run(idx3, math);
 }
 
 // counts, offsets, perm and slot_row of MoeSaved from its indices (the three kernels above).
@@ -469,7 +319,7 @@ void moe_forward(float* out, const MoeSaved<float>& s, const float* inp, const M
   const bool softmax = c.score_func == ScoreFunc::Softmax;
   // 1) gate logits and per-token routing
   ScratchBuffer<float> logits(static_cast<size_t>(N) * E);
-  gemm(Op::N, Op::T, N, E, D, 1.f, inp, w.gate_weight, 0.f, logits.get(), GemmMath::FP32);  // router: fp32
+  gemm(Op::N, Op::T, N, E, D, 1.f, inp, w.gate_weight, 0.f, logits.get(), Matmul::FP32);  // router: fp32
   route_kernel<<<blocks_for(N, kThreads), kThreads>>>(s.scores, s.sel, s.indices, s.weights, logits.get(),
                                                       w.gate_bias, N, E, K, c.n_expert_groups,
                                                       c.n_limited_groups, c.route_scale, softmax);
@@ -477,18 +327,18 @@ void moe_forward(float* out, const MoeSaved<float>& s, const float* inp, const M
   // 2) counts, offsets, permutation
   dispatch(s, NK, E);
   // 3) gathered tokens through each expert's FFN, one contiguous slice per expert
-  const bool seg = use_segmented(D, F, {inp, s.h1, s.h3, s.eo});
+  const bool seg = c.experts == MoeExperts::Segmented;
   ScratchBuffer<float> xp(seg ? 0 : static_cast<size_t>(NK) * D),
       a(std::max(seg ? 0 : static_cast<size_t>(NK) * F, static_cast<size_t>(N) * Fs));
   if (seg) {
-    routed_ffn_forward_segmented(s.eo, s.h1, s.h3, inp, s.perm, w, s.offsets, E, K, NK, D, F);
+    routed_experts_forward_bf16(s, inp, w, c, N);
   } else {
     launch_gather(xp.get(), inp, s.perm, NK, K, D);
-    routed_ffn_forward(s.eo, s.h1, s.h3, a.get(), xp.get(), w, host_offsets(s.offsets, E), D, F);
+    routed_ffn_forward(s.eo, s.h1, s.h3, a.get(), xp.get(), w, host_offsets(s.offsets, E), D, F, c.matmul);
   }
   // 4) out = shared(x) + sum_k w_k eo_k
   if (Fs > 0)
-    ffn_forward(out, s.sh1, s.sh3, a.get(), inp, w.shared_w1, w.shared_w2, w.shared_w3, N, D, Fs);
+    ffn_forward(out, s.sh1, s.sh3, a.get(), inp, w.shared_w1, w.shared_w2, w.shared_w3, N, D, Fs, c.matmul);
   else
     CUDA_CHECK(cudaMemsetAsync(out, 0, static_cast<size_t>(N) * D * sizeof(float)));
   launch_combine(out, s.eo, s.weights, s.slot_row, N, K, D);
@@ -502,54 +352,54 @@ void moe_backward(const MoeGrads<float>& g, float* dinp, const float* dout, cons
   const int E = c.n_routed_experts, K = c.n_activated_experts, D = c.dim, F = c.moe_inter_dim,
             Fs = c.shared_inter_dim(), NK = N * K;
   const bool softmax = c.score_func == ScoreFunc::Softmax;
-  const bool seg = use_segmented(D, F, {inp, g.w1, g.w2, g.w3});
+  const bool seg = c.experts == MoeExperts::Segmented;
   const size_t scratch_rows = std::max(seg ? 0 : static_cast<size_t>(NK) * F, static_cast<size_t>(N) * Fs);
   ScratchBuffer<float> a(scratch_rows), da(scratch_rows), dh1(scratch_rows), dh3(scratch_rows);
   const FfnScratch fs{a.get(), da.get(), dh1.get(), dh3.get()};
   // 1) shared experts: dinp = their input gradient (overwrite)
   if (Fs > 0)
     ffn_backward(g.shared_w1, g.shared_w2, g.shared_w3, dinp, dout, s.sh1, s.sh3, inp, w.shared_w1, w.shared_w2,
-                 w.shared_w3, N, D, Fs, fs);
+                 w.shared_w3, N, D, Fs, fs, c.matmul);
   else
     CUDA_CHECK(cudaMemsetAsync(dinp, 0, static_cast<size_t>(N) * D * sizeof(float)));
   // 2) combine backward and each routed expert on its slice: dw (N, K), dxp (NK, D) in dispatch order
   ScratchBuffer<float> dw(NK), dxp(static_cast<size_t>(NK) * D);
   if (seg) {
-    routed_ffn_backward_segmented(g, dw.get(), dxp.get(), dout, s, inp, w, E, K, NK, D, F);
+    routed_experts_backward_bf16(g, dw.get(), dxp.get(), dout, s, inp, w, c, N);
   } else {
     ScratchBuffer<float> deo(static_cast<size_t>(NK) * D), xp(static_cast<size_t>(NK) * D);
     combine_backward_kernel<<<blocks_for(NK, kWarpsPerBlock), kThreads>>>(dw.get(), deo.get(), dout, s.eo,
                                                                           s.weights, s.slot_row, NK, K, D);
     CUDA_CHECK_LAST();
     launch_gather(xp.get(), inp, s.perm, NK, K, D);
-    routed_ffn_backward(g, dxp.get(), deo.get(), s.h1, s.h3, xp.get(), w, host_offsets(s.offsets, E), D, F, fs);
-    gemm_concurrent_join();  // the experts' weight gradients, before their scratch inputs (deo, xp) are freed
+    routed_ffn_backward(g, dxp.get(), deo.get(), s.h1, s.h3, xp.get(), w, host_offsets(s.offsets, E), D, F, fs,
+                        c.matmul);  // joins its side streams before deo and xp are freed
   }
   // 3) router: dlogits, then dWg += dlogits^T x and dinp += dlogits Wg
   ScratchBuffer<float> dlogits(static_cast<size_t>(N) * E);
   gate_backward_kernel<<<blocks_for(N, kThreads), kThreads>>>(dlogits.get(), dw.get(), dscores_extra, s.indices,
                                                               s.weights, s.scores, N, E, K, c.route_scale, softmax);
   CUDA_CHECK_LAST();
-  gemm(Op::T, Op::N, E, D, N, 1.f, dlogits.get(), inp, 1.f, g.gate_weight, GemmMath::FP32);
-  gemm(Op::N, Op::N, N, D, E, 1.f, dlogits.get(), w.gate_weight, 1.f, dinp, GemmMath::FP32);
+  gemm(Op::T, Op::N, E, D, N, 1.f, dlogits.get(), inp, 1.f, g.gate_weight, Matmul::FP32);
+  gemm(Op::N, Op::N, N, D, E, 1.f, dlogits.get(), w.gate_weight, 1.f, dinp, Matmul::FP32);
   // 4) experts' input gradients back to their tokens, k in order
   launch_combine(dinp, dxp.get(), nullptr, s.slot_row, N, K, D);
 }
 
-void mlp_forward(float* out, float* h1, float* h3, const float* inp, const MlpWeights<float>& w, int D, int F,
+void mlp_forward(float* out, float* h1, float* h3, const float* inp, const MlpWeights<float>& w, const MlpConfig& c,
                  int N) {
-  require(D > 0 && F > 0 && N >= 0, "mlp: need dim > 0, inter_dim > 0, N >= 0 (got {}, {}, {})", D, F, N);
-  ScratchBuffer<float> a(static_cast<size_t>(N) * F);
-  ffn_forward(out, h1, h3, a.get(), inp, w.w1, w.w2, w.w3, N, D, F);
+  validate_mlp_call(c, N);
+  ScratchBuffer<float> a(static_cast<size_t>(N) * c.inter_dim);
+  ffn_forward(out, h1, h3, a.get(), inp, w.w1, w.w2, w.w3, N, c.dim, c.inter_dim, c.matmul);
 }
 
 void mlp_backward(const MlpGrads<float>& g, float* dinp, const float* dout, const float* h1, const float* h3,
-                  const float* inp, const MlpWeights<float>& w, int D, int F, int N) {
-  require(D > 0 && F > 0 && N >= 0, "mlp: need dim > 0, inter_dim > 0, N >= 0 (got {}, {}, {})", D, F, N);
-  const size_t n = static_cast<size_t>(N) * F;
+                  const float* inp, const MlpWeights<float>& w, const MlpConfig& c, int N) {
+  validate_mlp_call(c, N);
+  const size_t n = static_cast<size_t>(N) * c.inter_dim;
   ScratchBuffer<float> s(4 * n);
-  ffn_backward(g.w1, g.w2, g.w3, dinp, dout, h1, h3, inp, w.w1, w.w2, w.w3, N, D, F,
-               {s.get(), s.get() + n, s.get() + 2 * n, s.get() + 3 * n});
+  ffn_backward(g.w1, g.w2, g.w3, dinp, dout, h1, h3, inp, w.w1, w.w2, w.w3, N, c.dim, c.inter_dim,
+               {s.get(), s.get() + n, s.get() + 2 * n, s.get() + 3 * n}, c.matmul);
 }
 
 }  // namespace dsv3::cuda

@@ -6,28 +6,15 @@
 #include <vector>
 
 #include "03_moe/moe.h"
-#include "common/cuda_utils.h"
+#include "common/param_list_device.h"
 
 namespace dsv3 {
 
-// One DeviceBuffer per parameter: gate_weight, gate_bias, w1, w2, w3, shared_w1, shared_w2, shared_w3.
-struct MoeDeviceParams {
-  std::vector<DeviceBuffer<float>> bufs;
-
-  explicit MoeDeviceParams(const MoeParams<float>& p) {
-    for (const auto* h : {&p.gate_weight, &p.gate_bias, &p.w1, &p.w2, &p.w3, &p.shared_w1, &p.shared_w2,
-                          &p.shared_w3})
-      bufs.emplace_back(*h);
-  }
-  float* ptr(int i) { return bufs[i].size() ? bufs[i].get() : nullptr; }
-  MoeWeights<float> weights() { return {ptr(0), ptr(1), ptr(2), ptr(3), ptr(4), ptr(5), ptr(6), ptr(7)}; }
-  MoeGrads<float> grads() { return {ptr(0), ptr(2), ptr(3), ptr(4), ptr(5), ptr(6), ptr(7)}; }
+// MoeTensors over DeviceBuffers (by the MoE's one list); weights() and grads() view them.
+struct MoeDeviceParams : MoeTensors<DeviceBuffer<float>> {
+  explicit MoeDeviceParams(const MoeParams<float>& p) : MoeTensors(param_list::upload(p)) {}
   // Downloads every tensor (gradients to compare, or trained values) into host parameters of the same config.
-  void download(MoeParams<float>& p) const {
-    std::vector<float>* h[] = {&p.gate_weight, &p.gate_bias, &p.w1,        &p.w2,
-                               &p.w3,          &p.shared_w1, &p.shared_w2, &p.shared_w3};
-    for (int i = 0; i < 8; ++i) *h[i] = bufs[i].download();
-  }
+  void download(MoeParams<float>& p) const { param_list::download(*this, p); }
 };
 
 // Rounds tokens to multiples of 1/2 and the gate weight and bias to multiples of 1/32 and 1/64, so that every

@@ -6,7 +6,7 @@
 #include "04_aux_loss/lm_parts.h"
 
 #include "01_rmsnorm_rope/rmsnorm_rope.h"
-#include "common/gemm.h"
+#include "common/gemm_cpu.h"
 #include "common/errors.h"
 
 namespace dsv3 {

@@ -6,7 +6,7 @@
 
 #include "01_rmsnorm_rope/rmsnorm_rope.h"
 #include "common/errors.h"
-#include "common/gemm.h"
+#include "common/gemm_cpu.h"
 #include "common/rng.h"
 
 namespace dsv3 {

@@ -7,7 +7,7 @@
 // first_k_dense_replace layers, MoE after).
 //
 // Shape legend
-//   B batch, T time, N = B*T rows, D model width (dim), F dense MLP width (inter_dim); the MLA and MoE
+//   B batch, T time, N = B*T rows, D model width (dim), F dense MLP width (mlp.inter_dim); the MLA and MoE
 //   shapes are those of 02_mla/mla.h and 03_moe/moe.h.
 //
 // Conventions (common/conventions.h): parameter gradients accumulate (+=), activation gradients
@@ -30,7 +30,7 @@ enum class FfnKind { Dense, Moe };
 struct BlockConfig {
   MlaConfig attn;                 // attn.dim is the model width D
   FfnKind ffn = FfnKind::Dense;
-  int inter_dim = 64;             // F of the dense MLP (ModelArgs inter_dim); unused for Moe
+  MlpConfig mlp{64, 64};          // used for Dense (inter_dim: ModelArgs inter_dim); mlp.dim must equal attn.dim
   MoeConfig moe;                  // used for Moe; moe.dim must equal attn.dim
   float norm_eps = 1e-6f;         // attn_norm and ffn_norm
 
@@ -38,41 +38,61 @@ struct BlockConfig {
   void validate() const;  // UserError naming the bad field
 };
 
-// Parameters (model.py names: attn_norm, attn, ffn_norm, ffn). Only the FFN of the configured kind is used.
-template <typename T>
-struct BlockWeights {
-  const T* attn_norm;  // (D)
-  MlaWeights<T> attn;
-  const T* ffn_norm;   // (D)
-  MlpWeights<T> mlp;   // FfnKind::Dense
-  MoeWeights<T> moe;   // FfnKind::Moe
-};
-template <typename T>
-struct BlockGrads {  // same shapes; accumulated (+=)
-  T* attn_norm;
-  MlaGrads<T> attn;
-  T* ffn_norm;
-  MlpGrads<T> mlp;
-  MoeGrads<T> moe;
-};
+// Sets the precision of every CUDA product of the block (attention, dense MLP, experts; the router stays fp32)
+// and how its routed experts run (MoeConfig::experts).
+void set_matmul(BlockConfig& c, Matmul m, MoeExperts experts);
 
-// Host-side owner of the parameters.
-template <typename T>
-struct BlockParams {
-  std::vector<T> attn_norm, ffn_norm;  // (D)
-  MlaParams<T> attn;
-  MlpParams<T> mlp;  // empty unless Dense
-  MoeParams<T> moe;  // empty unless Moe
-  BlockWeights<T> weights() const;
-  BlockGrads<T> grads();
-  // (name, tensor) of every parameter with a gradient, model.py names ("attn.wq_a", "ffn.w1", ...).
-  std::vector<std::pair<std::string, std::vector<T>*>> tensors();
+// The block's parameters (model.py names: attn_norm, attn, ffn_norm, ffn) over a tensor storage X
+// (common/param_list.h). Only the FFN of the configured kind is used; the other one's members are empty.
+template <typename X>
+struct BlockTensors {
+  using Config = BlockConfig;
+  X attn_norm;           // (D)
+  MlaTensors<X> attn;
+  X ffn_norm;            // (D)
+  MlpTensors<X> mlp;     // FfnKind::Dense
+  MoeTensors<X> moe;     // FfnKind::Moe
+
+  auto weights() const { return param_list::weights(*this); }
+  auto grads() { return param_list::grads(*this); }
+  // (name, tensor) of every used parameter with a gradient, model.py names ("attn.wq_a", "ffn.w1", ...).
+  auto tensors() { return param_list::named(*this); }
 };
 template <typename T>
-BlockParams<T> block_zero_params(const BlockConfig& c);
+using BlockParams = BlockTensors<std::vector<T>>;
+template <typename T>
+using BlockWeights = BlockTensors<const T*>;
+template <typename T>
+using BlockGrads = BlockTensors<T*>;  // accumulated (+=)
+
+// The one list of the block's parameters: its two norms and its parts' lists (the FFN of the other kind
+// lists empty members). Hugging Face names under "model.layers.N.".
+template <typename F, typename... S>
+void for_each_param(const BlockConfig& c, F&& f, S&&... s) {
+  const int64_t D = c.dim();
+  const bool dense = c.ffn == FfnKind::Dense;
+  f(ParamInfo{"attn_norm", "input_layernorm.weight", {D}, ParamKind::Norm, ""}, s.attn_norm...);
+  for_each_param(c.attn, prefixed("attn.", "", f), s.attn...);
+  f(ParamInfo{"ffn_norm", "post_attention_layernorm.weight", {D}, ParamKind::Norm, ""}, s.ffn_norm...);
+  for_each_param(dense ? c.mlp : MlpConfig{}, prefixed("ffn.", "", f), s.mlp...);
+  MoeConfig moe = c.moe;
+  if (dense) moe.n_routed_experts = moe.n_shared_experts = 0;  // every MoE member empty
+  for_each_param(moe, prefixed("ffn.", "", f), s.moe...);
+}
+
+template <typename T>
+BlockParams<T> block_zero_params(const BlockConfig& c) {
+  BlockParams<T> p;
+  param_list::zero(p, c);
+  return p;
+}
 // Linear weights ~ N(0, 1/fan_in); norms 1, or 1 + 0.2 N(0,1) with jitter_norms (tests).
 template <typename T>
-BlockParams<T> block_init_params(const BlockConfig& c, uint64_t seed, bool jitter_norms = false);
+BlockParams<T> block_init_params(const BlockConfig& c, uint64_t seed, bool jitter_norms = false) {
+  BlockParams<T> p;
+  param_list::init(p, c, seed, jitter_norms);
+  return p;
+}
 
 // What the forward saves: pointers into one scalar buffer of block_saved_size() and one int buffer of
 // block_saved_int_size() elements (host for cpu::, device for cuda::), carved by block_saved_layout().

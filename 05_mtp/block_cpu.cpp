@@ -13,11 +13,17 @@ void BlockConfig::validate() const {
   attn.validate();
   require(norm_eps > 0, "BlockConfig.norm_eps must be positive, got {}", norm_eps);
   if (ffn == FfnKind::Dense) {
-    require(inter_dim > 0, "BlockConfig.inter_dim must be positive for a dense block, got {}", inter_dim);
+    require(mlp.inter_dim > 0, "BlockConfig.mlp.inter_dim must be positive for a dense block, got {}", mlp.inter_dim);
+    require(mlp.dim == attn.dim, "BlockConfig.mlp.dim ({}) must equal attn.dim ({})", mlp.dim, attn.dim);
   } else {
     moe.validate();
     require(moe.dim == attn.dim, "BlockConfig.moe.dim ({}) must equal attn.dim ({})", moe.dim, attn.dim);
   }
+}
+
+void set_matmul(BlockConfig& c, Matmul m, MoeExperts experts) {
+  c.attn.matmul = c.mlp.matmul = c.moe.matmul = m;
+  c.moe.experts = experts;
 }
 
 void validate_block_call(const BlockConfig& c, int B, int T_, int pos0, int table_positions) {
@@ -25,73 +31,11 @@ void validate_block_call(const BlockConfig& c, int B, int T_, int pos0, int tabl
   validate_mla_call(c.attn, B, T_, pos0, table_positions);
 }
 
-template <typename T>
-BlockWeights<T> BlockParams<T>::weights() const {
-  BlockWeights<T> w{attn_norm.data(), attn.weights(), ffn_norm.data(), {}, {}};
-  if (!mlp.w1.empty()) w.mlp = mlp.weights();
-  if (!moe.w1.empty()) w.moe = moe.weights();
-  return w;
-}
-
-template <typename T>
-BlockGrads<T> BlockParams<T>::grads() {
-  BlockGrads<T> g{attn_norm.data(), attn.grads(), ffn_norm.data(), {}, {}};
-  if (!mlp.w1.empty()) g.mlp = mlp.grads();
-  if (!moe.w1.empty()) g.moe = moe.grads();
-  return g;
-}
-
-template <typename T>
-std::vector<std::pair<std::string, std::vector<T>*>> BlockParams<T>::tensors() {
-  std::vector<std::pair<std::string, std::vector<T>*>> t{{"attn_norm", &attn_norm}};
-  for (auto& a : attn.tensors()) t.push_back({"attn." + a.first, a.second});
-  t.push_back({"ffn_norm", &ffn_norm});
-  if (!mlp.w1.empty())
-    for (auto& a : mlp.tensors()) t.push_back({"ffn." + a.first, a.second});
-  if (!moe.w1.empty())
-    for (auto& a : moe.tensors()) t.push_back({"ffn." + a.first, a.second});
-  return t;
-}
-
-template <typename T>
-BlockParams<T> block_zero_params(const BlockConfig& c) {
-  c.validate();
-  BlockParams<T> p;
-  p.attn_norm.assign(c.dim(), T(0));
-  p.ffn_norm.assign(c.dim(), T(0));
-  p.attn = mla_zero_params<T>(c.attn);
-  if (c.ffn == FfnKind::Dense)
-    p.mlp = mlp_zero_params<T>(c.dim(), c.inter_dim);
-  else
-    p.moe = moe_zero_params<T>(c.moe);
-  return p;
-}
-
-template <typename T>
-BlockParams<T> block_init_params(const BlockConfig& c, uint64_t seed, bool jitter_norms) {
-  c.validate();
-  Rng rng(seed);
-  BlockParams<T> p;
-  auto norm = [&] {
-    std::vector<T> v(c.dim(), T(1));
-    if (jitter_norms)
-      for (auto& x : v) x = static_cast<T>(1 + 0.2 * rng.normal());
-    return v;
-  };
-  p.attn_norm = norm();
-  p.ffn_norm = norm();
-  p.attn = mla_init_params<T>(c.attn, rng.next_u64(), jitter_norms);
-  if (c.ffn == FfnKind::Dense)
-    p.mlp = mlp_init_params<T>(c.dim(), c.inter_dim, rng.next_u64());
-  else
-    p.moe = moe_init_params<T>(c.moe, rng.next_u64());
-  return p;
-}
-
 size_t block_saved_size(const BlockConfig& c, int B, int T_) {
   const size_t N = size_t(B) * T_, D = c.dim();
-  size_t n = 3 * N * D + 2 * N + mla_saved_size(c.attn, B, T_);  // xa, h, hf; two rstd
-  n += c.ffn == FfnKind::Dense ? 2 * N * c.inter_dim : moe_saved_size(c.moe, int(N));
+  const auto f = saved_field_count;  // 16-byte aligned fields (moe.h)
+  size_t n = 3 * f(N * D) + 2 * f(N) + f(mla_saved_size(c.attn, B, T_));  // xa, h, hf; two rstd; attention
+  n += c.ffn == FfnKind::Dense ? 2 * f(N * c.mlp.inter_dim) : f(moe_saved_size(c.moe, int(N)));
   return n;
 }
 size_t block_saved_int_size(const BlockConfig& c, int B, int T_) {
@@ -105,7 +49,7 @@ BlockSaved<T> block_saved_layout(T* base, int* ibase, const BlockConfig& c, int 
   T* p = base;
   auto take = [&p](size_t n) {
     T* r = p;
-    p += n;
+    p += saved_field_count(n);
     return r;
   };
   s.xa = take(N * D);
@@ -115,8 +59,8 @@ BlockSaved<T> block_saved_layout(T* base, int* ibase, const BlockConfig& c, int 
   s.hf = take(N * D);
   s.hf_rstd = take(N);
   if (c.ffn == FfnKind::Dense) {
-    s.mlp_h1 = take(N * c.inter_dim);
-    s.mlp_h3 = take(N * c.inter_dim);
+    s.mlp_h1 = take(N * c.mlp.inter_dim);
+    s.mlp_h3 = take(N * c.mlp.inter_dim);
   } else {
     s.moe = moe_saved_layout(take(moe_saved_size(c.moe, int(N))), ibase, c.moe, int(N));
   }
@@ -138,7 +82,7 @@ void block_forward(T* out, const BlockSaved<T>& s, const T* inp, const BlockWeig
   // 2) out = h + FFN(ffn_norm(h))
   rmsnorm_forward(s.hf, s.hf_rstd, s.h, w.ffn_norm, N, D, c.norm_eps);
   if (c.ffn == FfnKind::Dense)
-    mlp_forward(out, s.mlp_h1, s.mlp_h3, s.hf, w.mlp, D, c.inter_dim, N);
+    mlp_forward(out, s.mlp_h1, s.mlp_h3, s.hf, w.mlp, c.mlp, N);
   else
     moe_forward(out, s.moe, s.hf, w.moe, c.moe, N);
   for (size_t i = 0; i < ND; ++i) out[i] += s.h[i];
@@ -154,7 +98,7 @@ void block_backward(const BlockGrads<T>& g, T* dinp, const T* dout, const NoDedu
   std::vector<T> dbranch(ND), dh(ND);
   // 2) FFN branch: dh = dout + ffn_norm^T FFN^T dout
   if (c.ffn == FfnKind::Dense)
-    mlp_backward(g.mlp, dbranch.data(), dout, s.mlp_h1, s.mlp_h3, s.hf, w.mlp, D, c.inter_dim, N);
+    mlp_backward(g.mlp, dbranch.data(), dout, s.mlp_h1, s.mlp_h3, s.hf, w.mlp, c.mlp, N);
   else
     moe_backward(g.moe, dbranch.data(), dout, dscores_extra, s.moe, s.hf, w.moe, c.moe, N);
   rmsnorm_backward(g.ffn_norm, dh.data(), dbranch.data(), s.hf_rstd, s.h, w.ffn_norm, N, D);
@@ -176,12 +120,6 @@ DSV3_INSTANTIATE(double)
 
 }  // namespace cpu
 
-template struct BlockParams<float>;
-template struct BlockParams<double>;
-template BlockParams<float> block_zero_params<float>(const BlockConfig&);
-template BlockParams<double> block_zero_params<double>(const BlockConfig&);
-template BlockParams<float> block_init_params<float>(const BlockConfig&, uint64_t, bool);
-template BlockParams<double> block_init_params<double>(const BlockConfig&, uint64_t, bool);
 template BlockSaved<float> block_saved_layout<float>(float*, int*, const BlockConfig&, int, int);
 template BlockSaved<double> block_saved_layout<double>(double*, int*, const BlockConfig&, int, int);
 

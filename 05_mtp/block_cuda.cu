@@ -22,7 +22,7 @@ void block_forward(float* out, const BlockSaved<float>& s, const float* inp, con
   // 2) out = h + FFN(ffn_norm(h))
   rmsnorm_forward(s.hf, s.hf_rstd, s.h, w.ffn_norm, N, D, c.norm_eps);
   if (c.ffn == FfnKind::Dense)
-    mlp_forward(out, s.mlp_h1, s.mlp_h3, s.hf, w.mlp, D, c.inter_dim, N);
+    mlp_forward(out, s.mlp_h1, s.mlp_h3, s.hf, w.mlp, c.mlp, N);
   else
     moe_forward(out, s.moe, s.hf, w.moe, c.moe, N);
   add_inplace(out, s.h, ND);
@@ -37,7 +37,7 @@ void block_backward(const BlockGrads<float>& g, float* dinp, const float* dout, 
   ScratchBuffer<float> dbranch(ND), dh(ND);
   // 2) FFN branch: dh = dout + ffn_norm^T FFN^T dout
   if (c.ffn == FfnKind::Dense)
-    mlp_backward(g.mlp, dbranch.get(), dout, s.mlp_h1, s.mlp_h3, s.hf, w.mlp, D, c.inter_dim, N);
+    mlp_backward(g.mlp, dbranch.get(), dout, s.mlp_h1, s.mlp_h3, s.hf, w.mlp, c.mlp, N);
   else
     moe_backward(g.moe, dbranch.get(), dout, dscores_extra, s.moe, s.hf, w.moe, c.moe, N);
   rmsnorm_backward(g.ffn_norm, dh.get(), dbranch.get(), s.hf_rstd, s.h, w.ffn_norm, N, D);

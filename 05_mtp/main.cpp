@@ -87,7 +87,7 @@ MtpLmConfig model_config(const Experiment& x) {
   b.attn.rope.max_seq_len = b.attn.rope.original_seq_len = std::max(64, x.seq);
   require(x.ffn == "dense" || x.ffn == "moe", "--ffn must be dense or moe, got '{}'", x.ffn);
   b.ffn = x.ffn == "dense" ? FfnKind::Dense : FfnKind::Moe;
-  b.inter_dim = 2 * x.dim;
+  b.mlp = {x.dim, 2 * x.dim};
   b.moe.dim = x.dim;
   b.moe.moe_inter_dim = x.dim / 2;
   b.moe.n_routed_experts = 8;

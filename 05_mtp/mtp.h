@@ -43,6 +43,7 @@ struct MtpConfig {
   BlockConfig block;         // every module's block; block.dim() is D
   float mtp_lambda = 0.3f;   // paper: 0.3 for the first 10T training tokens, then 0.1
   float norm_eps = 1e-6f;    // enorm, hnorm and the shared final norm
+  Matmul matmul = Matmul::FP32;  // the CUDA path's own products (eh_proj, head); the block has its own config
 
   int dim() const { return block.dim(); }
   void validate() const;     // UserError naming the bad field
@@ -60,33 +61,51 @@ struct MtpSharedGrads {
   T *embed, *norm, *head;
 };
 
-// One module's own parameters.
-template <typename T>
-struct MtpModuleWeights {
-  const T* enorm;    // (D)
-  const T* hnorm;    // (D)
-  const T* eh_proj;  // (D, 2D)  columns [0, D) act on enorm(Emb), [D, 2D) on hnorm(h)
-  BlockWeights<T> block;
-};
-template <typename T>
-struct MtpModuleGrads {
-  T *enorm, *hnorm, *eh_proj;
-  BlockGrads<T> block;
-};
-template <typename T>
-struct MtpModuleParams {
-  std::vector<T> enorm, hnorm, eh_proj;
-  BlockParams<T> block;
-  MtpModuleWeights<T> weights() const { return {enorm.data(), hnorm.data(), eh_proj.data(), block.weights()}; }
-  MtpModuleGrads<T> grads() { return {enorm.data(), hnorm.data(), eh_proj.data(), block.grads()}; }
+// One module's own parameters over a tensor storage X (common/param_list.h).
+template <typename X>
+struct MtpModuleTensors {
+  using Config = MtpConfig;
+  X enorm;    // (D)
+  X hnorm;    // (D)
+  X eh_proj;  // (D, 2D)  columns [0, D) act on enorm(Emb), [D, 2D) on hnorm(h)
+  BlockTensors<X> block;
+
+  auto weights() const { return param_list::weights(*this); }
+  auto grads() { return param_list::grads(*this); }
   // (name, tensor), names as the released checkpoint's module: enorm, hnorm, eh_proj, block.attn.wq_a, ...
-  std::vector<std::pair<std::string, std::vector<T>*>> tensors();
+  auto tensors() { return param_list::named(*this); }
 };
 template <typename T>
-MtpModuleParams<T> mtp_zero_params(const MtpConfig& c);
+using MtpModuleParams = MtpModuleTensors<std::vector<T>>;
+template <typename T>
+using MtpModuleWeights = MtpModuleTensors<const T*>;
+template <typename T>
+using MtpModuleGrads = MtpModuleTensors<T*>;  // accumulated (+=)
+
+// The one list of a module's parameters; Hugging Face names under "model.layers.(L+k)." (the block's
+// tensors sit directly under that prefix, beside enorm, hnorm and eh_proj).
+template <typename F, typename... S>
+void for_each_param(const MtpConfig& c, F&& f, S&&... s) {
+  const int64_t D = c.dim();
+  f(ParamInfo{"enorm", "enorm.weight", {D}, ParamKind::Norm, ""}, s.enorm...);
+  f(ParamInfo{"hnorm", "hnorm.weight", {D}, ParamKind::Norm, ""}, s.hnorm...);
+  f(ParamInfo{"eh_proj", "eh_proj.weight", {D, 2 * D}, ParamKind::Matrix, ""}, s.eh_proj...);
+  for_each_param(c.block, prefixed("block.", "", f), s.block...);
+}
+
+template <typename T>
+MtpModuleParams<T> mtp_zero_params(const MtpConfig& c) {
+  MtpModuleParams<T> p;
+  param_list::zero(p, c);
+  return p;
+}
 // eh_proj ~ N(0, 1/(2D)), norms 1 (or jittered, tests), the block as block_init_params.
 template <typename T>
-MtpModuleParams<T> mtp_init_params(const MtpConfig& c, uint64_t seed, bool jitter_norms = false);
+MtpModuleParams<T> mtp_init_params(const MtpConfig& c, uint64_t seed, bool jitter_norms = false) {
+  MtpModuleParams<T> p;
+  param_list::init(p, c, seed, jitter_norms);
+  return p;
+}
 
 // What the forward saves for one module: pointers into one scalar and one int buffer (host for cpu::,
 // device for cuda::) of mtp_saved_size() / mtp_saved_int_size() elements for ALL modules, carved by

@@ -7,7 +7,7 @@
 #include "01_rmsnorm_rope/rmsnorm_rope.h"
 #include "05_mtp/mtp_align.h"
 #include "common/errors.h"
-#include "common/gemm.h"
+#include "common/gemm_cpu.h"
 #include "common/rng.h"
 
 namespace dsv3 {
@@ -26,40 +26,11 @@ void validate_mtp_call(const MtpConfig& c, int B, int T_, int table_positions) {
   if (c.depth > 0) validate_block_call(c.block, B, T_, 0, table_positions);
 }
 
-template <typename T>
-std::vector<std::pair<std::string, std::vector<T>*>> MtpModuleParams<T>::tensors() {
-  std::vector<std::pair<std::string, std::vector<T>*>> t{{"enorm", &enorm}, {"hnorm", &hnorm}, {"eh_proj", &eh_proj}};
-  for (auto& b : block.tensors()) t.push_back({"block." + b.first, b.second});
-  return t;
-}
-
-template <typename T>
-MtpModuleParams<T> mtp_zero_params(const MtpConfig& c) {
-  c.validate();
-  const size_t D = c.dim();
-  MtpModuleParams<T> p;
-  p.enorm.assign(D, T(0));
-  p.hnorm.assign(D, T(0));
-  p.eh_proj.assign(D * 2 * D, T(0));
-  p.block = block_zero_params<T>(c.block);
-  return p;
-}
-
-template <typename T>
-MtpModuleParams<T> mtp_init_params(const MtpConfig& c, uint64_t seed, bool jitter_norms) {
-  MtpModuleParams<T> p = mtp_zero_params<T>(c);
-  Rng rng(seed);
-  for (auto* v : {&p.enorm, &p.hnorm})
-    for (auto& x : *v) x = static_cast<T>(jitter_norms ? 1 + 0.2 * rng.normal() : 1.0);
-  for (auto& x : p.eh_proj) x = static_cast<T>(rng.normal() / std::sqrt(2.0 * c.dim()));
-  p.block = block_init_params<T>(c.block, rng.next_u64(), jitter_norms);
-  return p;
-}
-
 // Per module: e, en, hn, hp, hk, z (N, D each), three rstd (N), probs (N, V), the block's saved.
 static size_t module_saved_size(const MtpConfig& c, int B, int T_) {
   const size_t N = size_t(B) * T_, D = c.dim();
-  return 6 * N * D + 3 * N + N * c.vocab + block_saved_size(c.block, B, T_);
+  const auto f = saved_field_count;  // 16-byte aligned fields (moe.h)
+  return 6 * f(N * D) + 3 * f(N) + f(N * c.vocab) + f(block_saved_size(c.block, B, T_));
 }
 static size_t module_saved_int_size(const MtpConfig& c, int B, int T_) {
   return 2 * size_t(B) * T_ + block_saved_int_size(c.block, B, T_);
@@ -75,7 +46,7 @@ std::vector<MtpSaved<T>> mtp_saved_layout(T* base, int* ibase, const MtpConfig& 
   int* q = ibase;
   auto take = [&p](size_t n) {
     T* r = p;
-    p += n;
+    p += saved_field_count(n);
     return r;
   };
   auto take_int = [&q](size_t n) {
@@ -190,12 +161,6 @@ DSV3_INSTANTIATE(double)
 
 }  // namespace cpu
 
-template struct MtpModuleParams<float>;
-template struct MtpModuleParams<double>;
-template MtpModuleParams<float> mtp_zero_params<float>(const MtpConfig&);
-template MtpModuleParams<double> mtp_zero_params<double>(const MtpConfig&);
-template MtpModuleParams<float> mtp_init_params<float>(const MtpConfig&, uint64_t, bool);
-template MtpModuleParams<double> mtp_init_params<double>(const MtpConfig&, uint64_t, bool);
 template std::vector<MtpSaved<float>> mtp_saved_layout<float>(float*, int*, const MtpConfig&, int, int);
 template std::vector<MtpSaved<double>> mtp_saved_layout<double>(double*, int*, const MtpConfig&, int, int);
 

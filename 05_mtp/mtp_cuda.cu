@@ -54,13 +54,13 @@ float mtp_forward(float* ce, const MtpSaved<float>* saved, const float* h0, cons
     rmsnorm_forward(s.en, s.en_rstd, s.e, m.enorm, N, D, c.norm_eps);
     rmsnorm_forward(s.hn, s.hn_rstd, h_prev, m.hnorm, N, D, c.norm_eps);
     // 3) h' = [en ; hn] eh_proj^T over the two column blocks of eh_proj (D, 2D)
-    gemm(Op::N, Op::T, N, D, D, 1.f, s.en, D, m.eh_proj, 2 * D, 0.f, s.hp, D);
-    gemm(Op::N, Op::T, N, D, D, 1.f, s.hn, D, m.eh_proj + D, 2 * D, 1.f, s.hp, D);
+    gemm(Op::N, Op::T, N, D, D, 1.f, s.en, D, m.eh_proj, 2 * D, 0.f, s.hp, D, c.matmul);
+    gemm(Op::N, Op::T, N, D, D, 1.f, s.hn, D, m.eh_proj + D, 2 * D, 1.f, s.hp, D, c.matmul);
     // 4) the module's transformer block
     block_forward(s.hk, s.block, s.hp, m.block, c.block, B, T_, 0, rope);
     // 5) shared final norm and head, cross-entropy against t_{i+k+1} scaled to eq. 24's 1/T (on the host)
     rmsnorm_forward(s.z, s.z_rstd, s.hk, sh.norm, N, D, c.norm_eps);
-    gemm(Op::N, Op::T, N, V, D, 1.f, s.z, sh.head, 0.f, logits.get());
+    gemm(Op::N, Op::T, N, V, D, 1.f, s.z, sh.head, 0.f, logits.get(), c.matmul);
     ce[k - 1] = float(mtp_align::ce_scale(T_, k)) * cross_entropy_forward(s.probs, logits.get(), s.targets, N, V);
     sum += ce[k - 1];
     h_prev = s.z;
@@ -88,18 +88,18 @@ void mtp_backward(const MtpModuleGrads<float>* mg, const MtpSharedGrads<float>& 
     const float* h_prev = k == 1 ? h0 : saved[k - 2].z;
     // 5) cross-entropy (eq. 24's 1/T), shared head; the gradient from module k+1 (in dh0) joins at z^k; final norm
     cross_entropy_backward(dlogits.get(), dce * float(mtp_align::ce_scale(T_, k)), s.probs, s.targets, N, V);
-    gemm(Op::T, Op::N, V, D, N, 1.f, dlogits.get(), s.z, 1.f, sg.head);
-    gemm(Op::N, Op::N, N, D, V, 1.f, dlogits.get(), sh.head, 0.f, dz.get());
+    gemm(Op::T, Op::N, V, D, N, 1.f, dlogits.get(), s.z, 1.f, sg.head, c.matmul);
+    gemm(Op::N, Op::N, N, D, V, 1.f, dlogits.get(), sh.head, 0.f, dz.get(), c.matmul);
     if (k < c.depth) add_inplace(dz.get(), dh0, ND);
     rmsnorm_backward(sg.norm, dhk.get(), dz.get(), s.z_rstd, s.hk, sh.norm, N, D);
     // 4) block (with the balance-loss gradient on its router's scores, when the caller gives one)
     block_backward(g.block, dhp.get(), dhk.get(), dscores_extra ? dscores_extra[k - 1] : nullptr, s.block, s.hp,
                    m.block, c.block, B, T_, 0, rope);
     // 3) eh_proj
-    gemm(Op::N, Op::N, N, D, D, 1.f, dhp.get(), D, m.eh_proj, 2 * D, 0.f, den.get(), D);
-    gemm(Op::N, Op::N, N, D, D, 1.f, dhp.get(), D, m.eh_proj + D, 2 * D, 0.f, dhn.get(), D);
-    gemm(Op::T, Op::N, D, D, N, 1.f, dhp.get(), D, s.en, D, 1.f, g.eh_proj, 2 * D);
-    gemm(Op::T, Op::N, D, D, N, 1.f, dhp.get(), D, s.hn, D, 1.f, g.eh_proj + D, 2 * D);
+    gemm(Op::N, Op::N, N, D, D, 1.f, dhp.get(), D, m.eh_proj, 2 * D, 0.f, den.get(), D, c.matmul);
+    gemm(Op::N, Op::N, N, D, D, 1.f, dhp.get(), D, m.eh_proj + D, 2 * D, 0.f, dhn.get(), D, c.matmul);
+    gemm(Op::T, Op::N, D, D, N, 1.f, dhp.get(), D, s.en, D, 1.f, g.eh_proj, 2 * D, c.matmul);
+    gemm(Op::T, Op::N, D, D, N, 1.f, dhp.get(), D, s.hn, D, 1.f, g.eh_proj + D, 2 * D, c.matmul);
     // 2) enorm -> shared embedding; hnorm -> the previous depth's normalised output (overwrites dh0)
     rmsnorm_backward(g.enorm, de.get(), den.get(), s.en_rstd, s.e, m.enorm, N, D);
     embedding_backward(sg.embed, de.get(), s.tokens, N, D, V);

@@ -7,35 +7,14 @@
 #include "02_mla/mla_device.h"
 #include "03_moe/moe_device.h"
 #include "05_mtp/mtp.h"
-#include "common/cuda_utils.h"
+#include "common/param_list_device.h"
 
 namespace dsv3 {
 
-struct BlockDeviceParams {
-  DeviceBuffer<float> attn_norm, ffn_norm;
-  MlaDeviceParams attn;
-  DeviceBuffer<float> w1, w2, w3;  // dense MLP (empty for a MoE block)
-  MoeDeviceParams moe;             // empty tensors for a dense block
-
-  explicit BlockDeviceParams(const BlockParams<float>& p)
-      : attn_norm(p.attn_norm), ffn_norm(p.ffn_norm), attn(p.attn), w1(p.mlp.w1), w2(p.mlp.w2), w3(p.mlp.w3),
-        moe(p.moe) {}
-  static float* ptr(DeviceBuffer<float>& b) { return b.size() ? b.get() : nullptr; }
-  BlockWeights<float> weights() {
-    return {attn_norm.get(), attn.weights(), ffn_norm.get(), {ptr(w1), ptr(w2), ptr(w3)}, moe.weights()};
-  }
-  BlockGrads<float> grads() {
-    return {attn_norm.get(), attn.grads(), ffn_norm.get(), {ptr(w1), ptr(w2), ptr(w3)}, moe.grads()};
-  }
-  void download(BlockParams<float>& p) const {
-    p.attn_norm = attn_norm.download();
-    p.ffn_norm = ffn_norm.download();
-    attn.download(p.attn);
-    p.mlp.w1 = w1.download();
-    p.mlp.w2 = w2.download();
-    p.mlp.w3 = w3.download();
-    moe.download(p.moe);
-  }
+// BlockTensors over DeviceBuffers (by the block's one list); weights() and grads() view them.
+struct BlockDeviceParams : BlockTensors<DeviceBuffer<float>> {
+  explicit BlockDeviceParams(const BlockParams<float>& p) : BlockTensors(param_list::upload(p)) {}
+  void download(BlockParams<float>& p) const { param_list::download(*this, p); }
 };
 
 struct BlockDeviceSaved {
@@ -47,20 +26,10 @@ struct BlockDeviceSaved {
         saved(block_saved_layout(f.get(), i.get(), c, B, T_)) {}
 };
 
-struct MtpDeviceParams {
-  DeviceBuffer<float> enorm, hnorm, eh_proj;
-  BlockDeviceParams block;
-
-  explicit MtpDeviceParams(const MtpModuleParams<float>& p)
-      : enorm(p.enorm), hnorm(p.hnorm), eh_proj(p.eh_proj), block(p.block) {}
-  MtpModuleWeights<float> weights() { return {enorm.get(), hnorm.get(), eh_proj.get(), block.weights()}; }
-  MtpModuleGrads<float> grads() { return {enorm.get(), hnorm.get(), eh_proj.get(), block.grads()}; }
-  void download(MtpModuleParams<float>& p) const {
-    p.enorm = enorm.download();
-    p.hnorm = hnorm.download();
-    p.eh_proj = eh_proj.download();
-    block.download(p.block);
-  }
+// MtpModuleTensors over DeviceBuffers (by the module's one list).
+struct MtpDeviceParams : MtpModuleTensors<DeviceBuffer<float>> {
+  explicit MtpDeviceParams(const MtpModuleParams<float>& p) : MtpModuleTensors(param_list::upload(p)) {}
+  void download(MtpModuleParams<float>& p) const { param_list::download(*this, p); }
 };
 
 struct MtpDeviceSaved {

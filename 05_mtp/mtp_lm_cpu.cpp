@@ -5,7 +5,7 @@
 #include <cmath>
 
 #include "common/errors.h"
-#include "common/gemm.h"
+#include "common/gemm_cpu.h"
 #include "common/rng.h"
 
 namespace dsv3 {

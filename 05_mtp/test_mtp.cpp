@@ -32,7 +32,7 @@ BlockConfig small_block(FfnKind ffn, int q_lora_rank = 6) {
   c.attn.v_head_dim = 3;
   c.attn.rope.max_seq_len = c.attn.rope.original_seq_len = 16;
   c.ffn = ffn;
-  c.inter_dim = 7;
+  c.mlp = {8, 7};
   c.moe.dim = 8;
   c.moe.moe_inter_dim = 5;
   c.moe.n_routed_experts = 4;
@@ -157,7 +157,7 @@ TEST(MtpConfig, RejectsInvalidConfigsNamingTheField) {
   c.mtp_lambda = -0.1f;
   expect_error(c, "mtp_lambda");
   c = small_mtp(2);
-  c.block.inter_dim = 0;
+  c.block.mlp.inter_dim = 0;
   expect_error(c, "inter_dim");
   c = small_mtp(2, FfnKind::Moe);
   c.block.moe.dim = 9;

@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <set>
 
+#include "06_full_model/model.h"
 #include "common/errors.h"
 
 namespace dsv3 {
@@ -14,60 +15,25 @@ int64_t TensorSpec::numel() const {
   return n;
 }
 
-namespace {
-
-void add_block(std::vector<TensorSpec>& out, const ModelConfig& c, const std::string& p, bool moe) {
-  const int64_t D = c.hidden_size, H = c.num_attention_heads, Dq = c.q_lora_rank, Dc = c.kv_lora_rank;
-  const int64_t Dn = c.qk_nope_head_dim, Dr = c.qk_rope_head_dim, Dv = c.v_head_dim;
-  out.push_back({p + "input_layernorm.weight", {D}, ""});
-  if (Dq > 0) {
-    out.push_back({p + "self_attn.q_a_proj.weight", {Dq, D}, ""});             // wq_a
-    out.push_back({p + "self_attn.q_a_layernorm.weight", {Dq}, ""});           // q_norm
-    out.push_back({p + "self_attn.q_b_proj.weight", {H * (Dn + Dr), Dq}, ""});  // wq_b
-  } else {
-    out.push_back({p + "self_attn.q_proj.weight", {H * (Dn + Dr), D}, ""});  // wq
-  }
-  out.push_back({p + "self_attn.kv_a_proj_with_mqa.weight", {Dc + Dr, D}, ""});  // wkv_a
-  out.push_back({p + "self_attn.kv_a_layernorm.weight", {Dc}, ""});              // kv_norm
-  out.push_back({p + "self_attn.kv_b_proj.weight", {H * (Dn + Dv), Dc}, ""});    // wkv_b
-  out.push_back({p + "self_attn.o_proj.weight", {D, H * Dv}, ""});               // wo
-  out.push_back({p + "post_attention_layernorm.weight", {D}, ""});
-  auto mlp = [&](const std::string& q, int64_t F) {  // SwiGLU: w1 = gate_proj, w3 = up_proj, w2 = down_proj
-    out.push_back({q + "gate_proj.weight", {F, D}, ""});
-    out.push_back({q + "up_proj.weight", {F, D}, ""});
-    out.push_back({q + "down_proj.weight", {D, F}, ""});
-  };
-  if (!moe) {
-    mlp(p + "mlp.", c.intermediate_size);
-    return;
-  }
-  const int64_t E = c.n_routed_experts;
-  out.push_back({p + "mlp.gate.weight", {E, D}, ""});
-  out.push_back({p + "mlp.gate.e_score_correction_bias", {E}, ""});  // the balancing bias (stage 04)
-  for (int64_t j = 0; j < E; ++j) mlp(p + "mlp.experts." + std::to_string(j) + ".", c.moe_intermediate_size);
-  if (c.n_shared_experts > 0)
-    mlp(p + "mlp.shared_experts.", int64_t(c.n_shared_experts) * c.moe_intermediate_size);
-}
-
-}  // namespace
-
 std::vector<TensorSpec> checkpoint_specs(const ModelConfig& c) {
   c.validate();
-  const int64_t D = c.hidden_size, V = c.vocab_size;
   std::vector<TensorSpec> s;
-  s.push_back({"model.embed_tokens.weight", {V, D}, ""});
-  for (int l = 0; l < c.num_hidden_layers; ++l)
-    add_block(s, c, "model.layers." + std::to_string(l) + ".", c.is_moe_layer(l));
-  s.push_back({"model.norm.weight", {D}, ""});
-  s.push_back({"lm_head.weight", {V, D}, ""});
+  // 1) the model's one list (model.h), with a tensor stacked over experts stored as one tensor per expert
+  for_each_param(c, [&s](const ParamInfo& i) {
+    if (!i.used()) return;
+    const size_t at = i.hf.find("{e}");
+    if (at == std::string::npos) {
+      s.push_back({i.hf, i.shape, ""});
+      return;
+    }
+    const std::vector<int64_t> one(i.shape.begin() + 1, i.shape.end());
+    for (int64_t e = 0; e < i.shape.front(); ++e)
+      s.push_back({i.hf.substr(0, at) + std::to_string(e) + i.hf.substr(at + 3), one, ""});
+  });
+  // 2) DeepSeek's release stores copies of the shared tensors with each MTP module; ours are shared
+  const int64_t D = c.hidden_size, V = c.vocab_size;
   for (int k = 0; k < c.num_nextn_predict_layers; ++k) {
-    const int l = c.num_hidden_layers + k;
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    s.push_back({p + "enorm.weight", {D}, ""});
-    s.push_back({p + "hnorm.weight", {D}, ""});
-    s.push_back({p + "eh_proj.weight", {D, 2 * D}, ""});
-    add_block(s, c, p, c.is_moe_layer(l));
-    // DeepSeek's release stores copies of the shared tensors with each module; ours are shared.
+    const std::string p = "model.layers." + std::to_string(c.num_hidden_layers + k) + ".";
     s.push_back({p + "embed_tokens.weight", {V, D}, "model.embed_tokens.weight"});
     s.push_back({p + "shared_head.norm.weight", {D}, "model.norm.weight"});
     s.push_back({p + "shared_head.head.weight", {V, D}, "lm_head.weight"});

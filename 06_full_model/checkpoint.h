@@ -21,7 +21,8 @@ struct TensorSpec {
   int64_t numel() const;
 };
 
-// Every tensor of the model described by c, in a fixed order (embedding, layers, norm, head, MTP modules).
+// Every tensor of the model described by c, from the model's one list (model.h: embedding, layers, norm, head,
+// MTP modules; one tensor per routed expert), then the release's copies of the shared tensors per MTP module.
 std::vector<TensorSpec> checkpoint_specs(const ModelConfig& c);
 
 // Tensors by Hugging Face name, fp32 on the host.

@@ -26,6 +26,51 @@
 
 namespace dsv3 {
 
+// The stage configs of layer l (0 .. L-1 the main blocks; MTP modules use block_config(c, L), DeepSeek's
+// numbering of its MTP layer) and of the MTP chain.
+BlockConfig block_config(const ModelConfig& c, int layer);
+MtpConfig mtp_config(const ModelConfig& c);
+
+// The model's parameters over a tensor storage X (common/param_list.h): Model holds its values and its
+// gradients as two of these on the host, DeviceModel two on the device.
+template <typename X>
+struct ModelTensors {
+  X embed;                               // (V, D)
+  std::vector<BlockTensors<X>> layers;   // L blocks
+  X norm;                                // (D) the final norm
+  X head;                                // (V, D)
+  std::vector<MtpModuleTensors<X>> mtp;  // num_nextn_predict_layers modules
+};
+
+// The one list of the model: its own tensors and each layer's list, with model.py names (embed,
+// layers.3.attn.wq_a, norm, head, mtp.0.eh_proj) and the checkpoint's Hugging Face names
+// (model.embed_tokens.weight, model.layers.3.self_attn.q_a_proj.weight, ..., model.layers.(L+k).eh_proj.weight).
+// Every s must hold c's number of layers and modules.
+template <typename F, typename... S>
+void for_each_param(const ModelConfig& c, F&& f, S&&... s) {
+  const int64_t V = c.vocab_size, D = c.hidden_size;
+  const int L = c.num_hidden_layers;
+  f(ParamInfo{"embed", "model.embed_tokens.weight", {V, D}, ParamKind::Embedding, ""}, s.embed...);
+  for (int l = 0; l < L; ++l) {
+    const std::string n = std::to_string(l);
+    for_each_param(block_config(c, l), prefixed("layers." + n + ".", "model.layers." + n + ".", f),
+                   s.layers[size_t(l)]...);
+  }
+  f(ParamInfo{"norm", "model.norm.weight", {D}, ParamKind::Norm, ""}, s.norm...);
+  f(ParamInfo{"head", "lm_head.weight", {V, D}, ParamKind::Matrix, ""}, s.head...);
+  for (int k = 0; k < c.num_nextn_predict_layers; ++k)
+    for_each_param(mtp_config(c), prefixed("mtp." + std::to_string(k) + ".", "model.layers." + std::to_string(L + k) + ".",
+                                           f),
+                   s.mtp[size_t(k)]...);
+}
+
+// How the CUDA model (model_device.h) computes: the precision of every matrix product (the MoE routers' stay
+// fp32) and the path of the routed experts (03_moe/moe.h). The defaults are the path checked against the CPU.
+struct DeviceOptions {
+  Matmul matmul = Matmul::FP32;
+  MoeExperts experts = MoeExperts::Grouped;
+};
+
 struct ModelLosses {
   double ce = 0, mtp = 0, balance = 0;
   double total() const { return ce + mtp + balance; }
@@ -58,11 +103,11 @@ class Model {
   const std::vector<T>& normed_hidden() const { return z_; }
   const ModelConfig& config() const { return cfg_; }
   // Read-only parameter views for inference code (stage 07's sampler) and diagnostics.
-  const std::vector<T>& embed() const { return embed_; }
-  const std::vector<T>& final_norm() const { return norm_; }
-  const std::vector<T>& head() const { return head_; }
-  const BlockParams<T>& layer(int l) const { return layers_.at(size_t(l)); }
-  const MtpModuleParams<T>& mtp_module(int k) const { return mtp_.at(size_t(k)); }
+  const std::vector<T>& embed() const { return p_.embed; }
+  const std::vector<T>& final_norm() const { return p_.norm; }
+  const std::vector<T>& head() const { return p_.head; }
+  const BlockParams<T>& layer(int l) const { return p_.layers.at(size_t(l)); }
+  const MtpModuleParams<T>& mtp_module(int k) const { return p_.mtp.at(size_t(k)); }
   const RopeTables<T>& rope() const { return rope_; }
   // Tokens routed to each expert (E) by MoE layer l in the last forward (empty for a dense layer); l in
   // [0, L + depth): L + k is MTP module k's block.
@@ -72,11 +117,11 @@ class Model {
     std::string name;  // model.py-style name (embed, layers.3.attn.wq_a, mtp.0.eh_proj, ...)
     std::vector<T>* value;
     std::vector<T>* grad;
+    ParamKind kind;    // Matrix and Embedding take AdamW's weight decay, Norm does not
   };
-  // Every trained parameter with its gradient (the MoE biases excluded: they have none).
+  // Every trained parameter with its gradient, in the model's list order (the MoE biases excluded: they have
+  // none).
   std::vector<Tensor> tensors();
-  // Is this tensors() name a norm's weight (…norm: starts at 1, takes no weight decay)?
-  static bool is_norm_weight(const std::string& name);
   // Hugging Face names -> fp32 values, and back (UserError naming a missing or mis-sized tensor).
   TensorMap to_tensor_map() const;
   void load_tensor_map(const TensorMap& m);
@@ -86,11 +131,12 @@ class Model {
  private:
   friend class DeviceModel;  // model_device.h: the same model on the GPU, built from (and checked against) this one
  public:
-  BlockConfig block_config(int layer) const;
-  MtpConfig mtp_config() const;
+  BlockConfig block_config(int layer) const { return dsv3::block_config(cfg_, layer); }
+  MtpConfig mtp_config() const { return dsv3::mtp_config(cfg_); }
 
  private:
-  // (HF name, tensor, offset, count) of every parameter, bias included: the one place that names them.
+  // (HF name, tensor, offset, count) of every parameter, bias included (the model's list; a tensor stacked
+  // over experts gives one view per expert).
   struct View {
     std::string name;
     const std::vector<T>* tensor;
@@ -107,9 +153,7 @@ class Model {
 
   ModelConfig cfg_;
   RopeTables<T> rope_;
-  std::vector<T> embed_, dembed_, norm_, dnorm_, head_, dhead_;
-  std::vector<BlockParams<T>> layers_, dlayers_;
-  std::vector<MtpModuleParams<T>> mtp_, dmtp_;
+  ModelTensors<std::vector<T>> p_, g_;  // values, gradients
   // saved by forward
   int B_ = 0, T_ = 0;
   std::vector<int> window_, inputs_, targets_;

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "05_mtp/mtp_device.h"
+#include "common/param_list_device.h"
 #include "06_full_model/model.h"
 #include "common/cuda_utils.h"
 
@@ -18,7 +19,8 @@ namespace dsv3 {
 
 class DeviceModel {
  public:
-  explicit DeviceModel(const Model<float>& host);
+  DeviceModel(const Model<float>& host, const DeviceOptions& opt);
+  const DeviceOptions& options() const { return opt_; }
   // As Model::forward / backward / update_bias, on the device. Tokens (B, T+1) on the host.
   float forward(const std::vector<int>& tokens, int B, int Tn);
   void backward();
@@ -34,15 +36,16 @@ class DeviceModel {
   // [0, L + depth): L + k is MTP module k's block (model.h's numbering).
   std::vector<int> expert_counts(int layer) const;
 
-  // Every trained parameter on the device with its gradient, named and ordered as host.tensors() (the host
-  // model this one was built from); what an optimizer walks.
+  // Every trained parameter on the device with its gradient, named and ordered as Model::tensors() (the
+  // model's one list); what an optimizer walks.
   struct Slot {
     std::string name;
     float* value;
     float* grad;
     size_t n;
+    bool decays;  // AdamW's weight decay applies (matrices and the embedding, not norms)
   };
-  std::vector<Slot> slots(Model<float>& host);
+  std::vector<Slot> slots();
   // Optional timing of the phases of forward and backward with CUDA events (off by default; the benchmark's
   // breakdown). phase_times(): (phase, ms) of the last forward and backward, in order; empty when off.
   void set_phase_timing(bool on) { timing_ = on; }
@@ -53,10 +56,12 @@ class DeviceModel {
  private:
   const Model<float>& host_;
   ModelConfig cfg_;
+  DeviceOptions opt_;
+  // The host model's stage configs with this model's precision and expert path.
+  BlockConfig block_config(int layer) const;
+  MtpConfig mtp_config() const;
   MlaDeviceRope rope_;
-  DeviceBuffer<float> embed_, norm_, head_, dembed_, dnorm_, dhead_;
-  std::vector<BlockDeviceParams> layers_, dlayers_;
-  std::vector<MtpDeviceParams> mtp_, dmtp_;
+  ModelTensors<DeviceBuffer<float>> p_, g_;  // values, gradients
   // saved by forward
   int B_ = 0, T_ = 0;
   DeviceBuffer<int> window_, inputs_, targets_;
@@ -65,9 +70,6 @@ class DeviceModel {
   std::optional<MtpDeviceSaved> mtp_saved_;
   std::vector<DeviceBuffer<float>> bal_f_, bal_ssum_;  // per layer in [0, L + depth); empty without a balance loss
   DeviceBuffer<float> z_, zrstd_, logits_, probs_, bal_loss_;
-  // Calls f(host value tensor, device value buffer, device gradient buffer) for every parameter tensor.
-  template <typename F>
-  void pair_tensors(const Model<float>& host, F&& f);
   const MoeSaved<float>& moe_saved(int layer) const;  // layer in [0, L + depth)
   // Layer l's sequence-wise balance loss into bal_loss_[l], and its gradient on the scores (false: none).
   void balance_forward(int layer, const MoeSaved<float>& moe);

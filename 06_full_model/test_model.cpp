@@ -131,7 +131,7 @@ TEST(Model, InitializerRangeDrawsEveryWeightMatrixWithThatStd) {
   int checked = 0;
   for (const auto& t : m.tensors()) {
     const std::vector<double>& v = *t.value;
-    if (Model<double>::is_norm_weight(t.name)) {
+    if (t.kind == ParamKind::Norm) {
       EXPECT_TRUE(std::all_of(v.begin(), v.end(), [](double x) { return x == 1.0; })) << t.name;
       continue;
     }
@@ -165,7 +165,7 @@ TEST(CudaModel, ForwardBackwardMatchCpu) {
     if (name.find("e_score_correction_bias") != std::string::npos)
       for (size_t e = 0; e < v.size(); ++e) v[e] = -0.5f * float(e);
   host.load_tensor_map(t);
-  DeviceModel dev(host);
+  DeviceModel dev(host, DeviceOptions{});
   const int B = 3, T = 11, N = B * T;
   const auto tokens = random_window(c, B, T, 12);
   const float lc = host.forward(tokens, B, T);

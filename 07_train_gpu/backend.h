@@ -21,10 +21,16 @@ namespace dsv3 {
 // BF16: mixed precision with fp32 master weights and fp32 AdamW moments: the operands of the matrix products
 //       (projections, attention scores and values, experts, head) are rounded to bf16 and multiplied on tensor
 //       cores with fp32 accumulation; the router (gate logits, scores, bias), the norms, softmax, the loss and
-//       the optimizer stay fp32.
+//       the optimizer stay fp32. The routed experts run on the segmented bf16 path when the model's shapes
+//       allow it (moe_inter_dim and hidden_size multiples of 8), else on the grouped cuBLAS path.
 enum class Precision { FP32, BF16 };
 std::string precision_name(Precision p);
 Precision parse_precision(const std::string& s);  // "fp32" | "bf16"; UserError otherwise
+// The CUDA model's options for a precision and model (the choice of expert path above).
+DeviceOptions device_options(Precision p, const ModelConfig& c);
+// "grouped" | "segmented"; UserError otherwise.
+MoeExperts parse_moe_experts(const std::string& s);
+std::string moe_experts_name(MoeExperts e);
 
 class Backend {
  public:
@@ -68,11 +74,11 @@ class Backend {
   virtual void load_optimizer_state(const TensorMap& m) = 0;  // UserError naming a missing or mis-sized tensor
 };
 
-// Weight decay applies to this tensor (Model::tensors() name)? Matrices yes, norm weights no.
-bool decays(const std::string& model_py_name);
 
 std::unique_ptr<Backend> make_cpu_backend(const ModelConfig& c, uint64_t seed);
-// UserError when CUDA is not built in or no GPU is present.
+// UserError when CUDA is not built in or no GPU is present, or when the options do not fit the model.
+std::unique_ptr<Backend> make_cuda_backend(const ModelConfig& c, uint64_t seed, const DeviceOptions& opt);
+// The same with device_options(p, c).
 std::unique_ptr<Backend> make_cuda_backend(const ModelConfig& c, uint64_t seed, Precision p);
 
 }  // namespace dsv3

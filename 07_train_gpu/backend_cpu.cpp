@@ -1,8 +1,7 @@
 // Stage 07's CPU backend (backend.h): stage 06's Model<float>, the reference the CUDA backend is checked against.
 // AdamW is cpu::adamw_step (stage 04) once per tensor of Model::tensors(), with its own two moment buffers; the
 // gradients are multiplied by grad_scale (the clipping factor) on a scratch copy, so the model's gradients keep
-// their meaning. Also here: the precision names, the weight-decay rule shared by both backends, and the
-// make_cuda_backend of a build without CUDA.
+// their meaning. Also here: the precision names and options, and the make_cuda_backend of a build without CUDA.
 #include <fmt/format.h>
 
 #include <cmath>
@@ -20,9 +19,27 @@ Precision parse_precision(const std::string& s) {
   throw UserError(fmt::format("unknown precision '{}': use fp32 or bf16", s));
 }
 
-// The norm weights (attn_norm, ffn_norm, q_norm, kv_norm, norm, enorm, hnorm) are gains around 1: decaying them
-// towards 0 would fight the normalisation. Every matrix (embedding, head, projections, experts, router) decays.
-bool decays(const std::string& model_py_name) { return !Model<float>::is_norm_weight(model_py_name); }
+DeviceOptions device_options(Precision p, const ModelConfig& c) {
+  DeviceOptions o;
+  if (p == Precision::FP32) return o;
+  o.matmul = Matmul::BF16;
+  MoeConfig m = c.moe();
+  m.matmul = o.matmul;
+  o.experts = segmented_experts_fit(m) ? MoeExperts::Segmented : MoeExperts::Grouped;
+  return o;
+}
+
+std::string moe_experts_name(MoeExperts e) { return e == MoeExperts::Segmented ? "segmented" : "grouped"; }
+
+MoeExperts parse_moe_experts(const std::string& s) {
+  if (s == "grouped") return MoeExperts::Grouped;
+  if (s == "segmented") return MoeExperts::Segmented;
+  throw UserError(fmt::format("unknown expert path '{}': use grouped or segmented", s));
+}
+
+std::unique_ptr<Backend> make_cuda_backend(const ModelConfig& c, uint64_t seed, Precision p) {
+  return make_cuda_backend(c, seed, device_options(p, c));
+}
 
 namespace {
 
@@ -77,7 +94,7 @@ class CpuBackend final : public Backend {
         g = scaled_.data();
       }
       cpu::adamw_step(tensors[i].value->data(), g, exp_avg_[i].data(), exp_avg_sq_[i].data(), grad.size(), step, opt,
-                      decays(tensors[i].name));
+                      decays(tensors[i].kind));
     }
     model_.update_bias();
   }
@@ -127,7 +144,7 @@ std::unique_ptr<Backend> make_cpu_backend(const ModelConfig& c, uint64_t seed) {
 }
 
 #ifndef DSV3_HAVE_CUDA
-std::unique_ptr<Backend> make_cuda_backend(const ModelConfig&, uint64_t, Precision) {
+std::unique_ptr<Backend> make_cuda_backend(const ModelConfig&, uint64_t, const DeviceOptions&) {
   throw UserError("this build has no CUDA (nvcc was not found at configure time, or DSV3_CUDA=OFF): "
                   "train with the cpu backend, or rebuild on a machine with the CUDA toolkit");
 }

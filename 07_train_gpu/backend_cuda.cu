@@ -1,8 +1,7 @@
 // Stage 07's CUDA backend (backend.h): stage 06's DeviceModel, with every parameter, gradient and AdamW moment
 // on the GPU. The optimizer is two launches per step over all tensors at once (a table of tensors on the device):
-// one for the squared gradient norm, one for the clipped AdamW update. Precision::BF16 runs the model's forward
-// and backward under ScopedGemmMath(BF16): every matrix product of the stages' entry points takes bf16 operands
-// on the tensor cores (fp32 accumulation and storage), except the router's, which asks for fp32 itself.
+// one for the squared gradient norm, one for the clipped AdamW update. The precision of the model's products and
+// its expert path are the DeviceOptions it is built with (device_options() in backend_cpu.cpp for a Precision).
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -70,8 +69,8 @@ __global__ void adamw_multi_kernel(const SlotDesc* slots, float scale, float lr,
 
 class CudaBackend final : public Backend {
  public:
-  CudaBackend(const ModelConfig& c, uint64_t seed, Precision p)
-      : host_(c, seed), dev_(host_), precision_(p), slots_(dev_.slots(host_)) {
+  CudaBackend(const ModelConfig& c, uint64_t seed, const DeviceOptions& opt)
+      : host_(c, seed), dev_(host_, opt), slots_(dev_.slots()) {
     // Keep freed scratch memory in the stream-ordered pool across steps instead of returning it at every
     // synchronisation (the default), so the per-step scratch allocations cost nothing after the first step.
     cudaMemPool_t pool;
@@ -85,7 +84,7 @@ class CudaBackend final : public Backend {
       moments_.emplace_back(s.n);
       moments_.back().zero();
       table.push_back({s.value, s.grad, moments_[moments_.size() - 2].get(), moments_.back().get(), s.n,
-                       decays(s.name) ? 1.f : 0.f});
+                       s.decays ? 1.f : 0.f});
       max_n_ = std::max<unsigned long long>(max_n_, s.n);
     }
     table_bytes_.resize(table.size() * sizeof(SlotDesc));
@@ -96,18 +95,18 @@ class CudaBackend final : public Backend {
   }
 
   std::string describe() const override {
-    return fmt::format("cuda {} ({})", precision_name(precision_), gpu_description());
+    const DeviceOptions& o = dev_.options();
+    return fmt::format("cuda {}, experts {} ({})", matmul_name(o.matmul), moe_experts_name(o.experts),
+                       gpu_description());
   }
   const ModelConfig& config() const override { return host_.config(); }
 
   ModelLosses forward_backward(const std::vector<int>& tokens, int B, int T) override {
-    cuda::ScopedGemmMath math(gemm_math());
     dev_.forward(tokens, B, T);
     dev_.backward();
     return dev_.losses();
   }
   ModelLosses evaluate(const std::vector<int>& tokens, int B, int T) override {
-    cuda::ScopedGemmMath math(gemm_math());
     dev_.forward(tokens, B, T);
     return dev_.losses();
   }
@@ -186,9 +185,6 @@ class CudaBackend final : public Backend {
   }
 
  private:
-  cuda::GemmMath gemm_math() const {
-    return precision_ == Precision::BF16 ? cuda::GemmMath::BF16 : cuda::GemmMath::FP32;
-  }
   unsigned blocks() const {
     return unsigned(std::min<unsigned long long>(kMaxBlocksPerTensor, (max_n_ + kThreads - 1) / kThreads));
   }
@@ -203,7 +199,6 @@ class CudaBackend final : public Backend {
 
   mutable Model<float> host_;  // the host twin: initial values, and the staging area of weights()
   mutable DeviceModel dev_;
-  Precision precision_;
   std::vector<DeviceModel::Slot> slots_;
   std::vector<DeviceBuffer<float>> moments_;  // exp_avg, exp_avg_sq of slot i at 2i, 2i+1
   std::vector<char> table_bytes_;
@@ -215,9 +210,9 @@ class CudaBackend final : public Backend {
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cuda_backend(const ModelConfig& c, uint64_t seed, Precision p) {
+std::unique_ptr<Backend> make_cuda_backend(const ModelConfig& c, uint64_t seed, const DeviceOptions& opt) {
   if (!gpu_available()) throw UserError(fmt::format("no usable GPU: {}", gpu_description()));
-  return std::make_unique<CudaBackend>(c, seed, p);
+  return std::make_unique<CudaBackend>(c, seed, opt);
 }
 
 }  // namespace dsv3

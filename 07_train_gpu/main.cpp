@@ -19,7 +19,9 @@
 #include <sstream>
 
 #include "07_train_gpu/bench.h"
+#include "07_train_gpu/corpus.h"
 #include "07_train_gpu/data.h"
+#include "07_train_gpu/run_checkpoint.h"
 #include "07_train_gpu/sampler.h"
 #include "07_train_gpu/train.h"
 #include "common/cli.h"
@@ -353,6 +355,87 @@ int run_check(const std::string& out, PrepareArgs pa) {
   return failures ? 1 : 0;
 }
 
+// prepare: the corpus, the tokenizer and the token files into data_dir, with the round-trip checks.
+int run_prepare_command(const PrepareArgs& pa, const std::string& data_dir) {
+  const int failures = do_prepare(pa, data_dir, false);
+  std::cout << (failures ? fmt::format("{} check(s) FAILED\n", failures) : "all checks passed\n");
+  return failures ? 1 : 0;
+}
+
+// train: the preset defaults to lyrics on a GPU, tiny on the CPU.
+void run_train_command(TrainArgs ta) {
+  if (ta.preset.empty()) ta.preset = gpu_available() && ta.device != "cpu" ? "lyrics" : "tiny";
+  do_train(ta, load_prepared(ta.data), std::cout);
+}
+
+// bench: training steps of a preset on random tokens on the GPU; a table, then the result as a JSON line, also
+// appended to <out>/bench.jsonl.
+// experts: "auto" (the precision's choice, device_options()), "grouped" or "segmented": compares the two paths.
+int run_bench_command(BenchOptions b, const std::string& precision, const std::string& experts,
+                      const DemoOptions& opt) {
+  b.seed = opt.seed;
+  const Precision prec = parse_precision(precision);
+  const ModelConfig c = config_preset(b.preset);
+  DeviceOptions o = device_options(prec, c);
+  if (experts != "auto") o.experts = parse_moe_experts(experts);
+  auto backend = make_cuda_backend(c, opt.seed, o);
+  std::cout << backend->describe() << "\n";
+  BenchResult r = run_bench(*backend, b);
+  r.precision = precision_name(prec);
+  Table t({"preset", "precision", "batch x T", "step ms", "fwd+bwd ms", "optim ms", "tokens/s", "MFU", "peak GiB"});
+  t.add_row({r.preset, r.precision, fmt::format("{} x {}", r.batch, r.seq_len), fmt::format("{:.2f}", r.step_ms),
+             fmt::format("{:.2f}", r.fwd_bwd_ms), fmt::format("{:.2f}", r.opt_ms),
+             fmt::format("{:.0f}", r.tokens_per_s), fmt::format("{:.2f}%", 100 * r.mfu),
+             fmt::format("{:.2f}", r.peak_mem_gib)});
+  t.print();
+  std::cout << fmt::format("FLOPs/token {:.4g} (active matmul params {:.4g}); loss {:.3f} -> {:.3f}\n",
+                           r.flops_per_token, r.params_active, r.loss_first, r.loss_last);
+  if (!r.phase_ms.empty()) {
+    Table ph({"phase", "median ms"});
+    for (const auto& p : r.phase_ms) ph.add_row({p.first, fmt::format("{:.3f}", p.second)});
+    ph.print();
+  }
+  std::cout << r.json() << "\n";
+  ensure_dir(opt.out);
+  std::ofstream(opt.out + "/bench.jsonl", std::ios::app) << r.json() << "\n";  // one line per run, appended
+  return 0;
+}
+
+// The main job (no subcommand): data (once), the default run (the GPU lyrics run, else the CPU fallback), samples
+// from its best checkpoint and a speculative-decoding comparison.
+int run_main_job(TrainArgs ta, const PrepareArgs& pa, const SampleArgs& sa, const std::string& data_dir) {
+  if (!fs::exists(data_dir + "/data.json")) {
+    const int failures = do_prepare(pa, data_dir, false);
+    require(failures == 0, "data preparation failed its checks");
+  } else {
+    std::cout << fmt::format("using the prepared data in {} (07_train_gpu prepare rebuilds it)\n", data_dir);
+  }
+  const Prepared data = load_prepared(data_dir);
+  if (gpu_available() && ta.device != "cpu") {
+    ta.preset = "lyrics";
+    std::cout << fmt::format("GPU: {} -> the lyrics run\n", gpu_description());
+  } else {
+    use_cpu_fallback(ta);
+    ta.device = "cpu";
+    ta.precision = "fp32";
+    std::cout << fmt::format(
+        "\nNO GPU ({}): training the tiny preset on the CPU so the whole pipeline runs in a few minutes.\n"
+        "Its lyrics will be poor: the real run (the lyrics preset, bf16) needs an NVIDIA GPU.\n\n",
+        gpu_description());
+  }
+  keep_previous_run(ta.run);
+  do_train(ta, data, std::cout);
+  const bool sampled = do_sample(sa);
+  // speculative decoding against plain decoding, greedy on a fixed prompt: the acceptance rate of the MTP draft
+  SampleArgs spec = sa;
+  spec.prompts = {"The LORD is my shepherd"};
+  spec.opt.temperature = 0;
+  spec.opt.max_new_tokens = 120;
+  spec.speculative = true;
+  std::cout << "\nMTP speculative decoding (greedy):\n";
+  return sampled && do_sample(spec) ? 0 : 1;
+}
+
 void add_train_options(CLI::App* cmd, TrainArgs& a) {
   cmd->add_option("--data", a.data, "prepared data folder (default <out>/data)");
   cmd->add_option("--run", a.run, "run folder: diagnostics, plots, checkpoints (default <out>/run)");
@@ -433,6 +516,9 @@ int main(int argc, char** argv) {
   bench->add_option("--warmup", bopt.warmup, "untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
   bench->add_option("--precision", bench_precision, "fp32 or bf16")->capture_default_str();
   bench->add_flag("--phases", bopt.phases, "also print the median time of each phase of forward and backward");
+  std::string bench_experts = "auto";
+  bench->add_option("--moe-experts", bench_experts, "routed experts' path: auto (bf16: segmented where the shapes "
+                    "allow), grouped or segmented")->capture_default_str();
 
   return run_main(app, argc, argv, [&] {
     std::cout << fmt::format("{}\nseed {}\n", command_line(argc, argv), opt.seed);
@@ -448,75 +534,17 @@ int main(int argc, char** argv) {
     pa.opt.seed = opt.seed;
     if (opt.check) return run_check(opt.out, pa);
 
-    if (*prepare) {
-      const int failures = do_prepare(pa, data_dir, false);
-      std::cout << (failures ? fmt::format("{} check(s) FAILED\n", failures) : "all checks passed\n");
-      return failures ? 1 : 0;
-    }
-    if (*bench) {
-      bopt.seed = opt.seed;
-      const Precision prec = parse_precision(bench_precision);
-      auto backend = make_cuda_backend(config_preset(bopt.preset), opt.seed, prec);
-      BenchResult r = run_bench(*backend, bopt);
-      r.precision = precision_name(prec);
-      Table t({"preset", "precision", "batch x T", "step ms", "fwd+bwd ms", "optim ms", "tokens/s", "MFU", "peak GiB"});
-      t.add_row({r.preset, r.precision, fmt::format("{} x {}", r.batch, r.seq_len), fmt::format("{:.2f}", r.step_ms),
-                 fmt::format("{:.2f}", r.fwd_bwd_ms), fmt::format("{:.2f}", r.opt_ms), fmt::format("{:.0f}", r.tokens_per_s),
-                 fmt::format("{:.2f}%", 100 * r.mfu), fmt::format("{:.2f}", r.peak_mem_gib)});
-      t.print();
-      std::cout << fmt::format("FLOPs/token {:.4g} (active matmul params {:.4g}); loss {:.3f} -> {:.3f}\n", r.flops_per_token,
-                               r.params_active, r.loss_first, r.loss_last);
-      if (!r.phase_ms.empty()) {
-        Table ph({"phase", "median ms"});
-        for (const auto& p : r.phase_ms) ph.add_row({p.first, fmt::format("{:.3f}", p.second)});
-        ph.print();
-      }
-      std::cout << r.json() << "\n";
-      ensure_dir(opt.out);
-      std::ofstream(opt.out + "/bench.jsonl", std::ios::app) << r.json() << "\n";  // one line per run, appended
-      return 0;
-    }
+    if (*prepare) return run_prepare_command(pa, data_dir);
+    if (*bench) return run_bench_command(bopt, bench_precision, bench_experts, opt);
     if (*sample) return do_sample(sa) ? 0 : 1;
     if (*eval) {
       do_eval(ea);
       return 0;
     }
     if (*train_cmd) {
-      if (ta.preset.empty()) ta.preset = gpu_available() && ta.device != "cpu" ? "lyrics" : "tiny";
-      do_train(ta, load_prepared(ta.data), std::cout);
+      run_train_command(ta);
       return 0;
     }
-
-    // the main job: data (once), the default run, samples
-    if (!fs::exists(data_dir + "/data.json")) {
-      const int failures = do_prepare(pa, data_dir, false);
-      require(failures == 0, "data preparation failed its checks");
-    } else {
-      std::cout << fmt::format("using the prepared data in {} (07_train_gpu prepare rebuilds it)\n", data_dir);
-    }
-    const Prepared data = load_prepared(data_dir);
-    if (gpu_available() && ta.device != "cpu") {
-      ta.preset = "lyrics";
-      std::cout << fmt::format("GPU: {} -> the lyrics run\n", gpu_description());
-    } else {
-      use_cpu_fallback(ta);
-      ta.device = "cpu";
-      ta.precision = "fp32";
-      std::cout << fmt::format(
-          "\nNO GPU ({}): training the tiny preset on the CPU so the whole pipeline runs in a few minutes.\n"
-          "Its lyrics will be poor: the real run (the lyrics preset, bf16) needs an NVIDIA GPU.\n\n",
-          gpu_description());
-    }
-    keep_previous_run(ta.run);
-    do_train(ta, data, std::cout);
-    const bool sampled = do_sample(sa);
-    // speculative decoding against plain decoding, greedy on a fixed prompt: the acceptance rate of the MTP draft
-    SampleArgs spec = sa;
-    spec.prompts = {"The LORD is my shepherd"};
-    spec.opt.temperature = 0;
-    spec.opt.max_new_tokens = 120;
-    spec.speculative = true;
-    std::cout << "\nMTP speculative decoding (greedy):\n";
-    return sampled && do_sample(spec) ? 0 : 1;
+    return run_main_job(ta, pa, sa, data_dir);
   });
 }

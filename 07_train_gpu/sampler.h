@@ -8,7 +8,7 @@
 //   generate()   temperature / top-k / top-p sampling, plainly or speculatively with the MTP draft.
 //
 // Bitwise chunk invariance. Every per-token map (linear layers, norms, router, experts, head) is computed as
-// row-independent dot products in one fixed summation order (dot() in sampler_cpu.cpp), and attention of a
+// row-independent dot products in one fixed summation order (dot() in sampler.cpp), and attention of a
 // token reads only its own query and the cache; so feed() of a chunk of n tokens returns logits BITWISE equal
 // to n feeds of one token. That is what makes speculative decoding's output identical to plain decoding:
 // every emitted token is drawn from the main model's own logits with one RNG draw, in the same order.
@@ -38,7 +38,7 @@ namespace data {
 class Tokenizer;
 }
 
-// Scratch buffers of the decoder (sampler_cpu.cpp), reused across calls so decoding does not allocate per token.
+// Scratch buffers of the decoder (sampler.cpp), reused across calls so decoding does not allocate per token.
 struct DecodeScratch;
 
 class Decoder {

@@ -6,6 +6,7 @@
 #include <fstream>
 #include <set>
 
+#include "07_train_gpu/corpus.h"
 #include "07_train_gpu/data.h"
 #include "07_train_gpu/test_support.h"
 #include "common/errors.h"

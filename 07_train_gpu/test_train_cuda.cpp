@@ -17,6 +17,7 @@
 #include <set>
 #include <sstream>
 
+#include "07_train_gpu/run_checkpoint.h"
 #include "07_train_gpu/test_support.h"
 #include "07_train_gpu/train.h"
 #include "common/rng.h"

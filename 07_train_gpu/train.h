@@ -6,7 +6,7 @@
 //   train.csv, val.csv, expert_load.csv   diagnostics, appended as the run goes (columns below)
 //   *.png                                 plots.gp's rendering of them at the end
 //   checkpoints/last, checkpoints/best    config.json + model.safetensors (stage 06, F32, loads in transformers),
-//                                         optimizer.safetensors (AdamW moments), trainer_state.json
+//                                         optimizer.safetensors (AdamW moments), trainer_state.json (run_checkpoint.h)
 //
 // Shapes: B batch (windows per step), T seq_len; a window is T+1 consecutive tokens (inputs t_0..t_{T-1},
 // targets t_1..t_T).
@@ -15,7 +15,6 @@
 #include <atomic>
 #include <cstdint>
 #include <iosfwd>
-#include <limits>
 #include <string>
 #include <vector>
 
@@ -33,7 +32,7 @@ struct TrainConfig {
   double lr = 1.5e-3;           // peak learning rate
   double min_lr_ratio = 0.1;    // the cosine ends at lr * min_lr_ratio at max_steps
   int64_t warmup_steps = 50;
-  double weight_decay = 3.0;    // AdamW, decoupled (lr * wd per step), matrices only (decays() in backend.h)
+  double weight_decay = 3.0;    // AdamW, decoupled (lr * wd per step), matrices only (decays() in common/param_list.h)
   double beta1 = 0.9, beta2 = 0.95;
   double grad_clip = 1.0;       // clip the global gradient norm to this; 0 = off
   int eval_every = 20;          // validation (and the last checkpoint) every this many steps, and at the end
@@ -94,40 +93,6 @@ struct ValResult {
 // the loss averaged over every target. bits/byte uses data.json's counts: the eos tokens between songs count as
 // tokens but have no bytes (data.h's convention). Deterministic. UserError when val is shorter than one window.
 ValResult evaluate(Backend& backend, const std::vector<uint16_t>& val, int B, int T, const data::DataInfo& info);
-
-// ---- checkpoints ------------------------------------------------------------------------------------------
-// Everything a resume needs beyond the weights and the moments (trainer_state.json).
-struct TrainerState {
-  int64_t step = 0;      // steps done (skipped ones included: their batch was consumed)
-  int64_t updates = 0;   // AdamW updates applied (the step count of its bias correction)
-  BatcherState batcher;
-  double best_val_ce = std::numeric_limits<double>::infinity(), best_val_bpb = 0;
-  int64_t best_step = -1;  // -1: no evaluation yet
-  int64_t evals_since_best = 0, last_eval_step = 0;
-  double train_ce_sum = 0;  // finite train ce since the last evaluation (val.csv's train_ce)
-  int64_t train_ce_count = 0;
-  int64_t skipped_steps = 0;
-  double elapsed_s = 0;     // training time of every call so far
-  TrainConfig config;
-  // The data it was trained on; resuming on other data is refused.
-  int vocab_size = 0;
-  int64_t train_tokens = 0, val_tokens = 0, train_bytes = 0, val_bytes = 0;
-};
-
-constexpr int kTrainerStateVersion = 1;
-
-// <run>/checkpoints/<name>
-std::string checkpoint_dir(const std::string& run_dir, const std::string& name);
-// Writes <dir>.tmp (every file fsynced), then swaps it in: <dir> -> <dir>.old, <dir>.tmp -> <dir>, <dir>.old
-// removed. A crash at any point leaves <dir> or <dir>.old complete.
-void save_run_checkpoint(const std::string& dir, const Backend& backend, const TrainerState& state);
-// The folder to read: dir, else the dir.old an interrupted swap left; UserError when neither holds one.
-std::string resolve_checkpoint(const std::string& dir);
-// trainer_state.json of a checkpoint folder (resolved as above); UserError naming the file and the problem.
-TrainerState read_trainer_state(const std::string& dir);
-// Validates every file of the checkpoint (state, config = the backend's, weights, moments, same data as info)
-// before loading the weights (MoE biases included) and moments into the backend. UserError naming the file.
-TrainerState load_run_checkpoint(const std::string& dir, Backend& backend, const data::DataInfo& info);
 
 // ---- the run ----------------------------------------------------------------------------------------------
 struct StepRecord {

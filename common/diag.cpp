@@ -87,12 +87,6 @@ int print_cpu_cuda_table(const std::vector<CpuCudaRow>& rows) {
   return failures;
 }
 
-void ensure_dir(const std::string& dir) {
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
-  require(!ec && std::filesystem::is_directory(dir), "cannot create output folder '{}': {}", dir, ec.message());
-}
-
 static bool have_gnuplot() { return std::system("command -v gnuplot >/dev/null 2>&1") == 0; }
 
 bool render_plots(const std::string& script, const std::string& out_dir) {

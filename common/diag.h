@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common/compare.h"
+#include "common/files.h"
 
 namespace dsv3 {
 
@@ -51,8 +52,6 @@ struct CpuCudaRow {
 // and returns the number of failed comparisons.
 int print_cpu_cuda_table(const std::vector<CpuCudaRow>& rows);
 
-// Creates the folder (and parents); UserError when it cannot.
-void ensure_dir(const std::string& dir);
 
 // Renders `script` with gnuplot, passing outdir='<out_dir>' (the script reads its CSVs from there and
 // writes its PNGs there). Returns true when the PNGs were rendered; prints how to render them when

@@ -11,49 +11,39 @@
 #include <cstdint>
 #include <vector>
 
-namespace dsv3::cuda {
+namespace dsv3 {
 
-namespace {
-// The math of GemmMath::Scoped products on this thread (a ScopedGemmMath changes it for its lifetime).
-thread_local GemmMath scoped_math = GemmMath::FP32;
-}  // namespace
-
-ScopedGemmMath::ScopedGemmMath(GemmMath m) : previous_(scoped_math) {
-  if (m != GemmMath::Scoped) scoped_math = m;
-}
-ScopedGemmMath::~ScopedGemmMath() { scoped_math = previous_; }
-GemmMath scoped_gemm_math() { return scoped_math; }
+namespace cuda {
 
 static cublasOperation_t to_cublas(Op op) { return op == Op::N ? CUBLAS_OP_N : CUBLAS_OP_T; }
-static cublasComputeType_t compute_type(GemmMath m) {
-  if (m == GemmMath::Scoped) m = scoped_math;
+static cublasComputeType_t compute_type(Matmul m) {
   switch (m) {
-    case GemmMath::TF32: return CUBLAS_COMPUTE_32F_FAST_TF32;
-    case GemmMath::BF16: return CUBLAS_COMPUTE_32F_FAST_16BF;
+    case Matmul::TF32: return CUBLAS_COMPUTE_32F_FAST_TF32;
+    case Matmul::BF16: return CUBLAS_COMPUTE_32F_FAST_16BF;
     default: return CUBLAS_COMPUTE_32F;
   }
 }
 
 static void gemm_on(cublasHandle_t h, Op opA, Op opB, int M, int N, int K, float alpha, const float* A, int lda,
-                    const float* B, int ldb, float beta, float* C, int ldc, GemmMath math) {
+                    const float* B, int ldb, float beta, float* C, int ldc, Matmul math) {
   if (M == 0 || N == 0) return;
   CUBLAS_CHECK(cublasGemmEx(h, to_cublas(opB), to_cublas(opA), N, M, K, &alpha, B, CUDA_R_32F, ldb, A, CUDA_R_32F,
                             lda, &beta, C, CUDA_R_32F, ldc, compute_type(math), CUBLAS_GEMM_DEFAULT));
 }
 
 void gemm(Op opA, Op opB, int M, int N, int K, float alpha, const float* A, int lda, const float* B,
-          int ldb, float beta, float* C, int ldc, GemmMath math) {
+          int ldb, float beta, float* C, int ldc, Matmul math) {
   gemm_on(blas_handle(), opA, opB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, math);
 }
 
 void gemm(Op opA, Op opB, int M, int N, int K, float alpha, const float* A, const float* B, float beta,
-          float* C, GemmMath math) {
+          float* C, Matmul math) {
   gemm(opA, opB, M, N, K, alpha, A, opA == Op::N ? K : M, B, opB == Op::N ? N : K, beta, C, N, math);
 }
 
 void gemm_strided_batched(Op opA, Op opB, int M, int N, int K, float alpha, const float* A, int lda,
                           int64_t strideA, const float* B, int ldb, int64_t strideB, float beta, float* C,
-                          int ldc, int64_t strideC, int batch, GemmMath math) {
+                          int ldc, int64_t strideC, int batch, Matmul math) {
   if (M == 0 || N == 0 || batch == 0) return;
   CUBLAS_CHECK(cublasGemmStridedBatchedEx(blas_handle(), to_cublas(opB), to_cublas(opA), N, M, K, &alpha, B,
                                           CUDA_R_32F, ldb, strideB, A, CUDA_R_32F, lda, strideA, &beta, C,
@@ -79,7 +69,7 @@ __global__ void pointer_table_kernel(const float** a, const float** b, float** c
 
 void gemm_batched_2d(Op opA, Op opB, int M, int N, int K, float alpha, const float* A, int lda, int64_t sa_outer,
                      int64_t sa_inner, const float* B, int ldb, int64_t sb_outer, int64_t sb_inner, float beta,
-                     float* C, int ldc, int64_t sc_outer, int64_t sc_inner, int outer, int inner, GemmMath math) {
+                     float* C, int ldc, int64_t sc_outer, int64_t sc_inner, int outer, int inner, Matmul math) {
   const int batch = outer * inner;
   if (M == 0 || N == 0 || batch == 0) return;
   // cuBLAS cannot see the alignment of pointers in a device table, and its tensor-core kernels fault on
@@ -140,11 +130,10 @@ SideStreams& side_streams() {
   thread_local SideStreams side;
   return side;
 }
-thread_local int pending_lanes = 0;  // side streams with work the default stream has not joined yet
 }  // namespace
 
-void gemm_concurrent(Op opA, Op opB, float alpha, float beta, const std::vector<GemmProblem>& problems, bool join,
-                     GemmMath math) {
+void ConcurrentGemms::run(Op opA, Op opB, float alpha, float beta, const std::vector<GemmProblem>& problems,
+                          Matmul math) {
   std::vector<const GemmProblem*> live;
   for (const auto& p : problems)
     if (p.M > 0 && p.N > 0 && (p.K > 0 || beta != 1.f)) live.push_back(&p);
@@ -158,26 +147,32 @@ void gemm_concurrent(Op opA, Op opB, float alpha, float beta, const std::vector<
       gemm_on(side.handles[j % lanes].get(), opA, opB, p.M, p.N, p.K, alpha, p.A, p.lda, p.B, p.ldb, beta, p.C,
               p.ldc, math);
     }
-    pending_lanes = std::max(pending_lanes, lanes);
+    lanes_ = std::max(lanes_, lanes);
   }
-  if (join) gemm_concurrent_join();
 }
 
-void gemm_concurrent_join() {
-  if (pending_lanes == 0) return;
+void ConcurrentGemms::join() {
+  if (lanes_ == 0) return;
   SideStreams& side = side_streams();
-  for (int i = 0; i < pending_lanes; ++i) {
+  for (int i = 0; i < lanes_; ++i) {
     CUDA_CHECK(cudaEventRecord(side.join[i], side.streams[i].get()));
     CUDA_CHECK(cudaStreamWaitEvent(nullptr, side.join[i], 0));
   }
-  pending_lanes = 0;
+  lanes_ = 0;
+}
+
+ConcurrentGemms::~ConcurrentGemms() {
+  try {
+    join();
+  } catch (const std::exception&) {
+    // a destructor must not throw: the failed CUDA call shows again at the next checked call
+  }
 }
 
 // cuBLAS's grouped GEMM has no bf16-compute mode for fp32 operands (CUBLAS_COMPUTE_32F_FAST_16BF is refused):
 // under BF16 the grouped products run on the tensor cores in TF32 (operands rounded to 10 mantissa bits, not 7).
-static cublasComputeType_t grouped_compute_type(GemmMath m) {
-  if (m == GemmMath::Scoped) m = scoped_math;
-  return compute_type(m == GemmMath::BF16 ? GemmMath::TF32 : m);
+static cublasComputeType_t grouped_compute_type(Matmul m) {
+  return compute_type(m == Matmul::BF16 ? Matmul::TF32 : m);
 }
 
 int GroupedGemms::add(Op opA, Op opB, float alpha, float beta, const std::vector<GemmProblem>& problems) {
@@ -219,7 +214,7 @@ void GroupedGemms::upload() {
   CUDA_CHECK(cudaMemcpyAsync(p, table_.data(), table_.size() * sizeof(void*), cudaMemcpyHostToDevice, nullptr));
 }
 
-void GroupedGemms::run(int i, GemmMath math) {
+void GroupedGemms::run(int i, Matmul math) {
   const Product& pr = products_.at(static_cast<size_t>(i));
   const int groups = static_cast<int>(pr.m.size());
   if (groups == 0) return;
@@ -235,4 +230,5 @@ void GroupedGemms::run(int i, GemmMath math) {
                                           groups, sizes.data(), grouped_compute_type(math)));
 }
 
-}  // namespace dsv3::cuda
+}  // namespace cuda
+}  // namespace dsv3

@@ -1,83 +1,44 @@
-// Row-major matrix products, the same call on the CPU (Eigen) and on the GPU (cuBLAS).
+// Row-major matrix products on the GPU (cuBLAS, and the segmented products of segment_gemm.cu); the CPU twin
+// (Eigen) is common/gemm_cpu.h, with the same arguments:
 //
 //   C(M,N) = alpha * op(A)(M,K) @ op(B)(K,N) + beta * C(M,N)
 //
 // op(X) is X (Op::N) or its transpose (Op::T). lda/ldb/ldc are row strides of the matrices as stored
 // (so a head's slice of a wider row is a matrix with ld = the row width). The packed overloads take
 // ld = the stored row length. beta = 0 overwrites C (its old contents are never read, NaN included).
+// No Eigen here: this header is what the .cu files include.
 #pragma once
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
-
-#include <Eigen/Core>
 
 namespace dsv3 {
 
 enum class Op { N, T };
 
-namespace cpu {
-
-template <typename T>
-void gemm(Op opA, Op opB, int M, int N, int K, T alpha, const T* A, int lda, const T* B, int ldb, T beta,
-          T* C, int ldc) {
-  using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  using Stride = Eigen::OuterStride<>;
-  using CMap = Eigen::Map<const Mat, 0, Stride>;
-  Eigen::Map<Mat, 0, Stride> c(C, M, N, Stride(ldc));
-  const int ar = opA == Op::N ? M : K, ac = opA == Op::N ? K : M;
-  const int br = opB == Op::N ? K : N, bc = opB == Op::N ? N : K;
-  CMap a(A, ar, ac, Stride(lda));
-  CMap b(B, br, bc, Stride(ldb));
-  Mat prod(M, N);
-  if (opA == Op::N && opB == Op::N) prod.noalias() = a * b;
-  if (opA == Op::N && opB == Op::T) prod.noalias() = a * b.transpose();
-  if (opA == Op::T && opB == Op::N) prod.noalias() = a.transpose() * b;
-  if (opA == Op::T && opB == Op::T) prod.noalias() = a.transpose() * b.transpose();
-  if (beta == T(0))
-    c = alpha * prod;
-  else
-    c = alpha * prod + beta * c;
-}
-
-template <typename T>
-void gemm(Op opA, Op opB, int M, int N, int K, T alpha, const T* A, const T* B, T beta, T* C) {
-  gemm(opA, opB, M, N, K, alpha, A, opA == Op::N ? K : M, B, opB == Op::N ? N : K, beta, C, N);
-}
-
-}  // namespace cpu
+// The precision of a product on the GPU. Every CUDA product names its own: a layer takes it from its
+// config's `matmul` field, which the trainer sets from --precision (stage 07), and the few products that must
+// stay fp32 whatever the layer's precision (the MoE router) say FP32 in the code.
+//   FP32: exact fp32 (the path tested against the CPU reference).
+//   TF32: tensor cores, operands rounded to 10 mantissa bits, ~1e-3 relative error.
+//   BF16: operands rounded to bf16 on the tensor cores, fp32 accumulation and storage (cuBLAS
+//         CUBLAS_COMPUTE_32F_FAST_16BF), ~4e-3 relative error: stage 07's mixed-precision training.
+// The CPU reference always computes in its scalar type and ignores it.
+enum class Matmul { FP32, TF32, BF16 };
+inline std::string matmul_name(Matmul m) { return m == Matmul::BF16 ? "bf16" : m == Matmul::TF32 ? "tf32" : "fp32"; }
 
 namespace cuda {
 
-// FP32: exact fp32 products (the path tested against the CPU). TF32: tensor cores, ~1e-3 rel. error.
-// BF16: operands rounded to bf16 on the tensor cores, fp32 accumulation and fp32 storage (cuBLAS
-// CUBLAS_COMPUTE_32F_FAST_16BF), ~4e-3 rel. error: the matrix products of stage 07's mixed-precision training.
-// Scoped: the math of the enclosing ScopedGemmMath (FP32 outside any): how a trainer chooses the precision of
-// every product of the stages' entry points without a flag on each; a product that must stay fp32 whatever
-// the scope (the MoE router) asks for FP32 explicitly.
-enum class GemmMath { Scoped, FP32, TF32, BF16 };
-
-// Sets the calling thread's math for GemmMath::Scoped products while alive; restores the previous one after.
-class ScopedGemmMath {
- public:
-  explicit ScopedGemmMath(GemmMath m);
-  ~ScopedGemmMath();
-  ScopedGemmMath(const ScopedGemmMath&) = delete;
-  ScopedGemmMath& operator=(const ScopedGemmMath&) = delete;
-
- private:
-  GemmMath previous_;
-};
-
 void gemm(Op opA, Op opB, int M, int N, int K, float alpha, const float* A, int lda, const float* B,
-          int ldb, float beta, float* C, int ldc, GemmMath math = GemmMath::Scoped);
+          int ldb, float beta, float* C, int ldc, Matmul math);
 void gemm(Op opA, Op opB, int M, int N, int K, float alpha, const float* A, const float* B, float beta,
-          float* C, GemmMath math = GemmMath::Scoped);
+          float* C, Matmul math);
 // batch independent products; matrix i starts at A + i*strideA (likewise B, C).
 void gemm_strided_batched(Op opA, Op opB, int M, int N, int K, float alpha, const float* A, int lda,
                           int64_t strideA, const float* B, int ldb, int64_t strideB, float beta, float* C,
-                          int ldc, int64_t strideC, int batch, GemmMath math = GemmMath::Scoped);
+                          int ldc, int64_t strideC, int batch, Matmul math);
 // outer x inner products of one shape whose operands sit on a two-level grid: product (o, n) reads A at
 // A + o*sa_outer + n*sa_inner (B and C alike). One cuBLAS pointer-array batched call (the table is built on the
 // device), where strided batching would need one call per value of o or n (attention: sequences x heads).
@@ -85,7 +46,7 @@ void gemm_strided_batched(Op opA, Op opB, int M, int N, int K, float alpha, cons
 void gemm_batched_2d(Op opA, Op opB, int M, int N, int K, float alpha, const float* A, int lda, int64_t sa_outer,
                      int64_t sa_inner, const float* B, int ldb, int64_t sb_outer, int64_t sb_inner, float beta,
                      float* C, int ldc, int64_t sc_outer, int64_t sc_inner, int outer, int inner,
-                     GemmMath math = GemmMath::Scoped);
+                     Matmul math);
 
 // One problem of a grouped product: row-major C (M x N) = alpha op(A) op(B) + beta C, inner dimension K.
 struct GemmProblem {
@@ -100,23 +61,33 @@ struct GemmProblem {
 // Independent products (no two write the same C) with the same ops, alpha and beta, spread round-robin over a
 // few side streams (each with its own cuBLAS handle) so that small ones run side by side. Each C is written by
 // one product, so results do not depend on the overlap. Problems with M or N = 0 are skipped, as are K = 0
-// problems when beta = 1. join = true: the default stream waits for all of them before its next work. join =
-// false: the default stream goes on alongside them, and the caller must call gemm_concurrent_join() before
-// the default stream touches their outputs, writes their inputs or frees either.
-void gemm_concurrent(Op opA, Op opB, float alpha, float beta, const std::vector<GemmProblem>& problems,
-                     bool join = true, GemmMath math = GemmMath::Scoped);
-void gemm_concurrent_join();
+// problems when beta = 1. The default stream goes on alongside them until join(), which the destructor calls:
+// keep the object alive (its scope) while the default stream must not yet touch their outputs, write their
+// inputs or free either; at the end of the scope the default stream waits for every product run().
+class ConcurrentGemms {
+ public:
+  ConcurrentGemms() = default;
+  ~ConcurrentGemms();  // join()
+  ConcurrentGemms(const ConcurrentGemms&) = delete;
+  ConcurrentGemms& operator=(const ConcurrentGemms&) = delete;
+  void run(Op opA, Op opB, float alpha, float beta, const std::vector<GemmProblem>& problems, Matmul math);
+  void join();
+
+ private:
+  int lanes_ = 0;  // side streams with work the default stream has not joined yet
+};
 
 // Products of different shapes (the MoE experts, each with its own token count), each one cuBLAS grouped call
 // (cublasGemmGroupedBatchedEx). Queue them all with add(), upload() their pointer tables in one copy (it waits
 // for the host arrays to be staged), then run(i) each in turn, free to interleave other kernels. Problems with
 // M or N = 0 are dropped, as are K = 0 problems when beta = 1 (C unchanged); K = 0 with beta != 1 is an error.
-// Math: as gemm, except that BF16 runs as TF32 (cuBLAS's grouped GEMM refuses bf16 compute on fp32 operands).
+// Precision: as gemm, except that BF16 runs as TF32 (cuBLAS's grouped GEMM refuses bf16 compute on fp32
+// operands).
 class GroupedGemms {
  public:
   int add(Op opA, Op opB, float alpha, float beta, const std::vector<GemmProblem>& problems);
   void upload();
-  void run(int i, GemmMath math = GemmMath::Scoped);
+  void run(int i, Matmul math);
 
  private:
   struct Product {
@@ -130,9 +101,6 @@ class GroupedGemms {
   const void** dev_ = nullptr;
   std::shared_ptr<void> owner_;  // the device table (stream-ordered free)
 };
-
-// The math GemmMath::Scoped stands for on this thread now (FP32 outside any ScopedGemmMath).
-GemmMath scoped_gemm_math();
 
 // Segmented products: the rows of a token-sorted matrix split into segments (the MoE experts) at offsets
 // off[0] = 0 <= off[1] <= ... <= off[segments], held on the device and read there, so that the host never

@@ -6,12 +6,15 @@
 // Loading validates everything before any tensor byte is used: header length within the file, JSON well
 // formed, known dtypes, shape x element size == byte length, offsets inside the data buffer, no overlaps and
 // no holes (the format requires the buffer to be fully indexed). A bad file is a UserError naming the problem.
+// Writes go through common/files.h (atomic: temporary file, fsync, rename).
 #pragma once
 
 #include <cstdint>
 #include <map>
 #include <string>
 #include <vector>
+
+#include "common/files.h"
 
 namespace dsv3 {
 
@@ -73,8 +76,5 @@ class SafetensorsFile {
   std::map<std::string, size_t> index_;
   std::map<std::string, std::string> metadata_;
 };
-
-// Writes bytes to path atomically (temporary file, fsync, rename, fsync folder). UserError on failure.
-void write_file_atomic(const std::string& path, const std::string& bytes);
 
 }  // namespace dsv3

@@ -10,6 +10,7 @@
 #include "common/diag.h"
 #include "common/errors.h"
 #include "common/gemm.h"
+#include "common/gemm_cpu.h"
 #include "common/rng.h"
 #include "common/safetensors.h"
 #include "common/testing.h"
@@ -272,7 +273,7 @@ TEST(CudaGemm, MatchesCpuForAllOpsAndStrides) {
       auto C = rng.normal_vec<float>(M * ldc);
       DeviceBuffer<float> dA(A), dB(B), dC(C);
       cpu::gemm(oa, ob, M, N, K, 0.5f, A.data(), lda, B.data(), ldb, 2.0f, C.data(), ldc);
-      cuda::gemm(oa, ob, M, N, K, 0.5f, dA.get(), lda, dB.get(), ldb, 2.0f, dC.get(), ldc);
+      cuda::gemm(oa, ob, M, N, K, 0.5f, dA.get(), lda, dB.get(), ldb, 2.0f, dC.get(), ldc, Matmul::FP32);
       EXPECT_CLOSE(compare(dC.download(), C, kReductionTol), "gemm");
     }
 }
@@ -286,7 +287,7 @@ TEST(CudaGemm, BetaZeroIgnoresGarbageInC) {
   cpu::gemm(Op::N, Op::N, M, N, K, 1.f, A.data(), B.data(), 0.f, C.data());
   DeviceBuffer<float> dA(A), dB(B), dC(M * N);
   dC.poison();
-  cuda::gemm(Op::N, Op::N, M, N, K, 1.f, dA.get(), dB.get(), 0.f, dC.get());
+  cuda::gemm(Op::N, Op::N, M, N, K, 1.f, dA.get(), dB.get(), 0.f, dC.get(), Matmul::FP32);
   EXPECT_CLOSE(compare(dC.download(), C, kReductionTol), "gemm beta=0");
 }
 
@@ -301,7 +302,7 @@ TEST(CudaGemm, StridedBatchedMatchesCpu) {
               C.data() + b * M * N);
   DeviceBuffer<float> dA(A), dB(B), dC(C.size());
   cuda::gemm_strided_batched(Op::N, Op::T, M, N, K, 1.f, dA.get(), K, M * K, dB.get(), K, N * K, 0.f,
-                             dC.get(), N, M * N, batch);
+                             dC.get(), N, M * N, batch, Matmul::FP32);
   EXPECT_CLOSE(compare(dC.download(), C, kReductionTol), "batched gemm");
 }
 
@@ -322,7 +323,7 @@ TEST(CudaGemm, Batched2dMatchesCpu) {
                   inner * N);
     DeviceBuffer<float> dA(A), dB(B), dC(C);
     cuda::gemm_batched_2d(Op::N, Op::T, M, N, K, 1.5f, dA.get(), inner * K, M * inner * K, K, dB.get(), inner * K,
-                          N * inner * K, K, 0.5f, dC.get(), inner * N, M * inner * N, N, outer, inner);
+                          N * inner * K, K, 0.5f, dC.get(), inner * N, M * inner * N, N, outer, inner, Matmul::FP32);
     EXPECT_CLOSE(compare(dC.download(), ref, kReductionTol), fmt::format("2-d batched gemm, K = {}", K));
   }
 }
@@ -348,7 +349,10 @@ TEST(CudaGemm, ConcurrentMatchesCpu) {
     dC.emplace_back(C[i]);
   }
   for (size_t i = 0; i < rows.size(); ++i) ps.push_back({rows[i], N, K, dA[i].get(), K, dB[i].get(), K, dC[i].get(), N});
-  cuda::gemm_concurrent(Op::N, Op::T, 1.f, 1.f, ps);
+  {
+    cuda::ConcurrentGemms side;
+    side.run(Op::N, Op::T, 1.f, 1.f, ps, Matmul::FP32);
+  }  // joined here
   for (size_t i = 0; i < rows.size(); ++i)
     EXPECT_CLOSE(compare(dC[i].download(), ref[i], kReductionTol), fmt::format("product {}", i));
 }

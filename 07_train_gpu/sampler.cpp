@@ -218,7 +218,7 @@ void block_rows(float* x, Decoder::LatentCache& lc, const BlockWeights<float>& w
   for (size_t i = 0; i < nD; ++i) x[i] += br[i];
   rmsnorm_rows(xa, x, w.ffn_norm, n, D, c.norm_eps);
   if (c.ffn == FfnKind::Dense)
-    swiglu(br, xa, w.mlp.w1, w.mlp.w2, w.mlp.w3, n, D, c.inter_dim, s);
+    swiglu(br, xa, w.mlp.w1, w.mlp.w2, w.mlp.w3, n, D, c.mlp.inter_dim, s);
   else
     moe_rows(br, xa, w.moe, c.moe, n, s);
   for (size_t i = 0; i < nD; ++i) x[i] += br[i];

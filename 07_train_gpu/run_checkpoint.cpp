@@ -1,0 +1,242 @@
+// Stage 07's run checkpoint (run_checkpoint.h): trainer_state.json written and validated, the folder saved with an
+// atomic swap, and read back with every file checked against the run before anything is loaded.
+#include "07_train_gpu/run_checkpoint.h"
+
+#include <fmt/format.h>
+
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "06_full_model/checkpoint.h"
+#include "06_full_model/model_config.h"
+#include "common/diag.h"
+#include "common/errors.h"
+#include "common/safetensors.h"
+
+namespace dsv3 {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+// Field `key` of object j as T; UserError naming `where` and the field.
+template <typename T>
+T get_field(const json& j, const std::string& key, const std::string& where) {
+  require(j.is_object() && j.contains(key), "{}: field '{}' is missing", where, key);
+  try {
+    return j.at(key).get<T>();
+  } catch (const json::exception&) {
+    throw UserError(fmt::format("{}: field '{}' has the wrong type", where, key));
+  }
+}
+
+json config_json(const TrainConfig& c) {
+  return {{"batch", c.batch},
+          {"seq_len", c.seq_len},
+          {"max_steps", c.max_steps},
+          {"lr", c.lr},
+          {"min_lr_ratio", c.min_lr_ratio},
+          {"warmup_steps", c.warmup_steps},
+          {"weight_decay", c.weight_decay},
+          {"beta1", c.beta1},
+          {"beta2", c.beta2},
+          {"grad_clip", c.grad_clip},
+          {"eval_every", c.eval_every},
+          {"log_every", c.log_every},
+          {"ckpt_every", c.ckpt_every},
+          {"seed", c.seed},
+          {"patience", c.patience},
+          {"max_minutes", c.max_minutes}};
+}
+
+TrainConfig config_from_json(const json& j, const std::string& where) {
+  TrainConfig c;
+  c.batch = get_field<int>(j, "batch", where);
+  c.seq_len = get_field<int>(j, "seq_len", where);
+  c.max_steps = get_field<int64_t>(j, "max_steps", where);
+  c.lr = get_field<double>(j, "lr", where);
+  c.min_lr_ratio = get_field<double>(j, "min_lr_ratio", where);
+  c.warmup_steps = get_field<int64_t>(j, "warmup_steps", where);
+  c.weight_decay = get_field<double>(j, "weight_decay", where);
+  c.beta1 = get_field<double>(j, "beta1", where);
+  c.beta2 = get_field<double>(j, "beta2", where);
+  c.grad_clip = get_field<double>(j, "grad_clip", where);
+  c.eval_every = get_field<int>(j, "eval_every", where);
+  c.log_every = get_field<int>(j, "log_every", where);
+  c.ckpt_every = get_field<int>(j, "ckpt_every", where);
+  c.seed = get_field<uint64_t>(j, "seed", where);
+  c.patience = get_field<int>(j, "patience", where);
+  c.max_minutes = get_field<double>(j, "max_minutes", where);
+  try {
+    c.validate();
+  } catch (const UserError& e) {
+    throw UserError(fmt::format("{}: {}", where, e.what()));
+  }
+  return c;
+}
+
+std::string state_to_json(const TrainerState& s) {
+  json j;
+  j["format_version"] = kTrainerStateVersion;
+  j["step"] = s.step;
+  j["updates"] = s.updates;
+  j["batcher"] = {{"epoch", s.batcher.epoch}, {"cursor", s.batcher.cursor}};
+  j["best"] = {{"step", s.best_step}};
+  if (s.best_step >= 0) {
+    j["best"]["val_ce"] = s.best_val_ce;
+    j["best"]["val_bpb"] = s.best_val_bpb;
+  }
+  j["evals_since_best"] = s.evals_since_best;
+  j["last_eval_step"] = s.last_eval_step;
+  j["train_ce_sum"] = s.train_ce_sum;  // doubles are written with 17 digits: they read back bitwise
+  j["train_ce_count"] = s.train_ce_count;
+  j["skipped_steps"] = s.skipped_steps;
+  j["elapsed_s"] = s.elapsed_s;
+  j["train_config"] = config_json(s.config);
+  j["data"] = {{"vocab_size", s.vocab_size},   {"train_tokens", s.train_tokens}, {"val_tokens", s.val_tokens},
+               {"train_bytes", s.train_bytes}, {"val_bytes", s.val_bytes}};
+  return j.dump(2) + "\n";
+}
+
+TrainerState state_from_json(const std::string& text, const std::string& where) {
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::parse_error& e) {
+    throw UserError(fmt::format("{}: not valid JSON ({}); the checkpoint is damaged", where, e.what()));
+  }
+  require(j.is_object(), "{}: expected a JSON object", where);
+  const int version = get_field<int>(j, "format_version", where);
+  require(version == kTrainerStateVersion, "{}: format_version {} is not the {} this build reads", where, version,
+          kTrainerStateVersion);
+  TrainerState s;
+  s.step = get_field<int64_t>(j, "step", where);
+  s.updates = get_field<int64_t>(j, "updates", where);
+  const auto b = get_field<json>(j, "batcher", where);
+  s.batcher.epoch = get_field<int64_t>(b, "epoch", where + " batcher");
+  s.batcher.cursor = get_field<int64_t>(b, "cursor", where + " batcher");
+  const auto best = get_field<json>(j, "best", where);
+  s.best_step = get_field<int64_t>(best, "step", where + " best");
+  if (s.best_step >= 0) {
+    s.best_val_ce = get_field<double>(best, "val_ce", where + " best");
+    s.best_val_bpb = get_field<double>(best, "val_bpb", where + " best");
+  }
+  s.evals_since_best = get_field<int64_t>(j, "evals_since_best", where);
+  s.last_eval_step = get_field<int64_t>(j, "last_eval_step", where);
+  s.train_ce_sum = get_field<double>(j, "train_ce_sum", where);
+  s.train_ce_count = get_field<int64_t>(j, "train_ce_count", where);
+  s.skipped_steps = get_field<int64_t>(j, "skipped_steps", where);
+  s.elapsed_s = get_field<double>(j, "elapsed_s", where);
+  s.config = config_from_json(get_field<json>(j, "train_config", where), where + " train_config");
+  const auto d = get_field<json>(j, "data", where);
+  s.vocab_size = get_field<int>(d, "vocab_size", where + " data");
+  s.train_tokens = get_field<int64_t>(d, "train_tokens", where + " data");
+  s.val_tokens = get_field<int64_t>(d, "val_tokens", where + " data");
+  s.train_bytes = get_field<int64_t>(d, "train_bytes", where + " data");
+  s.val_bytes = get_field<int64_t>(d, "val_bytes", where + " data");
+  require(s.step >= 0 && s.updates >= 0 && s.updates <= s.step && s.skipped_steps >= 0 && s.best_step <= s.step &&
+              s.last_eval_step >= 0 && s.last_eval_step <= s.step && s.train_ce_count >= 0,
+          "{}: inconsistent counters (step {}, updates {}, best step {}, last eval {}); the checkpoint is damaged",
+          where, s.step, s.updates, s.best_step, s.last_eval_step);
+  return s;
+}
+
+// The first key path where two JSON values differ ("" when equal).
+std::string first_difference(const json& a, const json& b, const std::string& path = "") {
+  if (a.is_object() && b.is_object()) {
+    for (const auto& [k, v] : a.items()) {
+      if (!b.contains(k)) return path + k;
+      const std::string d = first_difference(v, b.at(k), path + k + ".");
+      if (!d.empty()) return d;
+    }
+    for (const auto& [k, v] : b.items())
+      if (!a.contains(k)) return path + k;
+    return "";
+  }
+  return a == b ? "" : (path.empty() ? "(value)" : path.substr(0, path.size() - 1));
+}
+
+}  // namespace
+
+std::string checkpoint_dir(const std::string& run_dir, const std::string& name) {
+  return run_dir + "/checkpoints/" + name;
+}
+
+void save_run_checkpoint(const std::string& dir, const Backend& backend, const TrainerState& state) {
+  const std::string tmp = dir + ".tmp", old = dir + ".old";
+  // 1) the complete checkpoint in <dir>.tmp; each writer fsyncs its file and the folder
+  remove_or_throw(tmp);
+  ensure_dir(tmp);
+  save_checkpoint(tmp, backend.config(), backend.weights(), DType::F32);
+  SafetensorsWriter w;
+  for (const auto& [name, v] : backend.optimizer_state()) w.add_f32(name, {int64_t(v.size())}, v.data());
+  w.set_metadata("format", "nano-dsv3 AdamW moments (exp_avg, exp_avg_sq) per model.py tensor");
+  w.write(tmp + "/optimizer.safetensors");
+  write_file_atomic(tmp + "/trainer_state.json", state_to_json(state));
+  // 2) the swap: at every moment <dir> or <dir>.old is a complete checkpoint
+  if (fs::exists(dir)) {
+    remove_or_throw(old);
+    rename_or_throw(dir, old);
+  }
+  rename_or_throw(tmp, dir);
+  fsync_path(fs::path(dir).parent_path().string());
+  remove_or_throw(old);
+}
+
+std::string resolve_checkpoint(const std::string& dir) {
+  if (fs::is_directory(dir)) return dir;
+  if (fs::is_directory(dir + ".old")) return dir + ".old";  // a save was interrupted between its two renames
+  throw UserError(fmt::format("no checkpoint at '{}' (nor '{}.old')", dir, dir));
+}
+
+TrainerState read_trainer_state(const std::string& dir) {
+  const std::string path = resolve_checkpoint(dir) + "/trainer_state.json";
+  return state_from_json(read_file(path, "trainer state"), path);
+}
+
+TrainerState load_run_checkpoint(const std::string& dir, Backend& backend, const data::DataInfo& info) {
+  const std::string d = resolve_checkpoint(dir);
+  // 1) the trainer state, and that it was trained on this data
+  const std::string state_path = d + "/trainer_state.json";
+  const TrainerState st = state_from_json(read_file(state_path, "trainer state"), state_path);
+  require(st.vocab_size == info.vocab_size && st.train_tokens == info.train.tokens &&
+              st.val_tokens == info.val.tokens && st.train_bytes == info.train.bytes && st.val_bytes == info.val.bytes,
+          "{}: the checkpoint was trained on other data (vocab {}, {} train / {} val tokens; this data: vocab {}, "
+          "{} / {}): resume with the data it was trained on, or start a new run",
+          state_path, st.vocab_size, st.train_tokens, st.val_tokens, info.vocab_size, info.train.tokens,
+          info.val.tokens);
+  // 2) the model: config.json must describe the backend's model; model.safetensors is validated by stage 06
+  const Checkpoint ck = load_checkpoint(d);
+  const std::string diff =
+      first_difference(json::parse(config_to_json_text(ck.config)), json::parse(config_to_json_text(backend.config())));
+  require(diff.empty(), "{}/config.json: the checkpoint's model differs from this run's model in '{}': build the "
+          "model from this config.json to resume", d, diff);
+  // 3) the moments: exactly the backend's tensors, each of its size
+  const std::string opt_path = d + "/optimizer.safetensors";
+  const SafetensorsFile f(opt_path);
+  TensorMap moments;
+  for (const auto& [name, v] : backend.optimizer_state()) {
+    require(f.has(name), "{}: tensor '{}' is missing", opt_path, name);
+    moments[name] = f.read_f32(name, {int64_t(v.size())});
+  }
+  for (const auto& t : f.tensors())
+    require(moments.count(t.name), "{}: unexpected tensor '{}' for this model", opt_path, t.name);
+  // 4) everything checked: load
+  backend.load_weights(ck.tensors);
+  backend.load_optimizer_state(moments);
+  return st;
+}
+
+std::vector<std::string> resume_config_changes(const TrainConfig& saved, const TrainConfig& now) {
+  const json was = config_json(saved), is = config_json(now);
+  for (const char* fixed : {"batch", "seq_len", "seed"})
+    require(was[fixed] == is[fixed], "resume: {} was {} in this run and is {} now; it fixes the order of the "
+            "batches, so it cannot change (start a new run instead)", fixed, was[fixed].dump(), is[fixed].dump());
+  std::vector<std::string> changes;
+  for (const auto& [k, v] : was.items())
+    if (v != is[k]) changes.push_back(fmt::format("resume: {} {} -> {}", k, v.dump(), is[k].dump()));
+  return changes;
+}
+
+}  // namespace dsv3

@@ -1,0 +1,60 @@
+// Stage 07's run checkpoint: the folder <run>/checkpoints/<name> that a resume starts from, written and read back
+// with every file validated.
+//
+// A checkpoint folder holds:
+//   config.json + model.safetensors   the model (stage 06's save_checkpoint, F32, loads in transformers)
+//   optimizer.safetensors             the AdamW moments, one 1-D tensor per moment of each model tensor
+//   trainer_state.json                TrainerState below (step, batcher position, best val, train config, data)
+// A save writes <dir>.tmp and swaps it in, so a crash at any point leaves <dir> or <dir>.old complete.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "07_train_gpu/backend.h"
+#include "07_train_gpu/data.h"
+#include "07_train_gpu/train.h"
+
+namespace dsv3 {
+
+// Everything a resume needs beyond the weights and the moments (trainer_state.json).
+struct TrainerState {
+  int64_t step = 0;      // steps done (skipped ones included: their batch was consumed)
+  int64_t updates = 0;   // AdamW updates applied (the step count of its bias correction)
+  BatcherState batcher;
+  double best_val_ce = std::numeric_limits<double>::infinity(), best_val_bpb = 0;
+  int64_t best_step = -1;  // -1: no evaluation yet
+  int64_t evals_since_best = 0, last_eval_step = 0;
+  double train_ce_sum = 0;  // finite train ce since the last evaluation (val.csv's train_ce)
+  int64_t train_ce_count = 0;
+  int64_t skipped_steps = 0;
+  double elapsed_s = 0;     // training time of every call so far
+  TrainConfig config;
+  // The data it was trained on; resuming on other data is refused.
+  int vocab_size = 0;
+  int64_t train_tokens = 0, val_tokens = 0, train_bytes = 0, val_bytes = 0;
+};
+
+constexpr int kTrainerStateVersion = 1;
+
+// <run>/checkpoints/<name>
+std::string checkpoint_dir(const std::string& run_dir, const std::string& name);
+// Writes <dir>.tmp (every file fsynced), then swaps it in: <dir> -> <dir>.old, <dir>.tmp -> <dir>, <dir>.old
+// removed. A crash at any point leaves <dir> or <dir>.old complete.
+void save_run_checkpoint(const std::string& dir, const Backend& backend, const TrainerState& state);
+// The folder to read: dir, else the dir.old an interrupted swap left; UserError when neither holds one.
+std::string resolve_checkpoint(const std::string& dir);
+// trainer_state.json of a checkpoint folder (resolved as above); UserError naming the file and the problem.
+TrainerState read_trainer_state(const std::string& dir);
+// Validates every file of the checkpoint (state, config = the backend's, weights, moments, same data as info)
+// before loading the weights (MoE biases included) and moments into the backend. UserError naming the file.
+TrainerState load_run_checkpoint(const std::string& dir, Backend& backend, const data::DataInfo& info);
+
+// A resume's train config against the saved one: UserError when batch, seq_len or seed differ (they fix the order
+// of the batches); otherwise one line "resume: <field> <saved> -> <now>" per other field that changed (JSON values,
+// fields in alphabetical order).
+std::vector<std::string> resume_config_changes(const TrainConfig& saved, const TrainConfig& now);
+
+}  // namespace dsv3
