@@ -27,6 +27,15 @@ DeviceModel::DeviceModel(const Model<float>& host, const DeviceOptions& opt)
     g = DeviceBuffer<float>(h.size());
     g.zero();
   }, host.p_, p_, g_);
+  // the views the entry points take, made once: the buffers never move
+  for (size_t l = 0; l < p_.layers.size(); ++l) {
+    layer_w_.push_back(p_.layers[l].weights());
+    layer_g_.push_back(g_.layers[l].grads());
+  }
+  for (size_t k = 0; k < p_.mtp.size(); ++k) {
+    mtp_w_.push_back(p_.mtp[k].weights());
+    mtp_g_.push_back(g_.mtp[k].grads());
+  }
 }
 
 BlockConfig DeviceModel::block_config(int layer) const {
@@ -88,7 +97,7 @@ float DeviceModel::forward(const std::vector<int>& tokens, int B, int Tn) {
   bal_loss_.zero();
   for (int l = 0; l < L; ++l) {
     const BlockConfig bc = block_config(l);
-    cuda::block_forward(h_[l + 1].get(), saved_[l].saved, h_[l].get(), p_.layers[l].weights(), bc, B, Tn, 0, rope);
+    cuda::block_forward(h_[l + 1].get(), saved_[l].saved, h_[l].get(), layer_w_[l], bc, B, Tn, 0, rope);
     balance_forward(l, saved_[l].saved.moe);
     mark(fmt::format("layer {} ({}) fwd", l, bc.ffn == FfnKind::Moe ? "moe" : "dense"));
   }
@@ -101,10 +110,8 @@ float DeviceModel::forward(const std::vector<int>& tokens, int B, int Tn) {
   if (!p_.mtp.empty()) {
     const MtpConfig mc = mtp_config();
     std::vector<float> ce(mc.depth);
-    std::vector<MtpModuleWeights<float>> mw;
-    for (auto& m : p_.mtp) mw.push_back(m.weights());
     losses_.mtp = cuda::mtp_forward(ce.data(), mtp_saved_->saved.data(), z_.get(), window_.get(),
-                                    {p_.embed.get(), p_.norm.get(), p_.head.get()}, mw.data(), mc, B, Tn, rope);
+                                    {p_.embed.get(), p_.norm.get(), p_.head.get()}, mtp_w_.data(), mc, B, Tn, rope);
     for (int k = 0; k < mc.depth; ++k) balance_forward(L + k, mtp_saved_->saved[k].block.moe);
     mtp_ce_ = ce;
     mark("MTP fwd");
@@ -125,19 +132,15 @@ void DeviceModel::backward() {
   float *dh = dh_buf.get(), *tmp = tmp_buf.get(), *dz = dz_buf.get(), *dlogits = dlogits_buf.get();
   // 3) MTP (with its blocks' balance-loss gradients): gradient into z and the shared embedding, norm, head
   if (!p_.mtp.empty()) {
-    std::vector<MtpModuleWeights<float>> mw;
-    std::vector<MtpModuleGrads<float>> mg;
     ScratchBuffer<float> dscores(size_t(N) * E * p_.mtp.size());
     std::vector<const float*> extra(p_.mtp.size(), nullptr);
     for (size_t k = 0; k < p_.mtp.size(); ++k) {
-      mw.push_back(p_.mtp[k].weights());
-      mg.push_back(g_.mtp[k].grads());
       float* ds = dscores.get() + k * size_t(N) * E;
       if (balance_backward(ds, L + int(k), mtp_saved_->saved[k].block.moe)) extra[k] = ds;
     }
-    cuda::mtp_backward(mg.data(), {g_.embed.get(), g_.norm.get(), g_.head.get()}, dz_mtp_buf.get(), 1.f, extra.data(),
-                       mtp_saved_->saved.data(), z_.get(), window_.get(), {p_.embed.get(), p_.norm.get(), p_.head.get()},
-                       mw.data(), mtp_config(), B_, T_, rope);
+    cuda::mtp_backward(mtp_g_.data(), {g_.embed.get(), g_.norm.get(), g_.head.get()}, dz_mtp_buf.get(), 1.f,
+                       extra.data(), mtp_saved_->saved.data(), z_.get(), window_.get(),
+                       {p_.embed.get(), p_.norm.get(), p_.head.get()}, mtp_w_.data(), mtp_config(), B_, T_, rope);
     mark("MTP bwd");
   }
   // 2) cross-entropy, head; the MTP gradient joins at z; final norm
@@ -152,8 +155,8 @@ void DeviceModel::backward() {
   for (int l = L - 1; l >= 0; --l) {
     const BlockConfig bc = block_config(l);
     const float* extra = balance_backward(dscores.get(), l, saved_[l].saved.moe) ? dscores.get() : nullptr;
-    cuda::block_backward(g_.layers[l].grads(), tmp, dh, extra, saved_[l].saved, h_[l].get(),
-                         p_.layers[l].weights(), bc, B_, T_, 0, rope);
+    cuda::block_backward(layer_g_[l], tmp, dh, extra, saved_[l].saved, h_[l].get(), layer_w_[l], bc, B_, T_, 0,
+                         rope);
     std::swap(dh, tmp);
     mark(fmt::format("layer {} ({}) bwd", l, bc.ffn == FfnKind::Moe ? "moe" : "dense"));
   }

@@ -62,6 +62,10 @@ class DeviceModel {
   MtpConfig mtp_config() const;
   MlaDeviceRope rope_;
   ModelTensors<DeviceBuffer<float>> p_, g_;  // values, gradients
+  std::vector<BlockWeights<float>> layer_w_;  // views of p_ and g_ (made once)
+  std::vector<BlockGrads<float>> layer_g_;
+  std::vector<MtpModuleWeights<float>> mtp_w_;
+  std::vector<MtpModuleGrads<float>> mtp_g_;
   // saved by forward
   int B_ = 0, T_ = 0;
   DeviceBuffer<int> window_, inputs_, targets_;
