@@ -100,7 +100,7 @@ struct Checker {
 };
 
 // CPU self-checks: gradcheck of every parameter and the input, decode oracles.
-void cpu_checks(Checker& check) {
+void self_checks(Checker& check) {
   for (int dq : {6, 0}) {
     HostRun<double> r(tiny_config(dq), 2, 5, 3);
     const auto R = Rng(4).normal_vec<double>(r.out.size());
@@ -129,7 +129,7 @@ struct ErrRow {
   std::string what;
   CompareResult err;
 };
-std::vector<ErrRow> cuda_vs_cpu(const MlaConfig& c, int B, int T, uint64_t seed) {
+std::vector<ErrRow> compare_cpu_cuda(const MlaConfig& c, int B, int T, uint64_t seed) {
   std::vector<ErrRow> rows;
 #ifdef DSV3_HAVE_CUDA
   if (!gpu_available()) return rows;
@@ -341,9 +341,10 @@ int main(int argc, char** argv) {
   return run_main(app, argc, argv, [&] {
     std::cout << fmt::format("{}\nseed {}; device: {}\n", command_line(argc, argv), opt.seed, gpu_description());
     Checker check;
-    cpu_checks(check);
+    self_checks(check);
     // CPU vs CUDA: odd shapes in --check, the "small" preset otherwise.
-    const auto rows = opt.check ? cuda_vs_cpu(tiny_config(6), 3, 11, opt.seed) : cuda_vs_cpu(small_preset(), 2, 129, opt.seed);
+    const auto rows = opt.check ? compare_cpu_cuda(tiny_config(6), 3, 11, opt.seed)
+                                : compare_cpu_cuda(small_preset(), 2, 129, opt.seed);
     if (!rows.empty()) {
       Table t({"CUDA vs CPU", "max abs err", "max rel err", "norm err"});
       for (const auto& r : rows) {

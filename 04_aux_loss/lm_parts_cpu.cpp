@@ -3,6 +3,7 @@
 
 #include <cmath>
 
+#include "04_aux_loss/adamw.h"
 #include "04_aux_loss/lm_parts.h"
 
 #include "01_rmsnorm_rope/rmsnorm_rope.h"
@@ -111,15 +112,8 @@ void cross_entropy_backward(T* dlogits, T dloss, const T* probs, const int* targ
 template <typename T>
 void adamw_step(T* param, const T* grad, T* m, T* v, size_t n, int64_t step, const AdamWConfig& c, bool decay) {
   require(step >= 1, "AdamW step counts from 1, got {}", step);
-  const double bc1 = 1.0 - std::pow(double(c.beta1), double(step));
-  const double bc2 = 1.0 - std::pow(double(c.beta2), double(step));
-  for (size_t i = 0; i < n; ++i) {
-    m[i] = T(c.beta1) * m[i] + T(1 - c.beta1) * grad[i];
-    v[i] = T(c.beta2) * v[i] + T(1 - c.beta2) * grad[i] * grad[i];
-    const T mhat = m[i] / T(bc1), vhat = v[i] / T(bc2);
-    if (decay) param[i] -= T(c.lr * c.weight_decay) * param[i];  // decoupled weight decay
-    param[i] -= T(c.lr) * mhat / (std::sqrt(vhat) + T(c.eps));
-  }
+  const AdamWScalars<T> s = adamw_scalars<T>(c, step, decay);
+  for (size_t i = 0; i < n; ++i) param[i] = adamw_update(param[i], grad[i], m[i], v[i], s);
 }
 
 #define DSV3_INSTANTIATE(T)                                                                   \

@@ -3,6 +3,7 @@
 // turns it into a UserError (one 4-byte copy back).
 #include <cmath>
 
+#include "04_aux_loss/adamw.h"
 #include "04_aux_loss/lm_parts.h"
 #include "common/cuda_kernels.cuh"
 #include "common/cuda_utils.h"
@@ -141,16 +142,10 @@ __global__ void xent_backward_kernel(float* dlogits, const float* probs, const i
     dlogits[row + v] = t == kIgnoreTarget ? 0.f : scale * (probs[row + v] - (v == t ? 1.f : 0.f));
 }
 
-__global__ void adamw_kernel(float* p, const float* g, float* m, float* v, size_t n, float lr, float b1, float b2,
-                             float eps, float wd, float bc1, float bc2) {
+// One thread per element: adamw.h's rule.
+__global__ void adamw_kernel(float* p, const float* g, float* m, float* v, size_t n, AdamWScalars<float> s) {
   const size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  const float gi = g[i];
-  m[i] = b1 * m[i] + (1.f - b1) * gi;
-  v[i] = b2 * v[i] + (1.f - b2) * gi * gi;
-  const float mhat = m[i] / bc1, vhat = v[i] / bc2;
-  p[i] -= lr * wd * p[i];
-  p[i] -= lr * mhat / (sqrtf(vhat) + eps);
+  if (i < n) p[i] = adamw_update(p[i], g[i], m[i], v[i], s);
 }
 
 // ---- launchers ----------------------------------------------------------------------------------
@@ -211,10 +206,7 @@ void adamw_step(float* param, const float* grad, float* m, float* v, size_t n, i
                 bool decay) {
   require(step >= 1, "AdamW step counts from 1, got {}", step);
   if (n == 0) return;
-  const float bc1 = static_cast<float>(1.0 - std::pow(double(c.beta1), double(step)));
-  const float bc2 = static_cast<float>(1.0 - std::pow(double(c.beta2), double(step)));
-  adamw_kernel<<<blocks_for(n, 256), 256>>>(param, grad, m, v, n, c.lr, c.beta1, c.beta2, c.eps,
-                                            decay ? c.weight_decay : 0.f, bc1, bc2);
+  adamw_kernel<<<blocks_for(n, 256), 256>>>(param, grad, m, v, n, adamw_scalars<float>(c, step, decay));
   CUDA_CHECK_LAST();
 }
 

@@ -51,6 +51,33 @@ TEST(CrossEntropy, UniformLogitsGiveLogV) {
   EXPECT_EQ(cpu::cross_entropy_forward(probs.data(), logits.data(), none.data(), N, V), 0.0);
 }
 
+// The output end, with an MTP-like extra gradient at z: norm and head gradients accumulate, dh overwrites
+// (common/conventions.h), and dz_extra reaches dh through the norm (it changes dh).
+TEST(LmHead, ParameterGradientsAccumulateInputGradientOverwrites) {
+  const int N = 4, D = 6, V = 9;
+  Rng rng(3);
+  auto h = rng.normal_vec<double>(N * D), norm = rng.normal_vec<double>(D, 0.2, 1.0);
+  auto head = rng.normal_vec<double>(V * D), dz_extra = rng.normal_vec<double>(N * D);
+  const std::vector<int> targets = {2, kIgnoreTarget, 8, 0};
+  std::vector<double> logits(N * V), probs(N * V), z(N * D), zrstd(N);
+  cpu::lm_head_forward(logits.data(), probs.data(), z.data(), zrstd.data(), h.data(), norm.data(), head.data(),
+                       targets.data(), N, D, V, 1e-6f);
+  std::vector<double> dn1(D, 0.0), dh1(V * D, 0.0), dx1(N * D, 5.0), dn2(D, 0.0), dh2(V * D, 0.0), dx2(N * D, -1.0);
+  auto backward = [&](std::vector<double>& dn, std::vector<double>& dhd, std::vector<double>& dx,
+                      const double* extra) {
+    cpu::lm_head_backward(dn.data(), dhd.data(), dx.data(), 1.0, extra, probs.data(), z.data(), zrstd.data(),
+                          h.data(), norm.data(), head.data(), targets.data(), N, D, V);
+  };
+  backward(dn1, dh1, dx1, dz_extra.data());
+  backward(dn2, dh2, dx2, dz_extra.data());
+  backward(dn2, dh2, dx2, dz_extra.data());
+  expect_accumulates_and_overwrites<double>({{"dnorm", &dn1}, {"dhead", &dh1}}, {{"dnorm", &dn2}, {"dhead", &dh2}},
+                                            dx1, dx2, "dh");
+  std::vector<double> dn3(D, 0.0), dh3(V * D, 0.0), dx3(N * D);
+  backward(dn3, dh3, dx3, nullptr);
+  EXPECT_GT(compare(dx3, dx1, {1e-6, 1e-6}).n_bad, 0u) << "dz_extra did not reach dh";
+}
+
 TEST(AdamW, FirstStepByHand) {
   // Step 1: m = (1-b1) g, v = (1-b2) g^2, bias-corrected mhat = g, vhat = g^2: p -= lr*wd*p + lr*g/(|g|+eps).
   AdamWConfig c;

@@ -1,8 +1,8 @@
 // Stage 05, CUDA: the transformer block (block.h) from the CUDA entry points of stages 01-03 and the
-// residual add of residual_add.cuh. fp32. Shapes: see block.h.
+// residual add of common/cuda_kernels.cuh. Shapes: see block.h.
 #include "05_mtp/block.h"
 #include "01_rmsnorm_rope/rmsnorm_rope.h"
-#include "05_mtp/residual_add.cuh"
+#include "common/cuda_kernels.cuh"
 #include "common/cuda_utils.h"
 #include "common/errors.h"
 

@@ -191,7 +191,7 @@ Result train(const Experiment& x, uint64_t seed, const std::string& out) {
   return r;
 }
 
-int self_check(const Experiment& base, uint64_t seed) {
+int self_checks(const Experiment& base, uint64_t seed) {
   int failures = 0;
   auto check = [&](bool ok, const std::string& what) {
     fmt::print("  [{}] {}\n", ok ? "ok" : "FAIL", what);
@@ -283,7 +283,7 @@ int main(int argc, char** argv) {
   app.add_option("--ffn", x.ffn, "block FFN: dense or moe")->capture_default_str();
   return run_main(app, argc, argv, [&] {
     fmt::print("05_mtp: {}\nseed {}\n", command_line(argc, argv), opt.seed);
-    if (opt.check) return self_check(x, opt.seed);
+    if (opt.check) return self_checks(x, opt.seed);
     ensure_dir(opt.out);
     const Result r = train(x, opt.seed, opt.out);
     Table t({"depth", "predicts", "held-out CE per target", "best possible", "uniform ln V"});

@@ -1,12 +1,11 @@
 // Stage 05, CUDA: the MTP chain (mtp.h) from the CUDA entry points of stages 01-04 and block_cuda.cu, plus
-// the token-alignment kernel (and residual_add.cuh). Kernels, then launchers, then the public entry points.
+// the token-alignment kernel (and common/cuda_kernels.cuh's residual add). Kernels, then launchers, then the public entry points.
 // fp32. Shapes: see mtp.h.
 #include <vector>
 
 #include "01_rmsnorm_rope/rmsnorm_rope.h"
 #include "05_mtp/mtp.h"
 #include "05_mtp/mtp_align.h"
-#include "05_mtp/residual_add.cuh"
 #include "common/cuda_kernels.cuh"
 #include "common/cuda_utils.h"
 #include "common/errors.h"

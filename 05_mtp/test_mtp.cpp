@@ -242,11 +242,7 @@ TEST(Block, ParameterGradientsAccumulateInputGradientOverwrites) {
   auto once = g;
   cpu::block_backward(g.grads(), dx2.data(), dy.data(), nullptr, hs.saved, x.data(), p.weights(), c, B, Tn, 0,
                       mla_rope(tables));
-  EXPECT_EQ(dx1, dx2);
-  auto t1 = once.tensors(), t2 = g.tensors();
-  for (size_t i = 0; i < t1.size(); ++i)
-    for (size_t j = 0; j < t1[i].second->size(); ++j)
-      ASSERT_DOUBLE_EQ((*t2[i].second)[j], 2 * (*t1[i].second)[j]) << t1[i].first;
+  expect_accumulates_and_overwrites(read_only(once.tensors()), read_only(g.tensors()), dx1, dx2);
 }
 
 // ---- the MTP chain: gradchecks ------------------------------------------------------------------
@@ -311,12 +307,20 @@ TEST(Mtp, ParameterGradientsAccumulateHiddenGradientOverwrites) {
   ch.forward();
   ch.backward(1.0);
   const auto dh_once = ch.dh0;
-  const auto de_once = ch.dembed;
-  const auto dp_once = ch.dmods[0].eh_proj;
+  // the gradients after one backward: shared tensors, then every module's
+  std::vector<std::vector<double>> shared_once = {ch.dembed, ch.dnorm, ch.dhead};
+  std::vector<MtpModuleParams<double>> mods_once = ch.dmods;
+  ch.dh0.assign(ch.dh0.size(), 7.0);  // garbage: the second backward must overwrite it
   ch.backward(1.0);
-  EXPECT_EQ(ch.dh0, dh_once);
-  for (size_t i = 0; i < de_once.size(); ++i) ASSERT_DOUBLE_EQ(ch.dembed[i], 2 * de_once[i]);
-  for (size_t i = 0; i < dp_once.size(); ++i) ASSERT_DOUBLE_EQ(ch.dmods[0].eh_proj[i], 2 * dp_once[i]);
+  auto all = [](std::vector<const std::vector<double>*> shared, std::vector<MtpModuleParams<double>>& mods) {
+    std::vector<std::pair<std::string, const std::vector<double>*>> t = {
+        {"embed", shared[0]}, {"norm", shared[1]}, {"head", shared[2]}};
+    for (size_t k = 0; k < mods.size(); ++k)
+      for (auto& m : mods[k].tensors()) t.push_back({"mtp." + std::to_string(k) + "." + m.first, m.second});
+    return t;
+  };
+  expect_accumulates_and_overwrites(all({&shared_once[0], &shared_once[1], &shared_once[2]}, mods_once),
+                                    all({&ch.dembed, &ch.dnorm, &ch.dhead}, ch.dmods), dh_once, ch.dh0, "dh0");
 }
 
 // ---- oracle tests of the issue ------------------------------------------------------------------

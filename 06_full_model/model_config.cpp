@@ -129,100 +129,122 @@ MoeConfig ModelConfig::moe() const {
 
 // ---- presets ------------------------------------------------------------------------------------------
 
-std::vector<std::string> config_preset_names() { return {"tiny", "lyrics", "small", "deepseek-v3"}; }
+namespace {
+
+// The presets: one table, from which config_preset() and config_preset_names() both read.
+struct Preset {
+  const char* name;
+  void (*fill)(ModelConfig& c);
+};
+const Preset kPresets[] = {
+    {"tiny", [](ModelConfig& c) {  // odd sizes for whole-model gradchecks
+       c.vocab_size = 61;
+       c.hidden_size = 24;
+       c.intermediate_size = 40;
+       c.moe_intermediate_size = 8;
+       c.num_hidden_layers = 2;
+       c.first_k_dense_replace = 1;
+       c.num_attention_heads = 2;
+       c.q_lora_rank = 12;
+       c.kv_lora_rank = 10;
+       c.qk_nope_head_dim = 6;
+       c.qk_rope_head_dim = 4;
+       c.v_head_dim = 5;
+       c.n_routed_experts = 8;
+       c.n_shared_experts = 1;
+       c.num_experts_per_tok = 2;
+       c.n_group = 4;
+       c.topk_group = 2;
+       c.num_nextn_predict_layers = 1;
+       c.max_position_embeddings = 64;
+     }},
+    {"lyrics", [](ModelConfig& c) {  // the default run of stage 07 (its README compares the runs that chose it)
+       c.vocab_size = 4096;
+       c.hidden_size = 384;
+       c.intermediate_size = 1024;
+       c.moe_intermediate_size = 192;
+       c.num_hidden_layers = 6;
+       c.first_k_dense_replace = 1;
+       c.num_attention_heads = 6;
+       c.q_lora_rank = 192;
+       c.kv_lora_rank = 96;
+       c.qk_nope_head_dim = 48;
+       c.qk_rope_head_dim = 16;
+       c.v_head_dim = 48;
+       c.n_routed_experts = 16;
+       c.n_shared_experts = 1;
+       c.num_experts_per_tok = 4;
+       c.n_group = 4;
+       c.topk_group = 2;
+       c.num_nextn_predict_layers = 1;
+       c.max_position_embeddings = 256;
+     }},
+    {"small", [](ModelConfig& c) {  // the benchmark configuration
+       c.vocab_size = 8192;
+       c.hidden_size = 512;
+       c.intermediate_size = 1408;
+       c.moe_intermediate_size = 256;
+       c.num_hidden_layers = 8;
+       c.first_k_dense_replace = 1;
+       c.num_attention_heads = 8;
+       c.q_lora_rank = 256;
+       c.kv_lora_rank = 128;
+       c.qk_nope_head_dim = 64;
+       c.qk_rope_head_dim = 32;
+       c.v_head_dim = 64;
+       c.n_routed_experts = 32;
+       c.n_shared_experts = 1;
+       c.num_experts_per_tok = 4;
+       c.n_group = 4;
+       c.topk_group = 2;
+       c.num_nextn_predict_layers = 1;
+       c.max_position_embeddings = 512;
+     }},
+    {"deepseek-v3", [](ModelConfig& c) {  // the released config.json of deepseek-ai/DeepSeek-V3
+       c.vocab_size = 129280;
+       c.hidden_size = 7168;
+       c.intermediate_size = 18432;
+       c.moe_intermediate_size = 2048;
+       c.num_hidden_layers = 61;
+       c.first_k_dense_replace = 3;
+       c.num_attention_heads = 128;
+       c.q_lora_rank = 1536;
+       c.kv_lora_rank = 512;
+       c.qk_nope_head_dim = 128;
+       c.qk_rope_head_dim = 64;
+       c.v_head_dim = 128;
+       c.n_routed_experts = 256;
+       c.n_shared_experts = 1;
+       c.num_experts_per_tok = 8;
+       c.n_group = 8;
+       c.topk_group = 4;
+       c.num_nextn_predict_layers = 1;
+       c.max_position_embeddings = 163840;
+       c.rope_scaling = RopeScaling{};  // yarn, factor 40, original 4096, beta 32/1, mscale 1/1
+       c.initializer_range = 0.006;     // paper §4.2
+     }},
+};
+
+}  // namespace
+
+std::vector<std::string> config_preset_names() {
+  std::vector<std::string> names;
+  for (const Preset& p : kPresets) names.push_back(p.name);
+  return names;
+}
 
 ModelConfig config_preset(const std::string& name) {
-  ModelConfig c;
-  c.routed_scaling_factor = 2.5;
-  if (name == "tiny") {  // odd sizes for whole-model gradchecks
-    c.vocab_size = 61;
-    c.hidden_size = 24;
-    c.intermediate_size = 40;
-    c.moe_intermediate_size = 8;
-    c.num_hidden_layers = 2;
-    c.first_k_dense_replace = 1;
-    c.num_attention_heads = 2;
-    c.q_lora_rank = 12;
-    c.kv_lora_rank = 10;
-    c.qk_nope_head_dim = 6;
-    c.qk_rope_head_dim = 4;
-    c.v_head_dim = 5;
-    c.n_routed_experts = 8;
-    c.n_shared_experts = 1;
-    c.num_experts_per_tok = 2;
-    c.n_group = 4;
-    c.topk_group = 2;
-    c.num_nextn_predict_layers = 1;
-    c.max_position_embeddings = 64;
-  } else if (name == "lyrics") {  // the default run of stage 07 (its README compares the runs that chose its schedule)
-    c.vocab_size = 4096;
-    c.hidden_size = 384;
-    c.intermediate_size = 1024;
-    c.moe_intermediate_size = 192;
-    c.num_hidden_layers = 6;
-    c.first_k_dense_replace = 1;
-    c.num_attention_heads = 6;
-    c.q_lora_rank = 192;
-    c.kv_lora_rank = 96;
-    c.qk_nope_head_dim = 48;
-    c.qk_rope_head_dim = 16;
-    c.v_head_dim = 48;
-    c.n_routed_experts = 16;
-    c.n_shared_experts = 1;
-    c.num_experts_per_tok = 4;
-    c.n_group = 4;
-    c.topk_group = 2;
-    c.num_nextn_predict_layers = 1;
-    c.max_position_embeddings = 256;
-  } else if (name == "small") {  // the benchmark configuration (issue: stage 06, "small")
-    c.vocab_size = 8192;
-    c.hidden_size = 512;
-    c.intermediate_size = 1408;
-    c.moe_intermediate_size = 256;
-    c.num_hidden_layers = 8;
-    c.first_k_dense_replace = 1;
-    c.num_attention_heads = 8;
-    c.q_lora_rank = 256;
-    c.kv_lora_rank = 128;
-    c.qk_nope_head_dim = 64;
-    c.qk_rope_head_dim = 32;
-    c.v_head_dim = 64;
-    c.n_routed_experts = 32;
-    c.n_shared_experts = 1;
-    c.num_experts_per_tok = 4;
-    c.n_group = 4;
-    c.topk_group = 2;
-    c.num_nextn_predict_layers = 1;
-    c.max_position_embeddings = 512;
-  } else if (name == "deepseek-v3") {  // the released config.json of deepseek-ai/DeepSeek-V3
-    c.vocab_size = 129280;
-    c.hidden_size = 7168;
-    c.intermediate_size = 18432;
-    c.moe_intermediate_size = 2048;
-    c.num_hidden_layers = 61;
-    c.first_k_dense_replace = 3;
-    c.num_attention_heads = 128;
-    c.q_lora_rank = 1536;
-    c.kv_lora_rank = 512;
-    c.qk_nope_head_dim = 128;
-    c.qk_rope_head_dim = 64;
-    c.v_head_dim = 128;
-    c.n_routed_experts = 256;
-    c.n_shared_experts = 1;
-    c.num_experts_per_tok = 8;
-    c.n_group = 8;
-    c.topk_group = 4;
-    c.num_nextn_predict_layers = 1;
-    c.max_position_embeddings = 163840;
-    c.rope_scaling = RopeScaling{};  // yarn, factor 40, original 4096, beta 32/1, mscale 1/1
-    c.initializer_range = 0.006;     // paper §4.2
-  } else {
-    std::string names;
-    for (const auto& n : config_preset_names()) names += (names.empty() ? "" : ", ") + n;
-    throw UserError(fmt::format("unknown config preset '{}' (presets: {})", name, names));
+  for (const Preset& p : kPresets) {
+    if (name != p.name) continue;
+    ModelConfig c;
+    c.routed_scaling_factor = 2.5;
+    p.fill(c);
+    c.validate();
+    return c;
   }
-  c.validate();
-  return c;
+  std::string names;
+  for (const auto& n : config_preset_names()) names += (names.empty() ? "" : ", ") + n;
+  throw UserError(fmt::format("unknown config preset '{}' (presets: {})", name, names));
 }
 
 // ---- JSON ---------------------------------------------------------------------------------------------

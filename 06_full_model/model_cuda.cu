@@ -2,7 +2,6 @@
 #include "01_rmsnorm_rope/rmsnorm_rope.h"
 #include "04_aux_loss/aux_loss.h"
 #include "04_aux_loss/lm_parts.h"
-#include "05_mtp/residual_add.cuh"
 #include "06_full_model/model_device.h"
 
 #include <fmt/format.h>
@@ -147,7 +146,7 @@ void DeviceModel::backward() {
   cuda::cross_entropy_backward(dlogits, 1.f, probs_.get(), targets_.get(), N, V);
   cuda::gemm(Op::T, Op::N, V, D, N, 1.f, dlogits, z_.get(), 1.f, g_.head.get(), opt_.matmul);
   cuda::gemm(Op::N, Op::N, N, D, V, 1.f, dlogits, p_.head.get(), 0.f, dz, opt_.matmul);
-  if (!p_.mtp.empty()) cuda::add_inplace(dz, dz_mtp_buf.get(), size_t(N) * D);  // 05_mtp/residual_add.cuh
+  if (!p_.mtp.empty()) cuda::add_inplace(dz, dz_mtp_buf.get(), size_t(N) * D);  // common/cuda_kernels.cuh
   cuda::rmsnorm_backward(g_.norm.get(), dh, dz, zrstd_.get(), h_.back().get(), p_.norm.get(), N, D);
   mark("head + CE bwd");
   // 1) blocks in reverse, then the embedding

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <limits>
 
+#include "04_aux_loss/adamw.h"
 #include "07_train_gpu/backend.h"
 #include "06_full_model/model_device.h"
 #include "common/cuda_kernels.cuh"
@@ -25,7 +26,7 @@ struct SlotDesc {  // one tensor of the optimizer's table
   float* m;
   float* v;
   unsigned long long n;
-  float wd;  // weight decay of this tensor (0 for norms)
+  float decay;  // 1: AdamW's weight decay applies (matrices); 0: it does not (norms)
 };
 
 constexpr int kThreads = 256;
@@ -50,21 +51,13 @@ __global__ void sumsq_kernel(double* acc, const SlotDesc* slots) {
   }
 }
 
-// AdamW (as cpu::adamw_step) on gradient * scale, every tensor of the table. grid (blocks, tensors).
-__global__ void adamw_multi_kernel(const SlotDesc* slots, float scale, float lr, float b1, float b2, float eps,
-                                   float bc1, float bc2) {
+// AdamW (adamw.h's rule, as cpu::adamw_step) on gradient * scale, every tensor of the table; sc holds the
+// decaying tensors' scalars. grid (blocks, tensors).
+__global__ void adamw_multi_kernel(const SlotDesc* slots, float scale, AdamWScalars<float> sc) {
   const SlotDesc s = slots[blockIdx.y];
-  for (unsigned long long i = blockIdx.x * blockDim.x + threadIdx.x; i < s.n; i += gridDim.x * blockDim.x) {
-    const float g = s.g[i] * scale;
-    const float m = b1 * s.m[i] + (1.f - b1) * g;
-    const float v = b2 * s.v[i] + (1.f - b2) * g * g;
-    s.m[i] = m;
-    s.v[i] = v;
-    float p = s.p[i];
-    p -= lr * s.wd * p;
-    p -= lr * (m / bc1) / (sqrtf(v / bc2) + eps);
-    s.p[i] = p;
-  }
+  sc.lr_wd *= s.decay;
+  for (unsigned long long i = blockIdx.x * blockDim.x + threadIdx.x; i < s.n; i += gridDim.x * blockDim.x)
+    s.p[i] = adamw_update(s.p[i], s.g[i] * scale, s.m[i], s.v[i], sc);
 }
 
 class CudaBackend final : public Backend {
@@ -87,11 +80,9 @@ class CudaBackend final : public Backend {
                        s.decays ? 1.f : 0.f});
       max_n_ = std::max<unsigned long long>(max_n_, s.n);
     }
-    table_bytes_.resize(table.size() * sizeof(SlotDesc));
-    std::memcpy(table_bytes_.data(), table.data(), table_bytes_.size());
-    table_ = DeviceBuffer<char>(table_bytes_);
-    wd_flags_.reserve(table.size());
-    for (const auto& t : table) wd_flags_.push_back(t.wd);
+    std::vector<char> bytes(table.size() * sizeof(SlotDesc));
+    std::memcpy(bytes.data(), table.data(), bytes.size());
+    table_ = DeviceBuffer<char>(bytes);
   }
 
   std::string describe() const override {
@@ -131,11 +122,8 @@ class CudaBackend final : public Backend {
 
   void step(const AdamWConfig& opt, float grad_scale, int64_t step) override {
     require(step >= 1, "AdamW step counts from 1, got {}", step);
-    if (opt.weight_decay != wd_) set_weight_decay(float(opt.weight_decay));
-    const float bc1 = float(1.0 - std::pow(double(opt.beta1), double(step)));
-    const float bc2 = float(1.0 - std::pow(double(opt.beta2), double(step)));
     adamw_multi_kernel<<<dim3(blocks(), unsigned(slots_.size())), kThreads>>>(
-        table(), grad_scale, opt.lr, opt.beta1, opt.beta2, opt.eps, bc1, bc2);
+        table(), grad_scale, adamw_scalars<float>(opt, step, true));
     CUDA_CHECK_LAST();
     dev_.update_bias();
   }
@@ -189,22 +177,12 @@ class CudaBackend final : public Backend {
     return unsigned(std::min<unsigned long long>(kMaxBlocksPerTensor, (max_n_ + kThreads - 1) / kThreads));
   }
   const SlotDesc* table() { return reinterpret_cast<const SlotDesc*>(table_.get()); }
-  // The table stores each tensor's decay as the weight decay itself (0 or wd): rewritten when wd changes.
-  void set_weight_decay(float wd) {
-    auto* t = reinterpret_cast<SlotDesc*>(table_bytes_.data());
-    for (size_t i = 0; i < slots_.size(); ++i) t[i].wd = wd_flags_[i] * wd;
-    table_.upload(table_bytes_);
-    wd_ = wd;
-  }
 
   mutable Model<float> host_;  // the host twin: initial values, and the staging area of weights()
   mutable DeviceModel dev_;
   std::vector<DeviceModel::Slot> slots_;
   std::vector<DeviceBuffer<float>> moments_;  // exp_avg, exp_avg_sq of slot i at 2i, 2i+1
-  std::vector<char> table_bytes_;
   DeviceBuffer<char> table_;
-  std::vector<float> wd_flags_;  // 1 where the tensor decays
-  float wd_ = 1.f;               // the table starts with wd = flag (1 or 0): set on the first step
   unsigned long long max_n_ = 0;
 };
 

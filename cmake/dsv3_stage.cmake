@@ -1,4 +1,4 @@
-# dsv3_add_stage(<NN_name> [DEPS <targets...>] [DATA <files...>])
+# dsv3_add_stage(<NN_name> [DEPS <targets...>])
 #
 # Turns the current stage folder into:
 #   <NN_name>_lib   every .cpp except main.cpp/test_*.cpp, plus every .cu when CUDA is on

@@ -1,7 +1,10 @@
-// Small device-side building blocks shared by the stages' kernels. Include only from .cu files.
+// Small device-side building blocks shared by the stages' kernels, and y += x (the residual adds of the block,
+// the MTP chain and the model). Include only from .cu files.
 #pragma once
 
 #include <cstddef>
+
+#include "common/cuda_utils.h"
 
 namespace dsv3::cuda {
 
@@ -20,5 +23,22 @@ __device__ __forceinline__ float warp_max(float v) {
 
 // Blocks of `threads` needed to cover n items.
 inline int blocks_for(size_t n, int threads) { return static_cast<int>((n + threads - 1) / threads); }
+
+namespace {
+
+__global__ void add_inplace_kernel(float* y, const float* x, size_t n) {
+  const size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) y[i] += x[i];
+}
+
+// y (n) += x (n) on the device.
+inline void add_inplace(float* y, const float* x, size_t n) {
+  constexpr int kThreads = 256;
+  if (n == 0) return;
+  add_inplace_kernel<<<blocks_for(n, kThreads), kThreads>>>(y, x, n);
+  CUDA_CHECK_LAST();
+}
+
+}  // namespace
 
 }  // namespace dsv3::cuda

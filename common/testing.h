@@ -16,3 +16,33 @@
 // EXPECT that a CompareResult passed, printing the error report when it did not.
 #define EXPECT_CLOSE(result, what) EXPECT_TRUE((result).ok()) << (result).report(what)
 #define EXPECT_GRADCHECK(result) EXPECT_TRUE((result).ok()) << (result).report()
+
+namespace dsv3 {
+
+// The convention of common/conventions.h, checked the same way in every stage: parameter gradients accumulate
+// (+=), activation gradients overwrite (=). once: the parameter gradients after one backward from zero; twice:
+// after two backwards into the same buffers; dx_once, dx_twice: the activation gradient after the first and the
+// last backward, each written over a buffer filled with garbage. Expects dx_twice == dx_once exactly and every
+// twice == 2 * once (up to rounding: 2x is exact, the second sum is not).
+template <typename T>
+void expect_accumulates_and_overwrites(const std::vector<std::pair<std::string, const std::vector<T>*>>& once,
+                                       const std::vector<std::pair<std::string, const std::vector<T>*>>& twice,
+                                       const std::vector<T>& dx_once, const std::vector<T>& dx_twice,
+                                       const std::string& dx_name = "dinp") {
+  EXPECT_CLOSE(compare(dx_twice, dx_once, {0, 0}), dx_name + " overwrites");
+  ASSERT_EQ(once.size(), twice.size());
+  for (size_t i = 0; i < once.size(); ++i) {
+    std::vector<T> doubled = *once[i].second;
+    for (auto& v : doubled) v *= 2;
+    EXPECT_CLOSE(compare(*twice[i].second, doubled, {1e-14, 1e-12}), once[i].first + " accumulates");
+  }
+}
+
+// The (name, tensor) list of a layer's gradients (XxxParams::tensors()), read-only.
+template <typename T>
+std::vector<std::pair<std::string, const std::vector<T>*>> read_only(
+    const std::vector<std::pair<std::string, std::vector<T>*>>& tensors) {
+  return {tensors.begin(), tensors.end()};
+}
+
+}  // namespace dsv3

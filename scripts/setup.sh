@@ -12,7 +12,7 @@ BUILD_DIR=${BUILD_DIR:-build}
 
 # The project's dependencies (DESIGN.md §7). One list, here.
 PACKAGES=(cmake ninja-build g++ pkg-config libeigen3-dev libfmt-dev libgtest-dev googletest
-          nlohmann-json3-dev libcli11-dev libsentencepiece-dev sentencepiece gnuplot-nox libbenchmark-dev
+          nlohmann-json3-dev libcli11-dev libsentencepiece-dev sentencepiece gnuplot-nox
           fortunes bible-kjv)
 
 missing=()
