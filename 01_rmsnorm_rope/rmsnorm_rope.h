@@ -73,6 +73,10 @@ void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* weight, int N, int 
 template <typename T>
 void rmsnorm_backward(T* dweight, T* dinp, const T* dout, const T* rstd, const T* inp, const T* weight, int N,
                       int D);
+// The decode form: out (n, D) = x * rstd * weight with rstd from common/rowwise.h's fixed-order dot, so a row's
+// result never depends on how many rows come with it. out may equal x.
+template <typename T>
+void rmsnorm_rows(T* out, const T* x, const T* weight, int n, int D, float eps);
 
 // Rotates the rope slice of every head: pair (x[2i], x[2i+1]) by angle p*f_i, as the complex product
 // (x[2i] + i x[2i+1]) * (cos + i sin). Only the slice of out is written; out may equal inp (in place).

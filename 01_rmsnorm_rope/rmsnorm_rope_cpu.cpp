@@ -6,6 +6,7 @@
 
 #include "01_rmsnorm_rope/rmsnorm_rope.h"
 #include "common/errors.h"
+#include "common/rowwise.h"
 
 namespace dsv3 {
 
@@ -150,7 +151,18 @@ void rope_backward(T* dinp, const T* dout, const T* cos, const T* sin, const Rop
   rotate(dinp, dout, cos, sin, d, T(-1));  // a rotation's Jacobian is itself; its transpose rotates back
 }
 
+template <typename T>
+void rmsnorm_rows(T* out, const T* x, const T* weight, int n, int D, float eps) {
+  for (int t = 0; t < n; ++t) {
+    const T* r = x + size_t(t) * D;
+    T* y = out + size_t(t) * D;
+    const T rstd = T(1) / std::sqrt(dot(r, r, D) / T(D) + T(eps));
+    for (int d = 0; d < D; ++d) y[d] = r[d] * rstd * weight[d];
+  }
+}
+
 #define DSV3_INSTANTIATE(T)                                                                              \
+  template void rmsnorm_rows<T>(T*, const T*, const T*, int, int, float);                                \
   template void rmsnorm_forward<T>(T*, T*, const T*, const T*, int, int, float);                         \
   template void rmsnorm_backward<T>(T*, T*, const T*, const T*, const T*, const T*, int, int);           \
   template void rope_forward<T>(T*, const T*, const T*, const T*, const RopeDims&, int);                 \

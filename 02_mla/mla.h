@@ -146,6 +146,12 @@ MlaRope<T> mla_rope(const RopeTables<T>& t) {
   return {t.cos.data(), t.sin.data(), t.positions};
 }
 
+// Scratch of cpu::mla_decode_chunk_absorbed: grown on demand and reused across calls (common/rowwise.h).
+template <typename T>
+struct MlaDecodeScratch {
+  std::vector<T> q_lat, q, kv, q_abs, att, o_lat, o;
+};
+
 namespace cpu {
 
 // out (B, T, D) = MLA(inp (B, T, D)), causal, tokens at positions pos0 .. pos0+T-1. Fills saved.
@@ -163,10 +169,21 @@ void mla_backward(const MlaGrads<T>& grads, T* dinp, const T* dout, const MlaSav
 template <typename T>
 void mla_decode_step_naive(T* out, const MlaCache<T>& cache, const T* inp, const MlaWeights<T>& w,
                            const MlaConfig& c, int B, int pos, const MlaRope<T>& rope);
-// absorbed: q_nope' = q_nope W_uk (Dn -> Dc), scores against c_kv, o_latent = sum p c_kv, o = o_latent W_uv^T.
+// absorbed: q_nope' = q_nope W_uk (Dn -> Dc), scores against c_kv, o_latent = sum p c_kv, o = o_latent W_uv^T;
+// on the CPU, mla_decode_chunk_absorbed with one token per sequence.
 template <typename T>
 void mla_decode_step_absorbed(T* out, const MlaCache<T>& cache, const T* inp, const MlaWeights<T>& w,
                               const MlaConfig& c, int B, int pos, const MlaRope<T>& rope);
+
+// The absorbed decode of a chunk of n tokens of one sequence (the cache's B = 1): inp (n, D) at positions
+// pos0 .. pos0+n-1 appends each token's c_kv, k_pe to the cache, and token t attends over positions 0 .. pos0+t
+// (causal within the chunk); out (n, D). Every product is common/rowwise.h's fixed-order dot, so the result is
+// bitwise that of n calls with n = 1: stage 07's speculative decoding rests on it. scratch: null for a local one.
+// CPU only (a CUDA twin is stage 07's GPU sampler's work).
+template <typename T>
+void mla_decode_chunk_absorbed(T* out, const MlaCache<T>& cache, const T* inp, const MlaWeights<T>& w,
+                               const MlaConfig& c, int n, int pos0, const MlaRope<T>& rope,
+                               MlaDecodeScratch<T>* scratch = nullptr);
 
 }  // namespace cpu
 

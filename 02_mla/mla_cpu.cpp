@@ -10,6 +10,7 @@
 #include "common/errors.h"
 #include "common/gemm_cpu.h"
 #include "common/rng.h"
+#include "common/rowwise.h"
 
 namespace dsv3 {
 
@@ -301,32 +302,89 @@ void mla_decode_step_naive(T* out, const MlaCache<T>& cache, const T* inp, const
 }
 
 template <typename T>
+void mla_decode_chunk_absorbed(T* out, const MlaCache<T>& cache, const T* x, const MlaWeights<T>& w,
+                               const MlaConfig& c, int n, int pos0, const MlaRope<T>& rope,
+                               MlaDecodeScratch<T>* scratch) {
+  validate_mla_call(c, 1, n, pos0, rope.positions);
+  require(pos0 + n <= cache.max_len, "mla decode: positions {}..{} do not fit a cache of max_len {}", pos0,
+          pos0 + n - 1, cache.max_len);
+  MlaDecodeScratch<T> local;
+  MlaDecodeScratch<T>& s = scratch ? *scratch : local;
+  const int D = c.dim, H = c.n_heads, Dq = c.q_lora_rank, Dc = c.kv_lora_rank, Dn = c.qk_nope_head_dim;
+  const int Dr = c.qk_rope_head_dim, Dv = c.v_head_dim, S = c.qk_head_dim(), KS = c.kv_head_dim();
+  const T scale = static_cast<T>(c.softmax_scale());
+  // 1) queries q (n, H, S) = wq_b q_norm(wq_a x), or wq x without q compression
+  T* q = grow(s.q, size_t(n) * H * S);
+  if (Dq > 0) {
+    T* q_lat = grow(s.q_lat, size_t(n) * Dq);
+    linear_rows(q_lat, x, w.wq_a, n, D, Dq);
+    rmsnorm_rows(q_lat, q_lat, w.q_norm, n, Dq, c.norm_eps);
+    linear_rows(q, q_lat, w.wq_b, n, Dq, H * S);
+  } else {
+    linear_rows(q, x, w.wq, n, D, H * S);
+  }
+  // 2) [c_kv | k_pe] (n, Dc+Dr) = wkv_a x, c_kv = kv_norm(c_kv)
+  T* kv = grow(s.kv, size_t(n) * (Dc + Dr));
+  linear_rows(kv, x, w.wkv_a, n, D, Dc + Dr);
+  for (int t = 0; t < n; ++t) {
+    T* row = kv + size_t(t) * (Dc + Dr);
+    rmsnorm_rows(row, row, w.kv_norm, 1, Dc, c.norm_eps);
+  }
+  // 3) RoPE on every head's q_pe and on k_pe, at positions pos0 + t
+  rope_forward(q, q, rope.cos, rope.sin, RopeDims{1, n, H, S, Dn, Dr, pos0}, rope.positions);
+  rope_forward(kv, kv, rope.cos, rope.sin, RopeDims{1, n, 1, Dc + Dr, Dc, Dr, pos0}, rope.positions);
+  // 4) append the chunk's latents to the cache (before attending: a token sees the earlier ones of its chunk)
+  for (int t = 0; t < n; ++t) {
+    std::copy_n(kv + size_t(t) * (Dc + Dr), Dc, cache.c_kv + size_t(pos0 + t) * Dc);
+    std::copy_n(kv + size_t(t) * (Dc + Dr) + Dc, Dr, cache.k_pe + size_t(pos0 + t) * Dr);
+  }
+  // 5) per token and head, in latent space: wkv_b's head h is (KS, Dc), rows [0, Dn) W_uk, rows [Dn, KS) W_uv
+  T* q_abs = grow(s.q_abs, Dc);
+  T* p = grow(s.att, size_t(pos0) + n);
+  T* o_lat = grow(s.o_lat, Dc);
+  T* o = grow(s.o, size_t(n) * H * Dv);
+  for (int t = 0; t < n; ++t) {
+    const int L = pos0 + t + 1;
+    for (int h = 0; h < H; ++h) {
+      const T* qh = q + (size_t(t) * H + h) * S;
+      const T* wkv_b = w.wkv_b + size_t(h) * KS * Dc;
+      // 5a) q_abs (Dc) = q_nope W_uk
+      std::fill_n(q_abs, Dc, T(0));
+      for (int i = 0; i < Dn; ++i) {
+        const T qi = qh[i];
+        const T* row = wkv_b + size_t(i) * Dc;
+        for (int j = 0; j < Dc; ++j) q_abs[j] += qi * row[j];
+      }
+      // 5b) scores against the cached c_kv and k_pe of positions 0..L-1, softmax
+      for (int l = 0; l < L; ++l)
+        p[l] = scale * (dot(q_abs, cache.c_kv + size_t(l) * Dc, Dc) + dot(qh + Dn, cache.k_pe + size_t(l) * Dr, Dr));
+      softmax_row(p, L, L);
+      // 5c) o_lat (Dc) = sum_l p_l c_kv_l;  o_h (Dv) = W_uv o_lat
+      std::fill_n(o_lat, Dc, T(0));
+      for (int l = 0; l < L; ++l) {
+        const T pl = p[l];
+        const T* ck = cache.c_kv + size_t(l) * Dc;
+        for (int j = 0; j < Dc; ++j) o_lat[j] += pl * ck[j];
+      }
+      T* oh = o + (size_t(t) * H + h) * Dv;
+      for (int v = 0; v < Dv; ++v) oh[v] = dot(wkv_b + size_t(Dn + v) * Dc, o_lat, Dc);
+    }
+  }
+  // 6) out = wo o
+  linear_rows(out, o, w.wo, n, H * Dv, D);
+}
+
+template <typename T>
 void mla_decode_step_absorbed(T* out, const MlaCache<T>& cache, const T* inp, const MlaWeights<T>& w,
                               const MlaConfig& c, int B, int pos, const MlaRope<T>& rope) {
-  const std::vector<T> q = decode_prologue(cache, inp, w, c, B, pos, rope);
-  const int H = c.n_heads, Dn = c.qk_nope_head_dim, Dr = c.qk_rope_head_dim, Dv = c.v_head_dim;
-  const int Dc = c.kv_lora_rank, S = c.qk_head_dim(), KS = c.kv_head_dim(), L = pos + 1;
-  const T scale = static_cast<T>(c.softmax_scale());
-  std::vector<T> q_abs(size_t(B) * H * Dc), P(size_t(H) * L), o_lat(size_t(B) * H * Dc), o(size_t(B) * H * Dv);
-  // 1) fold W_uk = wkv_b[h, :Dn, :] (Dn, Dc) into the query: q_abs_h (B, Dc) = q_nope_h W_uk_h
-  for (int h = 0; h < H; ++h)
-    gemm(Op::N, Op::N, B, Dc, Dn, T(1), q.data() + h * S, H * S, w.wkv_b + size_t(h) * KS * Dc, Dc, T(0),
-         q_abs.data() + h * Dc, H * Dc);
-  // 2) per sequence, all heads at once (the latent is shared): scores (H, L) against c_kv and k_pe,
-  //    softmax, o_lat (H, Dc) = P c_kv
-  for (int b = 0; b < B; ++b) {
-    const T* ckv = cache.c_kv + size_t(b) * cache.max_len * Dc;  // (L, Dc)
-    const T* kpe = cache.k_pe + size_t(b) * cache.max_len * Dr;  // (L, Dr)
-    gemm(Op::N, Op::T, H, L, Dc, scale, q_abs.data() + size_t(b) * H * Dc, Dc, ckv, Dc, T(0), P.data(), L);
-    gemm(Op::N, Op::T, H, L, Dr, scale, q.data() + size_t(b) * H * S + Dn, S, kpe, Dr, T(1), P.data(), L);
-    for (int h = 0; h < H; ++h) softmax_row(P.data() + size_t(h) * L, L, L);
-    gemm(Op::N, Op::N, H, Dc, L, T(1), P.data(), L, ckv, Dc, T(0), o_lat.data() + size_t(b) * H * Dc, Dc);
+  validate_mla_decode(c, B, pos, cache.max_len, rope.positions);
+  const size_t D = c.dim, Lmax = cache.max_len;
+  MlaDecodeScratch<T> s;
+  for (int b = 0; b < B; ++b) {  // one sequence's cache: (Lmax, Dc) and (Lmax, Dr) at its offset
+    const MlaCache<T> one{cache.c_kv + b * Lmax * c.kv_lora_rank, cache.k_pe + b * Lmax * c.qk_rope_head_dim,
+                          cache.max_len};
+    mla_decode_chunk_absorbed(out + b * D, one, inp + b * D, w, c, 1, pos, rope, &s);
   }
-  // 3) fold W_uv = wkv_b[h, Dn:, :] (Dv, Dc) into the output: o_h (B, Dv) = o_lat_h W_uv_h^T
-  for (int h = 0; h < H; ++h)
-    gemm(Op::N, Op::T, B, Dv, Dc, T(1), o_lat.data() + h * Dc, H * Dc, w.wkv_b + (size_t(h) * KS + Dn) * Dc, Dc,
-         T(0), o.data() + h * Dv, H * Dv);
-  linear(out, o.data(), w.wo, B, H * Dv, c.dim);
 }
 
 #define DSV3_INSTANTIATE(T)                                                                                      \
@@ -337,7 +395,9 @@ void mla_decode_step_absorbed(T* out, const MlaCache<T>& cache, const T* inp, co
   template void mla_decode_step_naive<T>(T*, const MlaCache<T>&, const T*, const MlaWeights<T>&,                 \
                                          const MlaConfig&, int, int, const MlaRope<T>&);                         \
   template void mla_decode_step_absorbed<T>(T*, const MlaCache<T>&, const T*, const MlaWeights<T>&,              \
-                                            const MlaConfig&, int, int, const MlaRope<T>&);
+                                            const MlaConfig&, int, int, const MlaRope<T>&);                      \
+  template void mla_decode_chunk_absorbed<T>(T*, const MlaCache<T>&, const T*, const MlaWeights<T>&,             \
+                                             const MlaConfig&, int, int, const MlaRope<T>&, MlaDecodeScratch<T>*);
 DSV3_INSTANTIATE(float)
 DSV3_INSTANTIATE(double)
 #undef DSV3_INSTANTIATE

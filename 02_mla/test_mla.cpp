@@ -2,6 +2,7 @@
 // independent loop-by-loop reference of the forward, the oracles (absorbed decode == naive decode,
 // cached step-by-step decoding == full forward, causality), edge shapes, config errors, CPU vs CUDA.
 #include <cmath>
+#include <cstring>
 
 #include "02_mla/mla.h"
 #include "common/errors.h"
@@ -132,6 +133,11 @@ std::vector<T> decode_all(Problem<T>& pb, Step step) {
   return out;
 }
 
+
+// Bitwise equality of two float tensors (the decode forms' chunk invariance).
+bool bitwise_equal(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
 }  // namespace
 
 // ---- gradchecks ---------------------------------------------------------------------------------
@@ -184,6 +190,59 @@ TEST(Mla, ParameterGradientsAccumulateInputGradientOverwrites) {
 }
 
 // ---- the forward against an independent reference ----------------------------------------------
+
+// ---- the absorbed decode of a chunk -------------------------------------------------------------------
+
+// Oracles: the training-form forward (the whole sequence at once) and the naive decode (K and V expanded from
+// the latent). Chunk invariance, bitwise: chunks 4 + 1 + 4 give the bits of single-token calls (stage 07's
+// speculative decoding rests on it). Tolerance kElementwiseTol (rel 1e-5): fp32 with sums of at most
+// max(D, Dc) = 19 terms in a different order.
+TEST(Mla, ChunkedAbsorbedDecodeMatchesTheOtherFormsAndIsChunkInvariant) {
+  MlaConfig c;
+  c.dim = 19;
+  c.n_heads = 3;
+  c.q_lora_rank = 11;
+  c.kv_lora_rank = 9;
+  c.qk_nope_head_dim = 5;
+  c.qk_rope_head_dim = 4;
+  c.v_head_dim = 7;
+  c.rope.qk_rope_head_dim = 4;
+  c.rope.max_seq_len = 16;
+  c.rope.original_seq_len = 16;
+  const MlaParams<float> p = mla_init_params<float>(c, 5, true);
+  const RopeTables<float> tables = rope_tables<float>(c.rope);
+  const MlaRope<float> rope = mla_rope(tables);
+  const int T = 9, D = c.dim, Lmax = 12;
+  Rng rng(6);
+  const std::vector<float> x = rng.normal_vec<float>(size_t(T) * D);
+  // training form
+  std::vector<float> ref(size_t(T) * D), saved(mla_saved_size(c, 1, T));
+  cpu::mla_forward(ref.data(), mla_saved_layout(saved.data(), c, 1, T), x.data(), p.weights(), c, 1, T, 0, rope);
+  // the naive decode, and the absorbed one: one by one, and in chunks 4 + 1 + 4
+  auto new_cache = [&](std::vector<float>& ckv, std::vector<float>& kpe) {
+    ckv.assign(size_t(Lmax) * c.kv_lora_rank, 0.0f);
+    kpe.assign(size_t(Lmax) * c.qk_rope_head_dim, 0.0f);
+    return MlaCache<float>{ckv.data(), kpe.data(), Lmax};
+  };
+  std::vector<float> c1, k1, c2, k2, c3, k3;
+  const MlaCache<float> naive = new_cache(c1, k1), single = new_cache(c2, k2), chunked = new_cache(c3, k3);
+  std::vector<float> outn(size_t(T) * D), out1(outn.size()), outc(outn.size());
+  for (int t = 0; t < T; ++t) {
+    cpu::mla_decode_step_naive(outn.data() + t * D, naive, x.data() + t * D, p.weights(), c, 1, t, rope);
+    cpu::mla_decode_chunk_absorbed(out1.data() + t * D, single, x.data() + t * D, p.weights(), c, 1, t, rope);
+  }
+  int at = 0;
+  for (int n : {4, 1, 4}) {
+    cpu::mla_decode_chunk_absorbed(outc.data() + at * D, chunked, x.data() + at * D, p.weights(), c, n, at, rope);
+    at += n;
+  }
+  EXPECT_CLOSE(compare(out1, ref, kElementwiseTol), "absorbed chunk decode vs mla_forward");
+  EXPECT_CLOSE(compare(out1, outn, kElementwiseTol), "absorbed chunk decode vs the naive decode");
+  EXPECT_TRUE(bitwise_equal(outc, out1)) << "chunks 4+1+4 differ from single-token calls";
+  EXPECT_TRUE(bitwise_equal(c3, c2) && bitwise_equal(k3, k2)) << "the latent caches differ";
+  EXPECT_THROW(cpu::mla_decode_chunk_absorbed(outc.data(), chunked, x.data(), p.weights(), c, 4, 9, rope),
+               UserError);  // positions 9..12 do not fit max_len 12
+}
 
 TEST(Mla, ForwardEqualsLoopReference) {
   for (int dq : {10, 0}) {

@@ -221,6 +221,14 @@ MlpParams<T> mlp_init_params(const MlpConfig& c, uint64_t seed) {
   return p;
 }
 
+// Scratch of the decode forms below (common/rowwise.h's grow: after the first calls they allocate nothing).
+template <typename T>
+struct FfnRowsScratch {
+  std::vector<T> h1, h3;                                   // SwiGLU hidden (rows, F)
+  std::vector<T> logits, score, sel, route_w, xg, yg, slot_y;  // MoE routing and the experts' rows
+  std::vector<int> idx, rows;
+};
+
 namespace cpu {
 
 // out (N, D) = shared(x) + sum_k weights[n,k] * Expert_{indices[n,k]}(x_n). Fills saved.
@@ -237,6 +245,14 @@ void moe_backward(const MoeGrads<T>& grads, T* dinp, const T* dout, const NoDedu
 // zero weight. Quadratically slower; equals moe_forward up to rounding.
 template <typename T>
 void moe_forward_dense(T* out, const T* inp, const MoeWeights<T>& w, const MoeConfig& c, int N);
+
+// The decode forms (common/rowwise.h): the same layers on n rows, each row's result in a fixed summation order
+// whatever n is (no dispatch buffers, nothing saved). moe_rows routes with moe_route.h like moe_forward, runs
+// each routed expert once on the rows that chose it and combines in k order.
+template <typename T>
+void mlp_rows(T* out, const T* x, const MlpWeights<T>& w, const MlpConfig& c, int n, FfnRowsScratch<T>& s);
+template <typename T>
+void moe_rows(T* out, const T* x, const MoeWeights<T>& w, const MoeConfig& c, int n, FfnRowsScratch<T>& s);
 
 // Dense MLP on N rows: out (N, D); saves h1 = x w1^T and h3 = x w3^T, each (N, F).
 template <typename T>

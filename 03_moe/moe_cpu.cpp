@@ -1,11 +1,13 @@
 // Stage 03, the reference: the readable specification of DeepSeekMoE's forward and backward.
 // Shapes: see the legend in moe.h. Matrix products through cpu::gemm (Eigen, row-major).
+#include <algorithm>
 #include <cmath>
 
 #include "03_moe/moe.h"
 #include "03_moe/moe_route.h"
 #include "common/errors.h"
 #include "common/gemm_cpu.h"
+#include "common/rowwise.h"
 #include "common/rng.h"
 
 namespace dsv3 {
@@ -293,12 +295,82 @@ void mlp_backward(const MlpGrads<T>& g, T* dinp, const T* dout, const T* h1, con
   ffn_backward(g.w1, g.w2, g.w3, dinp, dout, h1, h3, inp, w.w1, w.w2, w.w3, N, c.dim, c.inter_dim);
 }
 
+// ---- the decode forms -----------------------------------------------------------------------------------
+
+// y (rows, D) = (silu(x W1^T) * (x W3^T)) W2^T, row by row in a fixed order: the MLP and each routed expert.
+template <typename T>
+static void swiglu_rows(T* y, const T* x, const T* W1, const T* W2, const T* W3, int rows, int D, int F,
+                        FfnRowsScratch<T>& s) {
+  T* h1 = grow(s.h1, size_t(rows) * F);
+  T* h3 = grow(s.h3, size_t(rows) * F);
+  linear_rows(h1, x, W1, rows, D, F);
+  linear_rows(h3, x, W3, rows, D, F);
+  for (size_t i = 0; i < size_t(rows) * F; ++i) h1[i] = h1[i] / (T(1) + std::exp(-h1[i])) * h3[i];
+  linear_rows(y, h1, W2, rows, F, D);
+}
+
+template <typename T>
+void mlp_rows(T* out, const T* x, const MlpWeights<T>& w, const MlpConfig& c, int n, FfnRowsScratch<T>& s) {
+  validate_mlp_call(c, n);
+  swiglu_rows(out, x, w.w1, w.w2, w.w3, n, c.dim, c.inter_dim, s);
+}
+
+template <typename T>
+void moe_rows(T* out, const T* x, const MoeWeights<T>& w, const MoeConfig& c, int n, FfnRowsScratch<T>& s) {
+  validate_moe_call(c, n);
+  const int E = c.n_routed_experts, K = c.n_activated_experts, D = c.dim, F = c.moe_inter_dim;
+  const int Fs = c.shared_inter_dim();
+  const bool softmax_scores = c.score_func == ScoreFunc::Softmax;
+  // 1) route every token on its own, with the training router's rule (moe_route.h; ties to the lower index)
+  T* logits = grow(s.logits, size_t(n) * E);
+  T* score = grow(s.score, E);
+  T* sel = grow(s.sel, E);
+  T* rw = grow(s.route_w, size_t(n) * K);
+  s.idx.resize(size_t(n) * K);
+  linear_rows(logits, x, w.gate_weight, n, D, E);
+  for (int t = 0; t < n; ++t) {
+    moe_route::scores_from_logits(score, logits + size_t(t) * E, E, softmax_scores);
+    moe_route::route_token(sel, s.idx.data() + size_t(t) * K, rw + size_t(t) * K, score, w.gate_bias, E, K,
+                           c.n_expert_groups, c.n_limited_groups, T(c.route_scale), !softmax_scores);
+  }
+  // 2) the shared experts on every token
+  if (Fs > 0)
+    swiglu_rows(out, x, w.shared_w1, w.shared_w2, w.shared_w3, n, D, Fs, s);
+  else
+    std::fill_n(out, size_t(n) * D, T(0));
+  // 3) each routed expert on the tokens that chose it (its weights read once per chunk); slot t*K+k keeps the
+  //    output of token t's k-th expert
+  T* slot_y = grow(s.slot_y, size_t(n) * K * D);
+  for (int e = 0; e < E; ++e) {
+    s.rows.clear();
+    for (int i = 0; i < n * K; ++i)
+      if (s.idx[i] == e) s.rows.push_back(i);
+    const int m = int(s.rows.size());
+    if (m == 0) continue;
+    T* xg = grow(s.xg, size_t(m) * D);
+    T* yg = grow(s.yg, size_t(m) * D);
+    for (int r = 0; r < m; ++r) std::copy_n(x + size_t(s.rows[r] / K) * D, D, xg + size_t(r) * D);
+    swiglu_rows(yg, xg, w.w1 + size_t(e) * F * D, w.w2 + size_t(e) * D * F, w.w3 + size_t(e) * F * D, m, D, F, s);
+    for (int r = 0; r < m; ++r) std::copy_n(yg + size_t(r) * D, D, slot_y + size_t(s.rows[r]) * D);
+  }
+  // 4) out += w_k y_k in k order (as moe_forward)
+  for (int t = 0; t < n; ++t)
+    for (int k = 0; k < K; ++k) {
+      const T wk = rw[size_t(t) * K + k];
+      const T* y = slot_y + (size_t(t) * K + k) * D;
+      T* o = out + size_t(t) * D;
+      for (int d = 0; d < D; ++d) o[d] += wk * y[d];
+    }
+}
+
 #define DSV3_INSTANTIATE(T)                                                                                   \
   template void moe_forward<T>(T*, const MoeSaved<T>&, const T*, const MoeWeights<T>&, const MoeConfig&, int); \
   template void moe_backward<T>(const MoeGrads<T>&, T*, const T*, const T*, const MoeSaved<T>&, const T*,     \
                                 const MoeWeights<T>&, const MoeConfig&, int);                                 \
   template void moe_forward_dense<T>(T*, const T*, const MoeWeights<T>&, const MoeConfig&, int); \
   template void mlp_forward<T>(T*, T*, T*, const T*, const MlpWeights<T>&, const MlpConfig&, int);          \
+  template void mlp_rows<T>(T*, const T*, const MlpWeights<T>&, const MlpConfig&, int, FfnRowsScratch<T>&);    \
+  template void moe_rows<T>(T*, const T*, const MoeWeights<T>&, const MoeConfig&, int, FfnRowsScratch<T>&);    \
   template void mlp_backward<T>(const MlpGrads<T>&, T*, const T*, const T*, const T*, const T*,               \
                                 const MlpWeights<T>&, const MlpConfig&, int);
 DSV3_INSTANTIATE(float)

@@ -129,6 +129,14 @@ struct BlockHostSaved {
 
 void validate_block_call(const BlockConfig& c, int B, int T_, int pos0, int table_positions);
 
+// Scratch of cpu::block_decode (grown on demand, reused across calls).
+template <typename T>
+struct BlockDecodeScratch {
+  std::vector<T> xa, branch;  // (n, D) normed input, branch output
+  MlaDecodeScratch<T> attn;
+  FfnRowsScratch<T> ffn;
+};
+
 namespace cpu {
 
 // out (B, T, D) = Block(inp (B, T, D)), causal, positions pos0.. (RoPE). Fills saved.
@@ -141,6 +149,13 @@ template <typename T>
 void block_backward(const BlockGrads<T>& grads, T* dinp, const T* dout, const NoDeduce<T>* dscores_extra,
                     const BlockSaved<T>& saved, const T* inp, const BlockWeights<T>& w, const BlockConfig& c, int B,
                     int T_, int pos0, const MlaRope<T>& rope);
+
+// The decode form: x (n, D) <- Block(x) for n tokens of one sequence at positions pos0 .. pos0+n-1, attending
+// through the latent cache (stage 02's absorbed chunk decode, which appends to it) and the FFN's row form
+// (stage 03): no saved activations, and every row bitwise independent of the chunk size (common/rowwise.h).
+template <typename T>
+void block_decode(T* x, const MlaCache<T>& cache, const BlockWeights<T>& w, const BlockConfig& c, int n, int pos0,
+                  const MlaRope<T>& rope, BlockDecodeScratch<T>& s);
 
 }  // namespace cpu
 

@@ -5,6 +5,7 @@
 
 #include "01_rmsnorm_rope/rmsnorm_rope.h"
 #include "common/errors.h"
+#include "common/rowwise.h"
 #include "common/rng.h"
 
 namespace dsv3 {
@@ -109,11 +110,34 @@ void block_backward(const BlockGrads<T>& g, T* dinp, const T* dout, const NoDedu
   for (size_t i = 0; i < ND; ++i) dinp[i] += dh[i];
 }
 
+template <typename T>
+void block_decode(T* x, const MlaCache<T>& cache, const BlockWeights<T>& w, const BlockConfig& c, int n, int pos0,
+                  const MlaRope<T>& rope, BlockDecodeScratch<T>& s) {
+  validate_block_call(c, 1, n, pos0, rope.positions);
+  const int D = c.dim();
+  const size_t nD = size_t(n) * D;
+  T* xa = grow(s.xa, nD);
+  T* br = grow(s.branch, nD);
+  // 1) h = x + MLA(attn_norm(x)) through the latent cache
+  rmsnorm_rows(xa, x, w.attn_norm, n, D, c.norm_eps);
+  mla_decode_chunk_absorbed(br, cache, xa, w.attn, c.attn, n, pos0, rope, &s.attn);
+  for (size_t i = 0; i < nD; ++i) x[i] += br[i];
+  // 2) out = h + FFN(ffn_norm(h))
+  rmsnorm_rows(xa, x, w.ffn_norm, n, D, c.norm_eps);
+  if (c.ffn == FfnKind::Dense)
+    mlp_rows(br, xa, w.mlp, c.mlp, n, s.ffn);
+  else
+    moe_rows(br, xa, w.moe, c.moe, n, s.ffn);
+  for (size_t i = 0; i < nD; ++i) x[i] += br[i];
+}
+
 #define DSV3_INSTANTIATE(T)                                                                                    \
   template void block_forward<T>(T*, const BlockSaved<T>&, const T*, const BlockWeights<T>&, const BlockConfig&, \
                                  int, int, int, const MlaRope<T>&);                                            \
   template void block_backward<T>(const BlockGrads<T>&, T*, const T*, const T*, const BlockSaved<T>&, const T*,  \
-                                  const BlockWeights<T>&, const BlockConfig&, int, int, int, const MlaRope<T>&);
+                                  const BlockWeights<T>&, const BlockConfig&, int, int, int, const MlaRope<T>&); \
+  template void block_decode<T>(T*, const MlaCache<T>&, const BlockWeights<T>&, const BlockConfig&, int, int,    \
+                                const MlaRope<T>&, BlockDecodeScratch<T>&);
 DSV3_INSTANTIATE(float)
 DSV3_INSTANTIATE(double)
 #undef DSV3_INSTANTIATE

@@ -1,9 +1,9 @@
-// Stage 07, the CPU sampler (sampler.h): KV-cached absorbed-MLA decoding of the whole model, the MTP draft,
-// token sampling and speculative decoding. Shapes: see the legend in sampler.h.
+// Stage 07, the CPU sampler (sampler.h): KV-cached decoding of the whole model through the stages' decode forms
+// (stage 05's block_decode: stage 02's absorbed chunk decode, stage 03's MLP and MoE rows), the MTP draft, token
+// sampling and speculative decoding. Shapes: see the legend in sampler.h.
 //
-// Everything a token goes through is computed row by row with dot() below, whose summation order is fixed by
-// the source (not by the chunk size, a BLAS kernel's blocking or a pointer's alignment): that is the whole
-// reason this file does not call cpu::gemm, and it is what makes a chunked feed bitwise equal to single feeds.
+// Everything a token goes through is computed row by row in a summation order fixed by the source
+// (common/rowwise.h), never by cpu::gemm: that is what makes a chunked feed bitwise equal to single feeds.
 #include "07_train_gpu/sampler.h"
 
 #include <algorithm>
@@ -11,218 +11,24 @@
 #include <numeric>
 
 #include "01_rmsnorm_rope/rmsnorm_rope.h"
-#include "03_moe/moe_route.h"
 #include "07_train_gpu/data.h"
 #include "common/errors.h"
 #include "common/rng.h"
+#include "common/rowwise.h"
 #include "common/timer.h"
 
 namespace dsv3 {
 
-// Grown on demand, never shrunk: after the first few calls decoding allocates nothing.
+// The decoder's scratch: the blocks' (stage 05), the embedded chunk, the final norm's output and the MTP input;
+// grown on demand, never shrunk, so after the first few calls decoding allocates nothing.
 struct DecodeScratch {
-  std::vector<float> x, xa, branch;                        // block: residual, normed input, branch output (n, D)
-  std::vector<float> q_lat, q, kv, q_abs, att, o_lat, o;   // MLA
-  std::vector<float> h1, h3;                               // SwiGLU hidden (rows, F)
-  std::vector<float> gate, score, sel, route_w, xg, yg, slot_y;  // MoE
-  std::vector<int> idx, rows;
-  std::vector<float> z, cat;                               // final norm (n, D); MTP input [en ; hn] (n, 2D)
+  std::vector<float> x, z, cat;  // (n, D) residual stream, (n, D) final norm, (n, 2D) MTP [en ; hn]
+  BlockDecodeScratch<float> block;
 };
 
 namespace {
 
-float* grow(std::vector<float>& v, size_t n) {
-  if (v.size() < n) v.resize(n);
-  return v.data();
-}
-
-// ---- row-independent kernels ----------------------------------------------------------------------------
-
-// a . b: 16 interleaved partial sums (lane j takes elements j, j+16, j+32, ...), then a fixed pairwise combine.
-// The compiler maps the lanes onto SIMD registers; the order of every addition is the source's.
-float dot(const float* a, const float* b, int n) {
-  constexpr int W = 16;
-  float acc[W] = {};
-  int i = 0;
-  for (; i + W <= n; i += W)
-    for (int j = 0; j < W; ++j) acc[j] += a[i + j] * b[i + j];
-  for (int j = 0; i < n; ++i, ++j) acc[j] += a[i] * b[i];
-  for (int w = W / 2; w > 0; w /= 2)
-    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
-  return acc[0];
-}
-
-// y (n, out) = x (n, in) W^T, W (out, in): each row of W is read once for the whole chunk.
-void linear(float* y, const float* x, const float* W, int n, int in, int out) {
-  for (int o = 0; o < out; ++o) {
-    const float* w = W + size_t(o) * in;
-    for (int t = 0; t < n; ++t) y[size_t(t) * out + o] = dot(w, x + size_t(t) * in, in);
-  }
-}
-
-// out (n, D) = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps), per row. out may equal x.
-void rmsnorm_rows(float* out, const float* x, const float* w, int n, int D, float eps) {
-  for (int t = 0; t < n; ++t) {
-    const float* r = x + size_t(t) * D;
-    float* y = out + size_t(t) * D;
-    const float rstd = 1.0f / std::sqrt(dot(r, r, D) / float(D) + eps);
-    for (int d = 0; d < D; ++d) y[d] = r[d] * rstd * w[d];
-  }
-}
-
-// In place over p[0, L): softmax.
-void softmax(float* p, int L) {
-  const float m = *std::max_element(p, p + L);
-  float sum = 0;
-  for (int l = 0; l < L; ++l) sum += (p[l] = std::exp(p[l] - m));
-  for (int l = 0; l < L; ++l) p[l] /= sum;
-}
-
-float silu(float v) { return v / (1.0f + std::exp(-v)); }
-
-// y (rows, D) = (silu(x W1^T) * (x W3^T)) W2^T: stage 03's dense MLP and each of its experts.
-void swiglu(float* y, const float* x, const float* W1, const float* W2, const float* W3, int rows, int D, int F,
-            DecodeScratch& s) {
-  float* h1 = grow(s.h1, size_t(rows) * F);
-  float* h3 = grow(s.h3, size_t(rows) * F);
-  linear(h1, x, W1, rows, D, F);
-  linear(h3, x, W3, rows, D, F);
-  for (size_t i = 0; i < size_t(rows) * F; ++i) h1[i] = silu(h1[i]) * h3[i];
-  linear(y, h1, W2, rows, F, D);
-}
-
-// out (n, D) = DeepSeekMoE(x): stage 03's layer, token by token.
-void moe_rows(float* out, const float* x, const MoeWeights<float>& w, const MoeConfig& c, int n, DecodeScratch& s) {
-  const int E = c.n_routed_experts, K = c.n_activated_experts, D = c.dim, F = c.moe_inter_dim;
-  const int Fs = c.shared_inter_dim();
-  const bool softmax_scores = c.score_func == ScoreFunc::Softmax;
-  // 1) route every token on its own, with the training router's rule (moe_route.h; ties to the lower index)
-  float* logits = grow(s.gate, size_t(n) * E);
-  float* score = grow(s.score, E);
-  float* sel = grow(s.sel, E);
-  float* rw = grow(s.route_w, size_t(n) * K);
-  s.idx.resize(size_t(n) * K);
-  linear(logits, x, w.gate_weight, n, D, E);
-  for (int t = 0; t < n; ++t) {
-    moe_route::scores_from_logits(score, logits + size_t(t) * E, E, softmax_scores);
-    moe_route::route_token(sel, s.idx.data() + size_t(t) * K, rw + size_t(t) * K, score, w.gate_bias, E, K,
-                           c.n_expert_groups, c.n_limited_groups, c.route_scale, !softmax_scores);
-  }
-  // 2) the shared experts on every token
-  if (Fs > 0)
-    swiglu(out, x, w.shared_w1, w.shared_w2, w.shared_w3, n, D, Fs, s);
-  else
-    std::fill_n(out, size_t(n) * D, 0.0f);
-  // 3) each routed expert on the tokens that chose it (its weights read once per chunk); slot t*K+k keeps the
-  //    output of token t's k-th expert
-  float* slot_y = grow(s.slot_y, size_t(n) * K * D);
-  for (int e = 0; e < E; ++e) {
-    s.rows.clear();
-    for (int i = 0; i < n * K; ++i)
-      if (s.idx[i] == e) s.rows.push_back(i);
-    const int m = int(s.rows.size());
-    if (m == 0) continue;
-    float* xg = grow(s.xg, size_t(m) * D);
-    float* yg = grow(s.yg, size_t(m) * D);
-    for (int r = 0; r < m; ++r) std::copy_n(x + size_t(s.rows[r] / K) * D, D, xg + size_t(r) * D);
-    swiglu(yg, xg, w.w1 + size_t(e) * F * D, w.w2 + size_t(e) * D * F, w.w3 + size_t(e) * F * D, m, D, F, s);
-    for (int r = 0; r < m; ++r) std::copy_n(yg + size_t(r) * D, D, slot_y + size_t(s.rows[r]) * D);
-  }
-  // 4) out += w_k y_k in k order (as stage 03)
-  for (int t = 0; t < n; ++t)
-    for (int k = 0; k < K; ++k) {
-      const float wk = rw[size_t(t) * K + k];
-      const float* y = slot_y + (size_t(t) * K + k) * D;
-      float* o = out + size_t(t) * D;
-      for (int d = 0; d < D; ++d) o[d] += wk * y[d];
-    }
-}
-
-// The absorbed MLA decode of n tokens at positions pos0.. (cpu::mla_decode_chunk_absorbed, with scratch).
-void mla_rows(float* out, const MlaCache<float>& cache, const float* x, const MlaWeights<float>& w,
-              const MlaConfig& c, int n, int pos0, const MlaRope<float>& rope, DecodeScratch& s) {
-  const int D = c.dim, H = c.n_heads, Dq = c.q_lora_rank, Dc = c.kv_lora_rank, Dn = c.qk_nope_head_dim;
-  const int Dr = c.qk_rope_head_dim, Dv = c.v_head_dim, S = c.qk_head_dim(), KS = c.kv_head_dim();
-  const float scale = static_cast<float>(c.softmax_scale());
-  // 1) queries q (n, H, S) = wq_b q_norm(wq_a x), or wq x without q compression
-  float* q = grow(s.q, size_t(n) * H * S);
-  if (Dq > 0) {
-    float* q_lat = grow(s.q_lat, size_t(n) * Dq);
-    linear(q_lat, x, w.wq_a, n, D, Dq);
-    rmsnorm_rows(q_lat, q_lat, w.q_norm, n, Dq, c.norm_eps);
-    linear(q, q_lat, w.wq_b, n, Dq, H * S);
-  } else {
-    linear(q, x, w.wq, n, D, H * S);
-  }
-  // 2) [c_kv | k_pe] (n, Dc+Dr) = wkv_a x, c_kv = kv_norm(c_kv)
-  float* kv = grow(s.kv, size_t(n) * (Dc + Dr));
-  linear(kv, x, w.wkv_a, n, D, Dc + Dr);
-  for (int t = 0; t < n; ++t) {
-    float* row = kv + size_t(t) * (Dc + Dr);
-    rmsnorm_rows(row, row, w.kv_norm, 1, Dc, c.norm_eps);
-  }
-  // 3) RoPE on every head's q_pe and on k_pe, at positions pos0 + t
-  cpu::rope_forward(q, q, rope.cos, rope.sin, RopeDims{1, n, H, S, Dn, Dr, pos0}, rope.positions);
-  cpu::rope_forward(kv, kv, rope.cos, rope.sin, RopeDims{1, n, 1, Dc + Dr, Dc, Dr, pos0}, rope.positions);
-  // 4) append the chunk's latents to the cache (before attending: a token sees the earlier ones of its chunk)
-  for (int t = 0; t < n; ++t) {
-    std::copy_n(kv + size_t(t) * (Dc + Dr), Dc, cache.c_kv + size_t(pos0 + t) * Dc);
-    std::copy_n(kv + size_t(t) * (Dc + Dr) + Dc, Dr, cache.k_pe + size_t(pos0 + t) * Dr);
-  }
-  // 5) per token and head, in latent space: wkv_b's head h is (KS, Dc), rows [0, Dn) W_uk, rows [Dn, KS) W_uv
-  float* q_abs = grow(s.q_abs, Dc);
-  float* p = grow(s.att, size_t(pos0) + n);
-  float* o_lat = grow(s.o_lat, Dc);
-  float* o = grow(s.o, size_t(n) * H * Dv);
-  for (int t = 0; t < n; ++t) {
-    const int L = pos0 + t + 1;
-    for (int h = 0; h < H; ++h) {
-      const float* qh = q + (size_t(t) * H + h) * S;
-      const float* wkv_b = w.wkv_b + size_t(h) * KS * Dc;
-      // 5a) q_abs (Dc) = q_nope W_uk
-      std::fill_n(q_abs, Dc, 0.0f);
-      for (int i = 0; i < Dn; ++i) {
-        const float qi = qh[i];
-        const float* row = wkv_b + size_t(i) * Dc;
-        for (int j = 0; j < Dc; ++j) q_abs[j] += qi * row[j];
-      }
-      // 5b) scores against the cached c_kv and k_pe of positions 0..L-1, softmax
-      for (int l = 0; l < L; ++l)
-        p[l] = scale * (dot(q_abs, cache.c_kv + size_t(l) * Dc, Dc) + dot(qh + Dn, cache.k_pe + size_t(l) * Dr, Dr));
-      softmax(p, L);
-      // 5c) o_lat (Dc) = sum_l p_l c_kv_l;  o_h (Dv) = W_uv o_lat
-      std::fill_n(o_lat, Dc, 0.0f);
-      for (int l = 0; l < L; ++l) {
-        const float pl = p[l];
-        const float* ck = cache.c_kv + size_t(l) * Dc;
-        for (int j = 0; j < Dc; ++j) o_lat[j] += pl * ck[j];
-      }
-      float* oh = o + (size_t(t) * H + h) * Dv;
-      for (int v = 0; v < Dv; ++v) oh[v] = dot(wkv_b + size_t(Dn + v) * Dc, o_lat, Dc);
-    }
-  }
-  // 6) out = wo o
-  linear(out, o, w.wo, n, H * Dv, D);
-}
-
-// x (n, D) <- Block(x) for tokens at positions pos0..: h = x + MLA(attn_norm(x)); x = h + FFN(ffn_norm(h)).
-void block_rows(float* x, Decoder::LatentCache& lc, const BlockWeights<float>& w, int max_len, int n, int pos0,
-                const MlaRope<float>& rope, DecodeScratch& s) {
-  const BlockConfig& c = lc.cfg;
-  const int D = c.dim();
-  const size_t nD = size_t(n) * D;
-  float* xa = grow(s.xa, nD);
-  float* br = grow(s.branch, nD);
-  rmsnorm_rows(xa, x, w.attn_norm, n, D, c.norm_eps);
-  mla_rows(br, MlaCache<float>{lc.c_kv.data(), lc.k_pe.data(), max_len}, xa, w.attn, c.attn, n, pos0, rope, s);
-  for (size_t i = 0; i < nD; ++i) x[i] += br[i];
-  rmsnorm_rows(xa, x, w.ffn_norm, n, D, c.norm_eps);
-  if (c.ffn == FfnKind::Dense)
-    swiglu(br, xa, w.mlp.w1, w.mlp.w2, w.mlp.w3, n, D, c.mlp.inter_dim, s);
-  else
-    moe_rows(br, xa, w.moe, c.moe, n, s);
-  for (size_t i = 0; i < nD; ++i) x[i] += br[i];
-}
+MlaCache<float> cache_of(Decoder::LatentCache& lc, int max_len) { return {lc.c_kv.data(), lc.k_pe.data(), max_len}; }
 
 int argmax(const float* v, int n) {
   int best = 0;
@@ -233,19 +39,6 @@ int argmax(const float* v, int n) {
 
 }  // namespace
 
-namespace cpu {
-
-void mla_decode_chunk_absorbed(float* out, const MlaCache<float>& cache, const float* inp,
-                               const MlaWeights<float>& w, const MlaConfig& c, int n, int pos0,
-                               const MlaRope<float>& rope) {
-  validate_mla_call(c, 1, n, pos0, rope.positions);
-  require(pos0 + n <= cache.max_len, "mla decode: positions {}..{} do not fit a cache of max_len {}", pos0,
-          pos0 + n - 1, cache.max_len);
-  DecodeScratch s;
-  mla_rows(out, cache, inp, w, c, n, pos0, rope, s);
-}
-
-}  // namespace cpu
 
 // ---- Decoder ----------------------------------------------------------------------------------------------
 
@@ -297,13 +90,14 @@ const std::vector<float>& Decoder::feed(const std::vector<int>& tokens) {
   float* x = grow(s.x, size_t(n) * D);
   for (int t = 0; t < n; ++t) std::copy_n(model_.embed().data() + size_t(tokens[t]) * D, D, x + size_t(t) * D);
   for (size_t l = 0; l < layers_.size(); ++l)
-    block_rows(x, layers_[l], model_.layer(int(l)).weights(), max_len_, n, pos_, rope, s);
+    cpu::block_decode(x, cache_of(layers_[l], max_len_), model_.layer(int(l)).weights(), layers_[l].cfg, n, pos_,
+                      rope, s.block);
   // 3) final norm (its output z is kept for the MTP module) and head
   float* z = grow(s.z, size_t(n) * D);
-  rmsnorm_rows(z, x, model_.final_norm().data(), n, D, float(c.rms_norm_eps));
+  cpu::rmsnorm_rows(z, x, model_.final_norm().data(), n, D, float(c.rms_norm_eps));
   std::copy_n(z, size_t(n) * D, hidden_.data() + size_t(pos_) * D);
   logits_.resize(size_t(n) * V);
-  linear(logits_.data(), z, model_.head().data(), n, D, V);
+  linear_rows(logits_.data(), z, model_.head().data(), n, D, V);
   std::copy(tokens.begin(), tokens.end(), tokens_.begin() + pos_);
   pos_ += n;
   return logits_;
@@ -331,17 +125,19 @@ const std::vector<float>& Decoder::draft(int next) {
   for (int r = 0; r < m; ++r) {
     const int j = j0 + r, tok = input_token(j);
     mtp_tokens_[j] = tok;
-    rmsnorm_rows(cat + size_t(r) * 2 * D, model_.embed().data() + size_t(tok) * D, mw.enorm, 1, D, mc.norm_eps);
-    rmsnorm_rows(cat + size_t(r) * 2 * D + D, hidden_.data() + size_t(j) * D, mw.hnorm, 1, D, mc.norm_eps);
+    cpu::rmsnorm_rows(cat + size_t(r) * 2 * D, model_.embed().data() + size_t(tok) * D, mw.enorm, 1, D,
+                      mc.norm_eps);
+    cpu::rmsnorm_rows(cat + size_t(r) * 2 * D + D, hidden_.data() + size_t(j) * D, mw.hnorm, 1, D, mc.norm_eps);
   }
-  linear(x, cat, mw.eh_proj, m, 2 * D, D);
-  block_rows(x, mtp_[0], mw.block, max_len_, m, j0, mla_rope(model_.rope()), s);
+  linear_rows(x, cat, mw.eh_proj, m, 2 * D, D);
+  cpu::block_decode(x, cache_of(mtp_[0], max_len_), mw.block, mtp_[0].cfg, m, j0, mla_rope(model_.rope()),
+                    s.block);
   mtp_pos_ = pos_;
   // 3) the shared final norm and head, on the last position only
   float* z = grow(s.z, D);
-  rmsnorm_rows(z, x + size_t(m - 1) * D, model_.final_norm().data(), 1, D, mc.norm_eps);
+  cpu::rmsnorm_rows(z, x + size_t(m - 1) * D, model_.final_norm().data(), 1, D, mc.norm_eps);
   draft_logits_.resize(V);
-  linear(draft_logits_.data(), z, model_.head().data(), 1, D, V);
+  linear_rows(draft_logits_.data(), z, model_.head().data(), 1, D, V);
   return draft_logits_;
 }
 

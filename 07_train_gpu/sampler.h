@@ -8,7 +8,7 @@
 //   generate()   temperature / top-k / top-p sampling, plainly or speculatively with the MTP draft.
 //
 // Bitwise chunk invariance. Every per-token map (linear layers, norms, router, experts, head) is computed as
-// row-independent dot products in one fixed summation order (dot() in sampler.cpp), and attention of a
+// row-independent dot products in one fixed summation order (common/rowwise.h), and attention of a
 // token reads only its own query and the cache; so feed() of a chunk of n tokens returns logits BITWISE equal
 // to n feeds of one token. That is what makes speculative decoding's output identical to plain decoding:
 // every emitted token is drawn from the main model's own logits with one RNG draw, in the same order.
@@ -92,17 +92,6 @@ class Decoder {
   std::vector<float> logits_, draft_logits_;
   std::unique_ptr<DecodeScratch> scratch_;
 };
-
-namespace cpu {
-
-// The absorbed MLA decode of stage 02 for a chunk of n tokens of one sequence: inp (n, D) at positions
-// pos0 .. pos0+n-1 appends its c_kv, k_pe to the cache (B = 1) and each token attends causally over
-// positions 0 .. pos0+t; out (n, D). Row-independent: bitwise equal to n calls with n = 1.
-void mla_decode_chunk_absorbed(float* out, const MlaCache<float>& cache, const float* inp,
-                               const MlaWeights<float>& w, const MlaConfig& c, int n, int pos0,
-                               const MlaRope<float>& rope);
-
-}  // namespace cpu
 
 // ---- sampling -------------------------------------------------------------------------------------------
 

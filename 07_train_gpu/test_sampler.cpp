@@ -125,57 +125,6 @@ SampleOptions sampled(uint64_t seed, int max_new) {
 
 }  // namespace
 
-// ---- the chunked absorbed MLA step ------------------------------------------------------------------------
-
-// Oracles: stage 02's training-form forward (the whole sequence at once) and its one-token absorbed decode.
-// Tolerance kElementwiseTol (rel 1e-5): fp32 with sums of at most max(D, Dc) = 19 terms in a different order.
-TEST(SamplerMla, ChunkedAbsorbedDecodeMatchesStage02AndIsChunkInvariant) {
-  MlaConfig c;
-  c.dim = 19;
-  c.n_heads = 3;
-  c.q_lora_rank = 11;
-  c.kv_lora_rank = 9;
-  c.qk_nope_head_dim = 5;
-  c.qk_rope_head_dim = 4;
-  c.v_head_dim = 7;
-  c.rope.qk_rope_head_dim = 4;
-  c.rope.max_seq_len = 16;
-  c.rope.original_seq_len = 16;
-  const MlaParams<float> p = mla_init_params<float>(c, 5, true);
-  const RopeTables<float> tables = rope_tables<float>(c.rope);
-  const MlaRope<float> rope = mla_rope(tables);
-  const int T = 9, D = c.dim, Lmax = 12;
-  Rng rng(6);
-  const std::vector<float> x = rng.normal_vec<float>(size_t(T) * D);
-  // training form
-  std::vector<float> ref(size_t(T) * D), saved(mla_saved_size(c, 1, T));
-  cpu::mla_forward(ref.data(), mla_saved_layout(saved.data(), c, 1, T), x.data(), p.weights(), c, 1, T, 0, rope);
-  // stage 02's single-token absorbed decode, and ours: one by one, and in chunks 4 + 1 + 4
-  auto new_cache = [&](std::vector<float>& ckv, std::vector<float>& kpe) {
-    ckv.assign(size_t(Lmax) * c.kv_lora_rank, 0.0f);
-    kpe.assign(size_t(Lmax) * c.qk_rope_head_dim, 0.0f);
-    return MlaCache<float>{ckv.data(), kpe.data(), Lmax};
-  };
-  std::vector<float> c1, k1, c2, k2, c3, k3;
-  const MlaCache<float> stage02 = new_cache(c1, k1), single = new_cache(c2, k2), chunked = new_cache(c3, k3);
-  std::vector<float> out02(size_t(T) * D), out1(out02.size()), outc(out02.size());
-  for (int t = 0; t < T; ++t) {
-    cpu::mla_decode_step_absorbed(out02.data() + t * D, stage02, x.data() + t * D, p.weights(), c, 1, t, rope);
-    cpu::mla_decode_chunk_absorbed(out1.data() + t * D, single, x.data() + t * D, p.weights(), c, 1, t, rope);
-  }
-  int at = 0;
-  for (int n : {4, 1, 4}) {
-    cpu::mla_decode_chunk_absorbed(outc.data() + at * D, chunked, x.data() + at * D, p.weights(), c, n, at, rope);
-    at += n;
-  }
-  EXPECT_CLOSE(compare(out1, ref, kElementwiseTol), "chunk decode vs stage 02 mla_forward");
-  EXPECT_CLOSE(compare(out1, out02, kElementwiseTol), "chunk decode vs stage 02 mla_decode_step_absorbed");
-  EXPECT_TRUE(bitwise_equal(outc, out1)) << "chunks 4+1+4 differ from single-token calls";
-  EXPECT_TRUE(bitwise_equal(c3, c2) && bitwise_equal(k3, k2)) << "the latent caches differ";
-  EXPECT_THROW(cpu::mla_decode_chunk_absorbed(outc.data(), chunked, x.data(), p.weights(), c, 4, 9, rope),
-               UserError);  // positions 9..12 do not fit max_len 12
-}
-
 // ---- cached decoding of the whole model -------------------------------------------------------------------
 
 // Every position's logits of the cached decoder equal Model::forward's (12 tokens, fed one by one and in
