@@ -58,35 +58,35 @@ MlaConfig tiny_config(int q_lora_rank) {
 template <typename T>
 struct HostRun {
   MlaConfig c;
-  int B, T_;
+  int B, seq;
   MlaParams<T> p;
   RopeTables<T> tab;
   std::vector<T> x, out, saved_buf;
   MlaSaved<T> saved;
   HostRun(const MlaConfig& cfg, int B_, int Tn, uint64_t seed, std::vector<T> inp = {})
-      : c(cfg), B(B_), T_(Tn), p(mla_init_params<T>(cfg, seed, true)), tab(rope_tables<T>(cfg.rope)) {
-    x = inp.empty() ? Rng(seed + 1).normal_vec<T>(size_t(B) * T_ * c.dim) : std::move(inp);
+      : c(cfg), B(B_), seq(Tn), p(mla_init_params<T>(cfg, seed, true)), tab(rope_tables<T>(cfg.rope)) {
+    x = inp.empty() ? Rng(seed + 1).normal_vec<T>(size_t(B) * seq * c.dim) : std::move(inp);
     out.assign(x.size(), T(0));
-    saved_buf.assign(mla_saved_size(c, B, T_), T(0));
-    saved = mla_saved_layout(saved_buf.data(), c, B, T_);
+    saved_buf.assign(mla_saved_size(c, B, seq), T(0));
+    saved = mla_saved_layout(saved_buf.data(), c, B, seq);
   }
-  void forward() { cpu::mla_forward(out.data(), saved, x.data(), p.weights(), c, B, T_, 0, mla_rope(tab)); }
+  void forward() { cpu::mla_forward(out.data(), saved, x.data(), p.weights(), c, B, seq, 0, mla_rope(tab)); }
 };
 
 // Decodes every token of run.x one step at a time through a latent cache (naive or absorbed).
 template <typename T>
 std::vector<T> decode_host(HostRun<T>& r, bool absorbed) {
   const int D = r.c.dim;
-  std::vector<T> ckv(size_t(r.B) * r.T_ * r.c.kv_lora_rank), kpe(size_t(r.B) * r.T_ * r.c.qk_rope_head_dim);
-  const MlaCache<T> cache{ckv.data(), kpe.data(), r.T_};
+  std::vector<T> ckv(size_t(r.B) * r.seq * r.c.kv_lora_rank), kpe(size_t(r.B) * r.seq * r.c.qk_rope_head_dim);
+  const MlaCache<T> cache{ckv.data(), kpe.data(), r.seq};
   std::vector<T> out(r.x.size()), xt(size_t(r.B) * D), ot(xt.size());
-  for (int t = 0; t < r.T_; ++t) {
-    for (int b = 0; b < r.B; ++b) std::copy_n(&r.x[(size_t(b) * r.T_ + t) * D], D, &xt[size_t(b) * D]);
+  for (int t = 0; t < r.seq; ++t) {
+    for (int b = 0; b < r.B; ++b) std::copy_n(&r.x[(size_t(b) * r.seq + t) * D], D, &xt[size_t(b) * D]);
     if (absorbed)
       cpu::mla_decode_step_absorbed(ot.data(), cache, xt.data(), r.p.weights(), r.c, r.B, t, mla_rope(r.tab));
     else
       cpu::mla_decode_step_naive(ot.data(), cache, xt.data(), r.p.weights(), r.c, r.B, t, mla_rope(r.tab));
-    for (int b = 0; b < r.B; ++b) std::copy_n(&ot[size_t(b) * D], D, &out[(size_t(b) * r.T_ + t) * D]);
+    for (int b = 0; b < r.B; ++b) std::copy_n(&ot[size_t(b) * D], D, &out[(size_t(b) * r.seq + t) * D]);
   }
   return out;
 }
@@ -107,7 +107,7 @@ void self_checks(Checker& check) {
     r.forward();
     MlaParams<double> g = mla_zero_params<double>(r.c);
     std::vector<double> dx(r.x.size());
-    cpu::mla_backward(g.grads(), dx.data(), R.data(), r.saved, r.x.data(), r.p.weights(), r.c, r.B, r.T_, 0,
+    cpu::mla_backward(g.grads(), dx.data(), R.data(), r.saved, r.x.data(), r.p.weights(), r.c, r.B, r.seq, 0,
                       mla_rope(r.tab));
     std::vector<GradTensor> ts = {{"inp", &r.x, &dx}};
     auto ps = r.p.tensors(), gs = g.tensors();

@@ -3,7 +3,8 @@
 // from the latent) and absorbed (fold wkv_b into the query and the output, attend in latent space).
 //
 // Shape legend
-//   B batch, T time, N = B*T rows, D model width (dim), H heads (n_heads)
+//   B batch, T time (positions per sequence; `seq` in code, where T is the scalar type), N = B*T rows,
+//   D model width (dim), H heads (n_heads)
 //   Dq q rank (q_lora_rank; 0 = no q compression), Dc kv rank (kv_lora_rank)
 //   Dn nope dim (qk_nope_head_dim), Dr rope dim (qk_rope_head_dim), Dv value dim (v_head_dim)
 //   S  = Dn + Dr   (one head of q, and of k)
@@ -121,9 +122,9 @@ struct MlaSaved {
   T* att;      // (B, H, T, T) softmax probabilities, 0 above the diagonal
   T* y;        // (N, H, Dv)  attention output per head, before wo
 };
-size_t mla_saved_size(const MlaConfig& c, int B, int T_);
+size_t mla_saved_size(const MlaConfig& c, int B, int seq);
 template <typename T>
-MlaSaved<T> mla_saved_layout(T* base, const MlaConfig& c, int B, int T_);
+MlaSaved<T> mla_saved_layout(T* base, const MlaConfig& c, int B, int seq);
 
 // The latent KV cache: per token only c_kv (after kv_norm) and k_pe (after RoPE), Dc + Dr numbers.
 template <typename T>
@@ -157,11 +158,11 @@ namespace cpu {
 // out (B, T, D) = MLA(inp (B, T, D)), causal, tokens at positions pos0 .. pos0+T-1. Fills saved.
 template <typename T>
 void mla_forward(T* out, const MlaSaved<T>& saved, const T* inp, const MlaWeights<T>& w, const MlaConfig& c,
-                 int B, int T_, int pos0, const MlaRope<T>& rope);
+                 int B, int seq, int pos0, const MlaRope<T>& rope);
 // grads += d loss / d params;  dinp (B, T, D) = d loss / d inp. dout (B, T, D).
 template <typename T>
 void mla_backward(const MlaGrads<T>& grads, T* dinp, const T* dout, const MlaSaved<T>& saved, const T* inp,
-                  const MlaWeights<T>& w, const MlaConfig& c, int B, int T_, int pos0, const MlaRope<T>& rope);
+                  const MlaWeights<T>& w, const MlaConfig& c, int B, int seq, int pos0, const MlaRope<T>& rope);
 
 // One decode step: token inp (B, D) at position pos of every sequence. Appends its c_kv, k_pe to the cache
 // at pos and attends over cached positions 0..pos; out (B, D).
@@ -190,9 +191,9 @@ void mla_decode_chunk_absorbed(T* out, const MlaCache<T>& cache, const T* inp, c
 namespace cuda {
 
 void mla_forward(float* out, const MlaSaved<float>& saved, const float* inp, const MlaWeights<float>& w,
-                 const MlaConfig& c, int B, int T_, int pos0, const MlaRope<float>& rope);
+                 const MlaConfig& c, int B, int seq, int pos0, const MlaRope<float>& rope);
 void mla_backward(const MlaGrads<float>& grads, float* dinp, const float* dout, const MlaSaved<float>& saved,
-                  const float* inp, const MlaWeights<float>& w, const MlaConfig& c, int B, int T_, int pos0,
+                  const float* inp, const MlaWeights<float>& w, const MlaConfig& c, int B, int seq, int pos0,
                   const MlaRope<float>& rope);
 void mla_decode_step_naive(float* out, const MlaCache<float>& cache, const float* inp, const MlaWeights<float>& w,
                            const MlaConfig& c, int B, int pos, const MlaRope<float>& rope);
@@ -203,7 +204,7 @@ void mla_decode_step_absorbed(float* out, const MlaCache<float>& cache, const fl
 }  // namespace cuda
 
 // Shape checks shared by the CPU and CUDA entry points (UserError naming the field).
-void validate_mla_call(const MlaConfig& c, int B, int T_, int pos0, int table_positions);
+void validate_mla_call(const MlaConfig& c, int B, int seq, int pos0, int table_positions);
 void validate_mla_decode(const MlaConfig& c, int B, int pos, int max_len, int table_positions);
 
 }  // namespace dsv3

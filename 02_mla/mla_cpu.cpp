@@ -38,12 +38,12 @@ void MlaConfig::validate() const {
   rope.validate();
 }
 
-void validate_mla_call(const MlaConfig& c, int B, int T_, int pos0, int table_positions) {
+void validate_mla_call(const MlaConfig& c, int B, int seq, int pos0, int table_positions) {
   c.validate();
-  require(B > 0 && T_ > 0, "mla: B and T must be positive, got B={} T={}", B, T_);
-  require(pos0 >= 0 && pos0 + T_ <= table_positions,
+  require(B > 0 && seq > 0, "mla: B and T must be positive, got B={} T={}", B, seq);
+  require(pos0 >= 0 && pos0 + seq <= table_positions,
           "mla: positions {}..{} exceed the {} positions of the rope tables (raise rope.max_seq_len)", pos0,
-          pos0 + T_ - 1, table_positions);
+          pos0 + seq - 1, table_positions);
 }
 
 void validate_mla_decode(const MlaConfig& c, int B, int pos, int max_len, int table_positions) {
@@ -53,23 +53,23 @@ void validate_mla_decode(const MlaConfig& c, int B, int pos, int max_len, int ta
 
 namespace {
 // Element counts of the MlaSaved fields, in declaration order.
-std::vector<size_t> saved_counts(const MlaConfig& c, int B, int T_) {
-  const size_t N = size_t(B) * T_, H = c.n_heads, Dq = c.q_lora_rank, Dc = c.kv_lora_rank;
+std::vector<size_t> saved_counts(const MlaConfig& c, int B, int seq) {
+  const size_t N = size_t(B) * seq, H = c.n_heads, Dq = c.q_lora_rank, Dc = c.kv_lora_rank;
   const size_t qr = Dq > 0 ? N : 0;
   return {N * Dq, qr, N * Dq, N * H * c.qk_head_dim(), N * Dc, N, N * Dc, N * c.qk_rope_head_dim,
-          N * H * c.kv_head_dim(), size_t(B) * H * T_ * T_, N * H * c.v_head_dim};
+          N * H * c.kv_head_dim(), size_t(B) * H * seq * seq, N * H * c.v_head_dim};
 }
 }  // namespace
 
-size_t mla_saved_size(const MlaConfig& c, int B, int T_) {
+size_t mla_saved_size(const MlaConfig& c, int B, int seq) {
   size_t n = 0;
-  for (size_t k : saved_counts(c, B, T_)) n += k;
+  for (size_t k : saved_counts(c, B, seq)) n += k;
   return n;
 }
 
 template <typename T>
-MlaSaved<T> mla_saved_layout(T* base, const MlaConfig& c, int B, int T_) {
-  const auto n = saved_counts(c, B, T_);
+MlaSaved<T> mla_saved_layout(T* base, const MlaConfig& c, int B, int seq) {
+  const auto n = saved_counts(c, B, seq);
   T* p = base;
   auto take = [&](size_t i) {
     T* r = p;
@@ -133,9 +133,9 @@ void project_kv(T* kv_lat, T* kv_rstd, T* c_kv, T* k_pe, const T* x, const MlaWe
 
 // RoPE on the q_pe slice of every head of q (B, T, H, S) and on the single k_pe (B, T, Dr).
 template <typename T>
-void rope_q_kpe(T* q, T* k_pe, const MlaConfig& c, int B, int T_, int pos0, const MlaRope<T>& r, bool backward) {
-  const RopeDims dq{B, T_, c.n_heads, c.qk_head_dim(), c.qk_nope_head_dim, c.qk_rope_head_dim, pos0};
-  const RopeDims dk{B, T_, 1, c.qk_rope_head_dim, 0, c.qk_rope_head_dim, pos0};
+void rope_q_kpe(T* q, T* k_pe, const MlaConfig& c, int B, int seq, int pos0, const MlaRope<T>& r, bool backward) {
+  const RopeDims dq{B, seq, c.n_heads, c.qk_head_dim(), c.qk_nope_head_dim, c.qk_rope_head_dim, pos0};
+  const RopeDims dk{B, seq, 1, c.qk_rope_head_dim, 0, c.qk_rope_head_dim, pos0};
   if (backward) {
     rope_backward(q, q, r.cos, r.sin, dq, r.positions);
     rope_backward(k_pe, k_pe, r.cos, r.sin, dk, r.positions);
@@ -188,28 +188,28 @@ std::vector<T> decode_prologue(const MlaCache<T>& cache, const T* inp, const Mla
 
 template <typename T>
 void mla_forward(T* out, const MlaSaved<T>& s, const T* inp, const MlaWeights<T>& w, const MlaConfig& c, int B,
-                 int T_, int pos0, const MlaRope<T>& rope) {
-  validate_mla_call(c, B, T_, pos0, rope.positions);
-  const int N = B * T_, H = c.n_heads, Dn = c.qk_nope_head_dim, Dr = c.qk_rope_head_dim, Dv = c.v_head_dim;
+                 int seq, int pos0, const MlaRope<T>& rope) {
+  validate_mla_call(c, B, seq, pos0, rope.positions);
+  const int N = B * seq, H = c.n_heads, Dn = c.qk_nope_head_dim, Dr = c.qk_rope_head_dim, Dv = c.v_head_dim;
   const int Dc = c.kv_lora_rank, S = c.qk_head_dim(), KS = c.kv_head_dim();
   const T scale = static_cast<T>(c.softmax_scale());
   // 1) queries, 2) latent and rope key, 3) RoPE on q_pe and k_pe only
   project_q(s.q, s.q_lat, s.q_rstd, s.q_lat_n, inp, w, c, N);
   project_kv(s.kv_lat, s.kv_rstd, s.c_kv, s.k_pe, inp, w, c, N);
-  rope_q_kpe(s.q, s.k_pe, c, B, T_, pos0, rope, false);
+  rope_q_kpe(s.q, s.k_pe, c, B, seq, pos0, rope, false);
   // 4) per-head k_nope and v from the latent: kv (N, H, KS) = c_kv wkv_b^T
   linear(s.kv, s.c_kv, w.wkv_b, N, Dc, H * KS);
   // 5) per (b, h): scores = scale (q_nope k_nope^T + q_pe k_pe^T), causal softmax, y_h = P v_h
   for (int b = 0; b < B; ++b) {
-    const T* k_pe = s.k_pe + size_t(b) * T_ * Dr;  // (T, Dr), shared by all heads
+    const T* k_pe = s.k_pe + size_t(b) * seq * Dr;  // (T, Dr), shared by all heads
     for (int h = 0; h < H; ++h) {
-      const T* qh = s.q + size_t(b) * T_ * H * S + size_t(h) * S;      // (T, S), ld H*S
-      const T* kh = s.kv + size_t(b) * T_ * H * KS + size_t(h) * KS;   // (T, KS), ld H*KS: [k_nope | v]
-      T* P = s.att + (size_t(b) * H + h) * T_ * T_;                    // (T, T)
-      gemm(Op::N, Op::T, T_, T_, Dn, scale, qh, H * S, kh, H * KS, T(0), P, T_);
-      gemm(Op::N, Op::T, T_, T_, Dr, scale, qh + Dn, H * S, k_pe, Dr, T(1), P, T_);
-      for (int t = 0; t < T_; ++t) softmax_row(P + size_t(t) * T_, T_, t + 1);
-      gemm(Op::N, Op::N, T_, Dv, T_, T(1), P, T_, kh + Dn, H * KS, T(0), s.y + size_t(b) * T_ * H * Dv + h * Dv,
+      const T* qh = s.q + size_t(b) * seq * H * S + size_t(h) * S;      // (T, S), ld H*S
+      const T* kh = s.kv + size_t(b) * seq * H * KS + size_t(h) * KS;   // (T, KS), ld H*KS: [k_nope | v]
+      T* P = s.att + (size_t(b) * H + h) * seq * seq;                    // (T, T)
+      gemm(Op::N, Op::T, seq, seq, Dn, scale, qh, H * S, kh, H * KS, T(0), P, seq);
+      gemm(Op::N, Op::T, seq, seq, Dr, scale, qh + Dn, H * S, k_pe, Dr, T(1), P, seq);
+      for (int t = 0; t < seq; ++t) softmax_row(P + size_t(t) * seq, seq, t + 1);
+      gemm(Op::N, Op::N, seq, Dv, seq, T(1), P, seq, kh + Dn, H * KS, T(0), s.y + size_t(b) * seq * H * Dv + h * Dv,
            H * Dv);
     }
   }
@@ -219,45 +219,45 @@ void mla_forward(T* out, const MlaSaved<T>& s, const T* inp, const MlaWeights<T>
 
 template <typename T>
 void mla_backward(const MlaGrads<T>& g, T* dinp, const T* dout, const MlaSaved<T>& s, const T* inp,
-                  const MlaWeights<T>& w, const MlaConfig& c, int B, int T_, int pos0, const MlaRope<T>& rope) {
-  validate_mla_call(c, B, T_, pos0, rope.positions);
-  const int N = B * T_, D = c.dim, H = c.n_heads, Dn = c.qk_nope_head_dim, Dr = c.qk_rope_head_dim;
+                  const MlaWeights<T>& w, const MlaConfig& c, int B, int seq, int pos0, const MlaRope<T>& rope) {
+  validate_mla_call(c, B, seq, pos0, rope.positions);
+  const int N = B * seq, D = c.dim, H = c.n_heads, Dn = c.qk_nope_head_dim, Dr = c.qk_rope_head_dim;
   const int Dv = c.v_head_dim, Dc = c.kv_lora_rank, Dq = c.q_lora_rank, S = c.qk_head_dim(), KS = c.kv_head_dim();
   const T scale = static_cast<T>(c.softmax_scale());
   std::vector<T> dy(size_t(N) * H * Dv), dq(size_t(N) * H * S), dkv(size_t(N) * H * KS), dk_pe(size_t(N) * Dr, T(0)),
-      dP(size_t(T_) * T_), dc_kv(size_t(N) * Dc), dkv_lat(size_t(N) * Dc);
+      dP(size_t(seq) * seq), dc_kv(size_t(N) * Dc), dkv_lat(size_t(N) * Dc);
   // 6) out = wo y
   linear_backward(g.wo, dy.data(), dout, s.y, w.wo, N, H * Dv, D, T(0));
   // 5) attention, per (b, h)
   for (int b = 0; b < B; ++b) {
-    const T* k_pe = s.k_pe + size_t(b) * T_ * Dr;
-    T* dkpe_b = dk_pe.data() + size_t(b) * T_ * Dr;
+    const T* k_pe = s.k_pe + size_t(b) * seq * Dr;
+    T* dkpe_b = dk_pe.data() + size_t(b) * seq * Dr;
     for (int h = 0; h < H; ++h) {
-      const size_t qo = size_t(b) * T_ * H * S + size_t(h) * S, ko = size_t(b) * T_ * H * KS + size_t(h) * KS;
+      const size_t qo = size_t(b) * seq * H * S + size_t(h) * S, ko = size_t(b) * seq * H * KS + size_t(h) * KS;
       const T* qh = s.q + qo;
       const T* kh = s.kv + ko;
-      const T* P = s.att + (size_t(b) * H + h) * T_ * T_;
-      const T* dyh = dy.data() + size_t(b) * T_ * H * Dv + h * Dv;
+      const T* P = s.att + (size_t(b) * H + h) * seq * seq;
+      const T* dyh = dy.data() + size_t(b) * seq * H * Dv + h * Dv;
       // dP = dy_h v_h^T;  dv_h = P^T dy_h
-      gemm(Op::N, Op::T, T_, T_, Dv, T(1), dyh, H * Dv, kh + Dn, H * KS, T(0), dP.data(), T_);
-      gemm(Op::T, Op::N, T_, Dv, T_, T(1), P, T_, dyh, H * Dv, T(0), dkv.data() + ko + Dn, H * KS);
+      gemm(Op::N, Op::T, seq, seq, Dv, T(1), dyh, H * Dv, kh + Dn, H * KS, T(0), dP.data(), seq);
+      gemm(Op::T, Op::N, seq, Dv, seq, T(1), P, seq, dyh, H * Dv, T(0), dkv.data() + ko + Dn, H * KS);
       // softmax backward: dscore = scale * P * (dP - rowsum(P * dP)); zero where P is masked
-      for (int t = 0; t < T_; ++t) {
-        T* r = dP.data() + size_t(t) * T_;
-        const T* p = P + size_t(t) * T_;
+      for (int t = 0; t < seq; ++t) {
+        T* r = dP.data() + size_t(t) * seq;
+        const T* p = P + size_t(t) * seq;
         T dot = 0;
         for (int u = 0; u <= t; ++u) dot += p[u] * r[u];
-        for (int u = 0; u < T_; ++u) r[u] = u <= t ? scale * p[u] * (r[u] - dot) : T(0);
+        for (int u = 0; u < seq; ++u) r[u] = u <= t ? scale * p[u] * (r[u] - dot) : T(0);
       }
       // dq_nope = dS k_nope, dq_pe = dS k_pe;  dk_nope = dS^T q_nope;  dk_pe += dS^T q_pe (summed over heads)
-      gemm(Op::N, Op::N, T_, Dn, T_, T(1), dP.data(), T_, kh, H * KS, T(0), dq.data() + qo, H * S);
-      gemm(Op::N, Op::N, T_, Dr, T_, T(1), dP.data(), T_, k_pe, Dr, T(0), dq.data() + qo + Dn, H * S);
-      gemm(Op::T, Op::N, T_, Dn, T_, T(1), dP.data(), T_, qh, H * S, T(0), dkv.data() + ko, H * KS);
-      gemm(Op::T, Op::N, T_, Dr, T_, T(1), dP.data(), T_, qh + Dn, H * S, T(1), dkpe_b, Dr);
+      gemm(Op::N, Op::N, seq, Dn, seq, T(1), dP.data(), seq, kh, H * KS, T(0), dq.data() + qo, H * S);
+      gemm(Op::N, Op::N, seq, Dr, seq, T(1), dP.data(), seq, k_pe, Dr, T(0), dq.data() + qo + Dn, H * S);
+      gemm(Op::T, Op::N, seq, Dn, seq, T(1), dP.data(), seq, qh, H * S, T(0), dkv.data() + ko, H * KS);
+      gemm(Op::T, Op::N, seq, Dr, seq, T(1), dP.data(), seq, qh + Dn, H * S, T(1), dkpe_b, Dr);
     }
   }
   // 3) RoPE is a rotation: its backward rotates the gradients back
-  rope_q_kpe(dq.data(), dk_pe.data(), c, B, T_, pos0, rope, true);
+  rope_q_kpe(dq.data(), dk_pe.data(), c, B, seq, pos0, rope, true);
   // 4) kv = wkv_b c_kv; c_kv = kv_norm(kv_lat)
   linear_backward(g.wkv_b, dc_kv.data(), dkv.data(), s.c_kv, w.wkv_b, N, Dc, H * KS, T(0));
   rmsnorm_backward(g.kv_norm, dkv_lat.data(), dc_kv.data(), s.kv_rstd, s.kv_lat, w.kv_norm, N, Dc);

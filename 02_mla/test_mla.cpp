@@ -38,26 +38,26 @@ MlaConfig small_config(int q_lora_rank, int H = 3, bool yarn = true) {
 template <typename T>
 struct Problem {
   MlaConfig c;
-  int B, T_, pos0;
+  int B, seq, pos0;
   MlaParams<T> p;
   RopeTables<T> tab;
   std::vector<T> x, out, saved_buf;
   MlaSaved<T> saved;
 
   Problem(const MlaConfig& cfg, int B_, int Tn, uint64_t seed, int pos0_ = 0)
-      : c(cfg), B(B_), T_(Tn), pos0(pos0_), p(mla_init_params<T>(cfg, seed, true)), tab(rope_tables<T>(cfg.rope)) {
+      : c(cfg), B(B_), seq(Tn), pos0(pos0_), p(mla_init_params<T>(cfg, seed, true)), tab(rope_tables<T>(cfg.rope)) {
     Rng rng(seed + 1);
-    x = rng.normal_vec<T>(size_t(B) * T_ * c.dim);
+    x = rng.normal_vec<T>(size_t(B) * seq * c.dim);
     out.assign(x.size(), T(0));
-    saved_buf.assign(mla_saved_size(c, B, T_), T(0));
-    saved = mla_saved_layout(saved_buf.data(), c, B, T_);
+    saved_buf.assign(mla_saved_size(c, B, seq), T(0));
+    saved = mla_saved_layout(saved_buf.data(), c, B, seq);
   }
   MlaRope<T> rope() const { return mla_rope(tab); }
-  void forward() { cpu::mla_forward(out.data(), saved, x.data(), p.weights(), c, B, T_, pos0, rope()); }
+  void forward() { cpu::mla_forward(out.data(), saved, x.data(), p.weights(), c, B, seq, pos0, rope()); }
   // Backward of loss = sum(R * out): parameter gradients into g (+=), input gradient returned.
   std::vector<T> backward(MlaParams<T>& g, const std::vector<T>& R) {
     std::vector<T> dx(x.size());
-    cpu::mla_backward(g.grads(), dx.data(), R.data(), saved, x.data(), p.weights(), c, B, T_, pos0, rope());
+    cpu::mla_backward(g.grads(), dx.data(), R.data(), saved, x.data(), p.weights(), c, B, seq, pos0, rope());
     return dx;
   }
 };
@@ -66,7 +66,7 @@ struct Problem {
 // a time (model.py's naive form), sharing no code with mla_cpu.cpp beyond stage 01's RMSNorm and RoPE.
 std::vector<double> loop_reference(Problem<double>& pb) {
   const MlaConfig& c = pb.c;
-  const int B = pb.B, T = pb.T_, D = c.dim, H = c.n_heads, Dn = c.qk_nope_head_dim, Dr = c.qk_rope_head_dim;
+  const int B = pb.B, T = pb.seq, D = c.dim, H = c.n_heads, Dn = c.qk_nope_head_dim, Dr = c.qk_rope_head_dim;
   const int Dv = c.v_head_dim, Dc = c.kv_lora_rank, Dq = c.q_lora_rank, S = Dn + Dr, KS = Dn + Dv, N = B * T;
   auto lin = [](const std::vector<double>& in, const std::vector<double>& W, int rows, int nin, int nout) {
     std::vector<double> y(size_t(rows) * nout, 0.0);
@@ -119,16 +119,16 @@ std::vector<double> loop_reference(Problem<double>& pb) {
 template <typename T, typename Step>
 std::vector<T> decode_all(Problem<T>& pb, Step step) {
   const MlaConfig& c = pb.c;
-  const int L = pb.pos0 + pb.T_;
+  const int L = pb.pos0 + pb.seq;
   std::vector<T> ckv(size_t(pb.B) * L * c.kv_lora_rank), kpe(size_t(pb.B) * L * c.qk_rope_head_dim);
   const MlaCache<T> cache{ckv.data(), kpe.data(), L};
   std::vector<T> out(pb.x.size()), xt(size_t(pb.B) * c.dim), ot(xt.size());
-  for (int t = 0; t < pb.T_; ++t) {
+  for (int t = 0; t < pb.seq; ++t) {
     for (int b = 0; b < pb.B; ++b)
-      std::copy_n(&pb.x[(size_t(b) * pb.T_ + t) * c.dim], c.dim, &xt[size_t(b) * c.dim]);
+      std::copy_n(&pb.x[(size_t(b) * pb.seq + t) * c.dim], c.dim, &xt[size_t(b) * c.dim]);
     step(ot.data(), cache, xt.data(), pb.pos0 + t);
     for (int b = 0; b < pb.B; ++b)
-      std::copy_n(&ot[size_t(b) * c.dim], c.dim, &out[(size_t(b) * pb.T_ + t) * c.dim]);
+      std::copy_n(&ot[size_t(b) * c.dim], c.dim, &out[(size_t(b) * pb.seq + t) * c.dim]);
   }
   return out;
 }
@@ -266,7 +266,7 @@ TEST(Mla, SoftmaxScaleIsDeepSeeks) {
 TEST(Mla, RowsOfAttentionAreCausalDistributions) {
   Problem<double> pb(small_config(10), 2, 7, 5);
   pb.forward();
-  const int T = pb.T_;
+  const int T = pb.seq;
   for (int bh = 0; bh < pb.B * pb.c.n_heads; ++bh)
     for (int t = 0; t < T; ++t) {
       double sum = 0;
@@ -289,14 +289,14 @@ TEST(Mla, CausalityLaterTokensDoNotChangeEarlierOutputs) {
   const auto before = pb.out;
   const int D = pb.c.dim, t_changed = 3;
   for (int b = 0; b < pb.B; ++b)
-    for (int t = t_changed; t < pb.T_; ++t)
-      for (int j = 0; j < D; ++j) pb.x[(size_t(b) * pb.T_ + t) * D + j] += 0.5 + j;
+    for (int t = t_changed; t < pb.seq; ++t)
+      for (int j = 0; j < D; ++j) pb.x[(size_t(b) * pb.seq + t) * D + j] += 0.5 + j;
   pb.forward();
   for (int b = 0; b < pb.B; ++b)
-    for (int t = 0; t < pb.T_; ++t) {
+    for (int t = 0; t < pb.seq; ++t) {
       double diff = 0;
-      for (int j = 0; j < D; ++j) diff = std::max(diff, std::abs(pb.out[(size_t(b) * pb.T_ + t) * D + j] -
-                                                                before[(size_t(b) * pb.T_ + t) * D + j]));
+      for (int j = 0; j < D; ++j) diff = std::max(diff, std::abs(pb.out[(size_t(b) * pb.seq + t) * D + j] -
+                                                                before[(size_t(b) * pb.seq + t) * D + j]));
       if (t < t_changed)
         EXPECT_EQ(diff, 0.0) << "b=" << b << " t=" << t;
       else
@@ -352,7 +352,7 @@ TEST(Mla, CacheHoldsOnlyNormalisedLatentAndRotatedRopeKey) {
   const auto rope = pb.rope();
   const auto w = pb.p.weights();
   const int Dc = pb.c.kv_lora_rank, Dr = pb.c.qk_rope_head_dim;
-  std::vector<double> ckv(size_t(pb.B) * pb.T_ * Dc), kpe(size_t(pb.B) * pb.T_ * Dr);
+  std::vector<double> ckv(size_t(pb.B) * pb.seq * Dc), kpe(size_t(pb.B) * pb.seq * Dr);
   decode_all(pb, [&](double* o, const MlaCache<double>& cc, const double* x, int pos) {
     cpu::mla_decode_step_absorbed(o, cc, x, w, pb.c, pb.B, pos, rope);
     for (size_t i = 0; i < ckv.size(); ++i) ckv[i] = cc.c_kv[i];

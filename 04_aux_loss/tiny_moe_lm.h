@@ -77,7 +77,7 @@ class TinyMoeLm {
   std::vector<Layer> layers_;
   std::vector<std::vector<T>> m_, v_;  // AdamW moments, in tensors() order
   // saved by forward
-  int B_ = 0, T_ = 0;
+  int B_ = 0, seq_ = 0;
   std::vector<int> inputs_, targets_;
   std::vector<std::vector<T>> h_;  // (L+1) residual streams (N, D)
   std::vector<T> z_, zrstd_, probs_;

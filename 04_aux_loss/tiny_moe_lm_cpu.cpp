@@ -66,7 +66,7 @@ T TinyMoeLm<T>::forward(const std::vector<int>& tokens, int B, int Tn) {
   const MoeConfig& mc = cfg_.moe;
   const int D = mc.dim, V = cfg_.vocab, N = B * Tn, E = mc.n_routed_experts, K = mc.n_activated_experts;
   B_ = B;
-  T_ = Tn;
+  seq_ = Tn;
   split_windows(tokens, B, Tn, inputs_, targets_);
   // 1) embedding
   h_.assign(layers_.size() + 1, std::vector<T>(size_t(N) * D));
@@ -107,7 +107,7 @@ T TinyMoeLm<T>::forward(const std::vector<int>& tokens, int B, int Tn) {
 template <typename T>
 void TinyMoeLm<T>::backward() {
   const MoeConfig& mc = cfg_.moe;
-  const int D = mc.dim, V = cfg_.vocab, N = B_ * T_, E = mc.n_routed_experts;
+  const int D = mc.dim, V = cfg_.vocab, N = B_ * seq_, E = mc.n_routed_experts;
   for (auto& t : tensors()) std::fill(t.grad->begin(), t.grad->end(), T(0));
   // 4) cross-entropy, head, final norm
   std::vector<T> dh(size_t(N) * D), tmp(size_t(N) * D);
@@ -121,7 +121,7 @@ void TinyMoeLm<T>::backward() {
     const MoeSaved<T> s = moe_saved_layout(L.saved.data(), L.saved_int.data(), mc, N);
     const T* extra = nullptr;
     if (cfg_.balance.aux_alpha > 0) {
-      cpu::seq_balance_loss_backward(dscores.data(), T(1), L.bal_f.data(), L.bal_ssum.data(), s.scores, B_, T_, E,
+      cpu::seq_balance_loss_backward(dscores.data(), T(1), L.bal_f.data(), L.bal_ssum.data(), s.scores, B_, seq_, E,
                                      cfg_.balance.aux_alpha);
       extra = dscores.data();
     }
@@ -142,13 +142,13 @@ void TinyMoeLm<T>::optimizer_step(const AdamWConfig& opt, int64_t step) {
                     opt, ts[i].decay);
   if (cfg_.balance.bias_update_speed > 0)
     for (size_t l = 0; l < layers_.size(); ++l)
-      cpu::bias_update(layers_[l].p.gate_bias.data(), stats_.counts[l].data(), cfg_.moe.n_routed_experts, B_ * T_,
+      cpu::bias_update(layers_[l].p.gate_bias.data(), stats_.counts[l].data(), cfg_.moe.n_routed_experts, B_ * seq_,
                        cfg_.moe.n_activated_experts, cfg_.balance.bias_update_speed);
 }
 
 template <typename T>
 uint64_t TinyMoeLm<T>::routing_signature() {
-  const int N = B_ * T_, K = cfg_.moe.n_activated_experts;
+  const int N = B_ * seq_, K = cfg_.moe.n_activated_experts;
   uint64_t h = 1469598103934665603ull;  // FNV-1a over every layer's chosen experts
   for (auto& L : layers_) {
     const MoeSaved<T> s = moe_saved_layout(L.saved.data(), L.saved_int.data(), cfg_.moe, N);

@@ -7,8 +7,8 @@
 // first_k_dense_replace layers, MoE after).
 //
 // Shape legend
-//   B batch, T time, N = B*T rows, D model width (dim), F dense MLP width (mlp.inter_dim); the MLA and MoE
-//   shapes are those of 02_mla/mla.h and 03_moe/moe.h.
+//   B batch, T time (`seq` in code, where T is the scalar type), N = B*T rows, D model width (dim), F dense MLP
+//   width (mlp.inter_dim); the MLA and MoE shapes are those of 02_mla/mla.h and 03_moe/moe.h.
 //
 // Conventions (common/conventions.h): parameter gradients accumulate (+=), activation gradients
 // overwrite (=); dsv3::cpu and dsv3::cuda functions have identical signatures (CUDA: device pointers).
@@ -108,10 +108,10 @@ struct BlockSaved {
   T* mlp_h3;     // (N, F)
   MoeSaved<T> moe;  // Moe only (router scores: the hook for a balance loss, see block_backward)
 };
-size_t block_saved_size(const BlockConfig& c, int B, int T_);
-size_t block_saved_int_size(const BlockConfig& c, int B, int T_);
+size_t block_saved_size(const BlockConfig& c, int B, int seq);
+size_t block_saved_int_size(const BlockConfig& c, int B, int seq);
 template <typename T>
-BlockSaved<T> block_saved_layout(T* base, int* ibase, const BlockConfig& c, int B, int T_);
+BlockSaved<T> block_saved_layout(T* base, int* ibase, const BlockConfig& c, int B, int seq);
 
 // Host owner of the saved buffers (for cpu::). Move-safe.
 template <typename T>
@@ -119,15 +119,15 @@ struct BlockHostSaved {
   std::vector<T> f;
   std::vector<int> i;
   BlockSaved<T> saved;
-  BlockHostSaved(const BlockConfig& c, int B, int T_)
-      : f(block_saved_size(c, B, T_)), i(block_saved_int_size(c, B, T_)),
-        saved(block_saved_layout(f.data(), i.data(), c, B, T_)) {}
+  BlockHostSaved(const BlockConfig& c, int B, int seq)
+      : f(block_saved_size(c, B, seq)), i(block_saved_int_size(c, B, seq)),
+        saved(block_saved_layout(f.data(), i.data(), c, B, seq)) {}
   BlockHostSaved(const BlockHostSaved&) = delete;
   BlockHostSaved& operator=(const BlockHostSaved&) = delete;
   BlockHostSaved(BlockHostSaved&&) = default;
 };
 
-void validate_block_call(const BlockConfig& c, int B, int T_, int pos0, int table_positions);
+void validate_block_call(const BlockConfig& c, int B, int seq, int pos0, int table_positions);
 
 // Scratch of cpu::block_decode (grown on demand, reused across calls).
 template <typename T>
@@ -142,13 +142,13 @@ namespace cpu {
 // out (B, T, D) = Block(inp (B, T, D)), causal, positions pos0.. (RoPE). Fills saved.
 template <typename T>
 void block_forward(T* out, const BlockSaved<T>& saved, const T* inp, const BlockWeights<T>& w, const BlockConfig& c,
-                   int B, int T_, int pos0, const MlaRope<T>& rope);
+                   int B, int seq, int pos0, const MlaRope<T>& rope);
 // grads += d loss / d params; dinp (B, T, D) = d loss / d inp. dout (B, T, D). dscores_extra (N, E): an extra
 // gradient on saved.moe.scores (a balance loss, stage 04); null for none, ignored for a dense block.
 template <typename T>
 void block_backward(const BlockGrads<T>& grads, T* dinp, const T* dout, const NoDeduce<T>* dscores_extra,
                     const BlockSaved<T>& saved, const T* inp, const BlockWeights<T>& w, const BlockConfig& c, int B,
-                    int T_, int pos0, const MlaRope<T>& rope);
+                    int seq, int pos0, const MlaRope<T>& rope);
 
 // The decode form: x (n, D) <- Block(x) for n tokens of one sequence at positions pos0 .. pos0+n-1, attending
 // through the latent cache (stage 02's absorbed chunk decode, which appends to it) and the FFN's row form
@@ -162,10 +162,10 @@ void block_decode(T* x, const MlaCache<T>& cache, const BlockWeights<T>& w, cons
 namespace cuda {
 
 void block_forward(float* out, const BlockSaved<float>& saved, const float* inp, const BlockWeights<float>& w,
-                   const BlockConfig& c, int B, int T_, int pos0, const MlaRope<float>& rope);
+                   const BlockConfig& c, int B, int seq, int pos0, const MlaRope<float>& rope);
 void block_backward(const BlockGrads<float>& grads, float* dinp, const float* dout, const float* dscores_extra,
                     const BlockSaved<float>& saved, const float* inp, const BlockWeights<float>& w,
-                    const BlockConfig& c, int B, int T_, int pos0, const MlaRope<float>& rope);
+                    const BlockConfig& c, int B, int seq, int pos0, const MlaRope<float>& rope);
 
 }  // namespace cuda
 }  // namespace dsv3

@@ -27,25 +27,25 @@ void set_matmul(BlockConfig& c, Matmul m, MoeExperts experts) {
   c.moe.experts = experts;
 }
 
-void validate_block_call(const BlockConfig& c, int B, int T_, int pos0, int table_positions) {
+void validate_block_call(const BlockConfig& c, int B, int seq, int pos0, int table_positions) {
   c.validate();
-  validate_mla_call(c.attn, B, T_, pos0, table_positions);
+  validate_mla_call(c.attn, B, seq, pos0, table_positions);
 }
 
-size_t block_saved_size(const BlockConfig& c, int B, int T_) {
-  const size_t N = size_t(B) * T_, D = c.dim();
+size_t block_saved_size(const BlockConfig& c, int B, int seq) {
+  const size_t N = size_t(B) * seq, D = c.dim();
   const auto f = saved_field_count;  // 16-byte aligned fields (moe.h)
-  size_t n = 3 * f(N * D) + 2 * f(N) + f(mla_saved_size(c.attn, B, T_));  // xa, h, hf; two rstd; attention
+  size_t n = 3 * f(N * D) + 2 * f(N) + f(mla_saved_size(c.attn, B, seq));  // xa, h, hf; two rstd; attention
   n += c.ffn == FfnKind::Dense ? 2 * f(N * c.mlp.inter_dim) : f(moe_saved_size(c.moe, int(N)));
   return n;
 }
-size_t block_saved_int_size(const BlockConfig& c, int B, int T_) {
-  return c.ffn == FfnKind::Dense ? 0 : moe_saved_int_size(c.moe, B * T_);
+size_t block_saved_int_size(const BlockConfig& c, int B, int seq) {
+  return c.ffn == FfnKind::Dense ? 0 : moe_saved_int_size(c.moe, B * seq);
 }
 
 template <typename T>
-BlockSaved<T> block_saved_layout(T* base, int* ibase, const BlockConfig& c, int B, int T_) {
-  const size_t N = size_t(B) * T_, D = c.dim();
+BlockSaved<T> block_saved_layout(T* base, int* ibase, const BlockConfig& c, int B, int seq) {
+  const size_t N = size_t(B) * seq, D = c.dim();
   BlockSaved<T> s{};
   T* p = base;
   auto take = [&p](size_t n) {
@@ -55,7 +55,7 @@ BlockSaved<T> block_saved_layout(T* base, int* ibase, const BlockConfig& c, int 
   };
   s.xa = take(N * D);
   s.xa_rstd = take(N);
-  s.attn = mla_saved_layout(take(mla_saved_size(c.attn, B, T_)), c.attn, B, T_);
+  s.attn = mla_saved_layout(take(mla_saved_size(c.attn, B, seq)), c.attn, B, seq);
   s.h = take(N * D);
   s.hf = take(N * D);
   s.hf_rstd = take(N);
@@ -72,13 +72,13 @@ namespace cpu {
 
 template <typename T>
 void block_forward(T* out, const BlockSaved<T>& s, const T* inp, const BlockWeights<T>& w, const BlockConfig& c,
-                   int B, int T_, int pos0, const MlaRope<T>& rope) {
-  validate_block_call(c, B, T_, pos0, rope.positions);
-  const int N = B * T_, D = c.dim();
+                   int B, int seq, int pos0, const MlaRope<T>& rope) {
+  validate_block_call(c, B, seq, pos0, rope.positions);
+  const int N = B * seq, D = c.dim();
   const size_t ND = size_t(N) * D;
   // 1) h = x + MLA(attn_norm(x))
   rmsnorm_forward(s.xa, s.xa_rstd, inp, w.attn_norm, N, D, c.norm_eps);
-  mla_forward(s.h, s.attn, s.xa, w.attn, c.attn, B, T_, pos0, rope);
+  mla_forward(s.h, s.attn, s.xa, w.attn, c.attn, B, seq, pos0, rope);
   for (size_t i = 0; i < ND; ++i) s.h[i] += inp[i];
   // 2) out = h + FFN(ffn_norm(h))
   rmsnorm_forward(s.hf, s.hf_rstd, s.h, w.ffn_norm, N, D, c.norm_eps);
@@ -92,9 +92,9 @@ void block_forward(T* out, const BlockSaved<T>& s, const T* inp, const BlockWeig
 template <typename T>
 void block_backward(const BlockGrads<T>& g, T* dinp, const T* dout, const NoDeduce<T>* dscores_extra,
                     const BlockSaved<T>& s, const T* inp, const BlockWeights<T>& w, const BlockConfig& c, int B,
-                    int T_, int pos0, const MlaRope<T>& rope) {
-  validate_block_call(c, B, T_, pos0, rope.positions);
-  const int N = B * T_, D = c.dim();
+                    int seq, int pos0, const MlaRope<T>& rope) {
+  validate_block_call(c, B, seq, pos0, rope.positions);
+  const int N = B * seq, D = c.dim();
   const size_t ND = size_t(N) * D;
   std::vector<T> dbranch(ND), dh(ND);
   // 2) FFN branch: dh = dout + ffn_norm^T FFN^T dout
@@ -105,7 +105,7 @@ void block_backward(const BlockGrads<T>& g, T* dinp, const T* dout, const NoDedu
   rmsnorm_backward(g.ffn_norm, dh.data(), dbranch.data(), s.hf_rstd, s.h, w.ffn_norm, N, D);
   for (size_t i = 0; i < ND; ++i) dh[i] += dout[i];
   // 1) attention branch: dinp = dh + attn_norm^T MLA^T dh
-  mla_backward(g.attn, dbranch.data(), dh.data(), s.attn, s.xa, w.attn, c.attn, B, T_, pos0, rope);
+  mla_backward(g.attn, dbranch.data(), dh.data(), s.attn, s.xa, w.attn, c.attn, B, seq, pos0, rope);
   rmsnorm_backward(g.attn_norm, dinp, dbranch.data(), s.xa_rstd, inp, w.attn_norm, N, D);
   for (size_t i = 0; i < ND; ++i) dinp[i] += dh[i];
 }

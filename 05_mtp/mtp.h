@@ -18,7 +18,8 @@
 // causality nothing that reaches a loss depends on those positions, and their gradients are exactly 0).
 //
 // Shape legend
-//   B batch, T time (positions per sequence), N = B*T rows, D model width, V vocabulary,
+//   B batch, T time (positions per sequence; `seq` in code, where T is the scalar type), N = B*T rows,
+//   D model width, V vocabulary,
 //   Dm = depth (number of MTP modules, Hugging Face num_nextn_predict_layers).
 //
 // Conventions (common/conventions.h): parameter gradients accumulate (+=), activation gradients
@@ -126,26 +127,26 @@ struct MtpSaved {
   T* z_rstd;     // (N)
   T* probs;      // (N, V)  softmax of the logits
 };
-size_t mtp_saved_size(const MtpConfig& c, int B, int T_);
-size_t mtp_saved_int_size(const MtpConfig& c, int B, int T_);
+size_t mtp_saved_size(const MtpConfig& c, int B, int seq);
+size_t mtp_saved_int_size(const MtpConfig& c, int B, int seq);
 template <typename T>
-std::vector<MtpSaved<T>> mtp_saved_layout(T* base, int* ibase, const MtpConfig& c, int B, int T_);
+std::vector<MtpSaved<T>> mtp_saved_layout(T* base, int* ibase, const MtpConfig& c, int B, int seq);
 
 template <typename T>
 struct MtpHostSaved {
   std::vector<T> f;
   std::vector<int> i;
   std::vector<MtpSaved<T>> saved;
-  MtpHostSaved(const MtpConfig& c, int B, int T_)
-      : f(mtp_saved_size(c, B, T_)), i(mtp_saved_int_size(c, B, T_)),
-        saved(mtp_saved_layout(f.data(), i.data(), c, B, T_)) {}
+  MtpHostSaved(const MtpConfig& c, int B, int seq)
+      : f(mtp_saved_size(c, B, seq)), i(mtp_saved_int_size(c, B, seq)),
+        saved(mtp_saved_layout(f.data(), i.data(), c, B, seq)) {}
   MtpHostSaved(const MtpHostSaved&) = delete;
   MtpHostSaved& operator=(const MtpHostSaved&) = delete;
   MtpHostSaved(MtpHostSaved&&) = default;
 };
 
 // Shape/config checks shared by the CPU and CUDA entry points.
-void validate_mtp_call(const MtpConfig& c, int B, int T_, int table_positions);
+void validate_mtp_call(const MtpConfig& c, int B, int seq, int table_positions);
 
 namespace cpu {
 
@@ -155,7 +156,7 @@ namespace cpu {
 // (depth entries).
 template <typename T>
 T mtp_forward(T* ce, const MtpSaved<T>* saved, const T* h0, const int* tokens, const MtpShared<T>& shared,
-              const MtpModuleWeights<T>* modules, const MtpConfig& c, int B, int T_, const MlaRope<T>& rope);
+              const MtpModuleWeights<T>* modules, const MtpConfig& c, int B, int seq, const MlaRope<T>& rope);
 // Gradients of dloss * L_MTP: module and shared parameter gradients += ..., dh0 (B, T, D) = d / d h0.
 // dscores_extra: nullptr, or depth pointers (each nullptr or (N, E)): a gradient on module k's router scores
 // that its MoE block adds (stage 04's sequence-wise balance loss, as block_backward takes it).
@@ -163,7 +164,7 @@ template <typename T>
 void mtp_backward(const MtpModuleGrads<T>* module_grads, const MtpSharedGrads<T>& shared_grads, T* dh0,
                   NoDeduce<T> dloss, const NoDeduce<T>* const* dscores_extra, const MtpSaved<T>* saved, const T* h0,
                   const int* tokens, const MtpShared<T>& shared, const MtpModuleWeights<T>* modules,
-                  const MtpConfig& c, int B, int T_, const MlaRope<T>& rope);
+                  const MtpConfig& c, int B, int seq, const MlaRope<T>& rope);
 
 }  // namespace cpu
 
@@ -171,11 +172,11 @@ namespace cuda {
 
 float mtp_forward(float* ce, const MtpSaved<float>* saved, const float* h0, const int* tokens,
                   const MtpShared<float>& shared, const MtpModuleWeights<float>* modules, const MtpConfig& c, int B,
-                  int T_, const MlaRope<float>& rope);
+                  int seq, const MlaRope<float>& rope);
 void mtp_backward(const MtpModuleGrads<float>* module_grads, const MtpSharedGrads<float>& shared_grads, float* dh0,
                   float dloss, const float* const* dscores_extra, const MtpSaved<float>* saved, const float* h0,
                   const int* tokens, const MtpShared<float>& shared, const MtpModuleWeights<float>* modules,
-                  const MtpConfig& c, int B, int T_, const MlaRope<float>& rope);
+                  const MtpConfig& c, int B, int seq, const MlaRope<float>& rope);
 
 }  // namespace cuda
 }  // namespace dsv3

@@ -37,9 +37,9 @@ void launch_align(int* token, int* target, const int* window, int N, int T, int 
 
 float mtp_forward(float* ce, const MtpSaved<float>* saved, const float* h0, const int* tokens,
                   const MtpShared<float>& sh, const MtpModuleWeights<float>* modules, const MtpConfig& c, int B,
-                  int T_, const MlaRope<float>& rope) {
-  validate_mtp_call(c, B, T_, rope.positions);
-  const int N = B * T_, D = c.dim(), V = c.vocab;
+                  int seq, const MlaRope<float>& rope) {
+  validate_mtp_call(c, B, seq, rope.positions);
+  const int N = B * seq, D = c.dim(), V = c.vocab;
   ScratchBuffer<float> logits(static_cast<size_t>(N) * V);
   float sum = 0;
   const float* h_prev = h0;  // module k reads the previous depth's normalised output: h0, then z^{k-1}
@@ -47,7 +47,7 @@ float mtp_forward(float* ce, const MtpSaved<float>* saved, const float* h0, cons
     const MtpSaved<float>& s = saved[k - 1];
     const MtpModuleWeights<float>& m = modules[k - 1];
     // 1) align: token t_{i+k} in, target t_{i+k+1} out
-    launch_align(s.tokens, s.targets, tokens, N, T_, k);
+    launch_align(s.tokens, s.targets, tokens, N, seq, k);
     // 2) the two normalised inputs
     embedding_forward(s.e, s.tokens, sh.embed, N, D, V);
     rmsnorm_forward(s.en, s.en_rstd, s.e, m.enorm, N, D, c.norm_eps);
@@ -56,11 +56,11 @@ float mtp_forward(float* ce, const MtpSaved<float>* saved, const float* h0, cons
     gemm(Op::N, Op::T, N, D, D, 1.f, s.en, D, m.eh_proj, 2 * D, 0.f, s.hp, D, c.matmul);
     gemm(Op::N, Op::T, N, D, D, 1.f, s.hn, D, m.eh_proj + D, 2 * D, 1.f, s.hp, D, c.matmul);
     // 4) the module's transformer block
-    block_forward(s.hk, s.block, s.hp, m.block, c.block, B, T_, 0, rope);
+    block_forward(s.hk, s.block, s.hp, m.block, c.block, B, seq, 0, rope);
     // 5) shared final norm and head, cross-entropy against t_{i+k+1} scaled to eq. 24's 1/T (on the host)
     rmsnorm_forward(s.z, s.z_rstd, s.hk, sh.norm, N, D, c.norm_eps);
     gemm(Op::N, Op::T, N, V, D, 1.f, s.z, sh.head, 0.f, logits.get(), c.matmul);
-    ce[k - 1] = float(mtp_align::ce_scale(T_, k)) * cross_entropy_forward(s.probs, logits.get(), s.targets, N, V);
+    ce[k - 1] = float(mtp_align::ce_scale(seq, k)) * cross_entropy_forward(s.probs, logits.get(), s.targets, N, V);
     sum += ce[k - 1];
     h_prev = s.z;
   }
@@ -69,11 +69,11 @@ float mtp_forward(float* ce, const MtpSaved<float>* saved, const float* h0, cons
 
 void mtp_backward(const MtpModuleGrads<float>* mg, const MtpSharedGrads<float>& sg, float* dh0, float dloss,
                   const float* const* dscores_extra, const MtpSaved<float>* saved, const float* h0, const int* tokens, const MtpShared<float>& sh,
-                  const MtpModuleWeights<float>* modules, const MtpConfig& c, int B, int T_,
+                  const MtpModuleWeights<float>* modules, const MtpConfig& c, int B, int seq,
                   const MlaRope<float>& rope) {
-  validate_mtp_call(c, B, T_, rope.positions);
+  validate_mtp_call(c, B, seq, rope.positions);
   (void)tokens;  // the aligned tokens were saved by the forward
-  const int N = B * T_, D = c.dim(), V = c.vocab;
+  const int N = B * seq, D = c.dim(), V = c.vocab;
   const size_t ND = static_cast<size_t>(N) * D;
   // dh0 carries d L / d z^k through module k+1, which reads z^k (zero for the last module), then is overwritten.
   CUDA_CHECK(cudaMemsetAsync(dh0, 0, ND * sizeof(float)));
@@ -86,14 +86,14 @@ void mtp_backward(const MtpModuleGrads<float>* mg, const MtpSharedGrads<float>& 
     const MtpModuleGrads<float>& g = mg[k - 1];
     const float* h_prev = k == 1 ? h0 : saved[k - 2].z;
     // 5) cross-entropy (eq. 24's 1/T), shared head; the gradient from module k+1 (in dh0) joins at z^k; final norm
-    cross_entropy_backward(dlogits.get(), dce * float(mtp_align::ce_scale(T_, k)), s.probs, s.targets, N, V);
+    cross_entropy_backward(dlogits.get(), dce * float(mtp_align::ce_scale(seq, k)), s.probs, s.targets, N, V);
     gemm(Op::T, Op::N, V, D, N, 1.f, dlogits.get(), s.z, 1.f, sg.head, c.matmul);
     gemm(Op::N, Op::N, N, D, V, 1.f, dlogits.get(), sh.head, 0.f, dz.get(), c.matmul);
     if (k < c.depth) add_inplace(dz.get(), dh0, ND);
     rmsnorm_backward(sg.norm, dhk.get(), dz.get(), s.z_rstd, s.hk, sh.norm, N, D);
     // 4) block (with the balance-loss gradient on its router's scores, when the caller gives one)
     block_backward(g.block, dhp.get(), dhk.get(), dscores_extra ? dscores_extra[k - 1] : nullptr, s.block, s.hp,
-                   m.block, c.block, B, T_, 0, rope);
+                   m.block, c.block, B, seq, 0, rope);
     // 3) eh_proj
     gemm(Op::N, Op::N, N, D, D, 1.f, dhp.get(), D, m.eh_proj, 2 * D, 0.f, den.get(), D, c.matmul);
     gemm(Op::N, Op::N, N, D, D, 1.f, dhp.get(), D, m.eh_proj + D, 2 * D, 0.f, dhn.get(), D, c.matmul);

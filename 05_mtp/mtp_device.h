@@ -21,9 +21,9 @@ struct BlockDeviceSaved {
   DeviceBuffer<float> f;
   DeviceBuffer<int> i;
   BlockSaved<float> saved;
-  BlockDeviceSaved(const BlockConfig& c, int B, int T_)
-      : f(block_saved_size(c, B, T_)), i(block_saved_int_size(c, B, T_)),
-        saved(block_saved_layout(f.get(), i.get(), c, B, T_)) {}
+  BlockDeviceSaved(const BlockConfig& c, int B, int seq)
+      : f(block_saved_size(c, B, seq)), i(block_saved_int_size(c, B, seq)),
+        saved(block_saved_layout(f.get(), i.get(), c, B, seq)) {}
 };
 
 // MtpModuleTensors over DeviceBuffers (by the module's one list).
@@ -36,9 +36,9 @@ struct MtpDeviceSaved {
   DeviceBuffer<float> f;
   DeviceBuffer<int> i;
   std::vector<MtpSaved<float>> saved;
-  MtpDeviceSaved(const MtpConfig& c, int B, int T_)
-      : f(mtp_saved_size(c, B, T_)), i(mtp_saved_int_size(c, B, T_)),
-        saved(mtp_saved_layout(f.get(), i.get(), c, B, T_)) {}
+  MtpDeviceSaved(const MtpConfig& c, int B, int seq)
+      : f(mtp_saved_size(c, B, seq)), i(mtp_saved_int_size(c, B, seq)),
+        saved(mtp_saved_layout(f.get(), i.get(), c, B, seq)) {}
 };
 
 }  // namespace dsv3

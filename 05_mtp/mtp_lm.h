@@ -60,7 +60,7 @@ class MtpLm {
   std::vector<MtpModuleParams<T>> mtp_, dmtp_;
   std::vector<std::vector<T>> m_, v_;  // AdamW moments, in tensors() order
   // saved by forward
-  int B_ = 0, T_ = 0;
+  int B_ = 0, seq_ = 0;
   std::vector<int> window_, inputs_, targets_;
   std::vector<std::vector<T>> h_;  // (L+1) residual streams (N, D)
   std::vector<BlockHostSaved<T>> block_saved_;

@@ -62,7 +62,7 @@ T MtpLm<T>::forward(const std::vector<int>& tokens, int B, int Tn) {
   const MtpConfig& mc = cfg_.mtp;
   const int D = mc.dim(), V = mc.vocab, N = B * Tn;
   B_ = B;
-  T_ = Tn;
+  seq_ = Tn;
   window_ = tokens;
   split_windows(tokens, B, Tn, inputs_, targets_);
   const MlaRope<T> rope = mla_rope(rope_);
@@ -95,7 +95,7 @@ T MtpLm<T>::forward(const std::vector<int>& tokens, int B, int Tn) {
 template <typename T>
 void MtpLm<T>::backward() {
   const MtpConfig& mc = cfg_.mtp;
-  const int D = mc.dim(), V = mc.vocab, N = B_ * T_;
+  const int D = mc.dim(), V = mc.vocab, N = B_ * seq_;
   const MlaRope<T> rope = mla_rope(rope_);
   for (auto& t : tensors()) std::fill(t.grad->begin(), t.grad->end(), T(0));
   // 3) the MTP chain: its gradient into z, the shared embedding, norm and head
@@ -108,14 +108,14 @@ void MtpLm<T>::backward() {
   }
   const MtpSharedGrads<T> sg{dembed_.data(), dnorm_.data(), dhead_.data()};
   cpu::mtp_backward(mg.data(), sg, dz_mtp.data(), T(1), nullptr, mtp_saved_->saved.data(), z_.data(), window_.data(),
-                    {embed_.data(), norm_.data(), head_.data()}, mw.data(), mc, B_, T_, rope);
+                    {embed_.data(), norm_.data(), head_.data()}, mw.data(), mc, B_, seq_, rope);
   // 2) main loss, head; both gradients into z add up before the final norm's backward
   cpu::lm_head_backward(dnorm_.data(), dhead_.data(), dh.data(), T(1), dz_mtp.data(), probs_.data(), z_.data(),
                         zrstd_.data(), h_.back().data(), norm_.data(), head_.data(), targets_.data(), N, D, V);
   // 1) blocks in reverse, then the embedding
   for (int l = int(layers_.size()) - 1; l >= 0; --l) {
     cpu::block_backward(dlayers_[l].grads(), tmp.data(), dh.data(), nullptr, block_saved_[l].saved, h_[l].data(),
-                        layers_[l].weights(), mc.block, B_, T_, 0, rope);
+                        layers_[l].weights(), mc.block, B_, seq_, 0, rope);
     dh.swap(tmp);
   }
   cpu::embedding_backward(dembed_.data(), dh.data(), inputs_.data(), N, D, V);

@@ -85,8 +85,8 @@ struct Chain {
   MtpHostSaved<T> hs;
   std::vector<T> ce;
 
-  Chain(const MtpConfig& cfg, int B_, int T_, uint64_t seed)
-      : c(cfg), B(B_), Tn(T_), rope(rope_tables<T>(cfg.block.attn.rope)), hs(cfg, B_, T_), ce(cfg.depth) {
+  Chain(const MtpConfig& cfg, int B_, int seq_, uint64_t seed)
+      : c(cfg), B(B_), Tn(seq_), rope(rope_tables<T>(cfg.block.attn.rope)), hs(cfg, B_, seq_), ce(cfg.depth) {
     const int D = c.dim(), V = c.vocab;
     Rng rng(seed);
     embed = rng.normal_vec<T>(size_t(V) * D);

@@ -11,7 +11,8 @@
 //
 // Parameters convert to and from the Hugging Face tensor names of checkpoint.h. The same model on the GPU:
 // model_device.h.
-// Shape legend: B batch, T time, N = B*T, D hidden_size, V vocab_size.
+// Shape legend: B batch, T time (positions per sequence; `seq_` in code, where T is the scalar type), N = B*T,
+// D hidden_size, V vocab_size.
 #pragma once
 
 #include <cstdint>
@@ -155,7 +156,7 @@ class Model {
   RopeTables<T> rope_;
   ModelTensors<std::vector<T>> p_, g_;  // values, gradients
   // saved by forward
-  int B_ = 0, T_ = 0;
+  int B_ = 0, seq_ = 0;
   std::vector<int> window_, inputs_, targets_;
   std::vector<std::vector<T>> h_;
   std::vector<BlockHostSaved<T>> saved_;

@@ -78,19 +78,19 @@ bool Model<T>::has_balance_loss(int layer) const {
 // the score sums for the backward.
 template <typename T>
 T Model<T>::balance_forward(int layer, const MoeSaved<T>& moe) {
-  const int E = cfg_.n_routed_experts, N = B_ * T_;
+  const int E = cfg_.n_routed_experts, N = B_ * seq_;
   bal_f_[size_t(layer)].resize(size_t(B_) * E);
   bal_ssum_[size_t(layer)].resize(N);
   T bal = 0;
   cpu::seq_balance_loss_forward(&bal, bal_f_[size_t(layer)].data(), bal_ssum_[size_t(layer)].data(), moe.scores,
-                                moe.indices, B_, T_, E, cfg_.num_experts_per_tok, float(cfg_.training.aux_alpha));
+                                moe.indices, B_, seq_, E, cfg_.num_experts_per_tok, float(cfg_.training.aux_alpha));
   return bal;
 }
 
 template <typename T>
 void Model<T>::balance_backward(T* dscores, int layer, const MoeSaved<T>& moe) const {
   cpu::seq_balance_loss_backward(dscores, T(1), bal_f_[size_t(layer)].data(), bal_ssum_[size_t(layer)].data(),
-                                 moe.scores, B_, T_, cfg_.n_routed_experts, float(cfg_.training.aux_alpha));
+                                 moe.scores, B_, seq_, cfg_.n_routed_experts, float(cfg_.training.aux_alpha));
 }
 
 template <typename T>
@@ -99,7 +99,7 @@ T Model<T>::forward(const std::vector<int>& tokens, int B, int Tn) {
           size_t(B) * (Tn + 1), tokens.size());
   const int D = cfg_.hidden_size, V = cfg_.vocab_size, N = B * Tn;
   B_ = B;
-  T_ = Tn;
+  seq_ = Tn;
   window_ = tokens;
   split_windows(tokens, B, Tn, inputs_, targets_);
   const MlaRope<T> rope = mla_rope(rope_);
@@ -144,7 +144,7 @@ T Model<T>::forward(const std::vector<int>& tokens, int B, int Tn) {
 
 template <typename T>
 void Model<T>::backward() {
-  const int D = cfg_.hidden_size, V = cfg_.vocab_size, N = B_ * T_, E = cfg_.n_routed_experts;
+  const int D = cfg_.hidden_size, V = cfg_.vocab_size, N = B_ * seq_, E = cfg_.n_routed_experts;
   const int L = cfg_.num_hidden_layers;
   const MlaRope<T> rope = mla_rope(rope_);
   for (auto& t : tensors()) std::fill(t.grad->begin(), t.grad->end(), T(0));
@@ -165,7 +165,7 @@ void Model<T>::backward() {
     }
     cpu::mtp_backward(mg.data(), {g_.embed.data(), g_.norm.data(), g_.head.data()}, dz_mtp.data(), T(1), extra.data(),
                       mtp_saved_->saved.data(), z_.data(), window_.data(), {p_.embed.data(), p_.norm.data(), p_.head.data()},
-                      mw.data(), mtp_config(), B_, T_, rope);
+                      mw.data(), mtp_config(), B_, seq_, rope);
   }
   // 2) cross-entropy, head; the MTP gradient joins at z; final norm
   cpu::lm_head_backward(g_.norm.data(), g_.head.data(), dh.data(), T(1), dz_mtp.data(), probs_.data(), z_.data(),
@@ -179,7 +179,7 @@ void Model<T>::backward() {
       extra = dscores.data();
     }
     cpu::block_backward(g_.layers[l].grads(), tmp.data(), dh.data(), extra, saved_[l].saved, h_[l].data(),
-                        p_.layers[l].weights(), block_config(l), B_, T_, 0, rope);
+                        p_.layers[l].weights(), block_config(l), B_, seq_, 0, rope);
     dh.swap(tmp);
   }
   cpu::embedding_backward(g_.embed.data(), dh.data(), inputs_.data(), N, D, V);
@@ -192,7 +192,7 @@ void Model<T>::update_bias() {
   // every MoE layer, the MTP modules' blocks included (paper §2.1.2: the bias of every routed expert)
   for (int l = 0; l < cfg_.num_hidden_layers + int(p_.mtp.size()); ++l)
     if (cfg_.is_moe_layer(l))
-      cpu::bias_update(moe_params(l).gate_bias.data(), moe_saved(l).counts, cfg_.n_routed_experts, B_ * T_,
+      cpu::bias_update(moe_params(l).gate_bias.data(), moe_saved(l).counts, cfg_.n_routed_experts, B_ * seq_,
                        cfg_.num_experts_per_tok, gamma);
 }
 
@@ -216,7 +216,7 @@ const MoeSaved<T>& Model<T>::moe_saved(int layer) const {
 
 template <typename T>
 uint64_t Model<T>::routing_signature() const {
-  const int NK = B_ * T_ * cfg_.num_experts_per_tok;
+  const int NK = B_ * seq_ * cfg_.num_experts_per_tok;
   uint64_t h = 1469598103934665603ull;  // FNV-1a
   for (size_t l = 0; l < saved_.size(); ++l)
     if (block_config(int(l)).ffn == FfnKind::Moe)

@@ -58,9 +58,9 @@ float DeviceModel::forward(const std::vector<int>& tokens, int B, int Tn) {
   std::vector<int> in, tg;
   split_windows(tokens, B, Tn, in, tg);
   const int L = cfg_.num_hidden_layers;
-  if (B != B_ || Tn != T_) {  // (re)allocate what the forward saves; reused while the shape stays
+  if (B != B_ || Tn != seq_) {  // (re)allocate what the forward saves; reused while the shape stays
     B_ = B;
-    T_ = Tn;
+    seq_ = Tn;
     window_ = DeviceBuffer<int>(tokens.size());
     inputs_ = DeviceBuffer<int>(in.size());
     targets_ = DeviceBuffer<int>(tg.size());
@@ -120,7 +120,7 @@ float DeviceModel::forward(const std::vector<int>& tokens, int B, int Tn) {
 }
 
 void DeviceModel::backward() {
-  const int D = cfg_.hidden_size, V = cfg_.vocab_size, N = B_ * T_, E = cfg_.n_routed_experts;
+  const int D = cfg_.hidden_size, V = cfg_.vocab_size, N = B_ * seq_, E = cfg_.n_routed_experts;
   const int L = cfg_.num_hidden_layers;
   const MlaRope<float> rope = rope_.view();
   // zero every gradient in place
@@ -139,7 +139,7 @@ void DeviceModel::backward() {
     }
     cuda::mtp_backward(mtp_g_.data(), {g_.embed.get(), g_.norm.get(), g_.head.get()}, dz_mtp_buf.get(), 1.f,
                        extra.data(), mtp_saved_->saved.data(), z_.get(), window_.get(),
-                       {p_.embed.get(), p_.norm.get(), p_.head.get()}, mtp_w_.data(), mtp_config(), B_, T_, rope);
+                       {p_.embed.get(), p_.norm.get(), p_.head.get()}, mtp_w_.data(), mtp_config(), B_, seq_, rope);
     mark("MTP bwd");
   }
   // 2) cross-entropy, head; the MTP gradient joins at z; final norm
@@ -154,7 +154,7 @@ void DeviceModel::backward() {
   for (int l = L - 1; l >= 0; --l) {
     const BlockConfig bc = block_config(l);
     const float* extra = balance_backward(dscores.get(), l, saved_[l].saved.moe) ? dscores.get() : nullptr;
-    cuda::block_backward(layer_g_[l], tmp, dh, extra, saved_[l].saved, h_[l].get(), layer_w_[l], bc, B_, T_, 0,
+    cuda::block_backward(layer_g_[l], tmp, dh, extra, saved_[l].saved, h_[l].get(), layer_w_[l], bc, B_, seq_, 0,
                          rope);
     std::swap(dh, tmp);
     mark(fmt::format("layer {} ({}) bwd", l, bc.ffn == FfnKind::Moe ? "moe" : "dense"));
@@ -166,14 +166,14 @@ void DeviceModel::backward() {
 void DeviceModel::balance_forward(int layer, const MoeSaved<float>& moe) {
   if (!bal_f_[size_t(layer)].size()) return;
   cuda::seq_balance_loss_forward(bal_loss_.get() + layer, bal_f_[size_t(layer)].get(), bal_ssum_[size_t(layer)].get(),
-                                 moe.scores, moe.indices, B_, T_, cfg_.n_routed_experts, cfg_.num_experts_per_tok,
+                                 moe.scores, moe.indices, B_, seq_, cfg_.n_routed_experts, cfg_.num_experts_per_tok,
                                  float(cfg_.training.aux_alpha));
 }
 
 bool DeviceModel::balance_backward(float* dscores, int layer, const MoeSaved<float>& moe) const {
   if (!bal_f_[size_t(layer)].size()) return false;
   cuda::seq_balance_loss_backward(dscores, 1.f, bal_f_[size_t(layer)].get(), bal_ssum_[size_t(layer)].get(),
-                                  moe.scores, B_, T_, cfg_.n_routed_experts, float(cfg_.training.aux_alpha));
+                                  moe.scores, B_, seq_, cfg_.n_routed_experts, float(cfg_.training.aux_alpha));
   return true;
 }
 
@@ -185,7 +185,7 @@ void DeviceModel::update_bias() {
   for (int l = 0; l < L + int(p_.mtp.size()); ++l) {
     if (!cfg_.is_moe_layer(l)) continue;
     auto& moe = l < L ? p_.layers[size_t(l)].moe : p_.mtp[size_t(l - L)].block.moe;
-    cuda::bias_update(moe.gate_bias.get(), moe_saved(l).counts, cfg_.n_routed_experts, B_ * T_, cfg_.num_experts_per_tok,
+    cuda::bias_update(moe.gate_bias.get(), moe_saved(l).counts, cfg_.n_routed_experts, B_ * seq_, cfg_.num_experts_per_tok,
                       gamma);
   }
 }
@@ -245,7 +245,7 @@ std::vector<int> DeviceModel::expert_counts(int layer) const {
 
 std::vector<int> DeviceModel::routing(int layer) const {
   const auto ints = saved_[layer].i.download();
-  const int NK = B_ * T_ * cfg_.num_experts_per_tok;
+  const int NK = B_ * seq_ * cfg_.num_experts_per_tok;
   const size_t off = size_t(saved_[layer].saved.moe.indices - saved_[layer].i.get());  // its place in the layout
   return std::vector<int>(ints.begin() + off, ints.begin() + off + NK);
 }

@@ -67,7 +67,7 @@ class DeviceModel {
   std::vector<MtpModuleWeights<float>> mtp_w_;
   std::vector<MtpModuleGrads<float>> mtp_g_;
   // saved by forward
-  int B_ = 0, T_ = 0;
+  int B_ = 0, seq_ = 0;
   DeviceBuffer<int> window_, inputs_, targets_;
   std::vector<DeviceBuffer<float>> h_;
   std::vector<BlockDeviceSaved> saved_;

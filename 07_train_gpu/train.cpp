@@ -68,7 +68,7 @@ double lr_at(const TrainConfig& c, int64_t step) {
 // ---- batches ------------------------------------------------------------------------------------------------
 
 Batcher::Batcher(const std::vector<uint16_t>& tokens, int B, int T, uint64_t seed)
-    : tokens_(&tokens), B_(B), T_(T), seed_(seed) {
+    : tokens_(&tokens), B_(B), seq_(T), seed_(seed) {
   require(B >= 1 && T >= 1, "batcher: batch and seq_len must be >= 1, got {} and {}", B, T);
   require(int64_t(tokens.size()) >= int64_t(T) + 1,
           "the train split has {} tokens, fewer than one window of seq_len + 1 = {}: use a smaller seq_len or more "
@@ -79,7 +79,7 @@ std::vector<int64_t> Batcher::epoch_starts(int64_t epoch) const {
   // 1) the epoch's own stream: the seed and the epoch number mixed (Rng's splitmix64 spreads it further)
   Rng rng(seed_ ^ (0x9E3779B97F4A7C15ull * (uint64_t(epoch) + 1)));
   // 2) the offset; o < n - T keeps at least one window
-  const int64_t n = int64_t(tokens_->size()), T = T_;
+  const int64_t n = int64_t(tokens_->size()), T = seq_;
   const int64_t o = int64_t(rng.below(uint64_t(std::min(T, n - T))));
   const int64_t W = (n - 1 - o) / T;  // windows o + i*T .. o + i*T + T that end inside the split
   std::vector<int64_t> starts(static_cast<size_t>(W));
@@ -101,7 +101,7 @@ void Batcher::set_state(const BatcherState& s) {
 
 std::vector<int> Batcher::next() {
   std::vector<int> out;
-  out.reserve(size_t(B_) * (T_ + 1));
+  out.reserve(size_t(B_) * (seq_ + 1));
   for (int b = 0; b < B_; ++b) {
     if (cached_epoch_ != state_.epoch) {
       starts_ = epoch_starts(state_.epoch);
@@ -114,7 +114,7 @@ std::vector<int> Batcher::next() {
       cached_epoch_ = state_.epoch;
     }
     const int64_t s = starts_[size_t(state_.cursor++)];
-    out.insert(out.end(), tokens_->begin() + s, tokens_->begin() + s + T_ + 1);
+    out.insert(out.end(), tokens_->begin() + s, tokens_->begin() + s + seq_ + 1);
   }
   return out;
 }

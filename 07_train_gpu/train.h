@@ -74,7 +74,7 @@ class Batcher {
 
  private:
   const std::vector<uint16_t>* tokens_;
-  int B_, T_;
+  int B_, seq_;
   uint64_t seed_;
   BatcherState state_;
   int64_t cached_epoch_ = -1;
