@@ -92,18 +92,12 @@ void for_each_param(const MlaConfig& c, F&& f, S&&... s) {
 
 // Zero-filled parameters of the right sizes (e.g. gradient buffers).
 template <typename T>
-MlaParams<T> mla_zero_params(const MlaConfig& c) {
-  MlaParams<T> p;
-  param_list::zero(p, c);
-  return p;
-}
+MlaParams<T> mla_zero_params(const MlaConfig& c) { return param_list::zeroed<MlaTensors, T>(c); }
 // Linear weights ~ N(0, 1/fan_in); norm weights 1 (model.py), or 1 + 0.2 N(0, 1) with jitter_norms (tests:
 // a gradient that ignored the norm weight must not pass by accident).
 template <typename T>
 MlaParams<T> mla_init_params(const MlaConfig& c, uint64_t seed, bool jitter_norms = false) {
-  MlaParams<T> p;
-  param_list::init(p, c, seed, jitter_norms);
-  return p;
+  return param_list::initialised<MlaTensors, T>(c, seed, jitter_norms);
 }
 
 // Activations the forward saves for the backward: pointers into one buffer of mla_saved_size() elements

@@ -109,17 +109,11 @@ void for_each_param(const MoeConfig& c, F&& f, S&&... s) {
 
 // Zero-filled parameters of the right sizes (gradient buffers); gate_bias zero.
 template <typename T>
-MoeParams<T> moe_zero_params(const MoeConfig& c) {
-  MoeParams<T> p;
-  param_list::zero(p, c);
-  return p;
-}
+MoeParams<T> moe_zero_params(const MoeConfig& c) { return param_list::zeroed<MoeTensors, T>(c); }
 // Linear weights ~ N(0, 1/fan_in), gate_bias 0.
 template <typename T>
 MoeParams<T> moe_init_params(const MoeConfig& c, uint64_t seed) {
-  MoeParams<T> p;
-  param_list::init(p, c, seed, false);
-  return p;
+  return param_list::initialised<MoeTensors, T>(c, seed, false);
 }
 
 // What the forward saves: the router's outputs (stage 04 reads scores, indices, counts), the dispatch,
@@ -208,17 +202,11 @@ void for_each_param(const MlpConfig& c, F&& f, S&&... s) {
   f(ParamInfo{"w2", "mlp.down_proj.weight", {D, F_}, ParamKind::Matrix, ""}, s.w2...);
 }
 template <typename T>
-MlpParams<T> mlp_zero_params(const MlpConfig& c) {
-  MlpParams<T> p;
-  param_list::zero(p, c);
-  return p;
-}
+MlpParams<T> mlp_zero_params(const MlpConfig& c) { return param_list::zeroed<MlpTensors, T>(c); }
 // Linear weights ~ N(0, 1/fan_in), as moe_init_params.
 template <typename T>
 MlpParams<T> mlp_init_params(const MlpConfig& c, uint64_t seed) {
-  MlpParams<T> p;
-  param_list::init(p, c, seed, false);
-  return p;
+  return param_list::initialised<MlpTensors, T>(c, seed, false);
 }
 
 // Scratch of the decode forms below (common/rowwise.h's grow: after the first calls they allocate nothing).

@@ -81,17 +81,11 @@ void for_each_param(const BlockConfig& c, F&& f, S&&... s) {
 }
 
 template <typename T>
-BlockParams<T> block_zero_params(const BlockConfig& c) {
-  BlockParams<T> p;
-  param_list::zero(p, c);
-  return p;
-}
+BlockParams<T> block_zero_params(const BlockConfig& c) { return param_list::zeroed<BlockTensors, T>(c); }
 // Linear weights ~ N(0, 1/fan_in); norms 1, or 1 + 0.2 N(0,1) with jitter_norms (tests).
 template <typename T>
 BlockParams<T> block_init_params(const BlockConfig& c, uint64_t seed, bool jitter_norms = false) {
-  BlockParams<T> p;
-  param_list::init(p, c, seed, jitter_norms);
-  return p;
+  return param_list::initialised<BlockTensors, T>(c, seed, jitter_norms);
 }
 
 // What the forward saves: pointers into one scalar buffer of block_saved_size() and one int buffer of

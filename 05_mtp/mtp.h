@@ -95,17 +95,11 @@ void for_each_param(const MtpConfig& c, F&& f, S&&... s) {
 }
 
 template <typename T>
-MtpModuleParams<T> mtp_zero_params(const MtpConfig& c) {
-  MtpModuleParams<T> p;
-  param_list::zero(p, c);
-  return p;
-}
+MtpModuleParams<T> mtp_zero_params(const MtpConfig& c) { return param_list::zeroed<MtpModuleTensors, T>(c); }
 // eh_proj ~ N(0, 1/(2D)), norms 1 (or jittered, tests), the block as block_init_params.
 template <typename T>
 MtpModuleParams<T> mtp_init_params(const MtpConfig& c, uint64_t seed, bool jitter_norms = false) {
-  MtpModuleParams<T> p;
-  param_list::init(p, c, seed, jitter_norms);
-  return p;
+  return param_list::initialised<MtpModuleTensors, T>(c, seed, jitter_norms);
 }
 
 // What the forward saves for one module: pointers into one scalar and one int buffer (host for cpu::,

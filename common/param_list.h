@@ -161,5 +161,20 @@ void init(Tensors<std::vector<T>>& p, const typename Tensors<std::vector<T>>::Co
   }, p);
 }
 
+// A host owner of config c's shapes, zero-filled, or with init()'s random values.
+template <template <class> class Tensors, typename T>
+Tensors<std::vector<T>> zeroed(const typename Tensors<std::vector<T>>::Config& c) {
+  Tensors<std::vector<T>> p;
+  zero(p, c);
+  return p;
+}
+template <template <class> class Tensors, typename T>
+Tensors<std::vector<T>> initialised(const typename Tensors<std::vector<T>>::Config& c, uint64_t seed,
+                                    bool jitter_norms) {
+  Tensors<std::vector<T>> p;
+  init(p, c, seed, jitter_norms);
+  return p;
+}
+
 }  // namespace param_list
 }  // namespace dsv3
