@@ -209,9 +209,11 @@ void mla_forward(float* out, const MlaSaved<float>& s, const float* inp, const M
   const BH q_bh{int64_t(T) * H * S, S}, kv_bh{int64_t(T) * H * KS, KS}, p_bh{H * TT, TT}, kpe_bh{int64_t(T) * Dr, 0},
       y_bh{int64_t(T) * H * Dv, Dv};
   gemm_bh(Op::N, Op::T, T, T, Dn, scale, s.q, H * S, q_bh, s.kv, H * KS, kv_bh, 0.f, s.att, T, p_bh, B, H, c.matmul);
-  gemm_bh(Op::N, Op::T, T, T, Dr, scale, s.q + Dn, H * S, q_bh, s.k_pe, Dr, kpe_bh, 1.f, s.att, T, p_bh, B, H, c.matmul);
+  gemm_bh(Op::N, Op::T, T, T, Dr, scale, s.q + Dn, H * S, q_bh, s.k_pe, Dr, kpe_bh, 1.f, s.att, T, p_bh, B, H,
+          c.matmul);
   launch_softmax_forward(s.att, B * H * T, T, T);
-  gemm_bh(Op::N, Op::N, T, Dv, T, 1.f, s.att, T, p_bh, s.kv + Dn, H * KS, kv_bh, 0.f, s.y, H * Dv, y_bh, B, H, c.matmul);
+  gemm_bh(Op::N, Op::N, T, Dv, T, 1.f, s.att, T, p_bh, s.kv + Dn, H * KS, kv_bh, 0.f, s.y, H * Dv, y_bh, B, H,
+          c.matmul);
   linear(out, s.y, w.wo, N, H * Dv, c.dim, c.matmul);
 }
 
@@ -229,14 +231,18 @@ void mla_backward(const MlaGrads<float>& g, float* dinp, const float* dout, cons
   const BH q_bh{int64_t(T) * H * S, S}, kv_bh{int64_t(T) * H * KS, KS}, p_bh{H * TT, TT}, kpe_bh{int64_t(T) * Dr, 0},
       y_bh{int64_t(T) * H * Dv, Dv};
   // dP = dy_h v_h^T;  dv_h = P^T dy_h
-  gemm_bh(Op::N, Op::T, T, T, Dv, 1.f, dy.get(), H * Dv, y_bh, s.kv + Dn, H * KS, kv_bh, 0.f, dP.get(), T, p_bh, B, H, c.matmul);
+  gemm_bh(Op::N, Op::T, T, T, Dv, 1.f, dy.get(), H * Dv, y_bh, s.kv + Dn, H * KS, kv_bh, 0.f, dP.get(), T, p_bh, B, H,
+          c.matmul);
   gemm_bh(Op::T, Op::N, T, Dv, T, 1.f, s.att, T, p_bh, dy.get(), H * Dv, y_bh, 0.f, dkv.get() + Dn, H * KS, kv_bh, B,
           H, c.matmul);
   launch_softmax_backward(dP.get(), s.att, B * H * T, T, T, scale);
   // dq_nope = dS k_nope, dq_pe = dS k_pe;  dk_nope = dS^T q_nope;  dk_pe = sum_h dS^T q_pe
-  gemm_bh(Op::N, Op::N, T, Dn, T, 1.f, dP.get(), T, p_bh, s.kv, H * KS, kv_bh, 0.f, dq.get(), H * S, q_bh, B, H, c.matmul);
-  gemm_bh(Op::N, Op::N, T, Dr, T, 1.f, dP.get(), T, p_bh, s.k_pe, Dr, kpe_bh, 0.f, dq.get() + Dn, H * S, q_bh, B, H, c.matmul);
-  gemm_bh(Op::T, Op::N, T, Dn, T, 1.f, dP.get(), T, p_bh, s.q, H * S, q_bh, 0.f, dkv.get(), H * KS, kv_bh, B, H, c.matmul);
+  gemm_bh(Op::N, Op::N, T, Dn, T, 1.f, dP.get(), T, p_bh, s.kv, H * KS, kv_bh, 0.f, dq.get(), H * S, q_bh, B, H,
+          c.matmul);
+  gemm_bh(Op::N, Op::N, T, Dr, T, 1.f, dP.get(), T, p_bh, s.k_pe, Dr, kpe_bh, 0.f, dq.get() + Dn, H * S, q_bh, B, H,
+          c.matmul);
+  gemm_bh(Op::T, Op::N, T, Dn, T, 1.f, dP.get(), T, p_bh, s.q, H * S, q_bh, 0.f, dkv.get(), H * KS, kv_bh, B, H,
+          c.matmul);
   // the one rope key is shared by all heads: dk_pe_b = sum_h dS_bh^T q_pe_bh, heads accumulated in order
   for (int h = 0; h < H; ++h)
     gemm_strided_batched(Op::T, Op::N, T, Dr, T, 1.f, dP.get() + h * TT, T, H * TT, s.q + h * S + Dn, H * S,

@@ -63,8 +63,8 @@ std::vector<MtpSaved<T>> mtp_saved_layout(T* base, int* ibase, const MtpConfig& 
     s.hn = take(N * D);
     s.hn_rstd = take(N);
     s.hp = take(N * D);
-    s.block = block_saved_layout(take(block_saved_size(c.block, B, seq)), take_int(block_saved_int_size(c.block, B, seq)),
-                                 c.block, B, seq);
+    s.block = block_saved_layout(take(block_saved_size(c.block, B, seq)),
+                                 take_int(block_saved_int_size(c.block, B, seq)), c.block, B, seq);
     s.hk = take(N * D);
     s.z = take(N * D);
     s.z_rstd = take(N);

@@ -1,6 +1,6 @@
 // Stage 05, CUDA: the MTP chain (mtp.h) from the CUDA entry points of stages 01-04 and block_cuda.cu, plus
-// the token-alignment kernel (and common/cuda_kernels.cuh's residual add). Kernels, then launchers, then the public entry points.
-// fp32. Shapes: see mtp.h.
+// the token-alignment kernel (and common/cuda_kernels.cuh's residual add). Kernels, then launchers, then the public
+// entry points. Activations fp32, products at the config's matmul precision. Shapes: see mtp.h.
 #include <vector>
 
 #include "01_rmsnorm_rope/rmsnorm_rope.h"
@@ -68,9 +68,9 @@ float mtp_forward(float* ce, const MtpSaved<float>* saved, const float* h0, cons
 }
 
 void mtp_backward(const MtpModuleGrads<float>* mg, const MtpSharedGrads<float>& sg, float* dh0, float dloss,
-                  const float* const* dscores_extra, const MtpSaved<float>* saved, const float* h0, const int* tokens, const MtpShared<float>& sh,
-                  const MtpModuleWeights<float>* modules, const MtpConfig& c, int B, int seq,
-                  const MlaRope<float>& rope) {
+                  const float* const* dscores_extra, const MtpSaved<float>* saved, const float* h0, const int* tokens,
+                  const MtpShared<float>& sh, const MtpModuleWeights<float>* modules, const MtpConfig& c, int B,
+                  int seq, const MlaRope<float>& rope) {
   validate_mtp_call(c, B, seq, rope.positions);
   (void)tokens;  // the aligned tokens were saved by the forward
   const int N = B * seq, D = c.dim(), V = c.vocab;

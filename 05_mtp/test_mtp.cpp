@@ -1,4 +1,4 @@
-// Stage 05 tests: the block's and the MTP chain's gradchecks, the issue's oracle tests (depth 0 is the plain
+// Stage 05 tests: the block's and the MTP chain's gradchecks, the oracle tests (depth 0 is the plain
 // model, causality, hand-built target alignment, lambda linearity), config errors, CPU vs CUDA.
 #include <algorithm>
 #include <cmath>
@@ -323,7 +323,7 @@ TEST(Mtp, ParameterGradientsAccumulateHiddenGradientOverwrites) {
                                     all({&ch.dembed, &ch.dnorm, &ch.dhead}, ch.dmods), dh_once, ch.dh0, "dh0");
 }
 
-// ---- oracle tests of the issue ------------------------------------------------------------------
+// ---- oracle tests ------------------------------------------------------------------------------
 
 TEST(Mtp, DepthZeroGivesExactlyThePlainModelsLoss) {
   // The main parameters are drawn before the MTP modules, so both models share them bit for bit.

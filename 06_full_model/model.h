@@ -60,8 +60,8 @@ void for_each_param(const ModelConfig& c, F&& f, S&&... s) {
   f(ParamInfo{"norm", "model.norm.weight", {D}, ParamKind::Norm, ""}, s.norm...);
   f(ParamInfo{"head", "lm_head.weight", {V, D}, ParamKind::Matrix, ""}, s.head...);
   for (int k = 0; k < c.num_nextn_predict_layers; ++k)
-    for_each_param(mtp_config(c), prefixed("mtp." + std::to_string(k) + ".", "model.layers." + std::to_string(L + k) + ".",
-                                           f),
+    for_each_param(mtp_config(c),
+                   prefixed("mtp." + std::to_string(k) + ".", "model.layers." + std::to_string(L + k) + ".", f),
                    s.mtp[size_t(k)]...);
 }
 

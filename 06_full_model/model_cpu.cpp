@@ -44,8 +44,10 @@ Model<T>::Model(const ModelConfig& c, uint64_t seed) : cfg_(c) {
   p_.embed = rng.normal_vec<T>(size_t(V) * D, 1.0);
   p_.head = rng.normal_vec<T>(size_t(V) * D, 1.0 / std::sqrt(double(D)));
   p_.norm.assign(D, T(1));
-  for (int l = 0; l < c.num_hidden_layers; ++l) p_.layers.push_back(block_init_params<T>(block_config(l), rng.next_u64()));
-  for (int k = 0; k < c.num_nextn_predict_layers; ++k) p_.mtp.push_back(mtp_init_params<T>(mtp_config(), rng.next_u64()));
+  for (int l = 0; l < c.num_hidden_layers; ++l)
+    p_.layers.push_back(block_init_params<T>(block_config(l), rng.next_u64()));
+  for (int k = 0; k < c.num_nextn_predict_layers; ++k)
+    p_.mtp.push_back(mtp_init_params<T>(mtp_config(), rng.next_u64()));
   if (c.initializer_range) {  // one std for every weight matrix (the draws above only fixed the shapes)
     Rng r(rng.next_u64());
     for_each_param(c, [&](const ParamInfo& i, std::vector<T>& v) {
@@ -133,8 +135,9 @@ T Model<T>::forward(const std::vector<int>& tokens, int B, int Tn) {
     mtp_ce_.assign(mc.depth, T(0));
     std::vector<MtpModuleWeights<T>> mw;
     for (auto& m : p_.mtp) mw.push_back(m.weights());
-    losses_.mtp = double(cpu::mtp_forward(mtp_ce_.data(), mtp_saved_->saved.data(), z_.data(), window_.data(),
-                                          {p_.embed.data(), p_.norm.data(), p_.head.data()}, mw.data(), mc, B, Tn, rope));
+    losses_.mtp =
+        double(cpu::mtp_forward(mtp_ce_.data(), mtp_saved_->saved.data(), z_.data(), window_.data(),
+                                {p_.embed.data(), p_.norm.data(), p_.head.data()}, mw.data(), mc, B, Tn, rope));
     for (int k = 0; k < mc.depth; ++k)
       if (has_balance_loss(L + k))
         losses_.balance += double(balance_forward(L + k, mtp_saved_->saved[size_t(k)].block.moe));
@@ -164,8 +167,8 @@ void Model<T>::backward() {
       extra[k] = dscores[k].data();
     }
     cpu::mtp_backward(mg.data(), {g_.embed.data(), g_.norm.data(), g_.head.data()}, dz_mtp.data(), T(1), extra.data(),
-                      mtp_saved_->saved.data(), z_.data(), window_.data(), {p_.embed.data(), p_.norm.data(), p_.head.data()},
-                      mw.data(), mtp_config(), B_, seq_, rope);
+                      mtp_saved_->saved.data(), z_.data(), window_.data(),
+                      {p_.embed.data(), p_.norm.data(), p_.head.data()}, mw.data(), mtp_config(), B_, seq_, rope);
   }
   // 2) cross-entropy, head; the MTP gradient joins at z; final norm
   cpu::lm_head_backward(g_.norm.data(), g_.head.data(), dh.data(), T(1), dz_mtp.data(), probs_.data(), z_.data(),

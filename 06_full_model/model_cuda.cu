@@ -185,8 +185,8 @@ void DeviceModel::update_bias() {
   for (int l = 0; l < L + int(p_.mtp.size()); ++l) {
     if (!cfg_.is_moe_layer(l)) continue;
     auto& moe = l < L ? p_.layers[size_t(l)].moe : p_.mtp[size_t(l - L)].block.moe;
-    cuda::bias_update(moe.gate_bias.get(), moe_saved(l).counts, cfg_.n_routed_experts, B_ * seq_, cfg_.num_experts_per_tok,
-                      gamma);
+    cuda::bias_update(moe.gate_bias.get(), moe_saved(l).counts, cfg_.n_routed_experts, B_ * seq_,
+                      cfg_.num_experts_per_tok, gamma);
   }
 }
 
