@@ -38,15 +38,21 @@ AdamWScalars<T> adamw_scalars(const AdamWConfig& c, int64_t step, bool decay) {
           T(1.0 - std::pow(double(c.beta2), double(step)))};
 }
 
-// One element: m and v updated in place, p returned.
+// One element: m and v updated in place, p returned. The moments' roundings are pinned: on the GPU the product
+// with the old moment is fused into one rounding (fmaf) and the others are rounded as written (__fmul_rn); the
+// CPU rounds every product. Left to the compiler, contraction follows the shape of the code around it, and a
+// change elsewhere would move a trained run's numbers.
 template <typename T>
 DSV3_ADAMW_HD inline T adamw_update(T p, T g, T& m, T& v, const AdamWScalars<T>& s) {
+#ifdef __CUDA_ARCH__
+  m = fmaf(s.b1, m, __fmul_rn(s.one_minus_b1, g));
+  v = fmaf(s.b2, v, __fmul_rn(__fmul_rn(s.one_minus_b2, g), g));
+  const T mhat = m / s.bc1, vhat = v / s.bc2;
+  const T root = sqrt(vhat);
+#else
   m = s.b1 * m + s.one_minus_b1 * g;
   v = s.b2 * v + s.one_minus_b2 * g * g;
   const T mhat = m / s.bc1, vhat = v / s.bc2;
-#ifdef __CUDA_ARCH__
-  const T root = sqrt(vhat);
-#else
   const T root = std::sqrt(vhat);
 #endif
   p -= s.lr_wd * p;
