@@ -338,36 +338,47 @@ void mla_decode_chunk_absorbed(T* out, const MlaCache<T>& cache, const T* x, con
     std::copy_n(kv + size_t(t) * (Dc + Dr), Dc, cache.c_kv + size_t(pos0 + t) * Dc);
     std::copy_n(kv + size_t(t) * (Dc + Dr) + Dc, Dr, cache.k_pe + size_t(pos0 + t) * Dr);
   }
-  // 5) per token and head, in latent space: wkv_b's head h is (KS, Dc), rows [0, Dn) W_uk, rows [Dn, KS) W_uv
-  T* q_abs = grow(s.q_abs, Dc);
-  T* p = grow(s.att, size_t(pos0) + n);
-  T* o_lat = grow(s.o_lat, Dc);
+  // 5) per token, all heads at once, in latent space: wkv_b's head h is (KS, Dc), rows [0, Dn) W_uk, rows
+  //    [Dn, KS) W_uv. Positions are the outer loop of 5b and 5c so that each cached c_kv row is read once for all
+  //    heads; every (head, element) still sums over the positions in ascending order.
+  T* q_abs = grow(s.q_abs, size_t(H) * Dc);
+  T* p = grow(s.att, size_t(H) * (pos0 + n));
+  T* o_lat = grow(s.o_lat, size_t(H) * Dc);
   T* o = grow(s.o, size_t(n) * H * Dv);
   for (int t = 0; t < n; ++t) {
     const int L = pos0 + t + 1;
-    for (int h = 0; h < H; ++h) {
-      const T* qh = q + (size_t(t) * H + h) * S;
-      const T* wkv_b = w.wkv_b + size_t(h) * KS * Dc;
-      // 5a) q_abs (Dc) = q_nope W_uk
-      std::fill_n(q_abs, Dc, T(0));
+    const T* qt = q + size_t(t) * H * S;
+    // 5a) q_abs_h (Dc) = q_nope_h W_uk_h
+    std::fill_n(q_abs, size_t(H) * Dc, T(0));
+    for (int h = 0; h < H; ++h)
       for (int i = 0; i < Dn; ++i) {
-        const T qi = qh[i];
-        const T* row = wkv_b + size_t(i) * Dc;
-        for (int j = 0; j < Dc; ++j) q_abs[j] += qi * row[j];
+        const T qi = qt[size_t(h) * S + i];
+        const T* row = w.wkv_b + (size_t(h) * KS + i) * Dc;
+        T* qa = q_abs + size_t(h) * Dc;
+        for (int j = 0; j < Dc; ++j) qa[j] += qi * row[j];
       }
-      // 5b) scores against the cached c_kv and k_pe of positions 0..L-1, softmax
-      for (int l = 0; l < L; ++l)
-        p[l] = scale * (dot(q_abs, cache.c_kv + size_t(l) * Dc, Dc) + dot(qh + Dn, cache.k_pe + size_t(l) * Dr, Dr));
-      softmax_row(p, L, L);
-      // 5c) o_lat (Dc) = sum_l p_l c_kv_l;  o_h (Dv) = W_uv o_lat
-      std::fill_n(o_lat, Dc, T(0));
-      for (int l = 0; l < L; ++l) {
-        const T pl = p[l];
-        const T* ck = cache.c_kv + size_t(l) * Dc;
-        for (int j = 0; j < Dc; ++j) o_lat[j] += pl * ck[j];
+    // 5b) scores against the cached c_kv and k_pe of positions 0..L-1, then softmax per head
+    for (int l = 0; l < L; ++l) {
+      const T* ck = cache.c_kv + size_t(l) * Dc;
+      const T* kp = cache.k_pe + size_t(l) * Dr;
+      for (int h = 0; h < H; ++h)
+        p[size_t(h) * L + l] = scale * (dot(q_abs + size_t(h) * Dc, ck, Dc) + dot(qt + size_t(h) * S + Dn, kp, Dr));
+    }
+    for (int h = 0; h < H; ++h) softmax_row(p + size_t(h) * L, L, L);
+    // 5c) o_lat_h (Dc) = sum_l p_hl c_kv_l;  o_h (Dv) = W_uv_h o_lat_h
+    std::fill_n(o_lat, size_t(H) * Dc, T(0));
+    for (int l = 0; l < L; ++l) {
+      const T* ck = cache.c_kv + size_t(l) * Dc;
+      for (int h = 0; h < H; ++h) {
+        const T pl = p[size_t(h) * L + l];
+        T* ol = o_lat + size_t(h) * Dc;
+        for (int j = 0; j < Dc; ++j) ol[j] += pl * ck[j];
       }
+    }
+    for (int h = 0; h < H; ++h) {
       T* oh = o + (size_t(t) * H + h) * Dv;
-      for (int v = 0; v < Dv; ++v) oh[v] = dot(wkv_b + size_t(Dn + v) * Dc, o_lat, Dc);
+      const T* wkv_b = w.wkv_b + size_t(h) * KS * Dc;
+      for (int v = 0; v < Dv; ++v) oh[v] = dot(wkv_b + size_t(Dn + v) * Dc, o_lat + size_t(h) * Dc, Dc);
     }
   }
   // 6) out = wo o
