@@ -14,9 +14,14 @@
 
 namespace dsv3::moe_route {
 
-// True when (va, ia) ranks before (vb, ib): larger value first, lower index on ties.
+// True when (va, ia) ranks before (vb, ib): larger value first, lower index on ties; a NaN ranks after every
+// number (NaNs among themselves by index). A strict total order, so routing is defined for any scores: a model
+// whose activations went NaN still picks K distinct experts in range (its loss is NaN and the trainer skips the
+// step), never an index of -1.
 template <typename T>
 DSV3_HD inline bool ranks_before(T va, int ia, T vb, int ib) {
+  const bool a_nan = va != va, b_nan = vb != vb;
+  if (a_nan || b_nan) return a_nan == b_nan ? ia < ib : b_nan;
   return va > vb || (va == vb && ia < ib);
 }
 

@@ -5,6 +5,7 @@
 #include <set>
 
 #include "03_moe/moe.h"
+#include "03_moe/moe_route.h"
 #include "common/errors.h"
 #include "common/rng.h"
 #include "common/testing.h"
@@ -57,6 +58,48 @@ std::vector<T> run_forward(MoeHostSaved<T>& hs, const std::vector<T>& x, const M
 }
 
 }  // namespace
+
+// ---- routing is total -----------------------------------------------------------------------------
+
+// NaN or infinite scores (a diverged model) still give K distinct experts in [0, E) from kept groups, in the same
+// rank order on every call: the router never returns an index of -1 (which once wrote before a stack array).
+TEST(MoeRoute, NanAndInfiniteScoresStillPickDistinctExpertsInRange) {
+  const int E = 8, K = 3, G = 4, Lg = 2;
+  const double nan = std::nan(""), inf = INFINITY;
+  const std::vector<std::vector<double>> cases = {
+      std::vector<double>(E, nan),                              // all NaN
+      {nan, 0.3, nan, 0.1, 0.9, nan, nan, 0.2},                 // some NaN
+      {inf, -inf, nan, inf, -inf, -inf, nan, 0.5},              // infinities and NaN
+      std::vector<double>(E, -inf)};                            // all -inf
+  for (size_t c = 0; c < cases.size(); ++c) {
+    for (const bool with_bias : {false, true}) {
+      const std::vector<double> bias = {0.1, nan, 0.0, -0.2, 0.0, 0.3, inf, 0.0};
+      std::vector<double> sel(E), w(K);
+      std::vector<int> idx(K, -7);
+      moe_route::route_token(sel.data(), idx.data(), w.data(), cases[c].data(), with_bias ? bias.data() : nullptr,
+                             E, K, G, Lg, 2.5, true);
+      std::set<int> seen;
+      for (int k = 0; k < K; ++k) {
+        ASSERT_GE(idx[k], 0) << "case " << c;
+        ASSERT_LT(idx[k], E) << "case " << c;
+        seen.insert(idx[k]);
+      }
+      EXPECT_EQ(seen.size(), size_t(K)) << "case " << c << ": an expert chosen twice";
+    }
+  }
+  // and the whole layer: NaN tokens run through without touching memory out of range (ASan build), output NaN
+  const MoeConfig c = small_config();
+  const int N = 5;
+  auto p = moe_init_params<double>(c, 3);
+  std::vector<double> x(size_t(N) * c.dim, nan), y(x.size());
+  MoeHostSaved<double> hs(c, N);
+  cpu::moe_forward(y.data(), hs.saved, x.data(), p.weights(), c, N);
+  for (int i = 0; i < N * c.n_activated_experts; ++i) {
+    EXPECT_GE(hs.saved.indices[i], 0);
+    EXPECT_LT(hs.saved.indices[i], c.n_routed_experts);
+  }
+  EXPECT_TRUE(std::isnan(y[0]));
+}
 
 // ---- config validation --------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@
 
 #include "common/diag.h"
 #include "common/errors.h"
+#include "common/json_field.h"
 #include "common/rng.h"
 #include "common/safetensors.h"  // read_file, write_file_atomic
 
@@ -188,23 +189,13 @@ nlohmann::json split_json(const SplitStats& s) {
   return {{"file", s.file}, {"songs", s.songs}, {"lines", s.lines}, {"bytes", s.bytes}, {"tokens", s.tokens}};
 }
 
-template <typename T>
-T get_field(const nlohmann::json& j, const std::string& key, const std::string& where) {
-  require(j.is_object() && j.contains(key), "{}: missing field '{}'", where, key);
-  try {
-    return j.at(key).get<T>();
-  } catch (const nlohmann::json::exception&) {
-    throw UserError(fmt::format("{}: field '{}' has the wrong type ({})", where, key, j.at(key).type_name()));
-  }
-}
-
 SplitStats split_from_json(const nlohmann::json& j, const std::string& where) {
   SplitStats s;
-  s.file = get_field<std::string>(j, "file", where);
-  s.songs = get_field<int64_t>(j, "songs", where);
-  s.lines = get_field<int64_t>(j, "lines", where);
-  s.bytes = get_field<int64_t>(j, "bytes", where);
-  s.tokens = get_field<int64_t>(j, "tokens", where);
+  s.file = json_field<std::string>(j, "file", where);
+  s.songs = json_field<int64_t>(j, "songs", where);
+  s.lines = json_field<int64_t>(j, "lines", where);
+  s.bytes = json_field<int64_t>(j, "bytes", where);
+  s.tokens = json_field<int64_t>(j, "tokens", where);
   require(s.songs > 0 && s.bytes > 0 && s.tokens >= s.songs && s.lines >= s.songs,
           "{}: inconsistent counts (songs {}, lines {}, bytes {}, tokens {})", where, s.songs, s.lines, s.bytes, s.tokens);
   require(!s.file.empty() && s.file.find('/') == std::string::npos, "{}: field 'file' must be a plain file name", where);
@@ -238,25 +229,25 @@ DataInfo info_from_json(const std::string& text, const std::string& what) {
   }
   require(j.is_object(), "{}: expected a JSON object", what);
   DataInfo info;
-  info.format_version = get_field<int>(j, "format_version", what);
+  info.format_version = json_field<int>(j, "format_version", what);
   require(info.format_version == kTokenFormatVersion, "{}: format_version {} is not supported (expected {})", what,
           info.format_version, kTokenFormatVersion);
-  info.tokenizer = get_field<std::string>(j, "tokenizer", what);
-  info.vocab_size = get_field<int>(j, "vocab_size", what);
-  info.eos_id = get_field<int>(j, "eos_id", what);
-  info.seed = get_field<uint64_t>(j, "seed", what);
-  info.val_fraction = get_field<double>(j, "val_fraction", what);
+  info.tokenizer = json_field<std::string>(j, "tokenizer", what);
+  info.vocab_size = json_field<int>(j, "vocab_size", what);
+  info.eos_id = json_field<int>(j, "eos_id", what);
+  info.seed = json_field<uint64_t>(j, "seed", what);
+  info.val_fraction = json_field<double>(j, "val_fraction", what);
   require(info.vocab_size > 0 && info.vocab_size <= 65536, "{}: vocab_size {} out of range for uint16 tokens", what,
           info.vocab_size);
   require(info.eos_id >= 0 && info.eos_id < info.vocab_size, "{}: eos_id {} not below vocab_size", what, info.eos_id);
-  const auto splits = get_field<nlohmann::json>(j, "splits", what);
-  info.train = split_from_json(get_field<nlohmann::json>(splits, "train", what + " splits"), what + " splits.train");
-  info.val = split_from_json(get_field<nlohmann::json>(splits, "val", what + " splits"), what + " splits.val");
-  const auto sources = get_field<nlohmann::json>(j, "sources", what);
+  const auto splits = json_field<nlohmann::json>(j, "splits", what);
+  info.train = split_from_json(json_field<nlohmann::json>(splits, "train", what + " splits"), what + " splits.train");
+  info.val = split_from_json(json_field<nlohmann::json>(splits, "val", what + " splits"), what + " splits.val");
+  const auto sources = json_field<nlohmann::json>(j, "sources", what);
   require(sources.is_array(), "{}: field 'sources' must be an array", what);
   for (const auto& s : sources)
-    info.sources.push_back({get_field<std::string>(s, "name", what + " sources"), get_field<int64_t>(s, "songs", what + " sources"),
-                            get_field<int64_t>(s, "bytes", what + " sources")});
+    info.sources.push_back({json_field<std::string>(s, "name", what + " sources"), json_field<int64_t>(s, "songs", what + " sources"),
+                            json_field<int64_t>(s, "bytes", what + " sources")});
   return info;
 }
 

@@ -11,6 +11,7 @@
 #include "06_full_model/model_config.h"
 #include "common/diag.h"
 #include "common/errors.h"
+#include "common/json_field.h"
 #include "common/safetensors.h"
 
 namespace dsv3 {
@@ -19,17 +20,6 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 namespace {
-
-// Field `key` of object j as T; UserError naming `where` and the field.
-template <typename T>
-T get_field(const json& j, const std::string& key, const std::string& where) {
-  require(j.is_object() && j.contains(key), "{}: field '{}' is missing", where, key);
-  try {
-    return j.at(key).get<T>();
-  } catch (const json::exception&) {
-    throw UserError(fmt::format("{}: field '{}' has the wrong type", where, key));
-  }
-}
 
 json config_json(const TrainConfig& c) {
   return {{"batch", c.batch},
@@ -52,22 +42,22 @@ json config_json(const TrainConfig& c) {
 
 TrainConfig config_from_json(const json& j, const std::string& where) {
   TrainConfig c;
-  c.batch = get_field<int>(j, "batch", where);
-  c.seq_len = get_field<int>(j, "seq_len", where);
-  c.max_steps = get_field<int64_t>(j, "max_steps", where);
-  c.lr = get_field<double>(j, "lr", where);
-  c.min_lr_ratio = get_field<double>(j, "min_lr_ratio", where);
-  c.warmup_steps = get_field<int64_t>(j, "warmup_steps", where);
-  c.weight_decay = get_field<double>(j, "weight_decay", where);
-  c.beta1 = get_field<double>(j, "beta1", where);
-  c.beta2 = get_field<double>(j, "beta2", where);
-  c.grad_clip = get_field<double>(j, "grad_clip", where);
-  c.eval_every = get_field<int>(j, "eval_every", where);
-  c.log_every = get_field<int>(j, "log_every", where);
-  c.ckpt_every = get_field<int>(j, "ckpt_every", where);
-  c.seed = get_field<uint64_t>(j, "seed", where);
-  c.patience = get_field<int>(j, "patience", where);
-  c.max_minutes = get_field<double>(j, "max_minutes", where);
+  c.batch = json_field<int>(j, "batch", where);
+  c.seq_len = json_field<int>(j, "seq_len", where);
+  c.max_steps = json_field<int64_t>(j, "max_steps", where);
+  c.lr = json_field<double>(j, "lr", where);
+  c.min_lr_ratio = json_field<double>(j, "min_lr_ratio", where);
+  c.warmup_steps = json_field<int64_t>(j, "warmup_steps", where);
+  c.weight_decay = json_field<double>(j, "weight_decay", where);
+  c.beta1 = json_field<double>(j, "beta1", where);
+  c.beta2 = json_field<double>(j, "beta2", where);
+  c.grad_clip = json_field<double>(j, "grad_clip", where);
+  c.eval_every = json_field<int>(j, "eval_every", where);
+  c.log_every = json_field<int>(j, "log_every", where);
+  c.ckpt_every = json_field<int>(j, "ckpt_every", where);
+  c.seed = json_field<uint64_t>(j, "seed", where);
+  c.patience = json_field<int>(j, "patience", where);
+  c.max_minutes = json_field<double>(j, "max_minutes", where);
   try {
     c.validate();
   } catch (const UserError& e) {
@@ -107,38 +97,60 @@ TrainerState state_from_json(const std::string& text, const std::string& where) 
     throw UserError(fmt::format("{}: not valid JSON ({}); the checkpoint is damaged", where, e.what()));
   }
   require(j.is_object(), "{}: expected a JSON object", where);
-  const int version = get_field<int>(j, "format_version", where);
+  const int version = json_field<int>(j, "format_version", where);
   require(version == kTrainerStateVersion, "{}: format_version {} is not the {} this build reads", where, version,
           kTrainerStateVersion);
   TrainerState s;
-  s.step = get_field<int64_t>(j, "step", where);
-  s.updates = get_field<int64_t>(j, "updates", where);
-  const auto b = get_field<json>(j, "batcher", where);
-  s.batcher.epoch = get_field<int64_t>(b, "epoch", where + " batcher");
-  s.batcher.cursor = get_field<int64_t>(b, "cursor", where + " batcher");
-  const auto best = get_field<json>(j, "best", where);
-  s.best_step = get_field<int64_t>(best, "step", where + " best");
+  s.step = json_field<int64_t>(j, "step", where);
+  s.updates = json_field<int64_t>(j, "updates", where);
+  const auto b = json_field<json>(j, "batcher", where);
+  s.batcher.epoch = json_field<int64_t>(b, "epoch", where + " batcher");
+  s.batcher.cursor = json_field<int64_t>(b, "cursor", where + " batcher");
+  const auto best = json_field<json>(j, "best", where);
+  s.best_step = json_field<int64_t>(best, "step", where + " best");
   if (s.best_step >= 0) {
-    s.best_val_ce = get_field<double>(best, "val_ce", where + " best");
-    s.best_val_bpb = get_field<double>(best, "val_bpb", where + " best");
+    s.best_val_ce = json_field<double>(best, "val_ce", where + " best");
+    s.best_val_bpb = json_field<double>(best, "val_bpb", where + " best");
   }
-  s.evals_since_best = get_field<int64_t>(j, "evals_since_best", where);
-  s.last_eval_step = get_field<int64_t>(j, "last_eval_step", where);
-  s.train_ce_sum = get_field<double>(j, "train_ce_sum", where);
-  s.train_ce_count = get_field<int64_t>(j, "train_ce_count", where);
-  s.skipped_steps = get_field<int64_t>(j, "skipped_steps", where);
-  s.elapsed_s = get_field<double>(j, "elapsed_s", where);
-  s.config = config_from_json(get_field<json>(j, "train_config", where), where + " train_config");
-  const auto d = get_field<json>(j, "data", where);
-  s.vocab_size = get_field<int>(d, "vocab_size", where + " data");
-  s.train_tokens = get_field<int64_t>(d, "train_tokens", where + " data");
-  s.val_tokens = get_field<int64_t>(d, "val_tokens", where + " data");
-  s.train_bytes = get_field<int64_t>(d, "train_bytes", where + " data");
-  s.val_bytes = get_field<int64_t>(d, "val_bytes", where + " data");
-  require(s.step >= 0 && s.updates >= 0 && s.updates <= s.step && s.skipped_steps >= 0 && s.best_step <= s.step &&
-              s.last_eval_step >= 0 && s.last_eval_step <= s.step && s.train_ce_count >= 0,
-          "{}: inconsistent counters (step {}, updates {}, best step {}, last eval {}); the checkpoint is damaged",
-          where, s.step, s.updates, s.best_step, s.last_eval_step);
+  s.evals_since_best = json_field<int64_t>(j, "evals_since_best", where);
+  s.last_eval_step = json_field<int64_t>(j, "last_eval_step", where);
+  s.train_ce_sum = json_field<double>(j, "train_ce_sum", where);
+  s.train_ce_count = json_field<int64_t>(j, "train_ce_count", where);
+  s.skipped_steps = json_field<int64_t>(j, "skipped_steps", where);
+  s.elapsed_s = json_field<double>(j, "elapsed_s", where);
+  s.config = config_from_json(json_field<json>(j, "train_config", where), where + " train_config");
+  const auto d = json_field<json>(j, "data", where);
+  s.vocab_size = json_field<int>(d, "vocab_size", where + " data");
+  s.train_tokens = json_field<int64_t>(d, "train_tokens", where + " data");
+  s.val_tokens = json_field<int64_t>(d, "val_tokens", where + " data");
+  s.train_bytes = json_field<int64_t>(d, "train_bytes", where + " data");
+  s.val_bytes = json_field<int64_t>(d, "val_bytes", where + " data");
+  // every field in its range, and the counters consistent with each other and with the run's own config
+  auto check = [&where](bool ok, const std::string& what) {
+    require(ok, "{}: {}; the checkpoint is damaged (resume from another one, or start a new run)", where, what);
+  };
+  check(s.step >= 0 && s.step <= s.config.max_steps,
+        fmt::format("step {} is outside [0, max_steps = {}] of the run it belongs to", s.step, s.config.max_steps));
+  check(s.updates >= 0 && s.skipped_steps >= 0 && s.updates + s.skipped_steps == s.step,
+        fmt::format("updates {} + skipped steps {} must make the step {}", s.updates, s.skipped_steps, s.step));
+  check(s.best_step >= -1 && s.best_step <= s.step, fmt::format("best step {} is outside [-1, {}]", s.best_step,
+                                                                s.step));
+  check(s.best_step < 0 || (s.best_val_ce >= 0 && s.best_val_bpb >= 0),
+        fmt::format("best val ce {} / bpb {} must be >= 0", s.best_val_ce, s.best_val_bpb));
+  check(s.last_eval_step >= 0 && s.last_eval_step <= s.step,
+        fmt::format("last eval step {} is outside [0, {}]", s.last_eval_step, s.step));
+  check(s.evals_since_best >= 0 && s.evals_since_best <= s.step,
+        fmt::format("evals since best {} is outside [0, {}]", s.evals_since_best, s.step));
+  check(s.train_ce_count >= 0 && s.train_ce_count <= s.step && s.train_ce_sum >= 0,
+        fmt::format("train ce sum {} over {} steps is not a sum of losses of step {}", s.train_ce_sum,
+                    s.train_ce_count, s.step));
+  check(s.elapsed_s >= 0, fmt::format("elapsed time {} s is negative", s.elapsed_s));
+  check(s.batcher.epoch >= 0 && s.batcher.epoch <= s.step * int64_t(s.config.batch) && s.batcher.cursor >= 0 &&
+            s.batcher.cursor <= s.train_tokens,
+        fmt::format("batcher position (epoch {}, cursor {}) is beyond what {} steps of {} windows over {} train "
+                    "tokens can reach", s.batcher.epoch, s.batcher.cursor, s.step, s.config.batch, s.train_tokens));
+  check(s.vocab_size > 0 && s.train_tokens > 0 && s.val_tokens > 0 && s.train_bytes > 0 && s.val_bytes > 0,
+        "its data counts must be positive");
   return s;
 }
 
