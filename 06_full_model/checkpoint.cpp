@@ -6,6 +6,7 @@
 
 #include "06_full_model/model.h"
 #include "common/errors.h"
+#include "common/finite.h"
 
 namespace dsv3 {
 
@@ -51,6 +52,7 @@ void save_checkpoint(const std::string& dir, const ModelConfig& c, const TensorM
     require(it != tensors.end(), "save_checkpoint: tensor '{}' is missing", sp.name);
     require(int64_t(it->second.size()) == sp.numel(), "save_checkpoint: tensor '{}' has {} values, expected {}",
             sp.name, it->second.size(), sp.numel());
+    require_finite(it->second, fmt::format("save_checkpoint: tensor '{}'", sp.name));
   }
   for (const auto& [name, v] : tensors)
     require(expected.count(name), "save_checkpoint: tensor '{}' is not part of this model", name);
@@ -87,11 +89,13 @@ Checkpoint load_checkpoint(const std::string& dir) {
   for (const auto& t : f.tensors())
     require(known.count(t.name), "{}/model.safetensors: unexpected tensor '{}' for this config", dir, t.name);
   for (const auto& sp : specs) {
+    std::vector<float> v = f.read_f32(sp.name, sp.shape);
+    require_finite(v, fmt::format("{}/model.safetensors: tensor '{}'", dir, sp.name));
     if (sp.mirror_of.empty()) {
-      ck.tensors[sp.name] = f.read_f32(sp.name, sp.shape);
+      ck.tensors[sp.name] = std::move(v);
       continue;
     }
-    require(f.read_f32(sp.name) == f.read_f32(sp.mirror_of),
+    require(v == f.read_f32(sp.mirror_of),
             "{}/model.safetensors: '{}' differs from '{}'; this model shares them", dir, sp.name, sp.mirror_of);
   }
   return ck;

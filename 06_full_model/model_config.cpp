@@ -4,9 +4,14 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <fstream>
 #include <iterator>
+#include <limits>
 #include <set>
+#include <utility>
 
 #include "common/errors.h"
 #include "common/safetensors.h"
@@ -17,6 +22,38 @@ using json = nlohmann::json;
 
 void ModelConfig::validate() const {
   auto positive = [](int v, const char* name) { require(v > 0, "config: {} must be positive, got {}", name, v); };
+  // Upper bounds: far above DeepSeek-V3 (vocab 129280, hidden 7168, 61 layers, 256 experts, 163840 positions),
+  // low enough that every size computed from them fits 64 bits and every weight matrix fits int indexing.
+  auto at_most = [](int v, int hi, const char* name) {
+    require(v <= hi, "config: {} = {} is larger than this implementation supports (at most {})", name, v, hi);
+  };
+  constexpr int kDim = 1 << 16, kWide = 1 << 20;
+  at_most(vocab_size, 1 << 24, "vocab_size");
+  at_most(hidden_size, kDim, "hidden_size");
+  at_most(num_hidden_layers, 1024, "num_hidden_layers");
+  at_most(num_attention_heads, 1024, "num_attention_heads");
+  for (const auto& [v, name] : {std::pair{q_lora_rank, "q_lora_rank"}, {kv_lora_rank, "kv_lora_rank"},
+                                {qk_nope_head_dim, "qk_nope_head_dim"}, {qk_rope_head_dim, "qk_rope_head_dim"},
+                                {v_head_dim, "v_head_dim"}})
+    at_most(v, kDim, name);
+  at_most(intermediate_size, kWide, "intermediate_size");
+  at_most(moe_intermediate_size, kWide, "moe_intermediate_size");
+  at_most(n_routed_experts, 4096, "n_routed_experts");
+  at_most(n_shared_experts, 64, "n_shared_experts");
+  at_most(num_nextn_predict_layers, 64, "num_nextn_predict_layers");
+  // the RoPE tables are built for every position at load time: a cap keeps a hostile config from allocating for
+  // minutes
+  at_most(max_position_embeddings, kMaxPositions, "max_position_embeddings");
+  {
+    const int64_t D = hidden_size, H = num_attention_heads, qk = int64_t(qk_nope_head_dim) + qk_rope_head_dim;
+    const int64_t largest[] = {int64_t(vocab_size) * D, D * std::max(intermediate_size, moe_intermediate_size),
+                               H * qk * std::max<int64_t>(q_lora_rank, D), int64_t(kv_lora_rank) * H *
+                               (int64_t(qk_nope_head_dim) + v_head_dim), H * v_head_dim * D,
+                               int64_t(n_routed_experts) * D};
+    for (const int64_t n : largest)
+      require(n < (int64_t(1) << 31), "config: a weight matrix of this model would hold {} elements; at most 2^31 - 1 "
+              "are supported (reduce vocab_size, hidden_size or the head and FFN widths)", n);
+  }
   positive(vocab_size, "vocab_size");
   positive(hidden_size, "hidden_size");
   positive(num_hidden_layers, "num_hidden_layers");
@@ -275,16 +312,21 @@ class Reader {
     require(v != nullptr, "config{}: missing field '{}'", where_, key);
     return *v;
   }
+  // Read through 64 bits and range-checked: 4294967320 must be an error, not 24.
   void read(const std::string& key, int& out) const {
     const json& v = need(key);
     require(v.is_number_integer(), "config{}: field '{}' must be an integer, got {} {}", where_, key, type_name(v),
             v.dump());
-    out = v.get<int>();
+    require(v.is_number_unsigned() ? v.get<uint64_t>() <= uint64_t(std::numeric_limits<int>::max())
+                                   : v.get<int64_t>() >= std::numeric_limits<int>::min(),
+            "config{}: field '{}' = {} is out of range", where_, key, v.dump());
+    out = int(v.get<int64_t>());
   }
   void read(const std::string& key, double& out) const {
     const json& v = need(key);
     require(v.is_number(), "config{}: field '{}' must be a number, got {} {}", where_, key, type_name(v), v.dump());
     out = v.get<double>();
+    require(std::isfinite(out), "config{}: field '{}' must be finite, got {}", where_, key, v.dump());
   }
   void read(const std::string& key, bool& out) const {
     const json& v = need(key);

@@ -35,6 +35,10 @@ struct TrainingFields {
   double mtp_lambda = 0.3;          // weight of the MTP loss (stage 05)
 };
 
+// The longest context a config may declare (max_position_embeddings; DeepSeek-V3: 163840). The RoPE tables are
+// built for every position when a model is made, so a larger value is refused rather than allocated.
+constexpr int kMaxPositions = 1 << 18;
+
 struct ModelConfig {
   int vocab_size = 0;
   int hidden_size = 0;

@@ -209,8 +209,16 @@ struct SampleArgs {
   bool speculative = false;
 };
 
+// A checkpoint folder as the trainer leaves it: <dir>, or the newest complete of <dir>.old/<dir>.tmp when a save
+// was interrupted between its renames (run_checkpoint.h).
+std::string checkpoint_to_read(const std::string& dir) {
+  const std::string d = resolve_checkpoint(dir);
+  if (d != dir) std::cout << fmt::format("(reading {}: {} is missing or older, a save was interrupted)\n", d, dir);
+  return d;
+}
+
 Model<float> load_model(const std::string& dir) {
-  const Checkpoint ck = load_checkpoint(dir);
+  const Checkpoint ck = load_checkpoint(checkpoint_to_read(dir));
   for (const auto& w : ck.warnings) std::cout << "warning: " << w << "\n";
   Model<float> m(ck.config, 0);
   m.load_tensor_map(ck.tensors);
@@ -281,7 +289,7 @@ struct EvalArgs {
 // evaluate(): every window of seq_len + 1 tokens of val.bin, strided by seq_len, at the seq_len the checkpoint
 // was trained with). The last line is JSON (check_transformers.py --ours reads it).
 void do_eval(const EvalArgs& a) {
-  const Checkpoint ck = load_checkpoint(a.checkpoint);
+  const Checkpoint ck = load_checkpoint(checkpoint_to_read(a.checkpoint));
   for (const auto& w : ck.warnings) std::cout << "warning: " << w << "\n";
   const TrainerState st = read_trainer_state(a.checkpoint);
   const Prepared data = load_prepared(a.data);

@@ -5,12 +5,14 @@
 #include <fmt/format.h>
 
 #include <filesystem>
+#include <optional>
 #include <nlohmann/json.hpp>
 
 #include "06_full_model/checkpoint.h"
 #include "06_full_model/model_config.h"
 #include "common/diag.h"
 #include "common/errors.h"
+#include "common/finite.h"
 #include "common/json_field.h"
 #include "common/safetensors.h"
 
@@ -155,6 +157,10 @@ TrainerState state_from_json(const std::string& text, const std::string& where) 
 }
 
 // The first key path where two JSON values differ ("" when equal).
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
 std::string first_difference(const json& a, const json& b, const std::string& path = "") {
   if (a.is_object() && b.is_object()) {
     for (const auto& [k, v] : a.items()) {
@@ -175,18 +181,26 @@ std::string checkpoint_dir(const std::string& run_dir, const std::string& name) 
   return run_dir + "/checkpoints/" + name;
 }
 
-void save_run_checkpoint(const std::string& dir, const Backend& backend, const TrainerState& state) {
+bool save_run_checkpoint(const std::string& dir, const Backend& backend, const TrainerState& state) {
   const std::string tmp = dir + ".tmp", old = dir + ".old";
-  // 1) the complete checkpoint in <dir>.tmp; each writer fsyncs its file and the folder
+  // 0) never write a checkpoint that holds a NaN or an infinity: the previous one stays
+  const TensorMap weights = backend.weights(), moments = backend.optimizer_state();
+  for (const TensorMap* m : {&weights, &moments})
+    for (const auto& [name, v] : *m)
+      if (first_non_finite(v.data(), int64_t(v.size())) >= 0) return false;
+  // 1) the complete checkpoint in <dir>.tmp; each writer fsyncs its file and the folder; trainer_state.json is
+  //    written last, so a <dir>.tmp that holds it is complete
   remove_or_throw(tmp);
   ensure_dir(tmp);
-  save_checkpoint(tmp, backend.config(), backend.weights(), DType::F32);
+  save_checkpoint(tmp, backend.config(), weights, DType::F32);
   SafetensorsWriter w;
-  for (const auto& [name, v] : backend.optimizer_state()) w.add_f32(name, {int64_t(v.size())}, v.data());
+  for (const auto& [name, v] : moments) w.add_f32(name, {int64_t(v.size())}, v.data());
   w.set_metadata("format", "nano-dsv3 AdamW moments (exp_avg, exp_avg_sq) per model.py tensor");
   w.write(tmp + "/optimizer.safetensors");
   write_file_atomic(tmp + "/trainer_state.json", state_to_json(state));
-  // 2) the swap: at every moment <dir> or <dir>.old is a complete checkpoint
+  fsync_path(tmp);
+  // 2) the swap: at every moment one of <dir>, <dir>.old, <dir>.tmp is a complete checkpoint, and the newest
+  //    complete one is the newest checkpoint (resolve_checkpoint)
   if (fs::exists(dir)) {
     remove_or_throw(old);
     rename_or_throw(dir, old);
@@ -194,12 +208,41 @@ void save_run_checkpoint(const std::string& dir, const Backend& backend, const T
   rename_or_throw(tmp, dir);
   fsync_path(fs::path(dir).parent_path().string());
   remove_or_throw(old);
+  return true;
+}
+
+namespace {
+
+// The step of a complete checkpoint folder (a folder with a valid trainer_state.json: it is written last), or
+// nothing.
+std::optional<int64_t> complete_step(const std::string& dir) {
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec) || !fs::is_regular_file(dir + "/trainer_state.json", ec)) return std::nullopt;
+  try {
+    const std::string path = dir + "/trainer_state.json";
+    return state_from_json(read_file(path, "trainer state"), path).step;
+  } catch (const UserError&) {
+    return std::nullopt;
+  }
+}
+
+}  // namespace
+
+std::optional<std::string> newest_complete_checkpoint(const std::string& dir) {
+  std::optional<std::string> best;
+  int64_t best_step = -1;
+  for (const std::string& d : {dir, dir + ".old", dir + ".tmp"})  // on equal steps the earlier name wins
+    if (const auto step = complete_step(d); step && *step > best_step) {
+      best = d;
+      best_step = *step;
+    }
+  return best;
 }
 
 std::string resolve_checkpoint(const std::string& dir) {
-  if (fs::is_directory(dir)) return dir;
-  if (fs::is_directory(dir + ".old")) return dir + ".old";  // a save was interrupted between its two renames
-  throw UserError(fmt::format("no checkpoint at '{}' (nor '{}.old')", dir, dir));
+  if (const auto d = newest_complete_checkpoint(dir)) return *d;
+  if (fs::is_directory(dir)) return dir;  // no trainer state (e.g. a stage 06 checkpoint): its loader says what
+  throw UserError(fmt::format("no checkpoint at '{}' (nor a complete '{}.old' or '{}.tmp')", dir, dir, dir));
 }
 
 TrainerState read_trainer_state(const std::string& dir) {
@@ -230,7 +273,13 @@ TrainerState load_run_checkpoint(const std::string& dir, Backend& backend, const
   TensorMap moments;
   for (const auto& [name, v] : backend.optimizer_state()) {
     require(f.has(name), "{}: tensor '{}' is missing", opt_path, name);
-    moments[name] = f.read_f32(name, {int64_t(v.size())});
+    std::vector<float> m = f.read_f32(name, {int64_t(v.size())});
+    require_finite(m, fmt::format("{}: tensor '{}'", opt_path, name));
+    if (ends_with(name, ".exp_avg_sq"))
+      for (size_t i = 0; i < m.size(); ++i)
+        require(m[i] >= 0, "{}: tensor '{}' holds a negative second moment ({}) at element {}: AdamW's exp_avg_sq "
+                "is never negative", opt_path, name, m[i], i);
+    moments[name] = std::move(m);
   }
   for (const auto& t : f.tensors())
     require(moments.count(t.name), "{}: unexpected tensor '{}' for this model", opt_path, t.name);

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -41,10 +42,16 @@ constexpr int kTrainerStateVersion = 1;
 
 // <run>/checkpoints/<name>
 std::string checkpoint_dir(const std::string& run_dir, const std::string& name);
-// Writes <dir>.tmp (every file fsynced), then swaps it in: <dir> -> <dir>.old, <dir>.tmp -> <dir>, <dir>.old
-// removed. A crash at any point leaves <dir> or <dir>.old complete.
-void save_run_checkpoint(const std::string& dir, const Backend& backend, const TrainerState& state);
-// The folder to read: dir, else the dir.old an interrupted swap left; UserError when neither holds one.
+// Writes <dir>.tmp (every file fsynced, trainer_state.json last), then swaps it in: <dir> -> <dir>.old,
+// <dir>.tmp -> <dir>, <dir>.old removed. A crash at any point leaves the newest checkpoint complete in one of the
+// three (newest_complete_checkpoint finds it). Returns false, writing nothing, when a weight or a moment is NaN or
+// infinite: the previous checkpoint stays.
+bool save_run_checkpoint(const std::string& dir, const Backend& backend, const TrainerState& state);
+// Of dir, dir.old and dir.tmp, the complete checkpoint (a valid trainer_state.json) with the highest step; on
+// equal steps dir, then dir.old. Nothing when none is complete.
+std::optional<std::string> newest_complete_checkpoint(const std::string& dir);
+// The folder to read: newest_complete_checkpoint(dir), else dir itself when it is a folder (a checkpoint without
+// trainer state, e.g. stage 06's); UserError when there is none.
 std::string resolve_checkpoint(const std::string& dir);
 // trainer_state.json of a checkpoint folder (resolved as above); UserError naming the file and the problem.
 TrainerState read_trainer_state(const std::string& dir);

@@ -17,6 +17,7 @@
 #include "07_train_gpu/train.h"
 #include "common/errors.h"
 #include "common/rng.h"
+#include "common/safetensors.h"
 #include "common/testing.h"
 
 using namespace dsv3;
@@ -500,6 +501,28 @@ TEST(RunCheckpoint, DamagedMissingOrForeignIsAUserErrorNamingTheFile) {
   }, "'updates' is missing");
   check([](const std::string& d) { fs::remove(d + "/optimizer.safetensors"); }, "optimizer.safetensors");
   check([](const std::string& d) { fs::remove(d + "/config.json"); }, "config.json");
+  // one value of a tensor of a safetensors file changed in place (the file rewritten whole)
+  auto poke = [](const std::string& path, const std::string& tensor, float value) {
+    int found = 0;
+    const SafetensorsFile f(path);
+    SafetensorsWriter w;
+    std::vector<std::vector<float>> keep;
+    for (const auto& t : f.tensors()) {
+      keep.push_back(f.read_f32(t.name));
+      if (t.name == tensor) keep.back()[0] = value, ++found;
+      w.add_f32(t.name, t.shape, keep.back().data());
+    }
+    ASSERT_EQ(found, 1) << tensor;
+    w.write(path);
+  };
+  check([&](const std::string& d) { poke(d + "/optimizer.safetensors", "embed.exp_avg", NAN); },
+        "'embed.exp_avg' holds a non-finite value");
+  check([&](const std::string& d) {
+    poke(d + "/optimizer.safetensors", "norm.exp_avg_sq", -1e-3f);
+  }, "negative second moment");
+  check([&](const std::string& d) {
+    poke(d + "/model.safetensors", "model.layers.0.self_attn.kv_a_proj_with_mqa.weight", INFINITY);
+  }, "'model.layers.0.self_attn.kv_a_proj_with_mqa.weight' holds a non-finite value (inf) at element 0");
   data::DataInfo other = test_data().info;
   other.train.tokens += 1;
   check([](const std::string&) {}, "other data", other);
@@ -533,6 +556,98 @@ TEST(RunCheckpoint, AnInterruptedSwapFallsBackToOld) {
   EXPECT_FALSE(fs::exists(last + ".old"));
   EXPECT_FALSE(fs::exists(last + ".tmp"));
   EXPECT_EQ(read_trainer_state(last).step, 6);
+}
+
+TEST(RunCheckpoint, EveryPointOfTheSwapResumesFromTheNewestCompleteCheckpoint) {
+  TempDir dir;
+  std::ostringstream out;
+  // one run of 6 steps with a last checkpoint every 2, copied at steps 2 and 4 (during the updates after them)
+  const std::string last = checkpoint_dir(dir.sub("run"), "last");
+  const std::string at2 = dir.sub("at2"), at4 = dir.sub("at4");
+  WrapBackend straight(15);
+  straight.after_step = [&](int updates) {
+    if (updates == 3) fs::copy(last, at2, fs::copy_options::recursive);
+    if (updates == 5) fs::copy(last, at4, fs::copy_options::recursive);
+  };
+  TrainConfig cfg = small_run(6);
+  cfg.ckpt_every = 2;
+  train(straight, test_data(), cfg, dir.sub("run"), false, out);
+  ASSERT_EQ(read_trainer_state(at2).step, 2);
+  ASSERT_EQ(read_trainer_state(at4).step, 4);
+  // The folders a crash leaves at each point of save_run_checkpoint (the .tmp being written, then the renames).
+  struct Case {
+    const char* when;
+    std::vector<std::pair<std::string, std::string>> folders;  // (copy of, as) ; "partial" = .tmp without state
+    std::string expect;                                        // the suffix resolved, "" = last
+    int64_t step;
+  };
+  const std::vector<Case> cases = {
+      {"first save, before its rename", {{at4, ".tmp"}}, ".tmp", 4},
+      {"writing the .tmp", {{at2, ""}, {"partial", ".tmp"}}, "", 2},
+      {"the .tmp complete, before the first rename", {{at2, ""}, {at4, ".tmp"}}, ".tmp", 4},
+      {"between the renames", {{at2, ".old"}, {at4, ".tmp"}}, ".tmp", 4},
+      {"before removing .old", {{at4, ""}, {at2, ".old"}}, "", 4},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.when);
+    const std::string run = dir.sub(fmt::format("case{}", &c - cases.data()));
+    const std::string l = checkpoint_dir(run, "last");
+    fs::create_directories(fs::path(l).parent_path());
+    fs::copy_file(dir.sub("run") + "/train.csv", run + "/train.csv");
+    fs::copy_file(dir.sub("run") + "/val.csv", run + "/val.csv");
+    for (const auto& [from, suffix] : c.folders) {
+      fs::copy(from == "partial" ? at4 : from, l + suffix, fs::copy_options::recursive);
+      if (from == "partial") fs::remove(l + suffix + "/trainer_state.json");
+    }
+    EXPECT_EQ(resolve_checkpoint(l), l + c.expect);
+    EXPECT_EQ(read_trainer_state(l).step, c.step);
+    // a fresh start is refused (the run must be resumed); resuming continues the run exactly
+    auto fresh = make_cpu_backend(tiny(), 16);
+    expect_user_error([&] { train(*fresh, test_data(), cfg, run, false, out); }, "resume it");
+    train(*fresh, test_data(), cfg, run, true, out);
+    EXPECT_TRUE(fresh->weights() == straight.weights());
+    EXPECT_EQ(read_trainer_state(l).step, 6);
+    EXPECT_FALSE(fs::exists(l + ".old"));
+    EXPECT_FALSE(fs::exists(l + ".tmp"));
+  }
+}
+
+TEST(RunCheckpoint, ANonFiniteModelIsNeverWritten) {
+  TempDir dir;
+  auto backend = make_cpu_backend(tiny(), 17);
+  TensorMap w = backend->weights();
+  w.at("model.norm.weight")[1] = NAN;
+  backend->load_weights(w);
+  TrainerState st;
+  st.config = small_run(2);
+  const std::string ck = checkpoint_dir(dir.path, "last");
+  EXPECT_FALSE(save_run_checkpoint(ck, *backend, st));
+  EXPECT_FALSE(fs::exists(ck));
+  EXPECT_FALSE(fs::exists(ck + ".tmp"));
+  expect_user_error([&] { save_checkpoint(dir.sub("plain"), tiny(), w, DType::F32); }, "non-finite");
+}
+
+// A learning rate that blows the model up (issue: NaN reached the router and wrote out of bounds): training ends
+// cleanly, and every checkpoint on disk loads (so holds finite values only).
+TEST(Train, AnExplodingLearningRateEndsCleanlyWithFiniteCheckpoints) {
+  for (const double lr : {1e3, 1e300}) {
+    TempDir dir;
+    auto backend = make_cpu_backend(tiny(), 18);
+    TrainConfig cfg = small_run(12);
+    cfg.lr = lr;
+    cfg.eval_every = 2;
+    std::ostringstream out;
+    try {  // it either finishes, having skipped the non-finite steps, or stops as diverged (exit code 2)
+      const TrainResult r = train(*backend, test_data(), cfg, dir.path, false, out);
+      EXPECT_GT(r.skipped_steps, 0) << out.str();
+    } catch (const UserError& e) {
+      EXPECT_NE(std::string(e.what()).find("training diverged"), std::string::npos) << e.what();
+    }
+    for (const char* name : {"last", "best"}) {
+      const std::string ck = checkpoint_dir(dir.path, name);
+      if (fs::exists(ck)) EXPECT_NO_THROW(load_checkpoint(ck)) << name;
+    }
+  }
 }
 
 TEST(Train, NonFiniteStepsAreSkipped) {

@@ -298,15 +298,25 @@ class Run {
   // 1) fresh (the run folder must hold no checkpoint) or from the last checkpoint
   void start_state(bool resume) {
     if (resume) {
-      st_ = load_run_checkpoint(last_dir_, backend_, data_.info);
+      // the newest complete last checkpoint; when a run was killed before its first one was complete, the best
+      const std::string from = newest_complete_checkpoint(last_dir_) ? last_dir_ : best_dir_;
+      require(newest_complete_checkpoint(from).has_value(), "--resume: no checkpoint to resume in {} (looked for "
+              "a complete last, best and their .old/.tmp): train without --resume to start this run",
+              fs::path(last_dir_).parent_path().string());
+      st_ = load_run_checkpoint(from, backend_, data_.info);
       for (const std::string& change : resume_config_changes(st_.config, cfg_)) out_ << change << "\n";
       out_ << fmt::format("resumed {} at step {} ({} updates, best val ce {} at step {})\n",
-                          resolve_checkpoint(last_dir_), st_.step, st_.updates,
+                          resolve_checkpoint(from), st_.step, st_.updates,
                           st_.best_step >= 0 ? fmt::format("{:.4f}", st_.best_val_ce) : "-", st_.best_step);
     } else {
-      for (const auto& d : {last_dir_, last_dir_ + ".old", best_dir_, best_dir_ + ".old"})
-        require(!fs::exists(d), "the run folder already holds a checkpoint ({}): resume it, or train into another "
-                "folder", d);
+      // a complete checkpoint (any of last/best and their .old/.tmp) must be resumed; an incomplete .tmp, left by
+      // a run killed while writing its first checkpoint, is not one (the next save replaces it)
+      for (const auto& d : {last_dir_, best_dir_}) {
+        const auto found = newest_complete_checkpoint(d);
+        const std::string shown = found ? *found : fs::exists(d) ? d : d + ".old";
+        require(!found && !fs::exists(d) && !fs::exists(d + ".old"), "the run folder already holds a checkpoint "
+                "({}): resume it (--resume), or train into another folder", shown);
+      }
       st_.vocab_size = data_.info.vocab_size;
       st_.train_tokens = data_.info.train.tokens;
       st_.val_tokens = data_.info.val.tokens;
@@ -445,7 +455,8 @@ class Run {
       st_.best_val_bpb = v.bits_per_byte;
       st_.best_step = step;
       st_.evals_since_best = 0;
-      save(best_dir_);
+      save(best_dir_);  // when refused, trainer_state.json of the next last checkpoint still names this step as
+                        // best; `sample` then reads the best folder as it is (the previous best)
     } else {
       ++st_.evals_since_best;
     }
@@ -468,9 +479,13 @@ class Run {
       progress_.line(fmt::format("step {}: last checkpoint not updated (non-finite values)", st_.step));
   }
 
-  void save(const std::string& dir) {
+  // Returns false, keeping the previous checkpoint, when the weights or moments hold a NaN or an infinity.
+  bool save(const std::string& dir) {
     st_.elapsed_s = elapsed();
-    save_run_checkpoint(dir, backend_, st_);
+    if (save_run_checkpoint(dir, backend_, st_)) return true;
+    progress_.line(fmt::format("step {}: checkpoint {} not written: the weights or moments hold a non-finite value "
+                               "(the previous one is kept)", st_.step, dir));
+    return false;
   }
 
   void show_progress(const StepRecord& rec, bool last) {
