@@ -10,8 +10,10 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <sstream>
 
+#include "common/checked.h"
 #include "common/errors.h"
 
 namespace dsv3 {
@@ -34,6 +36,13 @@ bool parse_dtype(const std::string& s, DType* out) {
       return true;
     }
   return false;
+}
+
+// A JSON value for an error message: scalars as written, containers by type only (dumping a hostile header's
+// nesting would recurse as deep as the file is long).
+std::string describe(const nlohmann::json& v) {
+  if (v.is_structured()) return std::string("a JSON ") + v.type_name();
+  return v.dump();
 }
 
 float half_to_float(uint16_t h) {
@@ -62,11 +71,27 @@ size_t dtype_size(DType d) {
   return 0;
 }
 
-int64_t TensorInfo::numel() const {
+namespace {
+
+// Elements of a shape; UserError when a dimension is negative or the product overflows 64 bits (a header can ask
+// for 2^61 rows).
+int64_t shape_numel(const std::vector<int64_t>& shape, const std::string& what) {
   int64_t n = 1;
-  for (auto s : shape) n *= s;
+  for (const int64_t s : shape) {
+    require(s >= 0, "{}: negative dimension {}", what, s);
+    n = checked_mul(n, s, what + ": number of elements");
+  }
   return n;
 }
+
+// Bytes of numel elements of dtype d, or UserError when that overflows 64 bits.
+uint64_t byte_size(int64_t numel, DType d, const std::string& what) {
+  return static_cast<uint64_t>(checked_mul(numel, static_cast<int64_t>(dtype_size(d)), what + ": size in bytes"));
+}
+
+}  // namespace
+
+int64_t TensorInfo::numel() const { return shape_numel(shape, "tensor '" + name + "'"); }
 
 uint16_t float_to_bf16(float f) {
   uint32_t u;
@@ -93,18 +118,17 @@ void SafetensorsWriter::add(const std::string& name, DType dtype, const std::vec
   require(!name.empty() && name != "__metadata__", "invalid tensor name '{}'", name);
   for (const auto& e : entries_) require(e.info.name != name, "tensor '{}' added twice", name);
   TensorInfo info{name, dtype, shape, 0, 0};
-  for (auto s : shape) require(s >= 0, "tensor '{}' has a negative dimension", name);
-  require(size_t(info.numel()) * dtype_size(dtype) == bytes, "tensor '{}': {} bytes for {} elements of {}", name,
-          bytes, info.numel(), dtype_name(dtype));
+  const int64_t n = info.numel();
+  require(byte_size(n, dtype, "tensor '" + name + "'") == bytes, "tensor '{}': {} bytes for {} elements of {}", name,
+          bytes, n, dtype_name(dtype));
   const auto* p = static_cast<const uint8_t*>(data);
   entries_.push_back({info, std::vector<uint8_t>(p, p + bytes)});
 }
 
 void SafetensorsWriter::add_f32(const std::string& name, const std::vector<int64_t>& shape, const float* data,
                                 DType stored) {
-  int64_t n = 1;
-  for (auto s : shape) n *= s;
-  if (stored == DType::F32) return add(name, stored, shape, data, size_t(n) * 4);
+  const int64_t n = shape_numel(shape, "tensor '" + name + "'");
+  if (stored == DType::F32) return add(name, stored, shape, data, byte_size(n, DType::F32, "tensor '" + name + "'"));
   require(stored == DType::BF16, "tensor '{}': fp32 values can be stored as F32 or BF16, not {}", name,
           dtype_name(stored));
   std::vector<uint16_t> b(static_cast<size_t>(n));
@@ -136,10 +160,18 @@ void SafetensorsWriter::write(const std::string& path) const {
 // ---- reading ----------------------------------------------------------------------------------------
 
 SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
+  // Only a regular file has a size to check the header against: a folder, a FIFO or /dev/zero would hang or
+  // ask for an absurd allocation.
+  std::error_code ec;
+  const auto status = std::filesystem::status(path, ec);
+  require(!ec && std::filesystem::exists(status), "checkpoint file '{}' does not exist", path);
+  require(std::filesystem::is_regular_file(status), "checkpoint file '{}' is not a regular file", path);
   std::ifstream f(path, std::ios::binary);
   require(f.good(), "cannot open checkpoint file '{}'", path);
   f.seekg(0, std::ios::end);
-  const uint64_t size = static_cast<uint64_t>(f.tellg());
+  const std::streamoff end = f.tellg();
+  require(f.good() && end >= 0, "cannot read checkpoint file '{}' (cannot find its size)", path);
+  const uint64_t size = static_cast<uint64_t>(end);
   f.seekg(0);
   require(size >= 8, "'{}' is not a safetensors file: {} bytes, shorter than the 8-byte header length", path, size);
   uint8_t len_bytes[8];
@@ -174,24 +206,27 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
             "'{}': tensor '{}' needs dtype, shape and data_offsets", path, name);
     TensorInfo t;
     t.name = name;
-    require(v["dtype"].is_string() && parse_dtype(v["dtype"].get<std::string>(), &t.dtype),
-            "'{}': tensor '{}' has unknown dtype {}", path, name, v["dtype"].dump());
-    require(v["shape"].is_array(), "'{}': tensor '{}': shape must be an array", path, name);
-    for (const auto& s : v["shape"]) {
-      require(s.is_number_integer() && s.get<int64_t>() >= 0, "'{}': tensor '{}' has a bad dimension {}", path, name,
-              s.dump());
+    require(v.at("dtype").is_string() && parse_dtype(v.at("dtype").get<std::string>(), &t.dtype),
+            "'{}': tensor '{}' has unknown dtype {}", path, name, describe(v.at("dtype")));
+    require(v.at("shape").is_array(), "'{}': tensor '{}': shape must be an array", path, name);
+    for (const auto& s : v.at("shape")) {
+      // non-negative JSON integers parse as unsigned; one above 2^63 - 1 does not fit a dimension
+      require(s.is_number_unsigned() && s.get<uint64_t>() <= uint64_t(std::numeric_limits<int64_t>::max()),
+              "'{}': tensor '{}' has a bad dimension {}", path, name, describe(s));
       t.shape.push_back(s.get<int64_t>());
     }
-    const auto& off = v["data_offsets"];
+    const auto& off = v.at("data_offsets");
     require(off.is_array() && off.size() == 2 && off[0].is_number_unsigned() && off[1].is_number_unsigned(),
             "'{}': tensor '{}': data_offsets must be two non-negative integers", path, name);
     t.begin = off[0].get<uint64_t>();
     t.end = off[1].get<uint64_t>();
     require(t.begin <= t.end && t.end <= data_size, "'{}': tensor '{}' bytes [{}, {}) lie outside the data ({} bytes)",
             path, name, t.begin, t.end, data_size);
-    require(uint64_t(t.numel()) * dtype_size(t.dtype) == t.end - t.begin,
-            "'{}': tensor '{}' of shape {} and dtype {} needs {} bytes, its offsets give {}", path, name,
-            v["shape"].dump(), dtype_name(t.dtype), uint64_t(t.numel()) * dtype_size(t.dtype), t.end - t.begin);
+    // checked: a shape whose byte size overflows 64 bits is an error, not a wrapped number that happens to match
+    const std::string what = fmt::format("'{}': tensor '{}' of shape {}", path, name, v.at("shape").dump());
+    const uint64_t bytes = byte_size(shape_numel(t.shape, what), t.dtype, what);
+    require(bytes == t.end - t.begin, "'{}': tensor '{}' of shape {} and dtype {} needs {} bytes, its offsets give {}",
+            path, name, v.at("shape").dump(), dtype_name(t.dtype), bytes, t.end - t.begin);
     tensors_.push_back(std::move(t));
   }
   // The data buffer must be exactly covered: sorted by offset, each tensor starts where the previous ended.
@@ -232,7 +267,7 @@ std::vector<float> SafetensorsFile::read_f32(const std::string& name, const std:
   const uint8_t* p = data_.data() + t.begin;
   switch (t.dtype) {
     case DType::F32:
-      std::memcpy(out.data(), p, n * 4);
+      if (n) std::memcpy(out.data(), p, n * 4);  // an empty tensor of an empty file has no data pointer
       break;
     case DType::BF16:
     case DType::F16:

@@ -484,3 +484,49 @@ TEST(CudaSegmentGemm, RefusesUnalignedOperands) {
 #else
 TEST(CudaBuffer, BuiltWithoutCuda) { GTEST_SKIP() << "built without CUDA"; }
 #endif
+
+// ---- safetensors: sizes from a hostile header (issue #21; fuzz/fuzz_safetensors.cpp keeps it so) -------------
+namespace {
+// Loads a file of header `h` followed by `data_bytes` zero bytes; returns the UserError's message ("" if it loads).
+std::string safetensors_error(const std::string& h, size_t data_bytes, const std::string& name) {
+  const auto dir = std::filesystem::temp_directory_path() / "dsv3_test_common_safetensors";
+  std::filesystem::create_directories(dir);
+  const std::string path = (dir / name).string();
+  std::string bytes(8, '\0');
+  for (int i = 0; i < 8; ++i) bytes[i] = static_cast<char>((uint64_t(h.size()) >> (8 * i)) & 0xff);
+  std::ofstream(path, std::ios::binary) << bytes << h << std::string(data_bytes, '\0');
+  try {
+    SafetensorsFile f(path);
+  } catch (const UserError& e) {
+    return e.what();
+  }
+  return "";
+}
+}  // namespace
+
+TEST(SafetensorsSizes, OverflowingShapesAreRejectedNotWrapped) {
+  // 2^61 x 8 elements wrap to 0 in 64 bits, which would match empty offsets
+  EXPECT_NE(safetensors_error(R"({"a":{"dtype":"F32","shape":[2305843009213693952,8],"data_offsets":[0,0]}})", 0,
+                              "rows.safetensors").find("overflows 64 bits"), std::string::npos);
+  // 2^62 elements fit, their 2^64 bytes do not
+  EXPECT_NE(safetensors_error(R"({"a":{"dtype":"F32","shape":[4611686018427387904],"data_offsets":[0,0]}})", 0,
+                              "bytes.safetensors").find("overflows 64 bits"), std::string::npos);
+  EXPECT_NE(safetensors_error(R"({"a":{"dtype":"U8","shape":[18446744073709551615],"data_offsets":[0,0]}})", 0,
+                              "dim.safetensors").find("bad dimension"), std::string::npos);
+  EXPECT_NE(safetensors_error(R"({"a":{"dtype":"U8","shape":[2],"data_offsets":[0,18446744073709551615]}})", 2,
+                              "offset.safetensors").find("outside the data"), std::string::npos);
+  EXPECT_EQ(safetensors_error(R"({"a":{"dtype":"U8","shape":[0,4611686018427387904],"data_offsets":[0,0]}})", 0,
+                              "empty.safetensors"), "");  // zero elements, however long the other side
+  SafetensorsWriter w;
+  EXPECT_THROW(w.add("a", DType::F32, {int64_t(1) << 61, 8}, nullptr, 0), UserError);
+}
+
+TEST(SafetensorsSizes, DeepNestingAndNonRegularFilesAreUserErrors) {
+  const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  EXPECT_NE(safetensors_error(R"({"a":{"dtype":"U8","shape":[)" + deep + R"(],"data_offsets":[0,0]}})", 0,
+                              "deep.safetensors").find("bad dimension a JSON array"), std::string::npos);
+  EXPECT_THROW(SafetensorsFile(std::filesystem::temp_directory_path().string()), UserError);  // a folder
+  if (std::filesystem::exists("/dev/zero")) {
+    EXPECT_THROW(SafetensorsFile("/dev/zero"), UserError);  // a character device: would read forever
+  }
+}
