@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "common/errors.h"
+#include "common/files.h"
 #include "common/safetensors.h"
 
 namespace dsv3 {
@@ -516,9 +517,7 @@ std::string config_to_json_text(const ModelConfig& c) {
 }
 
 ModelConfig load_config(const std::string& path, std::vector<std::string>* warnings) {
-  std::ifstream f(path);
-  require(f.good(), "cannot read config file '{}'", path);
-  const std::string text((std::istreambuf_iterator<char>(f)), {});
+  const std::string text = read_file(path, "config file", kMaxJsonBytes);
   try {
     return config_from_json_text(text, warnings);
   } catch (const UserError& e) {

@@ -172,6 +172,8 @@ void write_tokens(const std::string& path, const std::vector<uint16_t>& tokens) 
 }
 
 std::vector<uint16_t> read_tokens(const std::string& path, int64_t expected_tokens, int vocab_size) {
+  require(expected_tokens > 0 && expected_tokens <= int64_t(kMaxFileBytes / 2),
+          "token file '{}': data.json's count of {} tokens is out of range", path, expected_tokens);
   const std::string bytes = read_file(path, "token file");
   require(int64_t(bytes.size()) == 2 * expected_tokens,
           "token file '{}' has {} bytes, data.json says {} tokens = {} bytes (truncated or stale file: run prepare again)",
@@ -185,6 +187,11 @@ std::vector<uint16_t> read_tokens(const std::string& path, int64_t expected_toke
 }
 
 namespace {
+// A file of the data folder: a name, no path.
+bool is_plain_name(const std::string& name) {
+  return !name.empty() && name.find('/') == std::string::npos && name != "." && name != "..";
+}
+
 nlohmann::json split_json(const SplitStats& s) {
   return {{"file", s.file}, {"songs", s.songs}, {"lines", s.lines}, {"bytes", s.bytes}, {"tokens", s.tokens}};
 }
@@ -198,7 +205,7 @@ SplitStats split_from_json(const nlohmann::json& j, const std::string& where) {
   s.tokens = json_field<int64_t>(j, "tokens", where);
   require(s.songs > 0 && s.bytes > 0 && s.tokens >= s.songs && s.lines >= s.songs,
           "{}: inconsistent counts (songs {}, lines {}, bytes {}, tokens {})", where, s.songs, s.lines, s.bytes, s.tokens);
-  require(!s.file.empty() && s.file.find('/') == std::string::npos, "{}: field 'file' must be a plain file name", where);
+  require(is_plain_name(s.file), "{}: field 'file' must be a plain file name", where);
   return s;
 }
 }  // namespace
@@ -233,6 +240,7 @@ DataInfo info_from_json(const std::string& text, const std::string& what) {
   require(info.format_version == kTokenFormatVersion, "{}: format_version {} is not supported (expected {})", what,
           info.format_version, kTokenFormatVersion);
   info.tokenizer = json_field<std::string>(j, "tokenizer", what);
+  require(is_plain_name(info.tokenizer), "{}: field 'tokenizer' must be a plain file name", what);
   info.vocab_size = json_field<int>(j, "vocab_size", what);
   info.eos_id = json_field<int>(j, "eos_id", what);
   info.seed = json_field<uint64_t>(j, "seed", what);
@@ -251,12 +259,44 @@ DataInfo info_from_json(const std::string& text, const std::string& what) {
   return info;
 }
 
+namespace {
+
+// data.json against the files: the tokenizer loads and has data.json's vocabulary and eos id; each split is a
+// sequence of songs, each ending with eos, as many as data.json counts, whose decoded text has the byte count
+// data.json gives (bits per byte divides by it, so a wrong count would silently change every figure).
+void check_against_tokenizer(const Prepared& p, const Tokenizer& tok, const std::string& where) {
+  require(tok.vocab_size() == p.info.vocab_size && tok.eos_id() == p.info.eos_id, "{}: vocab_size {} and eos_id {} "
+          "differ from the tokenizer's ({} and {}): the files do not belong together (run prepare again)", where,
+          p.info.vocab_size, p.info.eos_id, tok.vocab_size(), tok.eos_id());
+  for (const auto& [split, tokens] : {std::pair{&p.info.train, &p.train}, {&p.info.val, &p.val}}) {
+    require(!tokens->empty() && tokens->back() == p.info.eos_id, "{}: the {} tokens do not end with eos_id {}", where,
+            split->file, p.info.eos_id);
+    int64_t songs = 0, bytes = 0;
+    std::vector<int> song;
+    for (const uint16_t t : *tokens) {
+      if (t != p.info.eos_id) {
+        song.push_back(t);
+        continue;
+      }
+      bytes += int64_t(tok.decode(song).size());
+      ++songs;
+      song.clear();
+    }
+    require(songs == split->songs && bytes == split->bytes, "{}: {} holds {} songs of {} bytes, data.json says {} "
+            "songs of {} bytes (a stale or edited data.json: run prepare again)", where, split->file, songs, bytes,
+            split->songs, split->bytes);
+  }
+}
+
+}  // namespace
+
 Prepared load_prepared(const std::string& dir) {
   const std::string json_path = dir + "/data.json";
   Prepared p;
-  p.info = info_from_json(read_file(json_path, "prepared data description"), json_path);
+  p.info = info_from_json(read_file(json_path, "prepared data description", kMaxJsonBytes), json_path);
   p.train = read_tokens(dir + "/" + p.info.train.file, p.info.train.tokens, p.info.vocab_size);
   p.val = read_tokens(dir + "/" + p.info.val.file, p.info.val.tokens, p.info.vocab_size);
+  check_against_tokenizer(p, Tokenizer::load(dir + "/" + p.info.tokenizer), json_path);
   return p;
 }
 

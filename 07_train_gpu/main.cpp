@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cmath>
 #include <csignal>
+#include <cstring>
 #include <ctime>
 #include <filesystem>
 #include <fstream>
@@ -35,8 +36,16 @@ namespace fs = std::filesystem;
 
 namespace {
 
+// SIGINT, SIGTERM (what schedulers send) and SIGHUP stop a training run after its step: it evaluates, saves and
+// exits with 128 + the signal's number. A second signal is not caught: it ends the program at once.
 std::atomic<bool> g_stop{false};
-extern "C" void on_sigint(int) { g_stop = true; }
+volatile std::sig_atomic_t g_signal = 0;
+constexpr int kStopSignals[] = {SIGINT, SIGTERM, SIGHUP};
+extern "C" void on_stop_signal(int sig) {
+  g_signal = sig;
+  g_stop = true;
+  for (const int s : kStopSignals) std::signal(s, SIG_DFL);
+}
 
 // The three fixed prompts of the README's samples.
 const std::vector<std::string> kPrompts = {"I walked along the river", "O LORD, my heart", "Love is"};
@@ -157,8 +166,9 @@ std::unique_ptr<Backend> make_backend(const TrainArgs& a, const ModelConfig& c) 
   const bool gpu = a.device == "cuda" || (a.device == "auto" && gpu_available());
   require(a.device == "auto" || a.device == "cuda" || a.device == "cpu", "--device must be auto, cuda or cpu (got '{}')",
           a.device);
-  if (gpu) return make_cuda_backend(c, a.model_seed, parse_precision(a.precision));
-  if (a.precision != "fp32") std::cout << "(the CPU path trains in fp32)\n";
+  const Precision p = parse_precision(a.precision);  // an unknown precision is an error on the CPU too
+  if (gpu) return make_cuda_backend(c, a.model_seed, p);
+  if (p != Precision::FP32) std::cout << "(the CPU path trains in fp32)\n";
   return make_cpu_backend(c, a.model_seed);
 }
 
@@ -176,10 +186,27 @@ void keep_previous_run(const std::string& run) {
   std::cout << fmt::format("(the previous run in {} is kept as {})\n", run, kept);
 }
 
+// Host memory a CPU training run needs, about: weights, gradients and two moments (16 bytes a parameter), the
+// activations kept for the backward pass, dominated by the logits and their gradients of the main head and each
+// MTP depth (measured on the tiny preset: about 86 KB a token at vocab 4096, depth 1), and a fixed base.
+uint64_t cpu_train_bytes(const ModelConfig& c, const ParamBreakdown& pb, int batch, int seq_len) {
+  const double params = double(pb.main_total + pb.mtp_total);
+  const double per_token = 4.0 * c.vocab_size * (3 + 2 * c.num_nextn_predict_layers) +
+                           4.0 * c.hidden_size * 64 * (c.num_hidden_layers + c.num_nextn_predict_layers);
+  return uint64_t(16 * params + per_token * double(batch) * seq_len) + (uint64_t(256) << 20);
+}
+
 TrainResult do_train(const TrainArgs& a, const Prepared& data, std::ostream& out) {
   const ModelConfig c = run_model_config(a.preset, data.info.vocab_size, a.cfg.seq_len);
-  auto backend = make_backend(a, c);
   const ParamBreakdown pb = count_params(c);
+  const bool gpu = a.device == "cuda" || (a.device == "auto" && gpu_available());
+  if (!gpu) {  // refused before allocating: an overcommitted allocation would be killed later, without a message
+    const uint64_t need = cpu_train_bytes(c, pb, a.cfg.batch, a.cfg.seq_len), have = available_host_bytes();
+    require(have == 0 || need <= have, "training on the CPU needs about {:.2f} GiB (batch {} x seq_len {} x vocab {}), "
+            "this machine has {:.2f} GiB available: reduce --batch or --seq-len", double(need) / (1 << 30),
+            a.cfg.batch, a.cfg.seq_len, c.vocab_size, double(have) / (1 << 30));
+  }
+  auto backend = make_backend(a, c);
   out << fmt::format("model: preset {} | {:.2f} M parameters ({:.2f} M active per token, {:.2f} M in MTP) | {}\n",
                      a.preset, (pb.main_total + pb.mtp_total) / 1e6, pb.main_active / 1e6, pb.mtp_total / 1e6,
                      backend->describe());
@@ -193,13 +220,21 @@ TrainResult do_train(const TrainArgs& a, const Prepared& data, std::ostream& out
   TrainHooks hooks;
   hooks.plots_script = std::string(DSV3_STAGE_DIR) + "/plots.gp";
   hooks.stop = &g_stop;
-  std::signal(SIGINT, on_sigint);
+  for (const int s : kStopSignals) std::signal(s, on_stop_signal);
   const TrainResult r = train(*backend, data, a.cfg, a.run, a.resume, out, hooks);
-  std::signal(SIGINT, SIG_DFL);
+  for (const int s : kStopSignals) std::signal(s, SIG_DFL);
   out << fmt::format(
       "done: {} steps ({}) in {:.1f} s | best val {:.4f} nats/token = {:.4f} bits/byte at step {} | {:.0f} tokens/s\n",
       r.steps_done, r.stop_reason, r.elapsed_s, r.best_val_ce, r.best_val_bpb, r.best_step, r.tokens_per_s);
   return r;
+}
+
+// After a training run: 0, or 128 + the number of the signal that stopped it (the checkpoint is saved).
+int stopped_by_signal(const std::string& run) {
+  if (g_signal == 0) return 0;
+  std::cout << fmt::format("stopped by signal {} ({}): the last checkpoint is saved; continue with `07_train_gpu "
+                           "train --run {} --resume`\n", int(g_signal), strsignal(g_signal), run);
+  return 128 + int(g_signal);
 }
 
 struct SampleArgs {
@@ -371,9 +406,10 @@ int run_prepare_command(const PrepareArgs& pa, const std::string& data_dir) {
 }
 
 // train: the preset defaults to lyrics on a GPU, tiny on the CPU.
-void run_train_command(TrainArgs ta) {
+int run_train_command(TrainArgs ta) {
   if (ta.preset.empty()) ta.preset = gpu_available() && ta.device != "cpu" ? "lyrics" : "tiny";
   do_train(ta, load_prepared(ta.data), std::cout);
+  return stopped_by_signal(ta.run);
 }
 
 // bench: training steps of a preset on random tokens on the GPU; a table, then the result as a JSON line, also
@@ -433,6 +469,7 @@ int run_main_job(TrainArgs ta, const PrepareArgs& pa, const SampleArgs& sa, cons
   }
   keep_previous_run(ta.run);
   do_train(ta, data, std::cout);
+  if (const int code = stopped_by_signal(ta.run)) return code;
   const bool sampled = do_sample(sa);
   // speculative decoding against plain decoding, greedy on a fixed prompt: the acceptance rate of the MTP draft
   SampleArgs spec = sa;
@@ -460,7 +497,7 @@ void add_train_options(CLI::App* cmd, TrainArgs& a) {
   cmd->add_option("--eval-every", a.cfg.eval_every, "validate and checkpoint every this many steps")->check(CLI::PositiveNumber);
   cmd->add_option("--patience", a.cfg.patience, "stop after this many evaluations without a new best (0: off)");
   cmd->add_option("--max-minutes", a.cfg.max_minutes, "stop cleanly after this long (0: off)");
-  cmd->add_option("--model-seed", a.model_seed, "seed of the initial weights");
+  cmd->add_option("--model-seed", a.model_seed, "seed of the initial weights")->check(CLI::NonNegativeNumber);
   cmd->add_flag("--resume", a.resume, "continue the run in --run from its last checkpoint");
 }
 
@@ -549,10 +586,7 @@ int main(int argc, char** argv) {
       do_eval(ea);
       return 0;
     }
-    if (*train_cmd) {
-      run_train_command(ta);
-      return 0;
-    }
+    if (*train_cmd) return run_train_command(ta);
     return run_main_job(ta, pa, sa, data_dir);
   });
 }

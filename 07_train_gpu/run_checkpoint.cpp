@@ -220,7 +220,7 @@ std::optional<int64_t> complete_step(const std::string& dir) {
   if (!fs::is_directory(dir, ec) || !fs::is_regular_file(dir + "/trainer_state.json", ec)) return std::nullopt;
   try {
     const std::string path = dir + "/trainer_state.json";
-    return state_from_json(read_file(path, "trainer state"), path).step;
+    return state_from_json(read_file(path, "trainer state", kMaxJsonBytes), path).step;
   } catch (const UserError&) {
     return std::nullopt;
   }
@@ -247,14 +247,14 @@ std::string resolve_checkpoint(const std::string& dir) {
 
 TrainerState read_trainer_state(const std::string& dir) {
   const std::string path = resolve_checkpoint(dir) + "/trainer_state.json";
-  return state_from_json(read_file(path, "trainer state"), path);
+  return state_from_json(read_file(path, "trainer state", kMaxJsonBytes), path);
 }
 
 TrainerState load_run_checkpoint(const std::string& dir, Backend& backend, const data::DataInfo& info) {
   const std::string d = resolve_checkpoint(dir);
   // 1) the trainer state, and that it was trained on this data
   const std::string state_path = d + "/trainer_state.json";
-  const TrainerState st = state_from_json(read_file(state_path, "trainer state"), state_path);
+  const TrainerState st = state_from_json(read_file(state_path, "trainer state", kMaxJsonBytes), state_path);
   require(st.vocab_size == info.vocab_size && st.train_tokens == info.train.tokens &&
               st.val_tokens == info.val.tokens && st.train_bytes == info.train.bytes && st.val_bytes == info.val.bytes,
           "{}: the checkpoint was trained on other data (vocab {}, {} train / {} val tokens; this data: vocab {}, "

@@ -265,6 +265,30 @@ TEST(Prepared, RejectsTruncatedTokenFileAndBadJson) {
   EXPECT_THROW(info_from_json(edited("\"vocab_size\": ", "\"vocab_size\": \"a\", \"_\": "), "x"), UserError);
   EXPECT_THROW(info_from_json(edited("\"train.bin\"", "\"../train.bin\""), "x"), UserError);
 
+  EXPECT_THROW(info_from_json(edited("\"tokenizer.model\"", "\"/etc/passwd\""), "x"), UserError);
+
+  // data.json against the files and the tokenizer (each its own copy of the folder)
+  TempDir f;
+  prepare_data(toy_songs(20), opt, f.path);
+  auto expect_refused = [&](const std::string& from, const std::string& to, const std::string& fragment) {
+    TempDir g;
+    fs::copy(f.path, g.path, fs::copy_options::recursive | fs::copy_options::overwrite_existing);
+    std::string j = read_file(f.path + "/data.json", "json");
+    const auto pos = j.find(from);
+    ASSERT_NE(pos, std::string::npos) << from;
+    write_file_atomic(g.path + "/data.json", j.replace(pos, from.size(), to));
+    expect_user_error([&] { load_prepared(g.path); }, fragment);
+  };
+  const Prepared good = load_prepared(f.path);
+  const std::string val_bytes = fmt::format("\"bytes\": {},", good.info.val.bytes);
+  ASSERT_NE(read_file(f.path + "/data.json", "json").find(val_bytes), std::string::npos);
+  expect_refused(val_bytes, "\"bytes\": 5000,", "songs of 5000 bytes (a stale or edited data.json");
+  expect_refused(fmt::format("\"eos_id\": {}", good.info.eos_id), "\"eos_id\": 3", "differ from the tokenizer");
+  expect_refused(fmt::format("\"vocab_size\": {}", good.info.vocab_size),
+                 fmt::format("\"vocab_size\": {}", good.info.vocab_size + 1), "differ from the tokenizer");
+  std::ofstream(f.path + "/tokenizer.model", std::ios::binary) << "garbage";
+  expect_user_error([&] { load_prepared(f.path); }, "is not a SentencePiece model");
+
   // A token id >= vocab_size is rejected.
   TempDir e;
   write_tokens(e.path + "/t.bin", {1, 2, 299, 300});

@@ -91,15 +91,6 @@ std::vector<int64_t> csv_steps(const std::string& path) {
   return steps;
 }
 
-template <typename F>
-void expect_user_error(F&& f, const std::string& fragment) {
-  try {
-    f();
-    ADD_FAILURE() << "no error; expected one containing '" << fragment << "'";
-  } catch (const UserError& e) {
-    EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
-  }
-}
 
 }  // namespace
 

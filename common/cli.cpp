@@ -4,7 +4,10 @@
 
 #include <cstdio>
 #include <exception>
+#include <filesystem>
+#include <new>
 
+#include "common/device.h"
 #include "common/errors.h"
 
 namespace dsv3 {
@@ -13,7 +16,7 @@ void add_demo_options(CLI::App& app, DemoOptions& opt, const std::string& defaul
   opt.out = default_out;
   app.add_option("--out", opt.out, "folder for CSV files and PNG plots")->capture_default_str();
   app.add_flag("--check", opt.check, "run the self-checks only; exit code 1 if any fails");
-  app.add_option("--seed", opt.seed, "random seed")->capture_default_str();
+  app.add_option("--seed", opt.seed, "random seed")->check(CLI::NonNegativeNumber)->capture_default_str();
 }
 
 int run_main(CLI::App& app, int argc, char** argv, const std::function<int()>& body) {
@@ -31,6 +34,14 @@ int run_main(CLI::App& app, int argc, char** argv, const std::function<int()>& b
     return body();
   } catch (const UserError& e) {
     std::fprintf(stderr, "%s: error: %s\n", app.get_name().c_str(), e.what());
+    return 2;
+  } catch (const std::filesystem::filesystem_error& e) {
+    // a path the user gave that cannot be made or used (under a file, read-only, /proc, permissions, disk full)
+    std::fprintf(stderr, "%s: error: %s\n", app.get_name().c_str(), e.what());
+    return 2;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "%s: error: out of memory: the model, batch or sequence is too large for this machine "
+                 "(%.2f GiB available)\n", app.get_name().c_str(), double(available_host_bytes()) / (1 << 30));
     return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "%s: internal error: %s\n", app.get_name().c_str(), e.what());

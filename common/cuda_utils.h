@@ -26,6 +26,18 @@ namespace dsv3::detail {
   throw CudaError(fmt::format("cuBLAS error '{}' ({}) in `{}` at {}:{}", cublasGetStatusString(s),
                               static_cast<int>(s), stmt, file, line));
 }
+// An allocation the GPU cannot hold is the user's size choice (model, batch, sequence), not a bug: a UserError
+// (exit code 2) saying how much was asked and how much is free.
+inline void check_alloc(cudaError_t e, size_t bytes, const char* file, int line) {
+  if (e == cudaSuccess) return;
+  if (e != cudaErrorMemoryAllocation) throw_cuda(e, "cudaMalloc", file, line);
+  (void)cudaGetLastError();  // clear the sticky-free error so later calls work
+  size_t free = 0, total = 0;
+  (void)cudaMemGetInfo(&free, &total);
+  throw UserError(fmt::format("the GPU is out of memory: {:.3f} GiB more were needed, {:.3f} GiB of {:.3f} GiB are "
+                              "free: reduce --batch or --seq-len, or use a smaller model",
+                              double(bytes) / (1 << 30), double(free) / (1 << 30), double(total) / (1 << 30)));
+}
 }  // namespace dsv3::detail
 
 #define CUDA_CHECK(stmt)                                                              \
@@ -52,7 +64,7 @@ class DeviceBuffer {
  public:
   DeviceBuffer() = default;
   explicit DeviceBuffer(size_t n) : n_(n) {
-    if (n_) CUDA_CHECK(cudaMalloc(&p_, n_ * sizeof(T)));
+    if (n_) detail::check_alloc(cudaMalloc(&p_, n_ * sizeof(T)), n_ * sizeof(T), __FILE__, __LINE__);
   }
   // Allocate and upload.
   explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) { upload(host); }
@@ -105,7 +117,9 @@ template <typename T>
 class ScratchBuffer {
  public:
   explicit ScratchBuffer(size_t n) : n_(n) {
-    if (n_) CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&p_), n_ * sizeof(T), nullptr));
+    if (n_)
+      detail::check_alloc(cudaMallocAsync(reinterpret_cast<void**>(&p_), n_ * sizeof(T), nullptr), n_ * sizeof(T),
+                          __FILE__, __LINE__);
   }
   ~ScratchBuffer() {
     if (p_) cudaFreeAsync(p_, nullptr);

@@ -5,6 +5,11 @@
 #endif
 
 #include <fmt/format.h>
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <fstream>
+#include <string>
 
 namespace dsv3 {
 
@@ -43,5 +48,19 @@ bool cuda_built() { return false; }
 bool gpu_available() { return false; }
 std::string gpu_description() { return "built without CUDA"; }
 #endif
+
+uint64_t available_host_bytes() {
+  uint64_t bytes = 0;
+  std::ifstream f("/proc/meminfo");
+  for (std::string line; std::getline(f, line);)
+    if (line.rfind("MemAvailable:", 0) == 0) {
+      bytes = std::stoull(line.substr(13)) * 1024;  // "MemAvailable:   123456 kB"
+      break;
+    }
+  rlimit lim{};
+  if (getrlimit(RLIMIT_AS, &lim) == 0 && lim.rlim_cur != RLIM_INFINITY)
+    bytes = bytes == 0 ? uint64_t(lim.rlim_cur) : std::min<uint64_t>(bytes, lim.rlim_cur);
+  return bytes;
+}
 
 }  // namespace dsv3

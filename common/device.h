@@ -1,6 +1,7 @@
 // Is there a usable CUDA device? Compiles in every build; without CUDA the answer is always no.
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 namespace dsv3 {
@@ -11,5 +12,8 @@ bool cuda_built();
 bool gpu_available();
 // Why gpu_available() is false ("built without CUDA", "no CUDA device: ..."), or the device's name.
 std::string gpu_description();
+// Memory a new allocation can use on this machine: MemAvailable of /proc/meminfo, capped by the address-space
+// limit (ulimit -v) when one is set; 0 when unknown.
+uint64_t available_host_bytes();
 
 }  // namespace dsv3

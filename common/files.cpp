@@ -2,8 +2,10 @@
 #include "common/files.h"
 
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <unistd.h>
 
+#include <cstdint>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -14,16 +16,25 @@
 
 namespace dsv3 {
 
-std::string read_file(const std::string& path, const std::string& what) {
+std::string read_file(const std::string& path, const std::string& what, uint64_t max_bytes) {
   namespace fs = std::filesystem;
-  require(fs::exists(path), "{} '{}' does not exist", what, path);
-  require(!fs::is_directory(path), "{} '{}' is a directory, not a file", what, path);
+  std::error_code ec;
+  const fs::file_status st = fs::status(path, ec);  // follows symlinks: a link to /dev/zero is a device
+  require(fs::exists(st), "{} '{}' does not exist{}", what, path, ec && ec != std::errc::no_such_file_or_directory
+          ? fmt::format(" or cannot be reached ({})", ec.message()) : "");
+  require(!fs::is_directory(st), "{} '{}' is a directory, not a file", what, path);
+  require(fs::is_regular_file(st), "{} '{}' is not a regular file (a device, FIFO or socket): only files are read",
+          what, path);
+  const uint64_t size = fs::file_size(path, ec);
+  require(!ec, "{} '{}' cannot be read: {}", what, path, ec.message());
+  require(size <= max_bytes, "{} '{}' is {} bytes, more than the {} this file can hold", what, path, size, max_bytes);
   std::ifstream f(path, std::ios::binary);
   require(f.good(), "{} '{}' cannot be read (permissions?)", what, path);
-  std::ostringstream ss;
-  ss << f.rdbuf();
-  require(!f.bad(), "{} '{}': read error", what, path);
-  return ss.str();
+  std::string bytes(size, '\0');
+  f.read(bytes.data(), std::streamsize(size));
+  require(!f.bad() && uint64_t(f.gcount()) == size, "{} '{}': read error (the file changed while being read?)", what,
+          path);
+  return bytes;
 }
 
 void write_file_atomic(const std::string& path, const std::string& bytes) {

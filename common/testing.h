@@ -5,6 +5,7 @@
 
 #include "common/compare.h"
 #include "common/device.h"
+#include "common/errors.h"
 #include "common/gradcheck.h"
 
 // First statement of every GPU test: skips visibly (ctest counts it as skipped) without a device.
@@ -43,6 +44,17 @@ template <typename T>
 std::vector<std::pair<std::string, const std::vector<T>*>> read_only(
     const std::vector<std::pair<std::string, std::vector<T>*>>& tensors) {
   return {tensors.begin(), tensors.end()};
+}
+
+// f() must throw a UserError (a bad input: exit code 2) whose message contains fragment.
+template <typename F>
+void expect_user_error(F&& f, const std::string& fragment) {
+  try {
+    f();
+    ADD_FAILURE() << "no error; expected one containing '" << fragment << "'";
+  } catch (const UserError& e) {
+    EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace dsv3
