@@ -199,6 +199,15 @@ uint64_t cpu_train_bytes(const ModelConfig& c, const ParamBreakdown& pb, int bat
 TrainResult do_train(const TrainArgs& a, const Prepared& data, std::ostream& out) {
   const ModelConfig c = run_model_config(a.preset, data.info.vocab_size, a.cfg.seq_len);
   const ParamBreakdown pb = count_params(c);
+  {  // the kernels index one step's activations with int: the widest per-token row times the tokens must fit
+    const int64_t widest = std::max({int64_t(c.vocab_size), int64_t(4) * c.hidden_size,
+                                     int64_t(c.num_attention_heads) * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim),
+                                     int64_t(c.num_experts_per_tok) * c.moe_intermediate_size, int64_t(c.intermediate_size)});
+    const int64_t tokens = int64_t(a.cfg.batch) * a.cfg.seq_len;
+    require(tokens * widest <= INT32_MAX, "batch {} x seq_len {} = {} tokens a step is more than this implementation "
+            "indexes (at most {} for this model): reduce --batch or --seq-len", a.cfg.batch, a.cfg.seq_len, tokens,
+            INT32_MAX / widest);
+  }
   const bool gpu = a.device == "cuda" || (a.device == "auto" && gpu_available());
   if (!gpu) {  // refused before allocating: an overcommitted allocation would be killed later, without a message
     const uint64_t need = cpu_train_bytes(c, pb, a.cfg.batch, a.cfg.seq_len), have = available_host_bytes();
@@ -216,7 +225,13 @@ TrainResult do_train(const TrainArgs& a, const Prepared& data, std::ostream& out
   fs::create_directories(a.run);
   // the run folder is self-contained: the tokenizer travels with the checkpoints
   // (never replaced: a folder that already holds a run keeps its own, and the trainer refuses other data)
-  fs::copy_file(a.data + "/tokenizer.model", a.run + "/tokenizer.model", fs::copy_options::skip_existing);
+  // load_prepared has checked the data's tokenizer; a run folder's own copy must be the same file
+  const std::string data_tok = a.data + "/" + data.info.tokenizer, run_tok = a.run + "/tokenizer.model";
+  if (fs::exists(run_tok))
+    require(read_file(run_tok, "tokenizer model") == read_file(data_tok, "tokenizer model"), "{} differs from the "
+            "data's tokenizer {}: this run was prepared with other data", run_tok, data_tok);
+  else
+    fs::copy_file(data_tok, run_tok);
   TrainHooks hooks;
   hooks.plots_script = std::string(DSV3_STAGE_DIR) + "/plots.gp";
   hooks.stop = &g_stop;
@@ -278,7 +293,11 @@ void print_sample(const std::string& prompt, const SampleResult& r) {
 // Returns false when speculative decoding did not reproduce plain decoding.
 bool do_sample(const SampleArgs& a) {
   const Model<float> model = load_model(a.checkpoint);
-  const Tokenizer tok = Tokenizer::load(find_tokenizer(a));
+  const std::string tok_path = find_tokenizer(a);
+  const Tokenizer tok = Tokenizer::load(tok_path);
+  require(tok.vocab_size() == model.config().vocab_size, "tokenizer {} has {} pieces, the checkpoint's model a "
+          "vocabulary of {}: give the tokenizer it was trained with (--tokenizer)", tok_path, tok.vocab_size(),
+          model.config().vocab_size);
   std::cout << fmt::format("sampling from {} (CPU, latent KV cache, absorbed MLA) | temperature {:g}, top-k {}, "
                            "top-p {:g}, seed {}\n",
                            a.checkpoint, a.opt.temperature, a.opt.top_k, a.opt.top_p, a.opt.seed);
@@ -497,7 +516,7 @@ void add_train_options(CLI::App* cmd, TrainArgs& a) {
   cmd->add_option("--eval-every", a.cfg.eval_every, "validate and checkpoint every this many steps")->check(CLI::PositiveNumber);
   cmd->add_option("--patience", a.cfg.patience, "stop after this many evaluations without a new best (0: off)");
   cmd->add_option("--max-minutes", a.cfg.max_minutes, "stop cleanly after this long (0: off)");
-  cmd->add_option("--model-seed", a.model_seed, "seed of the initial weights")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--model-seed", a.model_seed, "seed of the initial weights")->check(unsigned_integer());
   cmd->add_flag("--resume", a.resume, "continue the run in --run from its last checkpoint");
 }
 

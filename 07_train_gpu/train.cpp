@@ -36,6 +36,10 @@ void TrainConfig::validate() const {
   at_least(batch, 1, "batch");
   at_least(seq_len, 1, "seq_len");
   at_least(max_steps, int64_t(1), "max_steps");
+  // far above any run here; keeps step * batch * seq_len (tokens seen) and the schedule's arithmetic in range
+  require(max_steps <= int64_t(1e12), "train config: max_steps must be <= 1e12, got {}", max_steps);
+  require(batch <= (1 << 20) && seq_len <= (1 << 20), "train config: batch and seq_len must be <= 2^20, got {} and {}",
+          batch, seq_len);
   require(std::isfinite(lr) && lr > 0, "train config: lr must be a positive number, got {}", lr);
   require(min_lr_ratio >= 0 && min_lr_ratio <= 1, "train config: min_lr_ratio must be in [0, 1], got {}",
           min_lr_ratio);

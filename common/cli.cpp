@@ -16,7 +16,7 @@ void add_demo_options(CLI::App& app, DemoOptions& opt, const std::string& defaul
   opt.out = default_out;
   app.add_option("--out", opt.out, "folder for CSV files and PNG plots")->capture_default_str();
   app.add_flag("--check", opt.check, "run the self-checks only; exit code 1 if any fails");
-  app.add_option("--seed", opt.seed, "random seed")->check(CLI::NonNegativeNumber)->capture_default_str();
+  app.add_option("--seed", opt.seed, "random seed")->check(unsigned_integer())->capture_default_str();
 }
 
 int run_main(CLI::App& app, int argc, char** argv, const std::function<int()>& body) {

@@ -19,9 +19,17 @@ struct DemoOptions {
 
 void add_demo_options(CLI::App& app, DemoOptions& opt, const std::string& default_out);
 
+// For unsigned flags (seeds): CLI11 would wrap "-1" to 2^64 - 1; this refuses any leading minus sign.
+inline CLI::Validator unsigned_integer() {
+  return CLI::Validator(
+      [](const std::string& s) { return s.find('-') == std::string::npos ? std::string() : "must be >= 0, got " + s; },
+      "UINT");
+}
+
 // Parses argv into app and runs body(). Returns the process exit code:
-//   body()'s code; 0 for --help; 2 for a bad flag or a UserError (one line on stderr);
-//   1 for any other exception (CUDA failure, bug), also one line on stderr.
+//   body()'s code; 0 for --help; 2 for a bad flag, a UserError, a path that cannot be used
+//   (std::filesystem::filesystem_error) or an allocation the machine cannot hold (std::bad_alloc), one line on
+//   stderr; 1 for any other exception (CUDA failure, bug), also one line on stderr.
 int run_main(CLI::App& app, int argc, char** argv, const std::function<int()>& body);
 
 // The command line as typed, for the log line that makes a run reproducible.
