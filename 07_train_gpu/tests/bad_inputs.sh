@@ -21,6 +21,7 @@
 # crash (killed by a signal), hang (timeout), accepted (exit 0 on bad input, or a non-finite checkpoint written),
 # wrong-code (any other exit code, e.g. 1 "internal error", or exit 2 without the message).
 # The summary counts them per category; the exit code is 1 when any case is not clean.
+# shellcheck disable=SC2034  # D, F, TK, C, L0KV, UP3 are read by the eval'd mutations
 set -u
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -665,7 +666,7 @@ cat_swap() {
       if [[ $first == none ]]; then
         expect2 swap "$name.resume" 'no .*checkpoint|incomplete|missing|not exist' -- "${RESUME[@]}" "$r"
       else
-        expect0 swap "$name.resume" "resum.* at step $first[^0-9]" 'done: 9 steps' -- "${RESUME[@]}" "$r"
+        expect0 swap "$name.resume" "resum.* at step ${first}[^0-9]" 'done: 9 steps' -- "${RESUME[@]}" "$r"
       fi
     fi
     if selected "swap/$name.fresh"; then
@@ -762,7 +763,7 @@ cat_signals() {
     fi
     record signals "$name" "$st" "$pre" "exit $((128 + num)) with checkpoints/last saved" "${cmd[@]}"
     if [[ $st == clean ]]; then
-      expect0 signals "$name.resume" "resum.* at step $step[^0-9]" "done: $((step + 3)) steps" -- "${TRAIN[@]}" --run "$r" --device cpu \
+      expect0 signals "$name.resume" "resum.* at step ${step}[^0-9]" "done: $((step + 3)) steps" -- "${TRAIN[@]}" --run "$r" --device cpu \
         --precision fp32 --preset tiny --batch 4 --seq-len 32 --warmup 1 --eval-every 1000000 --steps $((step + 3)) --resume
     else
       selected "signals/$name.resume" && { RC=-; NOTE="not run: the stop left no checkpoint"; record signals "$name.resume" wrong-code "" "--resume continues" "(skipped)"; }
