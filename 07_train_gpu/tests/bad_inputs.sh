@@ -522,6 +522,7 @@ cat_data() {
   DJ='"$DD/data.json"'
   data_case val_bytes_wrong "js $DJ splits.val.bytes 5000" 'bytes'
   data_case train_bytes_wrong "js $DJ splits.train.bytes 99" 'bytes'
+  data_case val_fraction_1e400 "js $DJ val_fraction 1e400" 'val_fraction|1e400|range|overflow'
   data_case eos_id_other "js $DJ eos_id 3" 'eos'
   data_case vocab_other "js $DJ vocab_size 512" 'vocab'
   data_case vocab_over_uint16 "js $DJ vocab_size 70000" 'vocab'
