@@ -73,7 +73,7 @@ void save_checkpoint(const std::string& dir, const ModelConfig& c, const TensorM
 Checkpoint load_checkpoint(const std::string& dir) {
   require(std::filesystem::is_directory(dir), "checkpoint folder '{}' does not exist", dir);
   Checkpoint ck;
-  ck.config = load_config(dir + "/config.json", &ck.warnings);
+  ck.config = load_config(dir + "/config.json");
   const SafetensorsFile f(dir + "/model.safetensors");
   const auto specs = checkpoint_specs(ck.config);
   std::set<std::string> known;

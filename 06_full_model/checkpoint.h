@@ -37,7 +37,6 @@ void save_checkpoint(const std::string& dir, const ModelConfig& c, const TensorM
 struct Checkpoint {
   ModelConfig config;
   TensorMap tensors;  // every non-mirror spec, as fp32
-  std::vector<std::string> warnings;
 };
 // Reads dir/config.json and dir/model.safetensors; UserError naming the problem when a tensor is missing,
 // unexpected, of the wrong shape or dtype, or a mirror differs from its source.

@@ -132,11 +132,7 @@ int main(int argc, char** argv) {
     }
     std::vector<std::pair<std::string, ModelConfig>> configs;
     for (const auto& n : config_preset_names()) configs.emplace_back(n, config_preset(n));
-    if (!config_path.empty()) {
-      std::vector<std::string> warnings;
-      configs.emplace_back(config_path, load_config(config_path, &warnings));
-      for (const auto& w : warnings) std::cout << "warning: " << w << "\n";
-    }
+    if (!config_path.empty()) configs.emplace_back(config_path, load_config(config_path));
     if (!opt.check) ensure_dir(opt.out);
     int failures = 0;
     for (size_t i = 0; i < configs.size(); ++i) {

@@ -349,10 +349,12 @@ class Reader {
     }
     read(key, out);
   }
-  void unknown_keys(const std::set<std::string>& also_known, std::vector<std::string>* warnings) const {
+  // DESIGN.md §6: an unknown field is an error naming it (a typo such as "hidden_sise" must not pass silently).
+  void unknown_keys(const std::set<std::string>& also_known) const {
     for (auto it = j_.begin(); it != j_.end(); ++it)
-      if (!seen_.count(it.key()) && !also_known.count(it.key()) && warnings)
-        warnings->push_back(fmt::format("config{}: unknown field '{}' ignored", where_, it.key()));
+      require(seen_.count(it.key()) || also_known.count(it.key()), "config{}: unknown field '{}' (not a DeepseekV3 "
+              "field this project reads, nor one of transformers' bookkeeping keys): remove or correct it", where_,
+              it.key());
   }
 
  private:
@@ -364,13 +366,13 @@ class Reader {
 // rope_scaling (or transformers 5's rope_parameters): "yarn" with DeepSeek's fields, or (rope_parameters only)
 // "default" for plain RoPE. Returns the YaRN settings or nothing.
 std::optional<RopeScaling> read_rope(const json& j, const std::string& where, const std::string& type_key,
-                                     bool has_theta, double* theta, std::vector<std::string>* warnings) {
+                                     bool has_theta, double* theta) {
   const Reader s(j, where);
   std::string type;
   s.read(type_key, type);
   if (has_theta) s.read("rope_theta", *theta);
   if (type == "default" && has_theta) {
-    s.unknown_keys({}, warnings);
+    s.unknown_keys({});
     return std::nullopt;
   }
   require(type == "yarn", "config{}: {} must be \"yarn\" (DeepSeek-V3){}, got \"{}\"", where, type_key,
@@ -382,13 +384,13 @@ std::optional<RopeScaling> read_rope(const json& j, const std::string& where, co
   s.read("beta_slow", y.beta_slow);
   s.read("mscale", y.mscale);
   s.read("mscale_all_dim", y.mscale_all_dim);
-  s.unknown_keys({"type", "rope_type"}, warnings);
+  s.unknown_keys({"type", "rope_type"});
   return y;
 }
 
 }  // namespace
 
-ModelConfig config_from_json_text(const std::string& text, std::vector<std::string>* warnings) {
+ModelConfig config_from_json_text(const std::string& text) {
   json j;
   try {
     j = json::parse(text);
@@ -430,14 +432,13 @@ ModelConfig config_from_json_text(const std::string& text, std::vector<std::stri
   if (const json* rp = r.find("rope_parameters")) {
     // transformers 5 writes RoPE settings as one "rope_parameters" object
     require(rp->is_object(), "config: field 'rope_parameters' must be an object, got {}", rp->dump());
-    c.rope_scaling = read_rope(*rp, ".rope_parameters", "rope_type", true, &c.rope_theta, warnings);
+    c.rope_scaling = read_rope(*rp, ".rope_parameters", "rope_type", true, &c.rope_theta);
   } else {
     r.read("rope_theta", c.rope_theta);
     const json& rs = r.need("rope_scaling");
     if (!rs.is_null()) {
       require(rs.is_object(), "config: field 'rope_scaling' must be an object or null, got {}", rs.dump());
-      c.rope_scaling = read_rope(rs, ".rope_scaling", rs.contains("type") ? "type" : "rope_type", false, nullptr,
-                                 warnings);
+      c.rope_scaling = read_rope(rs, ".rope_scaling", rs.contains("type") ? "type" : "rope_type", false, nullptr);
     }
   }
   if (const json* h = r.find("hidden_act"))
@@ -452,9 +453,9 @@ ModelConfig config_from_json_text(const std::string& text, std::vector<std::stri
     s.read("aux_alpha", c.training.aux_alpha);
     s.read("bias_update_speed", c.training.bias_update_speed);
     s.read("mtp_lambda", c.training.mtp_lambda);
-    s.unknown_keys({}, warnings);
+    s.unknown_keys({});
   }
-  r.unknown_keys(kBookkeeping, warnings);
+  r.unknown_keys(kBookkeeping);
   c.validate();
   return c;
 }
@@ -516,10 +517,10 @@ std::string config_to_json_text(const ModelConfig& c) {
   return j.dump(2) + "\n";
 }
 
-ModelConfig load_config(const std::string& path, std::vector<std::string>* warnings) {
+ModelConfig load_config(const std::string& path) {
   const std::string text = read_file(path, "config file", kMaxJsonBytes);
   try {
-    return config_from_json_text(text, warnings);
+    return config_from_json_text(text);
   } catch (const UserError& e) {
     throw UserError(fmt::format("{}: {}", path, e.what()));
   }

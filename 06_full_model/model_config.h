@@ -85,11 +85,11 @@ struct ModelConfig {
 ModelConfig config_preset(const std::string& name);
 std::vector<std::string> config_preset_names();
 
-// config.json text <-> config. Parsing: a missing or mistyped field is a UserError naming it; a field we do
-// not know is appended to *warnings (when given) and ignored; transformers' bookkeeping keys are accepted.
-ModelConfig config_from_json_text(const std::string& text, std::vector<std::string>* warnings = nullptr);
+// config.json text <-> config. Parsing: a missing, mistyped, out-of-range or unknown field is a UserError naming
+// it (DESIGN.md §6); transformers' bookkeeping keys (architectures, torch_dtype, ...) are accepted and ignored.
+ModelConfig config_from_json_text(const std::string& text);
 std::string config_to_json_text(const ModelConfig& c);  // HF DeepseekV3 keys + "nano_dsv3"
-ModelConfig load_config(const std::string& path, std::vector<std::string>* warnings = nullptr);
+ModelConfig load_config(const std::string& path);
 void save_config(const ModelConfig& c, const std::string& path);  // atomic
 
 // Parameter counts per component, total and active per token.

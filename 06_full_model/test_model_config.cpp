@@ -36,9 +36,7 @@ void expect_error(const std::string& text, const std::string& fragment) {
 TEST(ModelConfig, PresetsRoundTripThroughJson) {
   for (const auto& name : config_preset_names()) {
     const ModelConfig c = config_preset(name);
-    std::vector<std::string> warnings;
-    const ModelConfig d = config_from_json_text(config_to_json_text(c), &warnings);
-    EXPECT_TRUE(warnings.empty()) << name << ": " << warnings.front();
+    const ModelConfig d = config_from_json_text(config_to_json_text(c));
     EXPECT_EQ(config_to_json_text(d), config_to_json_text(c)) << name;
   }
 }
@@ -94,17 +92,24 @@ TEST(ModelConfig, MissingMistypedAndInconsistentFieldsAreNamed) {
   EXPECT_THROW(config_preset("huge"), UserError);
 }
 
-TEST(ModelConfig, UnknownFieldsWarnAndTransformersKeysAreAccepted) {
+TEST(ModelConfig, UnknownFieldsAreErrorsAndTransformersKeysAreAccepted) {
   auto j = nlohmann::json::parse(config_to_json_text(config_preset("tiny")));
   j["torch_dtype"] = "float32";
   j["transformers_version"] = "5.17.0";
-  j["my_new_knob"] = 3;
-  j["nano_dsv3"]["lr"] = 0.1;
-  std::vector<std::string> warnings;
-  config_from_json_text(j.dump(), &warnings);
-  ASSERT_EQ(warnings.size(), 2u);
-  EXPECT_NE(warnings[0].find("nano_dsv3"), std::string::npos);
-  EXPECT_NE(warnings[1].find("'my_new_knob'"), std::string::npos);
+  EXPECT_NO_THROW(config_from_json_text(j.dump()));
+  auto typo = j;
+  typo["hidden_sise"] = 24;
+  expect_error(typo.dump(), "unknown field 'hidden_sise'");
+  auto knob = j;
+  knob["nano_dsv3"]["lr"] = 0.1;
+  expect_error(knob.dump(), "config.nano_dsv3: unknown field 'lr'");
+  // integers are read through 64 bits: 2^32 + 24 is not 24
+  auto wide = j;
+  wide["hidden_size"] = 4294967320LL;
+  expect_error(wide.dump(), "'hidden_size' = 4294967320 is out of range");
+  auto huge = j;
+  huge["max_position_embeddings"] = 2147483647;
+  expect_error(huge.dump(), "max_position_embeddings = 2147483647 is larger than this implementation supports");
 }
 
 TEST(ModelConfig, ReadsTransformers5RopeParameters) {

@@ -231,7 +231,7 @@ DataInfo info_from_json(const std::string& text, const std::string& what) {
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(text);
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {  // parse_error; out_of_range for a number like 1e400
     throw UserError(fmt::format("{} is not valid JSON: {}", what, e.what()));
   }
   require(j.is_object(), "{}: expected a JSON object", what);

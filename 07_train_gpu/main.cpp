@@ -269,7 +269,6 @@ std::string checkpoint_to_read(const std::string& dir) {
 
 Model<float> load_model(const std::string& dir) {
   const Checkpoint ck = load_checkpoint(checkpoint_to_read(dir));
-  for (const auto& w : ck.warnings) std::cout << "warning: " << w << "\n";
   Model<float> m(ck.config, 0);
   m.load_tensor_map(ck.tensors);
   return m;
@@ -302,6 +301,8 @@ bool do_sample(const SampleArgs& a) {
                            "top-p {:g}, seed {}\n",
                            a.checkpoint, a.opt.temperature, a.opt.top_k, a.opt.top_p, a.opt.seed);
   bool ok = true;
+  for (size_t i = 0; i < a.prompts.size(); ++i)  // not echoed: it may not be printable
+    validate_text(a.prompts[i], a.prompts.size() == 1 ? "--prompt" : fmt::format("--prompt number {}", i + 1));
   for (size_t i = 0; i < a.prompts.size(); ++i) {
     SampleOptions o = a.opt;
     o.prompt = a.prompts[i];
@@ -344,7 +345,6 @@ struct EvalArgs {
 // was trained with). The last line is JSON (check_transformers.py --ours reads it).
 void do_eval(const EvalArgs& a) {
   const Checkpoint ck = load_checkpoint(checkpoint_to_read(a.checkpoint));
-  for (const auto& w : ck.warnings) std::cout << "warning: " << w << "\n";
   const TrainerState st = read_trainer_state(a.checkpoint);
   const Prepared data = load_prepared(a.data);
   require(data.info.vocab_size == ck.config.vocab_size, "eval: the data in {} has vocabulary {}, the checkpoint {}: "

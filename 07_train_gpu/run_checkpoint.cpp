@@ -4,6 +4,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <optional>
 #include <nlohmann/json.hpp>
@@ -95,7 +96,7 @@ TrainerState state_from_json(const std::string& text, const std::string& where) 
   json j;
   try {
     j = json::parse(text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, and out_of_range for a number like 1e400
     throw UserError(fmt::format("{}: not valid JSON ({}); the checkpoint is damaged", where, e.what()));
   }
   require(j.is_object(), "{}: expected a JSON object", where);
@@ -250,8 +251,10 @@ TrainerState read_trainer_state(const std::string& dir) {
   return state_from_json(read_file(path, "trainer state", kMaxJsonBytes), path);
 }
 
-TrainerState load_run_checkpoint(const std::string& dir, Backend& backend, const data::DataInfo& info) {
-  const std::string d = resolve_checkpoint(dir);
+namespace {
+
+// load_run_checkpoint of exactly the folder d.
+TrainerState load_folder(const std::string& d, Backend& backend, const data::DataInfo& info) {
   // 1) the trainer state, and that it was trained on this data
   const std::string state_path = d + "/trainer_state.json";
   const TrainerState st = state_from_json(read_file(state_path, "trainer state", kMaxJsonBytes), state_path);
@@ -287,6 +290,49 @@ TrainerState load_run_checkpoint(const std::string& dir, Backend& backend, const
   backend.load_weights(ck.tensors);
   backend.load_optimizer_state(moments);
   return st;
+}
+
+}  // namespace
+
+TrainerState load_run_checkpoint(const std::string& dir, Backend& backend, const data::DataInfo& info) {
+  return load_folder(resolve_checkpoint(dir), backend, info);
+}
+
+Resumed resume_run_checkpoint(const std::string& run_dir, Backend& backend, const data::DataInfo& info) {
+  Resumed r;
+  for (const char* name : {"last", "best"}) {
+    const std::string base = checkpoint_dir(run_dir, name);
+    // every copy that holds a trainer_state.json (written last, atomically: a copy without one is an
+    // interrupted write); an unreadable one is damage, refused by name
+    std::vector<std::pair<int64_t, std::string>> copies;
+    for (const std::string& d : {base, base + ".old", base + ".tmp"}) {
+      std::error_code ec;
+      if (!fs::exists(d + "/trainer_state.json", ec)) continue;
+      const std::string path = d + "/trainer_state.json";
+      copies.emplace_back(state_from_json(read_file(path, "trainer state", kMaxJsonBytes), path).step, d);
+    }
+    if (copies.empty()) {
+      r.notes.push_back(fmt::format("no complete {} checkpoint", name));
+      continue;
+    }
+    std::stable_sort(copies.begin(), copies.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
+    // the newest that loads: a damaged .tmp or .old (say, a file lost after its trainer state was written)
+    // gives way to the next copy, with a note naming it
+    std::string newest_error;
+    for (const auto& [step, d] : copies) {
+      try {
+        r.state = load_folder(d, backend, info);
+        r.dir = d;
+        return r;
+      } catch (const UserError& e) {
+        if (newest_error.empty()) newest_error = e.what();
+        r.notes.push_back(fmt::format("skipped {}: {}", d, e.what()));
+      }
+    }
+    throw UserError(newest_error);
+  }
+  throw UserError(fmt::format("--resume: no checkpoint to resume in {} (no complete last or best checkpoint, nor "
+                              "their .old/.tmp): train without --resume to start this run", run_dir + "/checkpoints"));
 }
 
 std::vector<std::string> resume_config_changes(const TrainConfig& saved, const TrainConfig& now) {

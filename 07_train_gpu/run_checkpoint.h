@@ -59,6 +59,17 @@ TrainerState read_trainer_state(const std::string& dir);
 // before loading the weights (MoE biases included) and moments into the backend. UserError naming the file.
 TrainerState load_run_checkpoint(const std::string& dir, Backend& backend, const data::DataInfo& info);
 
+// What --resume continues from: the newest copy (of last, last.old, last.tmp) that loads, or, when no last
+// checkpoint was ever completed, of best. A copy whose trainer_state.json is unreadable is damage: UserError
+// naming it; a copy that fails to load gives way to the next (a note says which and why); UserError when none
+// loads or none exists.
+struct Resumed {
+  TrainerState state;
+  std::string dir;                 // the folder loaded
+  std::vector<std::string> notes;  // copies skipped, and why
+};
+Resumed resume_run_checkpoint(const std::string& run_dir, Backend& backend, const data::DataInfo& info);
+
 // A resume's train config against the saved one: UserError when batch, seq_len or seed differ (they fix the order
 // of the batches); otherwise one line "resume: <field> <saved> -> <now>" per other field that changed (JSON values,
 // fields in alphabetical order).

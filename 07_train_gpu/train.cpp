@@ -264,7 +264,7 @@ class Run {
         last_dir_(checkpoint_dir(run_dir, "last")), best_dir_(checkpoint_dir(run_dir, "best")),
         batcher_(data.train, cfg.batch, cfg.seq_len, cfg.seed),
         progress_(out, hooks.tty >= 0 ? hooks.tty == 1 : (&out == &std::cout && ::isatty(STDOUT_FILENO))) {
-    start_state(resume);
+    start_state(run_dir, resume);
     batcher_.set_state(st_.batcher);
     ensure_dir(run_dir + "/checkpoints");
     open_logs(run_dir, resume);
@@ -300,17 +300,14 @@ class Run {
 
  private:
   // 1) fresh (the run folder must hold no checkpoint) or from the last checkpoint
-  void start_state(bool resume) {
+  void start_state(const std::string& run_dir, bool resume) {
     if (resume) {
-      // the newest complete last checkpoint; when a run was killed before its first one was complete, the best
-      const std::string from = newest_complete_checkpoint(last_dir_) ? last_dir_ : best_dir_;
-      require(newest_complete_checkpoint(from).has_value(), "--resume: no checkpoint to resume in {} (looked for "
-              "a complete last, best and their .old/.tmp): train without --resume to start this run",
-              fs::path(last_dir_).parent_path().string());
-      st_ = load_run_checkpoint(from, backend_, data_.info);
+      const Resumed r = resume_run_checkpoint(run_dir, backend_, data_.info);
+      st_ = r.state;
+      for (const std::string& note : r.notes) out_ << "resume: " << note << "\n";
       for (const std::string& change : resume_config_changes(st_.config, cfg_)) out_ << change << "\n";
-      out_ << fmt::format("resumed {} at step {} ({} updates, best val ce {} at step {})\n",
-                          resolve_checkpoint(from), st_.step, st_.updates,
+      out_ << fmt::format("resumed {} at step {} ({} updates, best val ce {} at step {})\n", r.dir, st_.step,
+                          st_.updates,
                           st_.best_step >= 0 ? fmt::format("{:.4f}", st_.best_val_ce) : "-", st_.best_step);
     } else {
       // a complete checkpoint (any of last/best and their .old/.tmp) must be resumed; an incomplete .tmp, left by
@@ -581,6 +578,8 @@ ModelConfig run_model_config(const std::string& preset_or_path, int vocab_size, 
     require(c.vocab_size == vocab_size, "{}: vocab_size is {} but the data's tokenizer has {} tokens: use a config "
             "made for this data, or a preset (its vocab_size is set from the data)", path, c.vocab_size, vocab_size);
   }
+  require(seq_len <= kMaxPositions, "--seq-len {} is longer than this implementation supports (at most {} positions)",
+          seq_len, kMaxPositions);
   c.max_position_embeddings = std::max(c.max_position_embeddings, seq_len);
   c.validate();
   return c;

@@ -3,7 +3,6 @@
 // config_to_json_text unchanged.
 #include <cstdint>
 #include <string>
-#include <vector>
 
 #include "06_full_model/model_config.h"
 #include "fuzz/fuzz_support.h"
@@ -11,8 +10,7 @@
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string text(reinterpret_cast<const char*>(data), size);
   try {
-    std::vector<std::string> warnings;
-    const dsv3::ModelConfig c = dsv3::config_from_json_text(text, &warnings);
+    const dsv3::ModelConfig c = dsv3::config_from_json_text(text);
     const dsv3::ParamBreakdown b = dsv3::count_params(c);
     for (const auto& row : b.rows)
       if (row.total < 0 || row.active < 0 || row.active > row.total)
