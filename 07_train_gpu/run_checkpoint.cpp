@@ -307,6 +307,9 @@ Resumed resume_run_checkpoint(const std::string& run_dir, Backend& backend, cons
     std::vector<std::pair<int64_t, std::string>> copies;
     for (const std::string& d : {base, base + ".old", base + ".tmp"}) {
       std::error_code ec;
+      // <base> is only ever made by renaming a complete .tmp: without its state it is damaged
+      require(d != base || !fs::exists(d, ec) || fs::exists(d + "/trainer_state.json", ec),
+              "{}/trainer_state.json is missing: the checkpoint is damaged", d);
       if (!fs::exists(d + "/trainer_state.json", ec)) continue;
       const std::string path = d + "/trainer_state.json";
       copies.emplace_back(state_from_json(read_file(path, "trainer state", kMaxJsonBytes), path).step, d);
