@@ -20,6 +20,7 @@
 #include "07_train_gpu/data.h"
 #include "07_train_gpu/run_checkpoint.h"
 #include "common/safetensors.h"
+#include "fuzz/fuzz_data_fixture.h"
 #include "fuzz/fuzz_support.h"
 
 namespace fs = std::filesystem;
@@ -173,13 +174,17 @@ std::string token_bytes(const std::vector<uint16_t>& t) {
   return slurp(path);
 }
 
-std::string prepared_bytes(const data::Prepared& p) {
-  return fuzz::join_parts({data::info_to_json(p.info), token_bytes(p.train), token_bytes(p.val)});
+// fuzz_prepared_data's input: the fixture's data.json | train.bin | val.bin (its tokenizer is the target's)
+std::string prepared_bytes() {
+  const std::string d = fuzz::data_fixture_dir();
+  return fuzz::join_parts({slurp(d + "/data.json"), slurp(d + "/train.bin"), slurp(d + "/val.bin")});
 }
 
 void load_prepared_bytes(const std::string& bytes) {
   const std::string dir = fuzz::scratch().path() + "/check_data";
   fs::create_directories(dir);
+  fs::copy_file(fuzz::data_fixture_dir() + "/tokenizer.model", dir + "/tokenizer.model",
+                fs::copy_options::overwrite_existing);
   const auto parts = fuzz::split_parts(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), 3);
   fuzz::write_bytes(dir + "/data.json", parts[0]);
   fuzz::write_bytes(dir + "/train.bin", parts[1]);
@@ -262,7 +267,7 @@ int main(int argc, char** argv) {
   const data::Prepared p = prepared(70, 15);
   seed(corpus, "data_json", "data.json", data::info_to_json(p.info),
        [](const std::string& t) { data::info_from_json(t, "data.json"); });
-  seed(corpus, "prepared_data", "small", prepared_bytes(p), load_prepared_bytes);
+  seed(corpus, "prepared_data", "fixture", prepared_bytes(), load_prepared_bytes);
   seed(corpus, "tokens", "small", tokens_input(p.train, p.info.vocab_size), load_tokens_input);
   seed(corpus, "tokens", "full_uint16_range", tokens_input({0, 1, 255, 256, 65534, 65535}, 65536), load_tokens_input);
 

@@ -56,7 +56,7 @@ cmake --build "$BUILD_DIR" -j"$(nproc)" >"$LOG_DIR/build.log" 2>&1 || { grep -E 
 
 # ---- compute-sanitizer pass: every test binary, its GPU tests only, once per tool ---------------------------
 run_compute_sanitizer() {
-  local out="$LOG_DIR/compute_sanitizer" summary rc=0 exe name tool log status errors hazards verdict
+  local out="$LOG_DIR/compute_sanitizer" summary rc=0 exe name tool log status errors hazards verdict passed ran=0
   mkdir -p "$out"
   summary="$out/summary.txt"
   "$CS" --version 2>&1 | head -3 >"$summary"
@@ -76,7 +76,9 @@ run_compute_sanitizer() {
       hazards=$(grep -Eo 'RACECHECK SUMMARY: [0-9]+ hazard' "$log" | tail -1 | grep -Eo '[0-9]+' | head -1)
       if grep -q '\[  FAILED  \]' "$log"; then verdict="FAILED"
       elif grep -q '\[  PASSED  \]' "$log"; then
-        verdict="$(grep -Eo '\[  PASSED  \] [0-9]+' "$log" | grep -Eo '[0-9]+$') passed"
+        passed=$(grep -Eo '\[  PASSED  \] [0-9]+' "$log" | grep -Eo '[0-9]+$')
+        ran=$((ran + passed))
+        verdict="$passed passed"
         grep -q '\[  SKIPPED \]' "$log" && verdict+=", $(grep -Eo '\[  SKIPPED \] [0-9]+' "$log" | grep -Eo '[0-9]+$') skipped"
       elif ((status == 124)); then verdict="TIMEOUT"
       else verdict="no result (exit $status)"; fi
@@ -84,6 +86,10 @@ run_compute_sanitizer() {
       if ((status != 0)) || [[ -z $errors || $errors != 0 || ${hazards:-0} != 0 || $verdict != *passed* ]]; then rc=1; fi
     done
   done
+  if ((ran == 0)); then
+    echo "no GPU test ran under the sanitizer (every Cuda* test skipped: is there a GPU?)" >>"$summary"
+    rc=1
+  fi
   cat "$summary"
   ((rc == 0)) && echo "gpu_suite: compute-sanitizer clean (${TOOLS[*]})" || echo "gpu_suite: compute-sanitizer: see $summary" >&2
   return $rc
