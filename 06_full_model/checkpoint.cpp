@@ -1,6 +1,7 @@
 // Stage 06 checkpoints (checkpoint.h).
 #include "06_full_model/checkpoint.h"
 
+#include <cstdint>
 #include <filesystem>
 #include <set>
 
@@ -75,6 +76,15 @@ Checkpoint load_checkpoint(const std::string& dir) {
   Checkpoint ck;
   ck.config = load_config(dir + "/config.json");
   const SafetensorsFile f(dir + "/model.safetensors");
+  // before listing the config's tensors (millions of names for a hostile config): the file must be able to hold
+  // them, at 2 bytes a value at least
+  uint64_t stored = 0;
+  for (const auto& t : f.tensors()) stored += t.end - t.begin;
+  const ParamBreakdown pb = count_params(ck.config);
+  const uint64_t need = 2 * uint64_t(pb.main_total + pb.mtp_total);
+  require(stored >= need, "{}/model.safetensors holds {} bytes of tensors; the model of its config.json ({} "
+          "parameters) needs at least {}: the config does not belong to these weights", dir, stored,
+          pb.main_total + pb.mtp_total, need);
   const auto specs = checkpoint_specs(ck.config);
   std::set<std::string> known;
   for (const auto& sp : specs) {
