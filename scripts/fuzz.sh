@@ -35,9 +35,10 @@ for tool in clang-14 clang++-14; do
   command -v "$tool" >/dev/null || { echo "fuzz: error: $tool not found (scripts/setup.sh --fuzz installs it)" >&2; exit 2; }
 done
 # -O1 and assertions on: the usual fuzzing build (fast to compile, every assert is a check more)
+mkdir -p "$B"
 cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS_RELEASE=-O1 \
   -DCMAKE_C_COMPILER=clang-14 -DCMAKE_CXX_COMPILER=clang++-14 -DDSV3_CUDA=OFF -DDSV3_SANITIZE=OFF -DDSV3_FUZZ=ON \
-  >"$B.configure.log" 2>&1 || { tail -30 "$B.configure.log"; exit 1; }
+  >"$B/configure.log" 2>&1 || { tail -30 "$B/configure.log"; exit 1; }
 cmake --build "$B" -j"$(nproc 2>/dev/null || echo 2)" --target dsv3_fuzz
 
 if [[ -x /usr/lib/llvm-14/bin/llvm-symbolizer ]]; then export ASAN_SYMBOLIZER_PATH=/usr/lib/llvm-14/bin/llvm-symbolizer; fi

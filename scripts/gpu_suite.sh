@@ -13,7 +13,7 @@
 # Environment: COMPUTE_SANITIZER (the binary; default from PATH or /usr/local/cuda/bin), COMPUTE_SANITIZER_ARGS
 # (extra arguments, e.g. "--leak-check full"), COMPUTE_SANITIZER_TIMEOUT (seconds per run, default 3600).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 SANITIZER_TOOLS=""
 POSITIONAL=()
 for arg in "$@"; do
