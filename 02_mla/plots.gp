@@ -75,7 +75,10 @@ set xlabel "context length (tokens)"
 set ylabel "ms per token"
 set logscale xy
 set key top left
-plot outdir."/decode_time.csv" using 1:2 with linespoints title "CPU naive", \
-     "" using 1:3 with linespoints title "CPU absorbed", \
-     "" using 1:4 with linespoints title "GPU naive", \
-     "" using 1:5 with linespoints title "GPU absorbed"
+# Without a GPU the GPU columns hold "nan": count the rows with a number; the GPU lines are drawn only then.
+stats outdir."/decode_time.csv" every ::1 using (strcol(4) eq "nan" ? 0 : 1) name "GPU" nooutput
+gpu = GPU_sum > 0 ? 1 : 0
+plot outdir."/decode_time.csv" using 1:2 with linespoints lc 1 title "CPU naive", \
+     "" using 1:3 with linespoints lc 2 title "CPU absorbed", \
+     for [g=1:gpu] outdir."/decode_time.csv" using 1:4 with linespoints lc 3 title "GPU naive", \
+     for [g=1:gpu] outdir."/decode_time.csv" using 1:5 with linespoints lc 4 title "GPU absorbed"

@@ -48,9 +48,12 @@ plot outdir."/bias_sweep.csv" using 1:2 with linespoints title "expert 0", \
      "" using 1:3 with lines dt 2 lw 2 title "uniform load"
 
 set output outdir."/time_per_layer.png"
-set title "One MoE layer, forward + backward (D 128, F 64, E 64, K 8; GPU line only with a GPU)"
+set title "One MoE layer, forward + backward (D 128, F 64, E 64, K 8)"
 set xlabel "tokens"
 set ylabel "ms"
 set logscale xy
-plot outdir."/time_per_layer.csv" using 1:2 with linespoints title "CPU (Eigen)", \
-     "" using 1:3 with linespoints title "GPU (CUDA + cuBLAS)"
+# Without a GPU the gpu_ms column holds "nan": count the rows with a number; the GPU line is drawn only then.
+stats outdir."/time_per_layer.csv" every ::1 using (strcol(3) eq "nan" ? 0 : 1) name "GPU" nooutput
+gpu = GPU_sum > 0 ? 1 : 0
+plot outdir."/time_per_layer.csv" using 1:2 with linespoints lc 1 title "CPU (Eigen)", \
+     for [g=1:gpu] outdir."/time_per_layer.csv" using 1:3 with linespoints lc 2 title "GPU (CUDA + cuBLAS)"

@@ -4,7 +4,8 @@
 //   seq_loss    the sequence-wise balance loss only (alpha)
 //   bias        the auxiliary-loss-free bias update only (gamma)
 //   bias+loss   the bias update and a small sequence-wise loss (alpha / 10)
-// Writes per-step CSVs (loss, MaxVio over the batch and per sequence, expert loads) and plots them.
+// Writes per-step CSVs (loss, MaxVio over the batch and per sequence, expert loads, the loss difference of each
+// setting to `none`) and plots them.
 // --check runs a short version and checks that the bias brings MaxVio down and the loss still falls.
 #include <fmt/format.h>
 
@@ -61,6 +62,7 @@ struct Setting {
 struct Result {
   std::string name;
   double final_loss = 0, val_loss = 0, maxvio_batch = 0, maxvio_seq = 0, seconds = 0;
+  std::vector<double> losses, val_losses;  // per step (val: NaN between evaluations)
 };
 
 TinyMoeLmConfig model_config(const Setting& s) {
@@ -93,7 +95,8 @@ Result run_setting(const Setting& s, const Experiment& x, const std::vector<int>
     load_csv = std::make_unique<CsvWriter>(out_dir + "/load_" + s.name + ".csv",
                                            std::vector<std::string>{"step", "expert", "load_share"});
   }
-  Result r{s.name};
+  Result r;
+  r.name = s.name;
   AdamWConfig opt;
   opt.weight_decay = 0.0f;
   CpuTimer timer;
@@ -105,10 +108,12 @@ Result run_setting(const Setting& s, const Experiment& x, const std::vector<int>
     lm.backward();
     opt.lr = x.lr * std::min(1.0f, step / 20.0f);  // short linear warm-up
     lm.optimizer_step(opt, step);
-    if (step % x.eval_every == 0 || step == x.steps) val_loss = lm.forward(val, x.batch, x.seq);
+    const bool eval = step % x.eval_every == 0 || step == x.steps;
+    if (eval) val_loss = lm.forward(val, x.batch, x.seq);
+    r.losses.push_back(loss);
+    r.val_losses.push_back(eval ? val_loss : NAN);
     if (csv) {
-      csv->row({double(step), loss, st.balance_loss, st.maxvio_batch, st.maxvio_seq,
-                step % x.eval_every == 0 || step == x.steps ? val_loss : NAN});
+      csv->row({double(step), loss, st.balance_loss, st.maxvio_batch, st.maxvio_seq, eval ? val_loss : NAN});
       for (int e = 0; e < E; ++e)  // layer 0's load; share of the N*K routed slots
         load_csv->row({double(step), double(e), st.counts[0][e] / double(x.batch * x.seq * lm.config().moe.n_activated_experts)});
     }
@@ -123,6 +128,22 @@ Result run_setting(const Setting& s, const Experiment& x, const std::vector<int>
   r.val_loss = val_loss;
   r.seconds = timer.elapsed_ms() / 1000;
   return r;
+}
+
+// Every setting sees the same initial weights and the same batches, so the loss difference to `none` at a step
+// is the cost (or gain) of that setting's balancing, without most of the batch-to-batch noise the losses share.
+void write_loss_vs_none(const std::string& dir, const std::vector<Setting>& settings, const std::vector<Result>& results) {
+  std::vector<std::string> cols = {"step"};
+  for (size_t i = 1; i < settings.size(); ++i) cols.push_back(settings[i].name);
+  for (size_t i = 1; i < settings.size(); ++i) cols.push_back("val_" + settings[i].name);
+  CsvWriter csv(dir + "/loss_vs_none.csv", cols);
+  const auto& none = results[0];
+  for (size_t t = 0; t < none.losses.size(); ++t) {
+    std::vector<double> row = {double(t + 1)};
+    for (size_t i = 1; i < results.size(); ++i) row.push_back(results[i].losses[t] - none.losses[t]);
+    for (size_t i = 1; i < results.size(); ++i) row.push_back(results[i].val_losses[t] - none.val_losses[t]);
+    csv.row(row);
+  }
 }
 
 }  // namespace
@@ -177,6 +198,7 @@ int main(int argc, char** argv) {
       for (const auto& r : results) check(r.final_loss < std::log(256.0) - 0.5, r.name + ": loss fell below ln 256 - 0.5");
       return failures ? 1 : 0;
     }
+    write_loss_vs_none(opt.out, settings, results);
     render_plots(DSV3_STAGE_DIR "/plots.gp", opt.out);
     return 0;
   });

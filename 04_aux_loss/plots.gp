@@ -19,11 +19,21 @@ unset multiplot
 set yrange [*:*]
 
 set output outdir."/loss.png"
-set title "training loss (lines) and validation loss (points), nats/byte, from step 25"
+set terminal pngcairo size 1100,500 font ",11" noenhanced
+set multiplot layout 1,2 title "training loss (lines, smoothed) and validation loss (points), nats/byte"
+set title "cross-entropy, from step 25"
 set xlabel "step"
 set ylabel "cross-entropy"
 plot for [i=1:4] file(word(settings,i)) using ($1 >= 25 ? $1 : NaN):2 smooth bezier with lines lw 2 lc i title word(settings,i), \
      for [i=1:4] file(word(settings,i)) using 1:6 with points pt 7 ps 0.7 lc i notitle
+# Same initial weights and batches in every setting: the difference at each step is the cost of balancing.
+set title "difference to none (same batches): > 0 = balancing costs loss"
+set ylabel "cross-entropy - none's"
+diff = outdir."/loss_vs_none.csv"
+plot 0 with lines lw 2 lc 1 title "none", \
+     for [i=2:4] diff using 1:i smooth bezier with lines lw 2 lc i title word(settings,i), \
+     for [i=2:4] diff using 1:(column(i + 3)) with points pt 7 ps 0.7 lc i notitle
+unset multiplot
 
 set output outdir."/load_heatmap.png"
 set terminal pngcairo size 1000,700 font ",10" noenhanced

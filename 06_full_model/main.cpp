@@ -109,7 +109,13 @@ void export_for_transformers(const std::string& dir, const std::string& preset, 
   std::cout << fmt::format("exported '{}'{} (B={}, T={}) to {}\n", preset, yarn ? " with YaRN" : "", B, T, dir);
 }
 
-std::string billions(int64_t n) { return n >= 1e9 ? fmt::format("{:.2f} B", n / 1e9) : fmt::format("{:.2f} M", n / 1e6); }
+// A parameter count in the unit that fits it: 812, 203.5 K, 12.35 M, 671.03 B.
+std::string count_str(int64_t n) {
+  if (n < 1000) return std::to_string(n);
+  if (n < 1000000) return fmt::format("{:.1f} K", n / 1e3);
+  if (n < 1000000000) return fmt::format("{:.2f} M", n / 1e6);
+  return fmt::format("{:.2f} B", n / 1e9);
+}
 
 }  // namespace
 
@@ -148,10 +154,10 @@ int main(int argc, char** argv) {
                                c.num_experts_per_tok, c.num_nextn_predict_layers);
       Table t({"component", "total", "active / token"});
       for (const auto& r : b.rows) {
-        t.add_row({r.component, billions(r.total), billions(r.active)});
+        t.add_row({r.component, count_str(r.total), count_str(r.active)});
         if (csv) csv->row_cells({r.component, std::to_string(r.total), std::to_string(r.active)});
       }
-      t.add_row({"main model (no MTP)", billions(b.main_total), billions(b.main_active)});
+      t.add_row({"main model (no MTP)", count_str(b.main_total), count_str(b.main_active)});
       t.print();
       if (name == "deepseek-v3") {
         const bool ok = std::abs(b.main_total / 1e9 - 671) < 1 && std::abs(b.main_active / 1e9 - 37.5) < 1;
