@@ -217,6 +217,27 @@ const Preset kPresets[] = {
        c.num_nextn_predict_layers = 1;
        c.max_position_embeddings = 256;
      }},
+    {"cpu", [](ModelConfig& c) {  // stage 07's main job without a GPU: about 10 minutes on 2 cores (07 README)
+       c.vocab_size = 4096;
+       c.hidden_size = 128;
+       c.intermediate_size = 384;
+       c.moe_intermediate_size = 96;
+       c.num_hidden_layers = 4;
+       c.first_k_dense_replace = 1;
+       c.num_attention_heads = 4;
+       c.q_lora_rank = 96;
+       c.kv_lora_rank = 64;
+       c.qk_nope_head_dim = 32;
+       c.qk_rope_head_dim = 16;
+       c.v_head_dim = 32;
+       c.n_routed_experts = 8;
+       c.n_shared_experts = 1;
+       c.num_experts_per_tok = 2;
+       c.n_group = 4;
+       c.topk_group = 2;
+       c.num_nextn_predict_layers = 1;
+       c.max_position_embeddings = 128;
+     }},
     {"small", [](ModelConfig& c) {  // the benchmark configuration
        c.vocab_size = 8192;
        c.hidden_size = 512;

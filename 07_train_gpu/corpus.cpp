@@ -348,14 +348,15 @@ std::vector<Song> read_lyrics_file(const std::string& path) {
   std::vector<Song> songs;
   std::vector<std::string> lines;
   auto flush = [&] {
-    if (!lines.empty()) songs.push_back({join_stanzas(lines), path});
+    std::string text = join_stanzas(lines);  // "" for a song of blank lines only (e.g. "%" twice): skipped
+    if (!text.empty()) songs.push_back({std::move(text), path});
     lines.clear();
   };
   for (auto line : split_lines(bytes)) {
     if (!line.empty() && line.back() == '\r') line.pop_back();
     while (!line.empty() && std::isspace(static_cast<unsigned char>(line.back()))) line.pop_back();
-    if (is_blank(line)) flush();
-    else lines.push_back(line);
+    if (line == "%") flush();                        // the end of a song
+    else lines.push_back(is_blank(line) ? "" : line);  // blank: a stanza break (join_stanzas keeps one)
   }
   flush();
   require(!songs.empty(), "{} holds no songs", what);

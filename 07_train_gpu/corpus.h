@@ -52,7 +52,10 @@ std::vector<Song> load_default_corpus(const CorpusPaths& paths = {});
 // Runs `bible` non-interactively for the Psalms and the Song of Solomon and returns its raw output.
 std::string run_bible(const std::string& bible_cmd);
 
-// A user's lyrics file: UTF-8 text, songs separated by one or more blank lines, "\r\n" accepted.
+// A user's lyrics file, the layout of the fortune files the default corpus comes from: UTF-8 text, songs
+// separated by a line holding only '%', a blank line inside a song is a stanza break (runs of blank lines become
+// one; leading/trailing ones are dropped), trailing spaces and "\r\n" line ends are accepted. A file without a
+// '%' line is one song.
 // UserError for a missing/unreadable file, an empty one, NUL bytes, invalid UTF-8 or reserved characters.
 std::vector<Song> read_lyrics_file(const std::string& path);
 // The text checks of read_lyrics_file on bytes already read; `what` names the input in the message. The reserved

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 #include <unordered_map>
 
@@ -292,6 +293,8 @@ void check_against_tokenizer(const Prepared& p, const Tokenizer& tok, const std:
 
 Prepared load_prepared(const std::string& dir) {
   const std::string json_path = dir + "/data.json";
+  require(std::filesystem::exists(json_path) || std::filesystem::is_symlink(json_path), "no prepared data in {} (no data.json): make it with "
+          "`07_train_gpu prepare`, or give the prepared folder with --data", dir);
   Prepared p;
   p.info = info_from_json(read_file(json_path, "prepared data description", kMaxJsonBytes), json_path);
   p.train = read_tokens(dir + "/" + p.info.train.file, p.info.train.tokens, p.info.vocab_size);
@@ -300,12 +303,18 @@ Prepared load_prepared(const std::string& dir) {
   return p;
 }
 
+DataInfo read_data_info(const std::string& dir) {
+  const std::string json_path = dir + "/data.json";
+  return info_from_json(read_file(json_path, "prepared data description", kMaxJsonBytes), json_path);
+}
+
 Prepared prepare_data(const std::vector<Song>& songs, const PrepareOptions& opt, const std::string& dir) {
   for (const auto& s : songs) validate_text(s.text, fmt::format("a song from {}", s.source));
   const Split split = split_by_song(songs, opt.val_fraction, opt.seed);
   std::vector<std::string> train_texts;
   for (const auto& s : split.train) train_texts.push_back(s.text);
-  const Tokenizer tok = Tokenizer::train(train_texts, opt.vocab_size);
+  const Tokenizer tok = opt.tokenizer.empty() ? Tokenizer::train(train_texts, opt.vocab_size)
+                                              : Tokenizer::load(opt.tokenizer);
 
   Prepared p;
   DataInfo& info = p.info;

@@ -89,14 +89,17 @@ struct Prepared {
   DataInfo info;
   std::vector<uint16_t> train, val;
 };
+// <dir>/data.json alone, with load_prepared's checks of its fields (not of the files it names).
+DataInfo read_data_info(const std::string& dir);
 
 struct PrepareOptions {
-  int vocab_size = 4096;
+  int vocab_size = 4096;  // asked for: a small corpus may give fewer pieces (the tokenizer stops when no pair is left)
   double val_fraction = 0.1;
   uint64_t seed = 1234;
+  std::string tokenizer;  // a tokenizer.model to reuse instead of training one (fine-tuning a model trained with it)
 };
-// Splits, trains the tokenizer on the train split, encodes both splits and writes the four files into dir
-// (created if needed). Returns what it wrote (tokens included).
+// Splits, trains the tokenizer on the train split (or loads opt.tokenizer), encodes both splits and writes the
+// four files into dir (created if needed). Returns what it wrote (tokens included).
 Prepared prepare_data(const std::vector<Song>& songs, const PrepareOptions& opt, const std::string& dir);
 
 // Token files: uint16 little-endian. write_tokens is atomic; read_tokens checks the size against `expected`.

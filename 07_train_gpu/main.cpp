@@ -9,11 +9,14 @@
 #include <fmt/format.h>
 
 #include <atomic>
+#include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <csignal>
 #include <cstring>
 #include <ctime>
+#include <optional>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -103,8 +106,39 @@ std::vector<Song> generated_songs() {
 struct PrepareArgs {
   PrepareOptions opt;
   std::vector<std::string> lyrics;
+  std::string data;  // the folder to write; default <out>/data, or <out>/data-<first lyrics file's name> with --lyrics
   bool no_default = false, dump = false;
 };
+
+// The folder prepare writes: --data, else <out>/data for the default corpus alone, else a folder named for the
+// first lyrics file, so that preparing your own songs never replaces the default corpus.
+std::string prepare_folder(const PrepareArgs& a, const std::string& out) {
+  if (!a.data.empty()) return a.data;
+  if (a.lyrics.empty()) return out + "/data";
+  std::string stem = fs::path(a.lyrics.front()).stem().string();
+  for (char& ch : stem)
+    if (!std::isalnum(static_cast<unsigned char>(ch)) && ch != '-' && ch != '_') ch = '_';
+  return out + "/data-" + (stem.empty() ? std::string("lyrics") : stem);
+}
+
+// A folder that already holds prepared data is rebuilt only from the same sources (prepare again with other
+// options); data of other sources is never replaced: the message names the flag that picks another folder.
+void refuse_other_data(const std::string& dir, const std::vector<Song>& songs) {
+  if (!fs::exists(dir + "/data.json")) return;
+  std::vector<std::string> now, before;
+  for (const auto& s : songs)
+    if (std::find(now.begin(), now.end(), s.source) == now.end()) now.push_back(s.source);
+  std::string listed;
+  try {
+    for (const auto& s : read_data_info(dir).sources) before.push_back(s.name), listed += (listed.empty() ? "" : ", ") + s.name;
+  } catch (const UserError&) {
+    listed = "unreadable data.json";
+  }
+  std::sort(now.begin(), now.end());
+  std::sort(before.begin(), before.end());
+  require(now == before, "{} already holds prepared data of other songs ({}): give another folder with --data, or "
+          "delete that folder first", dir, listed);
+}
 
 // Builds the corpus and writes <data_dir>. check: every 4th song, vocab 512, generated songs when the Debian
 // packages are missing. Returns the failed round-trip checks.
@@ -119,9 +153,12 @@ int do_prepare(PrepareArgs a, const std::string& data_dir, bool check, Prepared*
   if (!a.no_default) songs = load_default_corpus();
   for (const auto& f : a.lyrics) {
     const auto mine = read_lyrics_file(f);
+    std::cout << fmt::format("{}: {} song{}{}\n", f, mine.size(), mine.size() == 1 ? "" : "s",
+                             mine.size() == 1 ? " (no line holding only '%', which ends a song)" : "");
     songs.insert(songs.end(), mine.begin(), mine.end());
   }
   require(!songs.empty(), "no songs: give --lyrics files or drop --no-default-corpus");
+  if (!check) refuse_other_data(data_dir, songs);
   if (check) {
     std::vector<Song> subset;
     for (size_t i = 0; i < songs.size(); i += 4) subset.push_back(songs[i]);
@@ -136,6 +173,12 @@ int do_prepare(PrepareArgs a, const std::string& data_dir, bool check, Prepared*
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::cout << fmt::format("prepared {} songs, vocab {} in {:.1f} s -> {}\n", songs.size(), p.info.vocab_size, secs, data_dir);
+  if (!a.opt.tokenizer.empty())
+    std::cout << fmt::format("(the tokenizer is {}, reused: a model trained with it can start from its weights, "
+                             "train --init-from)\n", a.opt.tokenizer);
+  else if (p.info.vocab_size < a.opt.vocab_size)
+    std::cout << fmt::format("(the tokenizer has {} pieces, not the {} asked for: this corpus has no more pairs to "
+                             "merge; the model's vocabulary follows the data)\n", p.info.vocab_size, a.opt.vocab_size);
   print_data_table(p);
   const int failures = check_round_trips(data_dir, p, songs);
   if (out) *out = p;
@@ -143,23 +186,72 @@ int do_prepare(PrepareArgs a, const std::string& data_dir, bool check, Prepared*
 }
 
 struct TrainArgs {
-  std::string data, run, preset, device = "auto", precision = "bf16";
+  std::string data, run, preset, device = "auto", precision = "bf16", init_from;
   bool resume = false;
   TrainConfig cfg;
   uint64_t model_seed = 1234;
 };
 
-// The CPU fallback of the main job: a tiny model, short sequences, a few hundred steps (minutes on 2 cores).
-void use_cpu_fallback(TrainArgs& a) {
-  a.preset = "tiny";
-  a.cfg.batch = 8;
-  a.cfg.seq_len = 64;
-  a.cfg.max_steps = 600;
-  a.cfg.warmup_steps = 20;
-  a.cfg.lr = 3e-3;
-  a.cfg.weight_decay = 0.1;
-  a.cfg.eval_every = 100;
-  a.cfg.patience = 0;
+// The schedule that comes with the cpu preset: 8 x 128 tokens a step, a few epochs of the default corpus.
+const TrainConfig kCpuSchedule = [] {
+  TrainConfig c;
+  c.batch = 8;
+  c.seq_len = 128;
+  c.max_steps = 500;
+  c.warmup_steps = 25;
+  c.lr = 3e-3;
+  c.weight_decay = 0.1;
+  c.eval_every = 50;
+  c.patience = 0;
+  return c;
+}();
+
+// The cpu preset's schedule (README: about 10 minutes on 2 cores), for the flags the user did not give: cmd is the
+// train subcommand (its count() says what was typed), nullptr for the main job.
+void use_cpu_schedule(TrainArgs& a, const CLI::App* cmd = nullptr) {
+  auto unset = [&](const char* flag) { return cmd == nullptr || cmd->count(flag) == 0; };
+  if (unset("--batch")) a.cfg.batch = kCpuSchedule.batch;
+  if (unset("--seq-len")) a.cfg.seq_len = kCpuSchedule.seq_len;
+  if (unset("--steps")) a.cfg.max_steps = kCpuSchedule.max_steps;
+  if (unset("--warmup")) a.cfg.warmup_steps = kCpuSchedule.warmup_steps;
+  if (unset("--lr")) a.cfg.lr = kCpuSchedule.lr;
+  if (unset("--weight-decay")) a.cfg.weight_decay = kCpuSchedule.weight_decay;
+  if (unset("--eval-every")) a.cfg.eval_every = kCpuSchedule.eval_every;
+  if (unset("--patience")) a.cfg.patience = kCpuSchedule.patience;
+}
+
+// --resume: the run goes on with its own model (the checkpoint's config.json) and, for the flags not given, its
+// own schedule (trainer_state.json); a flag given changes it, and the trainer prints each change.
+void continue_with_run_settings(TrainArgs& a, const CLI::App* cmd) {
+  std::optional<std::string> dir = newest_complete_checkpoint(checkpoint_dir(a.run, "last"));
+  if (!dir) dir = newest_complete_checkpoint(checkpoint_dir(a.run, "best"));
+  if (!dir) return;  // train() says what is missing or damaged
+  if (a.preset.empty()) a.preset = *dir;
+  TrainConfig saved;
+  try {
+    saved = read_trainer_state(*dir).config;
+  } catch (const UserError&) {
+    return;  // a damaged trainer_state.json: train()'s resume names it
+  }
+  auto unset = [&](const char* flag) { return cmd->count(flag) == 0; };
+  if (unset("--batch")) a.cfg.batch = saved.batch;
+  if (unset("--seq-len")) a.cfg.seq_len = saved.seq_len;
+  if (unset("--steps")) a.cfg.max_steps = saved.max_steps;
+  if (unset("--warmup")) a.cfg.warmup_steps = saved.warmup_steps;
+  if (unset("--lr")) a.cfg.lr = saved.lr;
+  if (unset("--min-lr-ratio")) a.cfg.min_lr_ratio = saved.min_lr_ratio;
+  if (unset("--weight-decay")) a.cfg.weight_decay = saved.weight_decay;
+  if (unset("--eval-every")) a.cfg.eval_every = saved.eval_every;
+  if (unset("--patience")) a.cfg.patience = saved.patience;
+}
+
+// A short run (--steps below ten times the warm-up) without --warmup warms up over its first tenth, said once.
+void fit_warmup(TrainArgs& a, const CLI::App* cmd, std::ostream& out) {
+  if ((cmd && cmd->count("--warmup")) || a.cfg.warmup_steps * 10 <= a.cfg.max_steps) return;
+  const int64_t w = a.cfg.max_steps / 10;
+  out << fmt::format("(warm-up {} -> {} steps: a run of {} steps warms up over its first tenth; --warmup sets it)\n",
+                     a.cfg.warmup_steps, w, a.cfg.max_steps);
+  a.cfg.warmup_steps = w;
 }
 
 std::unique_ptr<Backend> make_backend(const TrainArgs& a, const ModelConfig& c) {
@@ -196,8 +288,47 @@ uint64_t cpu_train_bytes(const ModelConfig& c, const ParamBreakdown& pb, int bat
   return uint64_t(16 * params + per_token * double(batch) * seq_len) + (uint64_t(256) << 20);
 }
 
+// A checkpoint folder as the trainer leaves it: <dir>, or the newest complete of <dir>.old/<dir>.tmp when a save
+// was interrupted between its renames (run_checkpoint.h).
+std::string checkpoint_to_read(const std::string& dir) {
+  const std::string d = resolve_checkpoint(dir);
+  if (d != dir) std::cout << fmt::format("(reading {}: {} is missing or older, a save was interrupted)\n", d, dir);
+  return d;
+}
+
+// --init-from: a trained model's checkpoint to start from (weights only: new optimizer state, step 0, this run's
+// schedule). Its config is the model's; the data must be tokenized with the tokenizer it was trained with.
+Checkpoint checkpoint_for_init(const TrainArgs& a, const Prepared& data, std::ostream& out) {
+  require(!a.resume, "--init-from starts a new run from a checkpoint's weights and --resume continues a run: give "
+          "one of them");
+  require(a.preset.empty(), "--preset and --init-from both choose the model: the checkpoint's config.json decides, "
+          "drop --preset");
+  const std::string dir = checkpoint_to_read(a.init_from);
+  Checkpoint ck = load_checkpoint(dir);
+  const std::string data_tok = a.data + "/" + data.info.tokenizer;
+  const std::string ck_tok = (fs::path(a.init_from).parent_path().parent_path() / "tokenizer.model").string();
+  if (fs::exists(ck_tok))
+    require(read_file(ck_tok, "tokenizer model") == read_file(data_tok, "tokenizer model"), "the data in {} was "
+            "tokenized with another tokenizer than {}'s model: prepare it with that model's tokenizer (07_train_gpu "
+            "prepare --tokenizer {} ...)", a.data, a.init_from, ck_tok);
+  else
+    out << fmt::format("(no tokenizer.model in the run folder of {}: only the vocabulary sizes are compared)\n",
+                       a.init_from);
+  require(ck.config.vocab_size == data.info.vocab_size, "{} has vocabulary {}, the data in {} {}: prepare the data "
+          "with the model's tokenizer (prepare --tokenizer)", a.init_from, ck.config.vocab_size, a.data,
+          data.info.vocab_size);
+  require(a.cfg.seq_len <= kMaxPositions, "--seq-len {} is longer than this implementation supports (at most {} "
+          "positions)", a.cfg.seq_len, kMaxPositions);
+  ck.config.max_position_embeddings = std::max(ck.config.max_position_embeddings, a.cfg.seq_len);
+  ck.config.validate();
+  out << fmt::format("starting from the weights of {} (new optimizer state and schedule)\n", dir);
+  return ck;
+}
+
 TrainResult do_train(const TrainArgs& a, const Prepared& data, std::ostream& out) {
-  const ModelConfig c = run_model_config(a.preset, data.info.vocab_size, a.cfg.seq_len);
+  std::optional<Checkpoint> init;
+  if (!a.init_from.empty()) init = checkpoint_for_init(a, data, out);
+  const ModelConfig c = init ? init->config : run_model_config(a.preset, data.info.vocab_size, a.cfg.seq_len);
   const ParamBreakdown pb = count_params(c);
   {  // the kernels index one step's activations with int: the widest per-token row times the tokens must fit
     const int64_t widest = std::max({int64_t(c.vocab_size), int64_t(4) * c.hidden_size,
@@ -216,8 +347,9 @@ TrainResult do_train(const TrainArgs& a, const Prepared& data, std::ostream& out
             a.cfg.batch, a.cfg.seq_len, c.vocab_size, double(have) / (1 << 30));
   }
   auto backend = make_backend(a, c);
-  out << fmt::format("model: preset {} | {:.2f} M parameters ({:.2f} M active per token, {:.2f} M in MTP) | {}\n",
-                     a.preset, (pb.main_total + pb.mtp_total) / 1e6, pb.main_active / 1e6, pb.mtp_total / 1e6,
+  if (init) backend->load_weights(init->tensors);
+  out << fmt::format("model: {} | {:.2f} M parameters ({:.2f} M active per token, {:.2f} M in MTP) | {}\n",
+                     init ? "from " + a.init_from : "preset " + a.preset, (pb.main_total + pb.mtp_total) / 1e6, pb.main_active / 1e6, pb.mtp_total / 1e6,
                      backend->describe());
   out << fmt::format("data: {} train / {} val tokens, vocab {} | batch {} x {} | {} steps, lr {:g}, warm-up {}\n",
                      data.info.train.tokens, data.info.val.tokens, data.info.vocab_size, a.cfg.batch, a.cfg.seq_len,
@@ -258,14 +390,6 @@ struct SampleArgs {
   SampleOptions opt;
   bool speculative = false;
 };
-
-// A checkpoint folder as the trainer leaves it: <dir>, or the newest complete of <dir>.old/<dir>.tmp when a save
-// was interrupted between its renames (run_checkpoint.h).
-std::string checkpoint_to_read(const std::string& dir) {
-  const std::string d = resolve_checkpoint(dir);
-  if (d != dir) std::cout << fmt::format("(reading {}: {} is missing or older, a save was interrupted)\n", d, dir);
-  return d;
-}
 
 Model<float> load_model(const std::string& dir) {
   const Checkpoint ck = load_checkpoint(checkpoint_to_read(dir));
@@ -380,7 +504,11 @@ int run_check(const std::string& out, PrepareArgs pa) {
   fs::remove_all(a.run);  // the check's own scratch run
   a.device = "cpu";
   a.precision = "fp32";
-  use_cpu_fallback(a);
+  a.preset = "tiny";
+  a.cfg.batch = 8;
+  a.cfg.lr = 3e-3;
+  a.cfg.weight_decay = 0.1;
+  a.cfg.patience = 0;
   a.cfg.seq_len = 32;
   a.cfg.max_steps = 30;
   a.cfg.warmup_steps = 5;
@@ -418,15 +546,28 @@ int run_check(const std::string& out, PrepareArgs pa) {
 }
 
 // prepare: the corpus, the tokenizer and the token files into data_dir, with the round-trip checks.
-int run_prepare_command(const PrepareArgs& pa, const std::string& data_dir) {
+int run_prepare_command(const PrepareArgs& pa, const std::string& data_dir, const std::string& out) {
   const int failures = do_prepare(pa, data_dir, false);
+  if (failures == 0 && data_dir != out + "/data") {
+    std::string name = fs::path(data_dir).filename().string();
+    if (name.rfind("data-", 0) == 0) name = name.substr(5);
+    std::cout << fmt::format("next: 07_train_gpu --out {} train --data {} --run {}/run-{}\n", out, data_dir, out, name);
+  }
   std::cout << (failures ? fmt::format("{} check(s) FAILED\n", failures) : "all checks passed\n");
   return failures ? 1 : 0;
 }
 
-// train: the preset defaults to lyrics on a GPU, tiny on the CPU.
-int run_train_command(TrainArgs ta) {
-  if (ta.preset.empty()) ta.preset = gpu_available() && ta.device != "cpu" ? "lyrics" : "tiny";
+// train: the preset defaults to lyrics on a GPU, cpu (with its schedule) without one; a short run fits its warm-up.
+int run_train_command(TrainArgs ta, const CLI::App* cmd) {
+  const bool gpu = ta.device == "cuda" || (ta.device == "auto" && gpu_available());
+  if (ta.device == "auto" && !gpu) std::cout << fmt::format("{}: training on the CPU\n", gpu_description());
+  if (ta.resume) {
+    continue_with_run_settings(ta, cmd);
+  } else {
+    if (ta.preset.empty() && ta.init_from.empty()) ta.preset = gpu ? "lyrics" : "cpu";
+    if (ta.preset == "cpu") use_cpu_schedule(ta, cmd);
+    fit_warmup(ta, cmd, std::cout);
+  }
   do_train(ta, load_prepared(ta.data), std::cout);
   return stopped_by_signal(ta.run);
 }
@@ -478,12 +619,13 @@ int run_main_job(TrainArgs ta, const PrepareArgs& pa, const SampleArgs& sa, cons
     ta.preset = "lyrics";
     std::cout << fmt::format("GPU: {} -> the lyrics run\n", gpu_description());
   } else {
-    use_cpu_fallback(ta);
+    ta.preset = "cpu";
+    use_cpu_schedule(ta);
     ta.device = "cpu";
     ta.precision = "fp32";
     std::cout << fmt::format(
-        "\nNO GPU ({}): training the tiny preset on the CPU so the whole pipeline runs in a few minutes.\n"
-        "Its lyrics will be poor: the real run (the lyrics preset, bf16) needs an NVIDIA GPU.\n\n",
+        "\n{}: training the cpu preset on the CPU (about 10 minutes on 2 cores; README, \"Without a GPU\").\n"
+        "The full run (the lyrics preset, bf16, about 1.5 minutes) needs an NVIDIA GPU.\n\n",
         gpu_description());
   }
   keep_previous_run(ta.run);
@@ -500,24 +642,47 @@ int run_main_job(TrainArgs ta, const PrepareArgs& pa, const SampleArgs& sa, cons
   return sampled && do_sample(spec) ? 0 : 1;
 }
 
+std::string preset_list() {
+  std::string names;
+  for (const auto& n : config_preset_names()) names += (names.empty() ? "" : ", ") + n;
+  return names;
+}
+
 void add_train_options(CLI::App* cmd, TrainArgs& a) {
-  cmd->add_option("--data", a.data, "prepared data folder (default <out>/data)");
-  cmd->add_option("--run", a.run, "run folder: diagnostics, plots, checkpoints (default <out>/run)");
-  cmd->add_option("--preset", a.preset, "model preset (tiny, lyrics, small) or a config.json path");
+  const TrainConfig& c = a.cfg;  // the defaults shown are the lyrics run's; the cpu preset brings its own schedule
+  const TrainConfig& cpu = kCpuSchedule;
+  auto dflt = [](auto gpu_value, auto cpu_value) {
+    return fmt::format("[default {}; cpu preset {}]", gpu_value, cpu_value);
+  };
+  cmd->add_option("--data", a.data, "prepared data folder [default <out>/data]");
+  cmd->add_option("--run", a.run, "run folder: diagnostics, plots, checkpoints [default <out>/run]");
+  cmd->add_option("--preset", a.preset, "model preset (" + preset_list() + ") or a config.json path [default lyrics "
+                  "with a GPU, cpu without; with --resume the run's own model]");
+  cmd->add_option("--init-from", a.init_from, "start from this checkpoint's weights (its model; data prepared with "
+                  "its tokenizer: prepare --tokenizer); new optimizer state and schedule");
   cmd->add_option("--device", a.device, "auto (the GPU when there is one), cuda or cpu")->capture_default_str();
-  cmd->add_option("--precision", a.precision, "bf16 or fp32 (GPU)")->capture_default_str();
-  cmd->add_option("--steps", a.cfg.max_steps, "training steps")->check(CLI::PositiveNumber);
-  cmd->add_option("--batch", a.cfg.batch, "windows per step")->check(CLI::PositiveNumber);
-  cmd->add_option("--seq-len", a.cfg.seq_len, "tokens per window")->check(CLI::PositiveNumber);
-  cmd->add_option("--lr", a.cfg.lr, "peak learning rate")->check(CLI::PositiveNumber);
-  cmd->add_option("--min-lr-ratio", a.cfg.min_lr_ratio, "final learning rate / peak");
-  cmd->add_option("--warmup", a.cfg.warmup_steps, "linear warm-up steps")->check(CLI::NonNegativeNumber);
-  cmd->add_option("--weight-decay", a.cfg.weight_decay, "AdamW weight decay (matrices)")->check(CLI::NonNegativeNumber);
-  cmd->add_option("--eval-every", a.cfg.eval_every, "validate and checkpoint every this many steps")->check(CLI::PositiveNumber);
-  cmd->add_option("--patience", a.cfg.patience, "stop after this many evaluations without a new best (0: off)");
-  cmd->add_option("--max-minutes", a.cfg.max_minutes, "stop cleanly after this long (0: off)");
-  cmd->add_option("--model-seed", a.model_seed, "seed of the initial weights")->check(unsigned_integer());
-  cmd->add_flag("--resume", a.resume, "continue the run in --run from its last checkpoint");
+  cmd->add_option("--precision", a.precision, "bf16 or fp32 (GPU; the CPU trains in fp32)")->capture_default_str();
+  cmd->add_option("--steps", a.cfg.max_steps, "training steps " + dflt(c.max_steps, cpu.max_steps))
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--batch", a.cfg.batch, "windows per step " + dflt(c.batch, cpu.batch))->check(CLI::PositiveNumber);
+  cmd->add_option("--seq-len", a.cfg.seq_len, "tokens per window " + dflt(c.seq_len, cpu.seq_len))
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--lr", a.cfg.lr, "peak learning rate " + dflt(c.lr, cpu.lr))->check(CLI::PositiveNumber);
+  cmd->add_option("--min-lr-ratio", a.cfg.min_lr_ratio, "final learning rate / peak")->capture_default_str();
+  cmd->add_option("--warmup", a.cfg.warmup_steps, "linear warm-up steps " + dflt(c.warmup_steps, cpu.warmup_steps) +
+                  "; a run shorter than 10 x warm-up without this flag warms up over its first tenth")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--weight-decay", a.cfg.weight_decay, "AdamW weight decay, matrices only " +
+                  dflt(c.weight_decay, cpu.weight_decay))->check(CLI::NonNegativeNumber);
+  cmd->add_option("--eval-every", a.cfg.eval_every, "validate and checkpoint every this many steps " +
+                  dflt(c.eval_every, cpu.eval_every))->check(CLI::PositiveNumber);
+  cmd->add_option("--patience", a.cfg.patience, "stop after this many evaluations without a new best, 0: off " +
+                  dflt(c.patience, cpu.patience));
+  cmd->add_option("--max-minutes", a.cfg.max_minutes, "stop cleanly after this long (0: off)")->capture_default_str();
+  cmd->add_option("--model-seed", a.model_seed, "seed of the initial weights")->check(unsigned_integer())
+      ->capture_default_str();
+  cmd->add_flag("--resume", a.resume, "continue the run in --run from its last checkpoint, with its model and, for "
+                "the flags not given, its schedule");
 }
 
 void add_sample_options(CLI::App* cmd, SampleArgs& s) {
@@ -538,6 +703,7 @@ int main(int argc, char** argv) {
   DemoOptions opt;
   add_demo_options(app, opt, "out/07_train_gpu");
   app.require_subcommand(0, 1);
+  app.fallthrough();  // --out, --seed and --check work after the subcommand too (the subcommands inherit this)
 
   PrepareArgs pa;
   auto* prepare = app.add_subcommand("prepare", "build the corpus, train the tokenizer, write <out>/data");
@@ -547,8 +713,11 @@ int main(int argc, char** argv) {
   prepare->add_option("--val-fraction", pa.opt.val_fraction, "share of songs in the validation split")
       ->check(CLI::Range(0.01, 0.5))
       ->capture_default_str();
-  prepare->add_option("--lyrics", pa.lyrics, "your own lyrics files (UTF-8, songs separated by blank lines)")
-      ->check(CLI::ExistingFile);
+  prepare->add_option("--lyrics", pa.lyrics, "your own lyrics files (UTF-8; a line holding only % ends a song, a "
+                      "blank line is a stanza break)")->check(CLI::ExistingFile);
+  prepare->add_option("--data", pa.data, "folder to write [default <out>/data; with --lyrics <out>/data-<file name>]");
+  prepare->add_option("--tokenizer", pa.opt.tokenizer, "reuse this tokenizer.model instead of training one (to "
+                      "fine-tune a model trained with it: train --init-from)")->check(CLI::ExistingFile);
   prepare->add_flag("--no-default-corpus", pa.no_default, "use only the --lyrics files");
   prepare->add_flag("--dump-text", pa.dump, "also write the cleaned songs to <out>/data/songs.txt");
 
@@ -598,14 +767,14 @@ int main(int argc, char** argv) {
     pa.opt.seed = opt.seed;
     if (opt.check) return run_check(opt.out, pa);
 
-    if (*prepare) return run_prepare_command(pa, data_dir);
+    if (*prepare) return run_prepare_command(pa, prepare_folder(pa, opt.out), opt.out);
     if (*bench) return run_bench_command(bopt, bench_precision, bench_experts, opt);
     if (*sample) return do_sample(sa) ? 0 : 1;
     if (*eval) {
       do_eval(ea);
       return 0;
     }
-    if (*train_cmd) return run_train_command(ta);
+    if (*train_cmd) return run_train_command(ta, train_cmd);
     return run_main_job(ta, pa, sa, data_dir);
   });
 }

@@ -65,7 +65,7 @@ E = int(STATS_max) + 1
 stats load_csv skip 1 using 1 nooutput
 rows_per_step = (L1 - L0 + 1) * E
 nsteps = STATS_records / rows_per_step
-dx = nsteps > 1 ? (STATS_max - STATS_min) / (nsteps - 1) : 1
+dx = nsteps > 1 ? (STATS_max - STATS_min) / (nsteps - 1) : 1.0  # 1.0: gnuplot divides integers as integers
 set title sprintf("share of each MoE layer's routed slots per expert (balanced: 1/%d; MTPk: module k's block)", E)
 set xlabel "step"
 set ylabel "layer:expert"

@@ -119,12 +119,19 @@ TEST(Cleaning, BibleOutputOneChapterPerBlockVerseNumbersStripped) {
 
 // ---- user files -----------------------------------------------------------------------------------------
 
-TEST(LyricsFile, SongsSeparatedByBlankLines) {
+// '%' ends a song (the fortune files' layout); a blank line inside a song is a stanza break, kept as one.
+TEST(LyricsFile, PercentLinesSeparateSongsAndBlankLinesSeparateStanzas) {
   TempDir d;
-  const auto songs = read_lyrics_file(d.file("mine.txt", "\r\nFirst line\r\nsecond line  \r\n\r\n \t\nSong two\nends here\n\n\n"));
-  ASSERT_EQ(songs.size(), 2u);
-  EXPECT_EQ(songs[0].text, "First line\nsecond line");
+  const auto songs = read_lyrics_file(d.file("mine.txt", "\r\nFirst line\r\nsecond line  \r\n\r\n \t\nchorus here\r\n"
+                                             "%\r\nSong two\nends here\n\n\n%\n%\n\n"));
+  ASSERT_EQ(songs.size(), 2u);  // the empty song between the last two '%' lines is skipped
+  EXPECT_EQ(songs[0].text, "First line\nsecond line\n\nchorus here");
   EXPECT_EQ(songs[1].text, "Song two\nends here");
+  EXPECT_EQ(songs[0].source, d.path + "/mine.txt");
+  // without a '%' line the whole file is one song, its stanzas kept
+  const auto one = read_lyrics_file(d.file("one.txt", "a b\n\nc d\n"));
+  ASSERT_EQ(one.size(), 1u);
+  EXPECT_EQ(one[0].text, "a b\n\nc d");
 }
 
 TEST(LyricsFile, EmptyBinaryMissingAndInvalidUtf8AreUserErrors) {

@@ -594,7 +594,7 @@ TEST(RunCheckpoint, EveryPointOfTheSwapResumesFromTheNewestCompleteCheckpoint) {
     EXPECT_EQ(read_trainer_state(l).step, c.step);
     // a fresh start is refused (the run must be resumed); resuming continues the run exactly
     auto fresh = make_cpu_backend(tiny(), 16);
-    expect_user_error([&] { train(*fresh, test_data(), cfg, run, false, out); }, "resume it");
+    expect_user_error([&] { train(*fresh, test_data(), cfg, run, false, out); }, "add --resume to continue it");
     train(*fresh, test_data(), cfg, run, true, out);
     EXPECT_TRUE(fresh->weights() == straight.weights());
     EXPECT_EQ(read_trainer_state(l).step, 6);
@@ -636,7 +636,9 @@ TEST(Train, AnExplodingLearningRateEndsCleanlyWithFiniteCheckpoints) {
     }
     for (const char* name : {"last", "best"}) {
       const std::string ck = checkpoint_dir(dir.path, name);
-      if (fs::exists(ck)) EXPECT_NO_THROW(load_checkpoint(ck)) << name;
+      if (fs::exists(ck)) {
+        EXPECT_NO_THROW(load_checkpoint(ck)) << name;
+      }
     }
   }
 }

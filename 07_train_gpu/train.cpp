@@ -29,34 +29,35 @@ namespace fs = std::filesystem;
 
 // ---- config and schedule ------------------------------------------------------------------------------------
 
+// Each message names the command-line flag and the field (trainer_state.json's train_config holds the fields).
 void TrainConfig::validate() const {
   auto at_least = [](auto v, auto lo, const char* name) {
-    require(v >= lo, "train config: {} must be >= {}, got {}", name, lo, v);
+    require(v >= lo, "{} must be >= {}, got {}", name, lo, v);
   };
-  at_least(batch, 1, "batch");
-  at_least(seq_len, 1, "seq_len");
-  at_least(max_steps, int64_t(1), "max_steps");
+  at_least(batch, 1, "--batch (batch)");
+  at_least(seq_len, 1, "--seq-len (seq_len)");
+  at_least(max_steps, int64_t(1), "--steps (max_steps)");
   // far above any run here; keeps step * batch * seq_len (tokens seen) and the schedule's arithmetic in range
-  require(max_steps <= int64_t(1e12), "train config: max_steps must be <= 1e12, got {}", max_steps);
-  require(batch <= (1 << 20) && seq_len <= (1 << 20), "train config: batch and seq_len must be <= 2^20, got {} and {}",
-          batch, seq_len);
-  require(std::isfinite(lr) && lr > 0, "train config: lr must be a positive number, got {}", lr);
-  require(min_lr_ratio >= 0 && min_lr_ratio <= 1, "train config: min_lr_ratio must be in [0, 1], got {}",
+  require(max_steps <= int64_t(1e12), "--steps (max_steps) must be <= 1e12, got {}", max_steps);
+  require(batch <= (1 << 20) && seq_len <= (1 << 20), "--batch and --seq-len (batch, seq_len) must be <= 2^20, got "
+          "{} and {}", batch, seq_len);
+  require(std::isfinite(lr) && lr > 0, "--lr (lr) must be a positive number, got {}", lr);
+  require(min_lr_ratio >= 0 && min_lr_ratio <= 1, "--min-lr-ratio (min_lr_ratio) must be in [0, 1], got {}",
           min_lr_ratio);
-  require(warmup_steps >= 0 && warmup_steps <= max_steps,
-          "train config: warmup_steps must be in [0, max_steps = {}], got {}", max_steps, warmup_steps);
-  require(std::isfinite(weight_decay) && weight_decay >= 0, "train config: weight_decay must be >= 0, got {}",
+  require(warmup_steps >= 0 && warmup_steps <= max_steps, "--warmup (warmup_steps) must be in [0, --steps = {}], "
+          "got {}", max_steps, warmup_steps);
+  require(std::isfinite(weight_decay) && weight_decay >= 0, "--weight-decay (weight_decay) must be >= 0, got {}",
           weight_decay);
   require(beta1 >= 0 && beta1 < 1, "train config: beta1 must be in [0, 1), got {}", beta1);
   require(beta2 >= 0 && beta2 < 1, "train config: beta2 must be in [0, 1), got {}", beta2);
   require(std::isfinite(grad_clip) && grad_clip >= 0, "train config: grad_clip must be >= 0 (0 = off), got {}",
           grad_clip);
-  at_least(eval_every, 1, "eval_every");
-  at_least(log_every, 1, "log_every");
-  at_least(ckpt_every, 0, "ckpt_every");
-  at_least(patience, 0, "patience");
-  require(std::isfinite(max_minutes) && max_minutes >= 0, "train config: max_minutes must be >= 0 (0 = off), got {}",
-          max_minutes);
+  at_least(eval_every, 1, "--eval-every (eval_every)");
+  at_least(log_every, 1, "train config: log_every");
+  at_least(ckpt_every, 0, "train config: ckpt_every");
+  at_least(patience, 0, "--patience (patience)");
+  require(std::isfinite(max_minutes) && max_minutes >= 0, "--max-minutes (max_minutes) must be >= 0 (0 = off), got "
+          "{}", max_minutes);
 }
 
 double lr_at(const TrainConfig& c, int64_t step) {
@@ -316,7 +317,7 @@ class Run {
         const auto found = newest_complete_checkpoint(d);
         const std::string shown = found ? *found : fs::exists(d) ? d : d + ".old";
         require(!found && !fs::exists(d) && !fs::exists(d + ".old"), "the run folder already holds a checkpoint "
-                "({}): resume it (--resume), or train into another folder", shown);
+                "({}): add --resume to continue it, or give another folder with --run", shown);
       }
       st_.vocab_size = data_.info.vocab_size;
       st_.train_tokens = data_.info.train.tokens;

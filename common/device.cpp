@@ -33,9 +33,14 @@ std::string gpu_description() {
   const cudaError_t e = probe(&n);
   if (e != cudaSuccess) {
     cudaGetLastError();
-    return fmt::format("no CUDA device ({})", cudaGetErrorString(e));
+    // Without an NVIDIA driver the runtime reports "driver version is insufficient", which reads as "update your
+    // driver": the kernel module's file tells the two cases apart.
+    const bool driver = std::ifstream("/proc/driver/nvidia/version").good();
+    if (!driver && (e == cudaErrorInsufficientDriver || e == cudaErrorNoDevice)) return "no NVIDIA GPU or driver found";
+    if (e == cudaErrorNoDevice) return "no NVIDIA GPU found";
+    return fmt::format("no usable NVIDIA GPU ({})", cudaGetErrorString(e));
   }
-  if (n == 0) return "no CUDA device";
+  if (n == 0) return "no NVIDIA GPU found";
   int dev = 0;
   cudaGetDevice(&dev);
   cudaDeviceProp p{};
@@ -46,7 +51,7 @@ std::string gpu_description() {
 #else
 bool cuda_built() { return false; }
 bool gpu_available() { return false; }
-std::string gpu_description() { return "built without CUDA"; }
+std::string gpu_description() { return "no GPU support (built without CUDA)"; }
 #endif
 
 uint64_t available_host_bytes() {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: set up (scripts/setup.sh), then stage 07's default run: prepare the lyrics corpus and tokenizer
-# (once), train the full model (the "lyrics" preset in bf16 on the GPU; without a GPU a tiny model on the CPU),
+# (once), train the full model (the "lyrics" preset in bf16 on the GPU; without a GPU the smaller "cpu" preset),
 # and print lyrics sampled from the best checkpoint. Outputs (data, run folder with CSVs, plots and
 # checkpoints) go under out/07_train_gpu/.
 #   scripts/run.sh --all-demos   first runs every earlier stage's demo too (tables, CSVs and plots in out/<stage>/)

@@ -203,8 +203,8 @@ DATA2=$W/d2  # vocab 320: another tokenizer
 RUN=$W/r1    # best and last at step 6
 LAST3=$W/r3  # the last checkpoint at step 3 of the same run
 O=$W/o1      # --out of every case (the programs write nothing there we look at)
-setup_step prepare "$T07" --out "$W/p1" prepare --no-default-corpus --lyrics "$W/songs.txt" --vocab 300
-setup_step prepare2 "$T07" --out "$W/p2" prepare --no-default-corpus --lyrics "$W/songs.txt" --vocab 320
+setup_step prepare "$T07" --out "$W/p1" prepare --no-default-corpus --lyrics "$W/songs.txt" --vocab 300 --data "$W/p1/data"
+setup_step prepare2 "$T07" --out "$W/p2" prepare --no-default-corpus --lyrics "$W/songs.txt" --vocab 320 --data "$W/p2/data"
 mv "$W/p1/data" "$DATA"
 mv "$W/p2/data" "$DATA2"
 TF=(--device cpu --precision fp32 --preset tiny --batch 2 --seq-len 16 --warmup 1 --eval-every 3)

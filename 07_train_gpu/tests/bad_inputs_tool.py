@@ -57,7 +57,7 @@ def cmd_songs(out):
             lines.append(line[0].upper() + line[1:])
         songs.append("\n".join(lines))
     with open(out, "w") as f:
-        f.write("\n\n".join(songs) + "\n")
+        f.write("\n%\n".join(songs) + "\n")  # '%' ends a song (07 README, "Your own lyrics")
 
 
 def cmd_fill(path, tensor, value, count=None):

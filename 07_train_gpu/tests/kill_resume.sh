@@ -16,7 +16,7 @@ trap 'rm -rf "$W"' EXIT
 fail() { echo "kill_resume: FAILED: $*" >&2; exit 1; }
 
 python3 "$HERE/bad_inputs_tool.py" songs "$W/songs.txt" || fail "could not write the lyrics file"
-"$T07" --out "$W/p" prepare --no-default-corpus --lyrics "$W/songs.txt" --vocab 300 >"$W/prepare.log" 2>&1 ||
+"$T07" --out "$W/p" prepare --no-default-corpus --lyrics "$W/songs.txt" --vocab 300 --data "$W/p/data" >"$W/prepare.log" 2>&1 ||
   fail "prepare: $(tail -3 "$W/prepare.log")"
 STEPS=60
 ARGS=(--out "$W/o" train --data "$W/p/data" --device cpu --precision fp32 --preset tiny --batch 4 --seq-len 32
