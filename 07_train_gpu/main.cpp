@@ -223,16 +223,29 @@ void use_cpu_schedule(TrainArgs& a, const CLI::App* cmd = nullptr) {
 // --resume: the run goes on with its own model (the checkpoint's config.json) and, for the flags not given, its
 // own schedule (trainer_state.json); a flag given changes it, and the trainer prints each change.
 void continue_with_run_settings(TrainArgs& a, const CLI::App* cmd) {
-  std::optional<std::string> dir = newest_complete_checkpoint(checkpoint_dir(a.run, "last"));
-  if (!dir) dir = newest_complete_checkpoint(checkpoint_dir(a.run, "best"));
-  if (!dir) return;  // train() says what is missing or damaged
-  if (a.preset.empty()) a.preset = *dir;
-  TrainConfig saved;
-  try {
-    saved = read_trainer_state(*dir).config;
-  } catch (const UserError&) {
-    return;  // a damaged trainer_state.json: train()'s resume names it
+  // the first copy whose config.json and trainer_state.json read, newest first (a damaged newest copy is skipped
+  // here as train()'s resume skips it; when none reads, train() names the damage)
+  std::vector<std::string> candidates;
+  for (const char* name : {"last", "best"}) {
+    const std::string d = checkpoint_dir(a.run, name);
+    if (const auto newest = newest_complete_checkpoint(d)) candidates.push_back(*newest);
+    for (const char* suffix : {"", ".old", ".tmp"}) candidates.push_back(d + suffix);
   }
+  TrainConfig saved;
+  bool found = false;
+  for (const std::string& d : candidates) {
+    try {
+      if (!fs::is_directory(d)) continue;
+      load_config(d + "/config.json");
+      saved = read_trainer_state(d).config;
+      if (a.preset.empty()) a.preset = d;
+      found = true;
+      break;
+    } catch (const UserError&) {
+    } catch (const fs::filesystem_error&) {
+    }
+  }
+  if (!found) return;  // the caller picks the default preset; train()'s resume names what is missing or damaged
   auto unset = [&](const char* flag) { return cmd->count(flag) == 0; };
   if (unset("--batch")) a.cfg.batch = saved.batch;
   if (unset("--seq-len")) a.cfg.seq_len = saved.seq_len;
@@ -561,10 +574,9 @@ int run_prepare_command(const PrepareArgs& pa, const std::string& data_dir, cons
 int run_train_command(TrainArgs ta, const CLI::App* cmd) {
   const bool gpu = ta.device == "cuda" || (ta.device == "auto" && gpu_available());
   if (ta.device == "auto" && !gpu) std::cout << fmt::format("{}: training on the CPU\n", gpu_description());
-  if (ta.resume) {
-    continue_with_run_settings(ta, cmd);
-  } else {
-    if (ta.preset.empty() && ta.init_from.empty()) ta.preset = gpu ? "lyrics" : "cpu";
+  if (ta.resume) continue_with_run_settings(ta, cmd);
+  if (ta.preset.empty() && ta.init_from.empty()) ta.preset = gpu ? "lyrics" : "cpu";
+  if (!ta.resume) {
     if (ta.preset == "cpu") use_cpu_schedule(ta, cmd);
     fit_warmup(ta, cmd, std::cout);
   }
