@@ -126,6 +126,8 @@ class Model {
   // Hugging Face names -> fp32 values, and back (UserError naming a missing or mis-sized tensor).
   TensorMap to_tensor_map() const;
   void load_tensor_map(const TensorMap& m);
+  // The last backward's gradients under the same names (the MoE biases, which have none, absent).
+  TensorMap gradient_tensor_map() const;
   // Hash of every MoE layer's chosen experts in the last forward (gradcheck's decision signature).
   uint64_t routing_signature() const;
 
@@ -142,8 +144,10 @@ class Model {
     std::string name;
     const std::vector<T>* tensor;
     size_t offset, count;
+    bool has_grad;  // false for the MoE biases
   };
-  std::vector<View> views() const;
+  std::vector<View> views() const { return views(p_); }
+  std::vector<View> views(const ModelTensors<std::vector<T>>& s) const;
   // The MoE parameters and saved routing of layer l in [0, L + depth) (L + k: MTP module k's block).
   const MoeParams<T>& moe_params(int layer) const;
   MoeParams<T>& moe_params(int layer);

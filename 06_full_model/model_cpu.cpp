@@ -240,19 +240,19 @@ std::vector<int> Model<T>::expert_counts(int l) const {
 }
 
 template <typename T>
-std::vector<typename Model<T>::View> Model<T>::views() const {
+std::vector<typename Model<T>::View> Model<T>::views(const ModelTensors<std::vector<T>>& s) const {
   std::vector<View> out;
   for_each_param(cfg_, [&out](const ParamInfo& i, const std::vector<T>& t) {
     if (t.empty()) return;
     const size_t at = i.hf.find("{e}");
     if (at == std::string::npos) {
-      out.push_back({i.hf, &t, 0, t.size()});
+      out.push_back({i.hf, &t, 0, t.size(), i.has_grad()});
       return;
     }
     const size_t E = size_t(i.shape.front()), per = t.size() / E;  // stacked (E, ...): one slice per expert
     for (size_t e = 0; e < E; ++e)
-      out.push_back({i.hf.substr(0, at) + std::to_string(e) + i.hf.substr(at + 3), &t, e * per, per});
-  }, p_);
+      out.push_back({i.hf.substr(0, at) + std::to_string(e) + i.hf.substr(at + 3), &t, e * per, per, i.has_grad()});
+  }, s);
   return out;
 }
 
@@ -261,6 +261,16 @@ TensorMap Model<T>::to_tensor_map() const {
   TensorMap m;
   for (const auto& v : views())
     m[v.name] = std::vector<float>(v.tensor->begin() + v.offset, v.tensor->begin() + v.offset + v.count);
+  return m;
+}
+
+template <typename T>
+TensorMap Model<T>::gradient_tensor_map() const {
+  TensorMap m;
+  for (const auto& v : views(g_)) {
+    if (!v.has_grad) continue;  // the MoE biases: set by update_bias
+    m[v.name] = std::vector<float>(v.tensor->begin() + v.offset, v.tensor->begin() + v.offset + v.count);
+  }
   return m;
 }
 

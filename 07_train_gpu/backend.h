@@ -69,6 +69,9 @@ class Backend {
   // Parameters by Hugging Face name (biases included), fp32 on the host, and back.
   virtual TensorMap weights() const = 0;
   virtual void load_weights(const TensorMap& m) = 0;
+  // The last forward_backward's gradients of the total loss by Hugging Face name, fp32 on the host (the MoE
+  // biases have none; the PyTorch oracle, torch_reference.py, compares them with autograd's).
+  virtual TensorMap gradients() const = 0;
   // AdamW moments: "<model.py name>.exp_avg" / ".exp_avg_sq" for every tensor of Model::tensors().
   virtual TensorMap optimizer_state() const = 0;
   virtual void load_optimizer_state(const TensorMap& m) = 0;  // UserError naming a missing or mis-sized tensor

@@ -100,6 +100,7 @@ class CpuBackend final : public Backend {
   }
 
   TensorMap weights() const override { return model_.to_tensor_map(); }
+  TensorMap gradients() const override { return model_.gradient_tensor_map(); }
   void load_weights(const TensorMap& m) override { model_.load_tensor_map(m); }
 
   TensorMap optimizer_state() const override {

@@ -147,6 +147,10 @@ class CudaBackend final : public Backend {
     dev_.download(host_, true);
     return host_.to_tensor_map();
   }
+  TensorMap gradients() const override {
+    dev_.download(host_, false);
+    return host_.gradient_tensor_map();
+  }
   void load_weights(const TensorMap& m) override {
     host_.load_tensor_map(m);
     dev_.upload(host_);

@@ -502,6 +502,62 @@ void do_eval(const EvalArgs& a) {
                            backend->describe());
 }
 
+struct GradsArgs {
+  std::string checkpoint, data, out, device = "cpu", precision = "fp32";
+  int batch = 2, seq_len = 32;
+};
+
+// grads: one forward and backward of a checkpoint on the first `batch` windows of the validation split, written
+// for the PyTorch oracle (torch_reference.py oracle DIR, DIR = --dump): DIR/config.json and model.safetensors (the weights),
+// tokens.bin (int32, batch x (seq_len + 1)), losses.json (the loss parts) and grads.safetensors (the gradient of the
+// total loss of every parameter by Hugging Face name; the MoE biases, which have none, hold zeros).
+int run_grads_command(const GradsArgs& a) {
+  const Checkpoint ck = load_checkpoint(checkpoint_to_read(a.checkpoint));
+  const Prepared data = load_prepared(a.data);
+  require(data.info.vocab_size == ck.config.vocab_size, "grads: the data in {} has vocabulary {}, the checkpoint {}: "
+          "give the --data folder the model was trained on", a.data, data.info.vocab_size, ck.config.vocab_size);
+  require(a.seq_len <= kMaxPositions, "--seq-len {} is longer than this implementation supports", a.seq_len);
+  ModelConfig c = ck.config;
+  c.max_position_embeddings = std::max(c.max_position_embeddings, a.seq_len);
+  const int64_t need = int64_t(a.batch) * a.seq_len + 1;
+  require(int64_t(data.val.size()) >= need, "grads: the validation split has {} tokens, {} x {} windows need {}: "
+          "reduce --batch or --seq-len", data.val.size(), a.batch, a.seq_len, need);
+  std::vector<int> tokens;  // window b: val[b*T .. b*T + T]
+  for (int b = 0; b < a.batch; ++b)
+    for (int t = 0; t <= a.seq_len; ++t) tokens.push_back(int(data.val[size_t(b) * a.seq_len + t]));
+  TrainArgs ta;
+  ta.device = a.device;
+  ta.precision = a.precision;
+  auto backend = make_backend(ta, c);
+  backend->load_weights(ck.tensors);
+  const ModelLosses l = backend->forward_backward(tokens, a.batch, a.seq_len);
+  const std::vector<double> mtp = backend->mtp_losses();
+  TensorMap grads = backend->gradients();
+  for (const TensorSpec& sp : checkpoint_specs(c))  // the biases: zeros, so that the file has the weights' layout
+    if (sp.mirror_of.empty() && !grads.count(sp.name)) grads[sp.name] = std::vector<float>(size_t(sp.numel()), 0.f);
+
+  save_checkpoint(a.out, c, ck.tensors);
+  const std::string tmp = a.out + "/grads.tmp";
+  save_checkpoint(tmp, c, grads);
+  fs::rename(tmp + "/model.safetensors", a.out + "/grads.safetensors");
+  fs::remove_all(tmp);
+  std::string bytes(tokens.size() * 4, '\0');
+  for (size_t i = 0; i < tokens.size(); ++i)
+    for (int k = 0; k < 4; ++k) bytes[4 * i + size_t(k)] = char((uint32_t(tokens[i]) >> (8 * k)) & 0xff);
+  write_file_atomic(a.out + "/tokens.bin", bytes);
+  std::string depths;
+  for (size_t k = 0; k < mtp.size(); ++k) depths += fmt::format("{}{:.10g}", k ? ", " : "", mtp[k]);
+  const std::string json = fmt::format(
+      "{{\"B\": {}, \"T\": {}, \"ce\": {:.10g}, \"mtp\": {:.10g}, \"mtp_depths\": [{}], \"balance\": {:.10g}, "
+      "\"total\": {:.10g}, \"mtp_lambda\": {:.10g}, \"aux_alpha\": {:.10g}, \"device\": \"{}\"}}\n",
+      a.batch, a.seq_len, l.ce, l.mtp, depths, l.balance, l.total(), c.training.mtp_lambda, c.training.aux_alpha,
+      backend->describe());
+  write_file_atomic(a.out + "/losses.json", json);
+  std::cout << fmt::format("{} ({}): {} windows of {} + 1 validation tokens -> {}\n{}", a.checkpoint,
+                           backend->describe(), a.batch, a.seq_len, a.out, json);
+  return 0;
+}
+
 // --check: the whole pipeline, small: data (check mode), 60 CPU steps of the tiny preset with a resume in the
 // middle, sampling twice with one seed, speculative == plain.
 int run_check(const std::string& out, PrepareArgs pa) {
@@ -751,6 +807,19 @@ int main(int argc, char** argv) {
   eval->add_option("--precision", ea.precision, "fp32 or bf16 (GPU)")->capture_default_str();
   eval->add_option("--batch", ea.batch, "windows per forward")->check(CLI::PositiveNumber)->capture_default_str();
 
+  GradsArgs ga;
+  auto* grads = app.add_subcommand("grads", "one training step's loss parts and gradients of a checkpoint, for the "
+                                   "PyTorch oracle (torch_reference.py oracle DIR)");
+  grads->add_option("--checkpoint", ga.checkpoint, "checkpoint folder [default <out>/run/checkpoints/best]");
+  grads->add_option("--data", ga.data, "prepared data folder: the first windows of its validation split [default "
+                    "<out>/data]");
+  grads->add_option("--dump", ga.out, "folder to write (config.json, model.safetensors, tokens.bin, losses.json, "
+                    "grads.safetensors)")->required();
+  grads->add_option("--device", ga.device, "cpu or cuda")->capture_default_str();
+  grads->add_option("--precision", ga.precision, "fp32 or bf16 (GPU)")->capture_default_str();
+  grads->add_option("--batch", ga.batch, "windows")->check(CLI::Range(1, 1 << 16))->capture_default_str();
+  grads->add_option("--seq-len", ga.seq_len, "tokens per window")->check(CLI::Range(1, 1 << 16))->capture_default_str();
+
   BenchOptions bopt;
   std::string bench_precision = "bf16";
   auto* bench = app.add_subcommand("bench", "time training steps of a preset on random tokens (GPU)");
@@ -781,6 +850,11 @@ int main(int argc, char** argv) {
 
     if (*prepare) return run_prepare_command(pa, prepare_folder(pa, opt.out), opt.out);
     if (*bench) return run_bench_command(bopt, bench_precision, bench_experts, opt);
+    if (*grads) {
+      if (ga.checkpoint.empty()) ga.checkpoint = checkpoint_dir(opt.out + "/run", "best");
+      if (ga.data.empty()) ga.data = data_dir;
+      return run_grads_command(ga);
+    }
     if (*sample) return do_sample(sa) ? 0 : 1;
     if (*eval) {
       do_eval(ea);

@@ -34,6 +34,7 @@ class ForwardingBackend : public Backend {
   double grad_norm() override { return in_->grad_norm(); }
   void step(const AdamWConfig& opt, float grad_scale, int64_t step) override { in_->step(opt, grad_scale, step); }
   TensorMap weights() const override { return in_->weights(); }
+  TensorMap gradients() const override { return in_->gradients(); }
   void load_weights(const TensorMap& m) override { in_->load_weights(m); }
   TensorMap optimizer_state() const override { return in_->optimizer_state(); }
   void load_optimizer_state(const TensorMap& m) override { in_->load_optimizer_state(m); }

@@ -200,6 +200,36 @@ TEST(CudaTrainBackend, Fp32MatchesCpu) {
   EXPECT_GT(double(moved.over), 0.9 * double(moved.n)) << moved.summary();
 }
 
+// gradients() (what `07_train_gpu grads` hands the PyTorch oracle) names the same tensors on both devices, and the
+// CUDA FP32 gradients equal the CPU's to 1e-5 normalised error per tensor (the repo's gradient tolerance).
+TEST(CudaTrainBackend, GradientsByNameMatchCpu) {
+  DSV3_REQUIRE_GPU();
+  const ModelConfig c = test_model();
+  auto cpu = make_cpu_backend(c, 25);
+  auto gpu = make_cuda_backend(c, 25, Precision::FP32);
+  const TensorMap start = with_separated_biases(cpu->weights());
+  cpu->load_weights(start);
+  gpu->load_weights(start);
+  Batcher batches(test_data().train, kB, kT, 3);
+  const std::vector<int> tokens = batches.next();
+  cpu->forward_backward(tokens, kB, kT);
+  gpu->forward_backward(tokens, kB, kT);
+  const TensorMap gc = cpu->gradients(), gg = gpu->gradients();
+  ASSERT_EQ(gc.size(), gg.size());
+  EXPECT_EQ(gc.count("model.layers.1.mlp.gate.e_score_correction_bias"), 0u) << "the biases have no gradient";
+  int nonzero = 0;
+  for (const auto& [name, a] : gc) {
+    ASSERT_EQ(gg.count(name), 1u) << name;
+    const std::vector<float>& b = gg.at(name);
+    ASSERT_EQ(a.size(), b.size()) << name;
+    double diff = 0, ref = 0;
+    for (size_t i = 0; i < a.size(); ++i) diff += (double(b[i]) - a[i]) * (double(b[i]) - a[i]), ref += double(a[i]) * a[i];
+    nonzero += ref > 0;
+    EXPECT_LE(std::sqrt(diff), 1e-5 * std::max(std::sqrt(ref), 1e-12)) << name;
+  }
+  EXPECT_GT(nonzero, int(gc.size()) / 2) << "most tensors get a gradient from one batch";
+}
+
 // Mixed precision (bf16 operands on tensor cores, fp32 master weights and moments) follows the FP32 run on the same
 // batches: every step |loss_bf16 - loss_fp32| <= 0.05 + 0.02 loss_fp32, the means of the last 10 losses within 2%,
 // and the loss falls by more than 0.5 (from about 5.5 to under 2), so a broken trainer cannot pass. The two runs

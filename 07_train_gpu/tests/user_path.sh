@@ -2,8 +2,9 @@
 # The user's path, as the README's "Train on your own lyrics" section and 07 README's command lines give it, on a
 # small file: your lyrics -> prepare (its own data folder; the default one is never replaced) -> train a few steps
 # -> sample; fine-tuning with --init-from on data prepared with the model's tokenizer; global options on either
-# side of the subcommand (same results); a short run fits its warm-up; an unknown config field is an error naming
-# it; every subcommand's --help shows its defaults. CPU only, about a minute on 2 cores.
+# side of the subcommand (same results); a short run fits its warm-up; `grads` writes a step for the PyTorch oracle;
+# an unknown config field is an error naming it; every subcommand's --help shows its defaults. CPU only, about
+# 15 s on 2 cores.
 #
 #   07_train_gpu/tests/user_path.sh <07_train_gpu executable>
 set -uo pipefail
@@ -86,7 +87,18 @@ expect2 init_from_and_preset '--preset.*--init-from' "$T07" train --data o1/data
   --init-from o1/run/checkpoints/best --device cpu --steps 2
 expect2 run_folder_taken 'add --resume.*--run' "$T07" train --out o1 "${TRAIN[@]}"
 
-# 6. an unknown config field is an error (DESIGN.md, section 6), naming the field
+# 6. one step's losses and gradients for the PyTorch oracle (torch_reference.py oracle DIR; torch is not needed here)
+run grads_dump "$T07" grads --checkpoint o1/run/checkpoints/best --data out/07_train_gpu/data-my_songs --device cpu \
+  --batch 2 --seq-len 16 --dump step
+check "grads --dump wrote config, weights, tokens, losses and gradients" \
+  test -s step/config.json -a -s step/model.safetensors -a -s step/tokens.bin -a -s step/losses.json -a -s step/grads.safetensors
+check "tokens.bin holds 2 x (16 + 1) int32" test "$(stat -c %s step/tokens.bin)" = 136
+check "losses.json: total = ce + mtp + balance" python3 -c '
+import json, sys
+j = json.load(open("step/losses.json"))
+sys.exit(abs(j["ce"] + j["mtp"] + j["balance"] - j["total"]) > 1e-6 * abs(j["total"]))'
+
+# 7. an unknown config field is an error (DESIGN.md, section 6), naming the field
 python3 - <<'PY'
 import json
 c = json.load(open("o1/run/checkpoints/best/config.json"))
@@ -98,10 +110,10 @@ expect2 unknown_config_field "unknown field 'n_routed_expert'" "$T07" train --da
 expect2 flag_named_in_errors '--warmup \(warmup_steps\)' "$T07" train --data out/07_train_gpu/data-my_songs --run o1/w \
   --device cpu --steps 10 --warmup 20
 
-# 7. --help shows the defaults (each subcommand's flag with a known default value; CLI11 versions print them as
+# 8. --help shows the defaults (each subcommand's flag with a known default value; CLI11 versions print them as
 #    "=4096" or "[4096]", so only the value is looked for on the flag's line)
 for pair in "prepare --vocab 4096" "train --steps 800" "sample --top-p 0.95" "eval --precision fp32" \
-            "bench --seq-len 512"; do
+            "bench --seq-len 512" "grads --seq-len 32"; do
   read -r sub flag value <<<"$pair"
   "$T07" "$sub" --help >"help_$sub.log" 2>&1
   check "$sub --help shows $flag's default $value" grep -Eq -e "^ *$flag .*$value" "help_$sub.log"

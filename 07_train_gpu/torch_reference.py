@@ -1,0 +1,762 @@
+#!/usr/bin/env python3
+"""Stage 07: the whole training loss in PyTorch, an outside oracle of our hand-written backward.
+
+    h_0 = Emb(t_0..t_{T-1});  h_{l+1} = Block_l(h_l)        (dense SwiGLU for l < first_k_dense_replace, else MoE)
+    z   = norm(h_L);          L_CE  = CE(head(z), t_1..t_T)
+    L_MTP = (mtp_lambda / depth) sum_k CE_k                  (module k reads z^{k-1}; CE_k over T-k targets / T)
+    L_Bal = sum over MoE layers (MTP blocks included) of alpha * mean_b sum_i f_{b,i} P_{b,i}
+    L     = L_CE + L_MTP + L_Bal
+
+Written from the papers and the stage READMEs, with every detail taken from the CPU reference (the
+specification): 06_full_model/model_cpu.cpp, 05_mtp/{block,mtp}_cpu.cpp, 04_aux_loss/{aux_loss,lm_parts}_cpu.cpp,
+03_moe/{moe_cpu.cpp,moe_route.h}, 02_mla/mla_cpu.cpp, 01_rmsnorm_rope/rmsnorm_rope_cpu.cpp. Torch's autograd
+then differentiates the total; nothing here is a hand-written backward.
+
+    python3 07_train_gpu/torch_reference.py oracle DIR      compare with `07_train_gpu grads ... --dump DIR`
+    python3 07_train_gpu/torch_reference.py --self-test     autograd vs central differences on a tiny model
+
+DIR (written by the C++ program): config.json, model.safetensors (fp32, Hugging Face names), tokens.bin (int32,
+B*(T+1)), losses.json ({B, T, ce, mtp, mtp_depths, balance, total}), grads.safetensors (fp32 gradient of the total
+for every trained parameter, same names; the MoE biases e_score_correction_bias have none).
+
+Shape legend: B batch, T positions per sequence, N = B*T, D hidden_size, V vocab_size, H heads,
+Dq q_lora_rank, Dc kv_lora_rank, Dn qk_nope_head_dim, Dr qk_rope_head_dim, Dv v_head_dim, S = Dn+Dr,
+E routed experts, K experts per token, G expert groups, Lg kept groups, F expert width.
+
+Runs on PyTorch 1.13 and 2.x (CPU is enough; no transformers, no safetensors package). Exit status 0 on PASS, 1 on
+FAIL, 2 on a usage or input error.
+"""
+import argparse
+import json
+import math
+import os
+import struct
+import sys
+
+import numpy as np
+import torch
+
+# The oracle's tolerances (the brief): every loss part to 1e-6 relative, every gradient to 1e-5 normalised
+# (||ours - torch|| / max(||torch||, tiny)), torch computing in float64 from the fp32 weights.
+LOSS_TOL = 1e-6
+GRAD_TOL = 1e-5
+TINY = 1e-30
+# A routing margin (gap between the last chosen and the best unchosen biased score, or between the last kept and
+# the best dropped group) below this is close enough to a tie that the fp32 C++ may have decided otherwise.
+NEAR_TIE = 1e-5
+
+
+def f32(x):
+    """The value a C++ `float` field holds for the double x (eps, alpha, lambda, route_scale are floats there)."""
+    return float(np.float32(x))
+
+
+# ---- files ------------------------------------------------------------------------------------------------------
+
+def read_safetensors(path):
+    """name -> float32 numpy array of the tensor's shape (dtypes F32, BF16, F16, F64). A minimal reader: 8-byte
+    little-endian header length, JSON header, raw little-endian data."""
+    with open(path, "rb") as fh:
+        blob = fh.read()
+    if len(blob) < 8:
+        raise ValueError(f"{path}: too short for a safetensors file")
+    (n,) = struct.unpack("<Q", blob[:8])
+    if 8 + n > len(blob):
+        raise ValueError(f"{path}: header length {n} exceeds the file")
+    header = json.loads(blob[8:8 + n].decode("utf-8"))
+    data = memoryview(blob)[8 + n:]
+    out = {}
+    for name, v in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = v["data_offsets"]
+        raw = data[a:b]
+        dt = v["dtype"]
+        if dt == "F32":
+            arr = np.frombuffer(raw, dtype="<f4")
+        elif dt == "F64":
+            arr = np.frombuffer(raw, dtype="<f8").astype(np.float64)
+        elif dt == "F16":
+            arr = np.frombuffer(raw, dtype="<f2").astype(np.float32)
+        elif dt == "BF16":
+            arr = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+        else:
+            raise ValueError(f"{path}: tensor '{name}' has dtype {dt}; F32, F64, F16 or BF16 expected")
+        shape = tuple(int(s) for s in v["shape"])
+        if arr.size != int(np.prod(shape, dtype=np.int64)):
+            raise ValueError(f"{path}: tensor '{name}' holds {arr.size} values for shape {shape}")
+        out[name] = arr.reshape(shape).copy()
+    return out
+
+
+class Config:
+    """The fields of config.json that 06_full_model/model_config.cpp reads, under their Hugging Face names, and
+    our training fields (section nano_dsv3; losses.json may carry them too)."""
+
+    def __init__(self, j, extra=None):
+        self.vocab_size = int(j["vocab_size"])
+        self.hidden_size = int(j["hidden_size"])
+        self.intermediate_size = int(j["intermediate_size"])
+        self.moe_intermediate_size = int(j["moe_intermediate_size"])
+        self.num_hidden_layers = int(j["num_hidden_layers"])
+        self.num_attention_heads = int(j["num_attention_heads"])
+        self.q_lora_rank = int(j["q_lora_rank"] or 0)
+        self.kv_lora_rank = int(j["kv_lora_rank"])
+        self.qk_nope_head_dim = int(j["qk_nope_head_dim"])
+        self.qk_rope_head_dim = int(j["qk_rope_head_dim"])
+        self.v_head_dim = int(j["v_head_dim"])
+        self.n_routed_experts = int(j["n_routed_experts"])
+        self.n_shared_experts = int(j["n_shared_experts"])
+        self.num_experts_per_tok = int(j["num_experts_per_tok"])
+        self.n_group = int(j.get("n_group", 1))
+        self.topk_group = int(j.get("topk_group", 1))
+        self.routed_scaling_factor = float(j["routed_scaling_factor"])
+        self.norm_topk_prob = bool(j["norm_topk_prob"])
+        self.scoring_func = j.get("scoring_func", "sigmoid")
+        self.first_k_dense_replace = int(j["first_k_dense_replace"])
+        self.num_nextn_predict_layers = int(j["num_nextn_predict_layers"])
+        self.rms_norm_eps = float(j["rms_norm_eps"])
+        self.max_position_embeddings = int(j["max_position_embeddings"])
+        # transformers 5 writes rope_parameters (rope_type, rope_theta, YaRN fields); older files rope_theta and
+        # rope_scaling (null for plain RoPE)
+        if "rope_parameters" in j:
+            rp = j["rope_parameters"]
+            self.rope_theta = float(rp["rope_theta"])
+            self.rope_scaling = None if rp.get("rope_type") == "default" else rp
+        else:
+            self.rope_theta = float(j["rope_theta"])
+            self.rope_scaling = j.get("rope_scaling")
+        if self.scoring_func not in ("sigmoid", "softmax"):
+            raise ValueError(f"scoring_func {self.scoring_func!r} is not supported")
+        if self.norm_topk_prob != (self.scoring_func == "sigmoid"):
+            raise ValueError("norm_topk_prob must be true exactly with sigmoid scoring (model_config.cpp)")
+        if j.get("tie_word_embeddings", False):
+            raise ValueError("tie_word_embeddings = true is not supported")
+        t = dict(aux_alpha=1e-4, bias_update_speed=1e-3, mtp_lambda=0.3)  # TrainingFields defaults
+        self.training_source = "defaults (model_config.h TrainingFields)"
+        if extra and any(k in extra for k in t):
+            t.update({k: extra[k] for k in t if k in extra})
+            self.training_source = "losses.json"
+        if "nano_dsv3" in j:
+            t.update(j["nano_dsv3"])
+            self.training_source = "config.json nano_dsv3"
+        self.aux_alpha = float(t["aux_alpha"])
+        self.mtp_lambda = float(t["mtp_lambda"])
+
+    def is_moe_layer(self, layer):
+        return layer >= self.first_k_dense_replace
+
+
+# ---- the model --------------------------------------------------------------------------------------------------
+
+def rope_tables(c, T, dtype):
+    """cos, sin (T, Dr/2) of stage 01: f_i = theta^(-2i/Dr), YaRN-corrected when active (max_position_embeddings
+    > original_max_position_embeddings); and the softmax-scale factor mscale^2 (1 without YaRN)."""
+    dim = c.qk_rope_head_dim
+    half = dim // 2
+    f = [1.0 / c.rope_theta ** ((2.0 * i) / dim) for i in range(half)]
+    factor_sq = 1.0
+    rs = c.rope_scaling
+    if rs is not None:
+        orig = int(rs["original_max_position_embeddings"])
+        if c.max_position_embeddings > orig:  # RopeConfig::yarn_active
+            factor = float(rs["factor"])
+
+            def corr(rot):
+                return dim * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(c.rope_theta))
+
+            low = max(int(math.floor(corr(float(rs["beta_fast"])))), 0)
+            high = min(int(math.ceil(corr(float(rs["beta_slow"])))), dim - 1)
+            lo, hi = float(low), float(high) if high != low else high + 0.001
+            for i in range(half):
+                ramp = min(max((i - lo) / (hi - lo), 0.0), 1.0)
+                smooth = 1.0 - ramp
+                f[i] = f[i] / factor * (1.0 - smooth) + f[i] * smooth
+            m = 0.1 * float(rs["mscale_all_dim"]) * math.log(factor) + 1.0  # ModelConfig::rope() takes mscale_all_dim
+            factor_sq = m * m
+    ang = np.arange(T, dtype=np.float64)[:, None] * np.array(f, dtype=np.float64)[None, :]
+    return torch.tensor(np.cos(ang), dtype=dtype), torch.tensor(np.sin(ang), dtype=dtype), factor_sq
+
+
+def rms_norm(x, w, eps):
+    return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps) * w
+
+
+def apply_rope(x, cos, sin):
+    """Rotates adjacent pairs (x[2i], x[2i+1]) by angle p*f_i; x (B, T, ..., Dr), cos/sin (T, Dr/2)."""
+    shape = x.shape
+    xp = x.reshape(*shape[:-1], shape[-1] // 2, 2)
+    x0, x1 = xp[..., 0], xp[..., 1]
+    extra = x0.dim() - 3  # head axes between T and the pairs
+    c = cos.reshape(1, cos.shape[0], *([1] * extra), cos.shape[1])
+    s = sin.reshape(1, sin.shape[0], *([1] * extra), sin.shape[1])
+    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).reshape(shape)
+
+
+def swiglu(x, w1, w2, w3):
+    """(silu(x w1^T) * (x w3^T)) w2^T."""
+    return (torch.nn.functional.silu(x @ w1.t()) * (x @ w3.t())) @ w2.t()
+
+
+class Reference:
+    """The model over a dict of HF-named leaf tensors P (float64 or float32)."""
+
+    def __init__(self, c, P, dtype):
+        self.c, self.P, self.dtype = c, P, dtype
+        self.eps = f32(c.rms_norm_eps)  # MlaConfig/BlockConfig/MtpConfig norm_eps and lm_head's eps are floats
+        self.route_scale = f32(c.routed_scaling_factor)
+        self.alpha = f32(c.aux_alpha)
+        self.mtp_lambda = f32(c.mtp_lambda)
+        self.routing = {}  # layer -> dict(indices (N, K) numpy, min margins, near ties)
+        self.forced = None  # layer -> indices to use instead of routing (the fp32 noise-floor pass)
+
+    def p(self, name):
+        return self.P[name]
+
+    # -- 02 MLA, training form ------------------------------------------------------------------------------------
+    def mla(self, x, pre, cos, sin, scale):
+        c = self.c
+        B, T, _ = x.shape
+        H, Dn, Dr, Dv, Dc = (c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim,
+                             c.kv_lora_rank)
+        a = pre + "self_attn."
+        if c.q_lora_rank > 0:
+            q = rms_norm(x @ self.p(a + "q_a_proj.weight").t(), self.p(a + "q_a_layernorm.weight"), self.eps)
+            q = q @ self.p(a + "q_b_proj.weight").t()
+        else:
+            q = x @ self.p(a + "q_proj.weight").t()
+        q = q.reshape(B, T, H, Dn + Dr)
+        q_nope, q_pe = q[..., :Dn], apply_rope(q[..., Dn:], cos, sin)
+        kva = x @ self.p(a + "kv_a_proj_with_mqa.weight").t()  # (B, T, Dc+Dr)
+        c_kv = rms_norm(kva[..., :Dc], self.p(a + "kv_a_layernorm.weight"), self.eps)
+        k_pe = apply_rope(kva[..., Dc:], cos, sin)  # (B, T, Dr): one per token, shared by the heads
+        kv = (c_kv @ self.p(a + "kv_b_proj.weight").t()).reshape(B, T, H, Dn + Dv)
+        k_nope, v = kv[..., :Dn], kv[..., Dn:]
+        sc = (torch.einsum("bthd,bshd->bhts", q_nope, k_nope) + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)) * scale
+        mask = torch.ones(T, T, dtype=torch.bool).triu(1)
+        att = torch.softmax(sc.masked_fill(mask, float("-inf")), dim=-1)
+        y = torch.einsum("bhts,bshd->bthd", att, v).reshape(B, T, H * Dv)
+        return y @ self.p(a + "o_proj.weight").t()
+
+    # -- 03 DeepSeekMoE -------------------------------------------------------------------------------------------
+    def route(self, sel, layer):
+        """The discrete decisions of moe_route.h::route_token on the biased scores sel (N, E), numpy float64:
+        group scores (sum of each group's top-2), the topk_group best groups, the top-K experts among them; ties
+        to the lower index. Returns indices (N, K) in rank order and records the decision margins."""
+        c = self.c
+        N, E = sel.shape
+        K, G, Lg = c.num_experts_per_tok, c.n_group, c.topk_group
+        sel = sel.copy()
+        gmargin = np.full(N, np.inf)
+        if G > 1:
+            Eg = E // G
+            grp = np.sort(sel.reshape(N, G, Eg), axis=-1)[..., ::-1]
+            gscore = grp[..., 0] + grp[..., 1]  # (N, G)
+            gorder = np.argsort(-gscore, axis=-1, kind="stable")
+            keep = np.zeros((N, G), dtype=bool)
+            np.put_along_axis(keep, gorder[:, :Lg], True, axis=-1)
+            if Lg < G:
+                gs = np.take_along_axis(gscore, gorder, axis=-1)
+                gmargin = gs[:, Lg - 1] - gs[:, Lg]
+            sel[~np.repeat(keep, Eg, axis=1)] = -np.inf
+        order = np.argsort(-sel, axis=-1, kind="stable")
+        idx = order[:, :K]
+        ss = np.take_along_axis(sel, order, axis=-1)
+        emargin = ss[:, K - 1] - ss[:, K] if K < E else np.full(N, np.inf)  # inf when the rest was dropped
+        margin = np.minimum(gmargin, emargin)
+        self.routing[layer] = dict(indices=idx, margin=margin, gmargin=gmargin, emargin=emargin)
+        return idx
+
+    def moe(self, x, pre, layer):
+        c = self.c
+        B, T, D = x.shape
+        N, E = B * T, c.n_routed_experts
+        m = pre + "mlp."
+        xf = x.reshape(N, D)
+        logits = xf @ self.p(m + "gate.weight").t()
+        softmax = c.scoring_func == "softmax"
+        s = torch.softmax(logits, dim=-1) if softmax else torch.sigmoid(logits)  # (N, E) unbiased affinities
+        bias = self.P.get(m + "gate.e_score_correction_bias")
+        with torch.no_grad():
+            sel = s.detach().double().numpy()
+            if bias is not None:
+                sel = sel + bias.detach().double().numpy()[None, :]  # the bias only chooses experts
+        idx = self.route(sel, layer)
+        if self.forced is not None:
+            idx = self.forced[layer]
+        idx_t = torch.from_numpy(np.ascontiguousarray(idx)).long()
+        w = torch.gather(s, 1, idx_t)  # (N, K) unbiased scores of the chosen experts
+        if not softmax:
+            w = w / w.sum(-1, keepdim=True)  # norm_topk_prob
+        w = w * self.route_scale
+        out = torch.zeros_like(xf)
+        if c.n_shared_experts > 0:
+            sh = m + "shared_experts."
+            out = swiglu(xf, self.p(sh + "gate_proj.weight"), self.p(sh + "down_proj.weight"),
+                         self.p(sh + "up_proj.weight"))
+        routed = torch.zeros_like(xf)
+        for e in range(E):
+            rows, slot = np.nonzero(idx == e)
+            if rows.size == 0:
+                continue
+            r = torch.from_numpy(rows).long()
+            ex = f"{m}experts.{e}."
+            y = swiglu(xf[r], self.p(ex + "gate_proj.weight"), self.p(ex + "down_proj.weight"),
+                       self.p(ex + "up_proj.weight"))
+            routed = routed.index_add(0, r, y * w[r, torch.from_numpy(slot).long()].unsqueeze(1))
+        return (out + routed).reshape(B, T, D), s, idx
+
+    # -- 04 sequence-wise balance loss ----------------------------------------------------------------------------
+    def balance(self, s, idx, B, T):
+        """alpha * mean_b sum_i f_{b,i} P_{b,i}: f_{b,i} = E/(K T) * tokens of sequence b routed to i (a count, no
+        gradient), P_{b,i} = (1/T) sum_t s_{i,t} / sum_j s_{j,t}."""
+        E, K = self.c.n_routed_experts, self.c.num_experts_per_tok
+        cnt = np.zeros((B, E))
+        for b in range(B):
+            cnt[b] = np.bincount(idx[b * T:(b + 1) * T].reshape(-1), minlength=E)
+        f = torch.tensor(cnt * (E / (K * T)), dtype=s.dtype)
+        sn = s / s.sum(-1, keepdim=True)
+        P = sn.reshape(B, T, E).mean(1)
+        return self.alpha * (f * P).sum(-1).mean()
+
+    # -- 05 block -------------------------------------------------------------------------------------------------
+    def block(self, x, layer, cos, sin, scale, bal):
+        pre = f"model.layers.{layer}."
+        h = x + self.mla(rms_norm(x, self.p(pre + "input_layernorm.weight"), self.eps), pre, cos, sin, scale)
+        hf = rms_norm(h, self.p(pre + "post_attention_layernorm.weight"), self.eps)
+        if self.c.is_moe_layer(layer):
+            y, s, idx = self.moe(hf, pre, layer)
+            if self.c.aux_alpha > 0:  # Model::has_balance_loss
+                bal.append(self.balance(s, idx, x.shape[0], x.shape[1]))
+        else:
+            m = pre + "mlp."
+            y = swiglu(hf, self.p(m + "gate_proj.weight"), self.p(m + "down_proj.weight"), self.p(m + "up_proj.weight"))
+        return h + y
+
+    @staticmethod
+    def ce_rows(logits, targets):
+        """Per-row -log softmax(logits)[target]; logits (N, V), targets (N)."""
+        return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+
+    # -- 06 the whole loss ----------------------------------------------------------------------------------------
+    def forward(self, window, B, T):
+        """window: int64 numpy (B, T+1). Returns dict(ce, mtp, mtp_depths, balance, total) of torch scalars."""
+        c = self.c
+        L, depth, V = c.num_hidden_layers, c.num_nextn_predict_layers, c.vocab_size
+        cos, sin, fsq = rope_tables(c, T, self.dtype)
+        scale = 1.0 / math.sqrt(c.qk_nope_head_dim + c.qk_rope_head_dim) * fsq
+        win = torch.from_numpy(window).long()
+        inputs, targets = win[:, :T], win[:, 1:]
+        emb, norm, head = self.p("model.embed_tokens.weight"), self.p("model.norm.weight"), self.p("lm_head.weight")
+        bal = []
+        h = emb[inputs]
+        for l in range(L):
+            h = self.block(h, l, cos, sin, scale, bal)
+        z = rms_norm(h, norm, self.eps)
+        ce = self.ce_rows((z @ head.t()).reshape(B * T, V), targets.reshape(-1)).mean()
+        # MTP: module k (1..depth) at position i reads z^{k-1}_i and Emb(t_{i+k}) (t_T past the end), predicts
+        # t_{i+k+1} for i < T-k; CE_k = sum over those rows / (B T)... = (mean over the B(T-k) rows) * (T-k)/T
+        depths = []
+        hprev = z
+        for k in range(1, depth + 1):
+            pre = f"model.layers.{L + k - 1}."
+            pos = torch.clamp(torch.arange(T) + k, max=T)
+            tok = win[:, pos]  # (B, T)
+            en = rms_norm(emb[tok], self.p(pre + "enorm.weight"), self.eps)
+            hn = rms_norm(hprev, self.p(pre + "hnorm.weight"), self.eps)
+            hp = torch.cat((en, hn), dim=-1) @ self.p(pre + "eh_proj.weight").t()  # embedding first
+            hk = self.block(hp, L + k - 1, cos, sin, scale, bal)
+            zk = rms_norm(hk, norm, self.eps)
+            if T > k:
+                rows = self.ce_rows((zk[:, :T - k] @ head.t()).reshape(B * (T - k), V),
+                                    win[:, k + 1:T + 1].reshape(-1))
+                depths.append(rows.mean() * ((T - k) / T))
+            else:
+                depths.append(torch.zeros((), dtype=self.dtype))
+            hprev = zk
+        zero = torch.zeros((), dtype=self.dtype)
+        mtp = self.mtp_lambda / depth * sum(depths) if depth > 0 else zero
+        balance = sum(bal) if bal else zero
+        return dict(ce=ce, mtp=mtp, mtp_depths=depths, balance=balance, total=ce + mtp + balance)
+
+
+def trained_names(c):
+    """HF names of every parameter the model trains (the gradients expected), in the model's list order."""
+    L, depth, E = c.num_hidden_layers, c.num_nextn_predict_layers, c.n_routed_experts
+    names = ["model.embed_tokens.weight"]
+
+    def block(l):
+        p = f"model.layers.{l}."
+        a = p + "self_attn."
+        out = [p + "input_layernorm.weight"]
+        if c.q_lora_rank > 0:
+            out += [a + "q_a_proj.weight", a + "q_a_layernorm.weight", a + "q_b_proj.weight"]
+        else:
+            out += [a + "q_proj.weight"]
+        out += [a + "kv_a_proj_with_mqa.weight", a + "kv_a_layernorm.weight", a + "kv_b_proj.weight",
+                a + "o_proj.weight", p + "post_attention_layernorm.weight"]
+        m = p + "mlp."
+        if not c.is_moe_layer(l):
+            out += [m + "gate_proj.weight", m + "up_proj.weight", m + "down_proj.weight"]
+        else:
+            out += [m + "gate.weight"]
+            for kind in ("gate_proj", "down_proj", "up_proj"):
+                out += [f"{m}experts.{e}.{kind}.weight" for e in range(E)]
+            if c.n_shared_experts > 0:
+                out += [m + f"shared_experts.{k}.weight" for k in ("gate_proj", "down_proj", "up_proj")]
+        return out
+
+    for l in range(L):
+        names += block(l)
+    names += ["model.norm.weight", "lm_head.weight"]
+    for k in range(depth):
+        p = f"model.layers.{L + k}."
+        names += [p + "enorm.weight", p + "hnorm.weight", p + "eh_proj.weight"] + block(L + k)
+    return names
+
+
+def bias_names(c):
+    L, depth = c.num_hidden_layers, c.num_nextn_predict_layers
+    return [f"model.layers.{l}.mlp.gate.e_score_correction_bias" for l in range(L + depth) if c.is_moe_layer(l)]
+
+
+def mirror_names(c):
+    """The copies of the shared tensors DeepSeek's release stores with each MTP module (checkpoint.cpp):
+    name -> the tensor it copies."""
+    out = {}
+    for k in range(c.num_nextn_predict_layers):
+        p = f"model.layers.{c.num_hidden_layers + k}."
+        out[p + "embed_tokens.weight"] = "model.embed_tokens.weight"
+        out[p + "shared_head.norm.weight"] = "model.norm.weight"
+        out[p + "shared_head.head.weight"] = "lm_head.weight"
+    return out
+
+
+def make_params(c, arrays, dtype):
+    """Leaf tensors (dtype) of the trained parameters (requires_grad) and the biases (constants)."""
+    P = {}
+    for n in trained_names(c):
+        if n not in arrays:
+            raise ValueError(f"model.safetensors: tensor '{n}' is missing")
+        P[n] = torch.tensor(arrays[n], dtype=dtype).requires_grad_(True)
+    for n in bias_names(c):
+        if n in arrays:
+            P[n] = torch.tensor(arrays[n], dtype=dtype)
+    return P
+
+
+# ---- the oracle -------------------------------------------------------------------------------------------------
+
+def rel(a, b):
+    return abs(a - b) / max(abs(b), TINY)
+
+
+def oracle(d, noise_floor=True):
+    cfg_json = json.load(open(os.path.join(d, "config.json")))
+    losses = json.load(open(os.path.join(d, "losses.json")))
+    c = Config(cfg_json, losses)
+    B, T = int(losses["B"]), int(losses["T"])
+    toks = np.fromfile(os.path.join(d, "tokens.bin"), dtype="<i4")
+    if toks.size != B * (T + 1):
+        print(f"oracle: FAIL (tokens.bin holds {toks.size} tokens, B*(T+1) = {B * (T + 1)} expected)")
+        return 1
+    window = toks.reshape(B, T + 1).astype(np.int64)
+    if window.min() < 0 or window.max() >= c.vocab_size:
+        print(f"oracle: FAIL (a token is outside the vocabulary [0, {c.vocab_size}))")
+        return 1
+    weights = read_safetensors(os.path.join(d, "model.safetensors"))
+    grads = read_safetensors(os.path.join(d, "grads.safetensors"))
+    print(f"oracle on {d}: B={B} T={T} L={c.num_hidden_layers} MTP depth={c.num_nextn_predict_layers} "
+          f"D={c.hidden_size} V={c.vocab_size} E={c.n_routed_experts} K={c.num_experts_per_tok} "
+          f"aux_alpha={c.aux_alpha} mtp_lambda={c.mtp_lambda} (from {c.training_source}); torch {torch.__version__}")
+
+    # 1) float64 forward and autograd of the total
+    P = make_params(c, weights, torch.float64)
+    ref = Reference(c, P, torch.float64)
+    out = ref.forward(window, B, T)
+    out["total"].backward()
+    problems = []
+
+    # 2) the loss parts
+    print("\nloss part       ours (C++)            torch float64         rel. error")
+    parts = [("ce", losses["ce"], out["ce"].item()), ("mtp", losses["mtp"], out["mtp"].item()),
+             ("balance", losses["balance"], out["balance"].item()), ("total", losses["total"], out["total"].item())]
+    ours_depths = losses.get("mtp_depths", [])
+    if len(ours_depths) != len(out["mtp_depths"]):
+        problems.append(f"mtp_depths has {len(ours_depths)} entries, the config has {len(out['mtp_depths'])} modules")
+    for k, (a, b) in enumerate(zip(ours_depths, out["mtp_depths"])):
+        parts.append((f"mtp_depth[{k + 1}]", a, b.item()))
+    worst_loss = 0.0
+    for name, a, b in parts:
+        e = rel(float(a), b)
+        worst_loss = max(worst_loss, e)
+        flag = "  <-- over 1e-6" if e > LOSS_TOL else ""
+        print(f"{name:15s} {float(a):20.12g}  {b:20.12g}  {e:10.3e}{flag}")
+        if e > LOSS_TOL:
+            problems.append(f"loss {name}: ours {float(a):.10g} vs torch {b:.10g} (rel {e:.2e})")
+
+    # 3) routing decisions: the smallest margins (a flip in the fp32 C++ cannot be seen in its outputs directly)
+    near = []
+    print("\nrouting (biased top-k): smallest decision margin per MoE layer")
+    for l in sorted(ref.routing):
+        r = ref.routing[l]
+        i = int(np.argmin(r["margin"]))
+        where = f"token b={i // T} t={i % T}"
+        kind = "group" if r["gmargin"][i] <= r["emargin"][i] else "expert"
+        nn = int((r["margin"] < NEAR_TIE).sum())
+        print(f"  layer {l:3d}{' (MTP)' if l >= c.num_hidden_layers else '      '}  min margin {r['margin'][i]:.3e} "
+              f"({kind} choice, {where}); {nn} token(s) under {NEAR_TIE:g}")
+        for j in np.nonzero(r["margin"] < NEAR_TIE)[0]:
+            near.append(f"layer {l} token b={j // T} t={j % T} (margin {r['margin'][j]:.2e})")
+
+    # 4) the gradients
+    trained = trained_names(c)
+    missing = [n for n in trained if n not in grads]
+    for n in missing:
+        problems.append(f"grads.safetensors lacks '{n}'")
+    # beside the trained parameters the file may hold what the checkpoint writer always writes: the MoE biases
+    # (no gradient: must be zeros) and DeepSeek's per-module copies of the shared tensors (must equal the source)
+    mirrors = mirror_names(c)
+    biases = set(bias_names(c))
+    extras = 0
+    for n in grads:
+        if n in P and P[n].requires_grad:
+            continue
+        extras += 1
+        if n in biases:
+            if np.any(grads[n] != 0):
+                problems.append(f"'{n}' (a routing bias, which has no gradient) holds nonzero values")
+        elif n in mirrors:
+            src = mirrors[n]
+            if src not in grads or not np.array_equal(grads[n], grads[src]):
+                problems.append(f"'{n}' is not a copy of '{src}'")
+        else:
+            problems.append(f"grads.safetensors has '{n}', which is not a parameter of this model")
+    rows = []
+    for n in trained:
+        if n not in grads:
+            continue
+        g = P[n].grad
+        g = torch.zeros_like(P[n]) if g is None else g
+        ours = torch.tensor(grads[n], dtype=torch.float64)
+        if tuple(ours.shape) != tuple(g.shape):
+            problems.append(f"'{n}': gradient shape {tuple(ours.shape)}, expected {tuple(g.shape)}")
+            continue
+        nb = g.norm().item()
+        err = (ours - g).norm().item() / max(nb, TINY)
+        if nb == 0 and ours.norm().item() == 0:
+            err = 0.0
+        rows.append((err, n, ours.norm().item(), nb))
+
+    # 5) the fp32 noise floor: the same reference in float32 with the float64 pass's routing, against float64
+    floor = {}
+    if noise_floor:
+        P32 = make_params(c, weights, torch.float32)
+        r32 = Reference(c, P32, torch.float32)
+        r32.forced = {l: v["indices"] for l, v in ref.routing.items()}
+        o32 = r32.forward(window, B, T)
+        o32["total"].backward()
+        for n in trained:
+            g64, g32 = P[n].grad, P32[n].grad
+            if g64 is None or g32 is None:
+                continue
+            floor[n] = (g32.double() - g64).norm().item() / max(g64.norm().item(), TINY)
+        floor["__losses__"] = max(rel(o32[k].item(), out[k].item()) for k in ("ce", "mtp", "balance", "total"))
+
+    rows.sort(reverse=True)
+    print(f"\ngradients: worst 10 of {len(rows)} tensors, error = ||ours - torch|| / ||torch||"
+          + ("  (floor: torch fp32 vs fp64)" if floor else ""))
+    print(f"  {'error':>10s}  {'floor':>10s}  {'||ours||':>12s}  {'||torch||':>12s}  tensor")
+    for err, n, na, nb in rows[:10]:
+        fl = f"{floor[n]:10.3e}" if n in floor else f"{'-':>10s}"
+        print(f"  {err:10.3e}  {fl}  {na:12.5e}  {nb:12.5e}  {n}")
+    worst = rows[0][0] if rows else 0.0
+    over = [r for r in rows if r[0] > GRAD_TOL]
+    for err, n, _, _ in over:
+        problems.append(f"gradient '{n}': error {err:.2e}")
+
+    # per-layer summary: the worst error of each layer (where a mismatch starts)
+    per_layer = {}
+    for err, n, _, _ in rows:
+        parts_n = n.split(".")
+        key = f"layer {parts_n[2]}" if parts_n[:2] == ["model", "layers"] else n
+        per_layer[key] = max(per_layer.get(key, 0.0), err)
+    print("\nworst gradient error per layer: " + ", ".join(
+        f"{k}: {v:.1e}" for k, v in sorted(per_layer.items(), key=lambda kv: (len(kv[0]), kv[0]))))
+    if floor:
+        fmax = max(v for k, v in floor.items() if k != "__losses__")
+        print(f"fp32 noise floor of this model (torch float32 vs float64, same routing): gradients up to "
+              f"{fmax:.2e}, losses up to {floor['__losses__']:.2e} relative")
+
+    if extras:
+        print(f"{extras} further tensor(s) in grads.safetensors checked (routing biases must be all zero, the MTP "
+              f"modules' copies of the shared tensors equal to their source)")
+    summary = (f"max grad error {worst:.2e} over {len(rows)} tensors; losses max rel error {worst_loss:.2e} "
+               f"(ce {out['ce'].item():.6g}, mtp {out['mtp'].item():.6g}, balance {out['balance'].item():.6g}, "
+               f"total {out['total'].item():.6g})")
+    if problems:
+        print("\nproblems:")
+        for p in problems[:40]:
+            print("  " + p)
+        if len(problems) > 40:
+            print(f"  ... and {len(problems) - 40} more")
+        if near:
+            print(f"near-tie routing decisions (the fp32 C++ may have chosen other experts there; check these "
+                  f"first): {'; '.join(near[:10])}")
+        print(f"oracle: FAIL ({summary}; {len(problems)} problem(s))")
+        return 1
+    print(f"oracle: PASS ({summary})")
+    return 0
+
+
+# ---- self-test --------------------------------------------------------------------------------------------------
+
+def tiny_config(variant):
+    """Stage 06's tiny preset (06_full_model/model_config.cpp kPresets), routed_scaling_factor 2.5 as every preset;
+    variant 'yarn' adds YaRN, two MTP modules and a visible balance loss; 'softmax' drops q compression and
+    scores with softmax."""
+    j = dict(vocab_size=61, hidden_size=24, intermediate_size=40, moe_intermediate_size=8, num_hidden_layers=2,
+             first_k_dense_replace=1, num_attention_heads=2, q_lora_rank=12, kv_lora_rank=10, qk_nope_head_dim=6,
+             qk_rope_head_dim=4, v_head_dim=5, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+             n_group=4, topk_group=2, num_nextn_predict_layers=1, max_position_embeddings=64,
+             routed_scaling_factor=2.5, norm_topk_prob=True, scoring_func="sigmoid", rms_norm_eps=1e-6,
+             rope_theta=10000.0, rope_scaling=None, tie_word_embeddings=False,
+             nano_dsv3=dict(aux_alpha=0.05, bias_update_speed=1e-3, mtp_lambda=0.3))
+    if variant == "yarn":
+        j["num_nextn_predict_layers"] = 2
+        j["rope_scaling"] = dict(type="yarn", factor=4.0, original_max_position_embeddings=16, beta_fast=32.0,
+                                 beta_slow=1.0, mscale=0.7, mscale_all_dim=0.7)
+    elif variant == "softmax":
+        j.update(q_lora_rank=None, scoring_func="softmax", norm_topk_prob=False, first_k_dense_replace=0)
+    return Config(j)
+
+
+def random_arrays(c, seed):
+    """Fan-in-scaled random weights, jittered norms (so a gradient that ignored a norm weight cannot pass) and a
+    nonzero routing bias (so selection and weighting differ)."""
+    rng = np.random.default_rng(seed)
+    D, V = c.hidden_size, c.vocab_size
+    shapes = {}
+    H, S = c.num_attention_heads, c.qk_nope_head_dim + c.qk_rope_head_dim
+    for n in trained_names(c):
+        if n == "model.embed_tokens.weight" or n == "lm_head.weight":
+            shapes[n] = (V, D)
+        elif n.endswith("norm.weight") or n.endswith("layernorm.weight"):
+            dim = {"q_a_layernorm": c.q_lora_rank, "kv_a_layernorm": c.kv_lora_rank}.get(n.split(".")[-2], D)
+            shapes[n] = (dim,)
+        else:
+            shapes[n] = None
+    arrays = {}
+    for n in trained_names(c):
+        key = n.split(".")[-2]
+        F = c.moe_intermediate_size if ".experts." in n else (
+            c.moe_intermediate_size * c.n_shared_experts if "shared_experts" in n else c.intermediate_size)
+        sh = shapes[n] or {
+            "q_a_proj": (c.q_lora_rank, D), "q_b_proj": (H * S, c.q_lora_rank), "q_proj": (H * S, D),
+            "kv_a_proj_with_mqa": (c.kv_lora_rank + c.qk_rope_head_dim, D),
+            "kv_b_proj": (H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank),
+            "o_proj": (D, H * c.v_head_dim), "gate_proj": (F, D), "up_proj": (F, D), "down_proj": (D, F),
+            "gate": (c.n_routed_experts, D), "eh_proj": (D, 2 * D)}[key]
+        if len(sh) == 1:
+            arrays[n] = (1 + 0.2 * rng.standard_normal(sh)).astype(np.float32)
+        else:
+            std = 1.0 if n == "model.embed_tokens.weight" else 1.0 / math.sqrt(sh[1])
+            arrays[n] = (std * rng.standard_normal(sh)).astype(np.float32)
+    for n in bias_names(c):
+        arrays[n] = (0.05 * rng.standard_normal(c.n_routed_experts)).astype(np.float32)
+    return arrays
+
+
+def self_test():
+    ok = True
+    for variant, seed in (("tiny", 1), ("yarn", 2), ("softmax", 3)):
+        c = tiny_config(variant)
+        arrays = random_arrays(c, seed)
+        B, T = 2, 7
+        rng = np.random.default_rng(100 + seed)
+        window = rng.integers(0, c.vocab_size, size=(B, T + 1)).astype(np.int64)
+        P = make_params(c, arrays, torch.float64)
+        ref = Reference(c, P, torch.float64)
+        out = ref.forward(window, B, T)
+        out["total"].backward()
+        sig = {l: v["indices"].copy() for l, v in ref.routing.items()}
+        print(f"self-test '{variant}': ce {out['ce'].item():.6f} mtp {out['mtp'].item():.6f} "
+              f"balance {out['balance'].item():.6e} total {out['total'].item():.6f}")
+        # a few entries of a spread of tensors: embedding, attention, a dense and a routed expert, the router
+        # (through the weights and the balance loss), the MTP projection, norms
+        L = c.num_hidden_layers
+        moe_l = c.first_k_dense_replace
+        picks = ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+                 "model.layers.0.self_attn.kv_b_proj.weight", "model.layers.0.self_attn.kv_a_proj_with_mqa.weight",
+                 f"model.layers.{moe_l}.mlp.gate.weight", f"model.layers.{L}.eh_proj.weight",
+                 f"model.layers.{L}.hnorm.weight", f"model.layers.{L}.mlp.gate.weight",
+                 f"model.layers.{L}.self_attn.o_proj.weight", f"model.layers.{moe_l}.input_layernorm.weight"]
+        picks += [n for n in trained_names(c) if ".experts." in n][:3:2]
+        picks += [n for n in trained_names(c) if "q_a_proj" in n or "q_proj" in n][:1]
+        if c.first_k_dense_replace > 0:
+            picks.append("model.layers.0.mlp.up_proj.weight")
+        worst, count, skipped = 0.0, 0, 0
+        h = 1e-6
+        for n in picks:
+            t = P[n]
+            g = (t.grad if t.grad is not None else torch.zeros_like(t)).reshape(-1)
+            flat = t.detach().reshape(-1)
+            # the entries with the largest gradients and one random entry
+            cand = list(torch.topk(g.abs(), min(2, g.numel())).indices.tolist()) + [int(rng.integers(g.numel()))]
+            for i in cand:
+                vals = []
+                for sgn in (1, -1):
+                    with torch.no_grad():
+                        old = flat[i].item()
+                        t.view(-1)[i] = old + sgn * h
+                        r2 = Reference(c, P, torch.float64)
+                        vals.append(r2.forward(window, B, T)["total"].item())
+                        t.view(-1)[i] = old
+                    same = all(np.array_equal(r2.routing[l]["indices"], sig[l]) for l in sig)
+                    if not same:
+                        break
+                if not same:
+                    skipped += 1  # a routing decision moved within +-h: the loss is not smooth there
+                    continue
+                fd = (vals[0] - vals[1]) / (2 * h)
+                an = g[i].item()
+                e = abs(fd - an) / max(abs(an), abs(fd), 1e-7)
+                count += 1
+                worst = max(worst, e)
+                if e > 1e-5:
+                    print(f"  {n}[{i}]: autograd {an:.10e} vs central difference {fd:.10e} (rel {e:.2e})")
+        passed = worst <= 1e-5 and count > 0
+        ok &= passed
+        print(f"  {count} entries of {len(picks)} tensors, worst relative difference {worst:.2e}"
+              f"{f', {skipped} skipped (routing moved)' if skipped else ''}: {'ok' if passed else 'FAILED'}")
+    print(f"self-test: {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
+def main(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--self-test", action="store_true", help="check autograd against central differences")
+    ap.add_argument("--no-floor", action="store_true", help="skip the float32 noise-floor pass")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("command", nargs="?", choices=["oracle"])
+    ap.add_argument("dir", nargs="?")
+    a = ap.parse_args(argv)
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    if a.self_test:
+        return self_test()
+    if a.command != "oracle" or not a.dir:
+        ap.print_usage()
+        print("torch_reference.py: give 'oracle DIR' or --self-test", file=sys.stderr)
+        return 2
+    for f in ("config.json", "model.safetensors", "tokens.bin", "losses.json", "grads.safetensors"):
+        if not os.path.isfile(os.path.join(a.dir, f)):
+            print(f"torch_reference.py: {a.dir} has no {f} (write it with `07_train_gpu grads ... --dump {a.dir}`)",
+                  file=sys.stderr)
+            return 2
+    return oracle(a.dir, noise_floor=not a.no_floor)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
