@@ -206,18 +206,19 @@ const TrainConfig kCpuSchedule = [] {
   return c;
 }();
 
-// The cpu preset's schedule (README: about 10 minutes on 2 cores), for the flags the user did not give: cmd is the
-// train subcommand (its count() says what was typed), nullptr for the main job.
-void use_cpu_schedule(TrainArgs& a, const CLI::App* cmd = nullptr) {
+// Copies the schedule fields of `from` whose flags the user did not type into `to` (cmd: the train subcommand,
+// whose count() says what was typed; nullptr: nothing typed, as in the main job).
+void take_schedule(TrainConfig& to, const TrainConfig& from, const CLI::App* cmd) {
   auto unset = [&](const char* flag) { return cmd == nullptr || cmd->count(flag) == 0; };
-  if (unset("--batch")) a.cfg.batch = kCpuSchedule.batch;
-  if (unset("--seq-len")) a.cfg.seq_len = kCpuSchedule.seq_len;
-  if (unset("--steps")) a.cfg.max_steps = kCpuSchedule.max_steps;
-  if (unset("--warmup")) a.cfg.warmup_steps = kCpuSchedule.warmup_steps;
-  if (unset("--lr")) a.cfg.lr = kCpuSchedule.lr;
-  if (unset("--weight-decay")) a.cfg.weight_decay = kCpuSchedule.weight_decay;
-  if (unset("--eval-every")) a.cfg.eval_every = kCpuSchedule.eval_every;
-  if (unset("--patience")) a.cfg.patience = kCpuSchedule.patience;
+  if (unset("--batch")) to.batch = from.batch;
+  if (unset("--seq-len")) to.seq_len = from.seq_len;
+  if (unset("--steps")) to.max_steps = from.max_steps;
+  if (unset("--warmup")) to.warmup_steps = from.warmup_steps;
+  if (unset("--lr")) to.lr = from.lr;
+  if (unset("--min-lr-ratio")) to.min_lr_ratio = from.min_lr_ratio;
+  if (unset("--weight-decay")) to.weight_decay = from.weight_decay;
+  if (unset("--eval-every")) to.eval_every = from.eval_every;
+  if (unset("--patience")) to.patience = from.patience;
 }
 
 // --resume: the run goes on with its own model (the checkpoint's config.json) and, for the flags not given, its
@@ -246,16 +247,7 @@ void continue_with_run_settings(TrainArgs& a, const CLI::App* cmd) {
     }
   }
   if (!found) return;  // the caller picks the default preset; train()'s resume names what is missing or damaged
-  auto unset = [&](const char* flag) { return cmd->count(flag) == 0; };
-  if (unset("--batch")) a.cfg.batch = saved.batch;
-  if (unset("--seq-len")) a.cfg.seq_len = saved.seq_len;
-  if (unset("--steps")) a.cfg.max_steps = saved.max_steps;
-  if (unset("--warmup")) a.cfg.warmup_steps = saved.warmup_steps;
-  if (unset("--lr")) a.cfg.lr = saved.lr;
-  if (unset("--min-lr-ratio")) a.cfg.min_lr_ratio = saved.min_lr_ratio;
-  if (unset("--weight-decay")) a.cfg.weight_decay = saved.weight_decay;
-  if (unset("--eval-every")) a.cfg.eval_every = saved.eval_every;
-  if (unset("--patience")) a.cfg.patience = saved.patience;
+  take_schedule(a.cfg, saved, cmd);
 }
 
 // A short run (--steps below ten times the warm-up) without --warmup warms up over its first tenth, said once.
@@ -633,7 +625,7 @@ int run_train_command(TrainArgs ta, const CLI::App* cmd) {
   if (ta.resume) continue_with_run_settings(ta, cmd);
   if (ta.preset.empty() && ta.init_from.empty()) ta.preset = gpu ? "lyrics" : "cpu";
   if (!ta.resume) {
-    if (ta.preset == "cpu") use_cpu_schedule(ta, cmd);
+    if (ta.preset == "cpu") take_schedule(ta.cfg, kCpuSchedule, cmd);  // the cpu preset brings its schedule
     fit_warmup(ta, cmd, std::cout);
   }
   do_train(ta, load_prepared(ta.data), std::cout);
@@ -688,7 +680,7 @@ int run_main_job(TrainArgs ta, const PrepareArgs& pa, const SampleArgs& sa, cons
     std::cout << fmt::format("GPU: {} -> the lyrics run\n", gpu_description());
   } else {
     ta.preset = "cpu";
-    use_cpu_schedule(ta);
+    take_schedule(ta.cfg, kCpuSchedule, nullptr);
     ta.device = "cpu";
     ta.precision = "fp32";
     std::cout << fmt::format(
