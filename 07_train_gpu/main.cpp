@@ -353,8 +353,12 @@ TrainResult do_train(const TrainArgs& a, const Prepared& data, std::ostream& out
   }
   auto backend = make_backend(a, c);
   if (init) backend->load_weights(init->tensors);
-  out << fmt::format("model: {} | {:.2f} M parameters ({:.2f} M active per token, {:.2f} M in MTP) | {}\n",
-                     init ? "from " + a.init_from : "preset " + a.preset, (pb.main_total + pb.mtp_total) / 1e6, pb.main_active / 1e6, pb.mtp_total / 1e6,
+  const auto names = config_preset_names();
+  const std::string model = init ? "from " + a.init_from
+                            : std::find(names.begin(), names.end(), a.preset) != names.end() ? "preset " + a.preset
+                                                                                              : "config " + a.preset;
+  out << fmt::format("model: {} | {:.2f} M parameters ({:.2f} M active per token, {:.2f} M in MTP) | {}\n", model,
+                     (pb.main_total + pb.mtp_total) / 1e6, pb.main_active / 1e6, pb.mtp_total / 1e6,
                      backend->describe());
   out << fmt::format("data: {} train / {} val tokens, vocab {} | batch {} x {} | {} steps, lr {:g}, warm-up {}\n",
                      data.info.train.tokens, data.info.val.tokens, data.info.vocab_size, a.cfg.batch, a.cfg.seq_len,
