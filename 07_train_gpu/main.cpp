@@ -501,6 +501,7 @@ void do_eval(const EvalArgs& a) {
 struct GradsArgs {
   std::string checkpoint, data, out, device = "cpu", precision = "fp32";
   int batch = 2, seq_len = 32;
+  TrainConfig steps;  // max_steps > 0: that many optimizer steps on the same windows (steps.json, final.safetensors)
 };
 
 // grads: one forward and backward of a checkpoint on the first `batch` windows of the validation split, written
@@ -526,7 +527,7 @@ int run_grads_command(const GradsArgs& a) {
   ta.precision = a.precision;
   auto backend = make_backend(ta, c);
   backend->load_weights(ck.tensors);
-  const ModelLosses l = backend->forward_backward(tokens, a.batch, a.seq_len);
+  ModelLosses l = backend->forward_backward(tokens, a.batch, a.seq_len);
   const std::vector<double> mtp = backend->mtp_losses();
   TensorMap grads = backend->gradients();
   for (const TensorSpec& sp : checkpoint_specs(c))  // the biases: zeros, so that the file has the weights' layout
@@ -551,6 +552,41 @@ int run_grads_command(const GradsArgs& a) {
   write_file_atomic(a.out + "/losses.json", json);
   std::cout << fmt::format("{} ({}): {} windows of {} + 1 validation tokens -> {}\n{}", a.checkpoint,
                            backend->describe(), a.batch, a.seq_len, a.out, json);
+  if (a.steps.max_steps == 0) return 0;
+
+  // --steps N: train()'s step (norm, clipping, AdamW at lr_at(s), the bias update) N times on these windows
+  TrainConfig cfg = a.steps;
+  cfg.batch = a.batch;
+  cfg.seq_len = a.seq_len;
+  cfg.validate();
+  std::string records;
+  for (int64_t s = 1; s <= cfg.max_steps; ++s) {
+    if (s > 1) l = backend->forward_backward(tokens, a.batch, a.seq_len);
+    const double norm = backend->grad_norm();
+    require(std::isfinite(l.total()) && std::isfinite(norm), "grads: step {} is not finite (loss {}, norm {})", s,
+            l.total(), norm);
+    AdamWConfig opt;
+    opt.lr = float(lr_at(cfg, s));
+    opt.beta1 = float(cfg.beta1);
+    opt.beta2 = float(cfg.beta2);
+    opt.weight_decay = float(cfg.weight_decay);
+    const bool clip = cfg.grad_clip > 0 && norm > cfg.grad_clip;
+    backend->step(opt, clip ? float(cfg.grad_clip / norm) : 1.f, s);
+    records += fmt::format("{}    {{\"step\": {}, \"lr\": {:.10g}, \"ce\": {:.10g}, \"mtp\": {:.10g}, \"balance\": "
+                           "{:.10g}, \"total\": {:.10g}, \"grad_norm\": {:.10g}}}", s > 1 ? ",\n" : "", s,
+                           double(opt.lr), l.ce, l.mtp, l.balance, l.total(), norm);
+  }
+  const std::string steps_json = fmt::format(
+      "{{\"steps\": {}, \"config\": {{\"lr\": {:.10g}, \"min_lr_ratio\": {:.10g}, \"warmup_steps\": {}, "
+      "\"max_steps\": {}, \"weight_decay\": {:.10g}, \"beta1\": {:.10g}, \"beta2\": {:.10g}, \"grad_clip\": {:.10g}}},\n"
+      "  \"records\": [\n{}\n  ]}}\n", cfg.max_steps, cfg.lr, cfg.min_lr_ratio, cfg.warmup_steps, cfg.max_steps,
+      cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.grad_clip, records);
+  write_file_atomic(a.out + "/steps.json", steps_json);
+  save_checkpoint(tmp, c, backend->weights());
+  fs::rename(tmp + "/model.safetensors", a.out + "/final.safetensors");
+  fs::remove_all(tmp);
+  std::cout << fmt::format("{} optimizer steps on these windows -> {}/steps.json, final.safetensors\n", cfg.max_steps,
+                           a.out);
   return 0;
 }
 
@@ -815,6 +851,18 @@ int main(int argc, char** argv) {
   grads->add_option("--precision", ga.precision, "fp32 or bf16 (GPU)")->capture_default_str();
   grads->add_option("--batch", ga.batch, "windows")->check(CLI::Range(1, 1 << 16))->capture_default_str();
   grads->add_option("--seq-len", ga.seq_len, "tokens per window")->check(CLI::Range(1, 1 << 16))->capture_default_str();
+  ga.steps.max_steps = 0;
+  ga.steps.warmup_steps = 2;
+  ga.steps.lr = 1e-3;
+  ga.steps.weight_decay = 0.1;
+  grads->add_option("--steps", ga.steps.max_steps, "then this many optimizer steps on the same windows (steps.json, "
+                    "final.safetensors; 0: none)")->check(CLI::Range(0, 100000))->capture_default_str();
+  grads->add_option("--lr", ga.steps.lr, "peak learning rate of those steps")->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  grads->add_option("--warmup", ga.steps.warmup_steps, "their warm-up steps")->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  grads->add_option("--weight-decay", ga.steps.weight_decay, "their AdamW weight decay")
+      ->check(CLI::NonNegativeNumber)->capture_default_str();
 
   BenchOptions bopt;
   std::string bench_precision = "bf16";
