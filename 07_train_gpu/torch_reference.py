@@ -13,6 +13,7 @@ specification): 06_full_model/model_cpu.cpp, 05_mtp/{block,mtp}_cpu.cpp, 04_aux_
 then differentiates the total; nothing here is a hand-written backward.
 
     python3 07_train_gpu/torch_reference.py oracle DIR      compare with `07_train_gpu grads ... --dump DIR`
+    python3 07_train_gpu/torch_reference.py steps DIR       N optimizer steps vs `grads ... --steps N --dump DIR`
     python3 07_train_gpu/torch_reference.py --self-test     autograd vs central differences on a tiny model
 
 DIR (written by the C++ program): config.json, model.safetensors (fp32, Hugging Face names), tokens.bin (int32,
@@ -142,6 +143,7 @@ class Config:
             self.training_source = "config.json nano_dsv3"
         self.aux_alpha = float(t["aux_alpha"])
         self.mtp_lambda = float(t["mtp_lambda"])
+        self.bias_update_speed = float(t["bias_update_speed"])
 
     def is_moe_layer(self, layer):
         return layer >= self.first_k_dense_replace
@@ -609,6 +611,250 @@ def oracle(d, noise_floor=True):
     return 0
 
 
+# ---- N optimizer steps ------------------------------------------------------------------------------------------
+
+# The steps' tolerances. Losses and grad_norm: 1e-4 relative at every step (the brief's target; step 1 is the oracle's
+# 1e-6 case, later steps add the drift of the fp32 C++ weights from the float64-gradient ones). Final weights: the
+# per-tensor error ||ours - torch|| / ||torch||, bounded by STEPS_W_FLOOR_X times the float32 noise floor of the
+# same trajectory (torch float32 vs torch float64, both with the C++'s fp32 AdamW), but never below STEPS_W_MIN.
+# Why a floor and not a fixed number: Adam normalises each element's step to about lr * m^/sqrt(v^), so an element
+# whose gradient is near zero (its fp32 rounding noise comparable to its value) moves by about +-lr whatever its
+# size; fp32 vs fp64 gradients flip such signs, and the per-tensor error after N steps scales with lr*sqrt(count of
+# such elements), not with the gradients' 1e-6 agreement. The float32 torch run shows how large that is for this
+# model, lr and N; an optimizer bug (wrong eps, bias correction, decay set, schedule, clipping) moves whole tensors
+# by O(lr) per element and lands orders of magnitude above it.
+STEPS_LOSS_TOL = 1e-4
+STEPS_W_FLOOR_X = 10.0
+STEPS_W_MIN = 1e-5
+
+
+def lr_at(cfg, step):
+    """07_train_gpu/train.cpp lr_at: linear warm-up to lr, then a cosine to lr * min_lr_ratio at max_steps."""
+    lr, lo_ratio = float(cfg["lr"]), float(cfg["min_lr_ratio"])
+    warm, max_steps = int(cfg["warmup_steps"]), int(cfg["max_steps"])
+    step = max(step, 1)
+    if step <= warm:
+        return lr * float(step) / float(warm)
+    lo = lr * lo_ratio
+    decay_steps = max_steps - warm
+    if step >= max_steps or decay_steps <= 0:
+        return lo
+    progress = float(step - warm) / float(decay_steps)
+    return lo + (lr - lo) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def is_norm(name):
+    """ParamKind::Norm (never decayed): every RMSNorm weight; the rest (matrices, the embedding) decay."""
+    return name.endswith("norm.weight")
+
+
+def adamw_f32(p, g, m, v, lr, wd, b1, b2, step, decay):
+    """04_aux_loss/adamw.h adamw_scalars + adamw_update, CPU form, in float32 numpy: every product rounded."""
+    f = np.float32
+    lr32 = f(lr)
+    lr_wd = f(lr32 * f(wd)) if decay else f(0)  # T(c.lr * c.weight_decay), both floats
+    b1, b2 = f(b1), f(b2)
+    omb1, omb2 = f(1) - b1, f(1) - b2
+    eps = f(1e-8)  # AdamWConfig::eps (main.cpp leaves it)
+    bc1 = f(1.0 - math.pow(float(b1), float(step)))
+    bc2 = f(1.0 - math.pow(float(b2), float(step)))
+    m[...] = b1 * m + omb1 * g
+    v[...] = b2 * v + (omb2 * g) * g
+    mhat, vhat = m / bc1, v / bc2
+    root = np.sqrt(vhat)
+    p[...] = p - lr_wd * p
+    p[...] = p - (lr32 * mhat) / (root + eps)
+
+
+def trajectory(c, weights, window, B, T, scfg, N, dtype, log=None):
+    """The C++'s N steps (run_grads_command --steps): forward/backward at the current fp32 weights (computed in
+    dtype), global norm, clipping, fp32 AdamW at lr_at(s), the bias update from this forward's loads."""
+    trained = trained_names(c)
+    W = {n: np.array(weights[n], dtype=np.float32) for n in trained}
+    bias = {n: np.array(weights[n], dtype=np.float32) for n in bias_names(c) if n in weights}
+    m = {n: np.zeros_like(W[n]) for n in trained}
+    v = {n: np.zeros_like(W[n]) for n in trained}
+    E, K = c.n_routed_experts, c.num_experts_per_tok
+    gamma = np.float32(c.bias_update_speed)
+    clip = float(scfg.get("grad_clip", 1.0))
+    recs = []
+    for s in range(1, N + 1):
+        P = make_params(c, {**W, **bias}, dtype)
+        ref = Reference(c, P, dtype)
+        out = ref.forward(window, B, T)
+        out["total"].backward()
+        G = {}
+        for n in trained:
+            g = P[n].grad
+            G[n] = np.zeros_like(W[n]) if g is None else g.detach().double().numpy().astype(np.float32)
+        norm = math.sqrt(sum(float(np.dot(g.reshape(-1).astype(np.float64), g.reshape(-1).astype(np.float64)))
+                             for g in G.values()))  # backend_cpu grad_norm: sum of double(g)^2 of the fp32 grads
+        lr = f32(lr_at(scfg, s))  # opt.lr = float(lr_at(cfg, s))
+        scale = np.float32(clip / norm) if (clip > 0 and norm > clip) else np.float32(1)
+        for n in trained:
+            g = G[n] * scale if scale != 1 else G[n]  # grad[j] * grad_scale in float
+            adamw_f32(W[n], g, m[n], v[n], lr, float(np.float32(scfg["weight_decay"])), float(np.float32(scfg["beta1"])),
+                      float(np.float32(scfg["beta2"])), s, not is_norm(n))
+        loads = {}
+        for l, r in ref.routing.items():
+            cnt = np.bincount(r["indices"].reshape(-1), minlength=E)
+            loads[l] = cnt
+            name = f"model.layers.{l}.mlp.gate.e_score_correction_bias"
+            if gamma > 0 and name in bias:
+                err = float(B * T) * K / E - cnt
+                bias[name] = (bias[name] + gamma * np.sign(err).astype(np.float32)).astype(np.float32)
+        margins = {l: float(r["margin"].min()) for l, r in ref.routing.items()}
+        near = [(l, int(j), float(r["margin"][j])) for l, r in ref.routing.items()
+                for j in np.nonzero(r["margin"] < NEAR_TIE)[0]]
+        recs.append(dict(step=s, lr=lr, ce=out["ce"].item(), mtp=out["mtp"].item(), balance=out["balance"].item(),
+                         total=out["total"].item(), grad_norm=norm, scale=float(scale), margins=margins, near=near,
+                         loads=loads))
+        if log:
+            log(s)
+    return recs, W, bias
+
+
+def steps_check(d, floor=True):
+    cfg_json = json.load(open(os.path.join(d, "config.json")))
+    losses = json.load(open(os.path.join(d, "losses.json")))
+    sj = json.load(open(os.path.join(d, "steps.json")))
+    c = Config(cfg_json, losses)
+    B, T = int(losses["B"]), int(losses["T"])
+    toks = np.fromfile(os.path.join(d, "tokens.bin"), dtype="<i4")
+    if toks.size != B * (T + 1):
+        print(f"steps: FAIL (tokens.bin holds {toks.size} tokens, B*(T+1) = {B * (T + 1)} expected)")
+        return 1
+    window = toks.reshape(B, T + 1).astype(np.int64)
+    weights = read_safetensors(os.path.join(d, "model.safetensors"))
+    final = read_safetensors(os.path.join(d, "final.safetensors"))
+    N = int(sj["steps"])
+    scfg = sj["config"]
+    recs_c = sj["records"]
+    print(f"steps on {d}: N={N} B={B} T={T} L={c.num_hidden_layers} MTP depth={c.num_nextn_predict_layers} "
+          f"D={c.hidden_size} E={c.n_routed_experts} K={c.num_experts_per_tok}; config {json.dumps(scfg)}; "
+          f"gamma={c.bias_update_speed} aux_alpha={c.aux_alpha} (from {c.training_source}); torch {torch.__version__}")
+    problems = []
+    if len(recs_c) != N:
+        problems.append(f"steps.json has {len(recs_c)} records for steps = {N}")
+    recs, W, bias = trajectory(c, weights, window, B, T, scfg, N, torch.float64)
+    recs32 = W32 = bias32 = None
+    if floor:
+        recs32, W32, bias32 = trajectory(c, weights, window, B, T, scfg, N, torch.float32)
+
+    # 1) the per-step table
+    print(f"\n{'step':>4s} {'lr':>10s} {'total (C++)':>14s} {'rel ce':>9s} {'rel mtp':>9s} {'rel bal':>9s} "
+          f"{'rel total':>9s} {'grad_norm':>11s} {'rel norm':>9s} {'clip':>7s} {'min margin':>10s} near"
+          + ("  floor(max rel)" if floor else ""))
+    worst_loss, first_bad = 0.0, None
+    for i, r in enumerate(recs):
+        if i >= len(recs_c):
+            break
+        rc = recs_c[i]
+        errs = {k: rel(float(rc[k]), r[k]) for k in ("ce", "mtp", "balance", "total", "grad_norm")}
+        e_lr = rel(float(rc["lr"]), r["lr"])
+        if int(rc["step"]) != r["step"]:
+            problems.append(f"record {i}: step {rc['step']}, expected {r['step']}")
+        if e_lr > 1e-6:
+            problems.append(f"step {r['step']}: lr {rc['lr']} vs lr_at {r['lr']:.10g}")
+        bad = [k for k, e in errs.items() if e > STEPS_LOSS_TOL]
+        if bad:
+            problems.append(f"step {r['step']}: " + ", ".join(f"{k} ours {float(rc[k]):.10g} vs torch {r[k]:.10g} "
+                                                              f"(rel {errs[k]:.2e})" for k in bad))
+            if first_bad is None:
+                first_bad = (r["step"], bad)
+        worst_loss = max(worst_loss, max(errs.values()))
+        fl = ""
+        if floor:
+            r32 = recs32[i]
+            fl = f"  {max(rel(r32[k], r[k]) for k in ('ce', 'mtp', 'balance', 'total', 'grad_norm')):.2e}"
+        print(f"{r['step']:4d} {r['lr']:10.4g} {float(rc['total']):14.8f} {errs['ce']:9.2e} {errs['mtp']:9.2e} "
+              f"{errs['balance']:9.2e} {errs['total']:9.2e} {r['grad_norm']:11.5g} {errs['grad_norm']:9.2e} "
+              f"{r['scale']:7.4f} {min(r['margins'].values()) if r['margins'] else float('inf'):10.2e} "
+              f"{len(r['near'])}{fl}{'  <--' if bad else ''}")
+    near_all = [(r["step"], l, j, mg) for r in recs for (l, j, mg) in r["near"]]
+    if near_all:
+        print(f"routing near-ties (margin < {NEAR_TIE:g}): " + "; ".join(
+            f"step {s} layer {l} token b={j // T} t={j % T} ({mg:.1e})" for s, l, j, mg in near_all[:12]))
+    if floor:
+        flips = [r["step"] for r, r32 in zip(recs, recs32)
+                 if any(not np.array_equal(a, r32["loads"][l]) for l, a in r["loads"].items())]
+        if flips:
+            print(f"torch float32 routed differently from float64 (expert loads) at steps {flips[:10]}")
+
+    # 2) final weights
+    trained = trained_names(c)
+    rows = []
+    for n in trained:
+        if n not in final:
+            problems.append(f"final.safetensors lacks '{n}'")
+            continue
+        ours = final[n].astype(np.float64)
+        t = W[n].astype(np.float64)
+        if ours.shape != t.shape:
+            problems.append(f"'{n}': final shape {ours.shape}, expected {t.shape}")
+            continue
+        nt = np.linalg.norm(t)
+        err = np.linalg.norm(ours - t) / max(nt, TINY)
+        moved = np.linalg.norm(t - weights[n].astype(np.float64))
+        err_u = np.linalg.norm(ours - t) / max(moved, TINY)
+        fl = np.linalg.norm(W32[n].astype(np.float64) - t) / max(nt, TINY) if floor else float("nan")
+        rows.append((err, n, err_u, fl, float(np.abs(ours - t).max())))
+    rows.sort(reverse=True)
+    worst = rows[0][0] if rows else 0.0
+    fmax = max((r[3] for r in rows), default=0.0) if floor else float("nan")
+    wtol = max(STEPS_W_MIN, STEPS_W_FLOOR_X * fmax) if floor else 1e-3
+    lr_sum = sum(r["lr"] for r in recs)
+    print(f"\nfinal weights: worst 10 of {len(rows)} tensors, error = ||ours - torch|| / ||torch||; vs update = "
+          f"||ours - torch|| / ||torch - initial||; max|d| in units of sum(lr) = {lr_sum:.3g}")
+    print(f"  {'error':>10s}  {'vs update':>10s}  {'floor':>10s}  {'max|d|/sum lr':>13s}  tensor")
+    for err, n, eu, fl, md in rows[:10]:
+        print(f"  {err:10.3e}  {eu:10.3e}  {fl:10.3e}  {md / max(lr_sum, TINY):13.3e}  {n}")
+    if floor:
+        print(f"fp32 noise floor of this trajectory (torch float32 vs float64): per-tensor error up to {fmax:.2e}; "
+              f"tolerance max({STEPS_W_MIN:g}, {STEPS_W_FLOOR_X:g} x floor) = {wtol:.2e}")
+    for err, n, _, _, _ in rows:
+        if err > wtol:
+            problems.append(f"final '{n}': error {err:.2e} over {wtol:.2e}")
+
+    # 3) routing biases: they move by +-gamma, so compare as fp32 values, by count of entries differing
+    bdiff, btotal = 0, 0
+    for n, b in bias.items():
+        if n not in final:
+            problems.append(f"final.safetensors lacks '{n}'")
+            continue
+        d_ = np.nonzero(final[n].astype(np.float32) != b)[0]
+        btotal += b.size
+        bdiff += d_.size
+        if d_.size:
+            steps_off = np.abs(final[n].astype(np.float64) - b.astype(np.float64)) / max(c.bias_update_speed, TINY)
+            problems.append(f"bias '{n}': {d_.size} of {b.size} entries differ (experts {d_.tolist()[:8]}, by "
+                            f"{np.round(steps_off[d_], 2).tolist()[:8]} x gamma)")
+    print(f"routing biases: {bdiff} of {btotal} entries differ from torch's (exact fp32 comparison)")
+    # the mirrors DeepSeek's layout keeps in each MTP module must equal their source
+    for n, src in mirror_names(c).items():
+        if n in final and (src not in final or not np.array_equal(final[n], final[src])):
+            problems.append(f"final '{n}' is not a copy of '{src}'")
+    for n in final:
+        if n not in W and n not in bias and n not in mirror_names(c):
+            problems.append(f"final.safetensors has '{n}', which is not a tensor of this model")
+
+    summary = (f"{N} steps; losses/grad_norm max rel error {worst_loss:.2e} (tol {STEPS_LOSS_TOL:g}); final weights "
+               f"max error {worst:.2e} (tol {wtol:.2e}); biases {bdiff}/{btotal} differ; last total "
+               f"{recs[-1]['total']:.6g}" if recs else "0 steps")
+    if problems:
+        print("\nproblems:")
+        for p in problems[:40]:
+            print("  " + p)
+        if len(problems) > 40:
+            print(f"  ... and {len(problems) - 40} more")
+        if first_bad:
+            print(f"first diverging step: {first_bad[0]} ({', '.join(first_bad[1])})")
+        print(f"steps: FAIL ({summary}; {len(problems)} problem(s))")
+        return 1
+    print(f"steps: PASS ({summary})")
+    return 0
+
+
 # ---- self-test --------------------------------------------------------------------------------------------------
 
 def tiny_config(variant):
@@ -737,19 +983,26 @@ def main(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--self-test", action="store_true", help="check autograd against central differences")
-    ap.add_argument("--no-floor", action="store_true", help="skip the float32 noise-floor pass")
+    ap.add_argument("--no-floor", action="store_true", help="skip the float32 noise-floor pass (oracle) / trajectory (steps)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("command", nargs="?", choices=["oracle"])
+    ap.add_argument("command", nargs="?", choices=["oracle", "steps"])
     ap.add_argument("dir", nargs="?")
     a = ap.parse_args(argv)
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     if a.self_test:
         return self_test()
-    if a.command != "oracle" or not a.dir:
+    if a.command not in ("oracle", "steps") or not a.dir:
         ap.print_usage()
-        print("torch_reference.py: give 'oracle DIR' or --self-test", file=sys.stderr)
+        print("torch_reference.py: give 'oracle DIR', 'steps DIR' or --self-test", file=sys.stderr)
         return 2
+    if a.command == "steps":
+        for f in ("config.json", "model.safetensors", "tokens.bin", "losses.json", "steps.json", "final.safetensors"):
+            if not os.path.isfile(os.path.join(a.dir, f)):
+                print(f"torch_reference.py: {a.dir} has no {f} (write it with `07_train_gpu grads ... --steps N "
+                      f"--dump {a.dir}`)", file=sys.stderr)
+                return 2
+        return steps_check(a.dir, floor=not a.no_floor)
     for f in ("config.json", "model.safetensors", "tokens.bin", "losses.json", "grads.safetensors"):
         if not os.path.isfile(os.path.join(a.dir, f)):
             print(f"torch_reference.py: {a.dir} has no {f} (write it with `07_train_gpu grads ... --dump {a.dir}`)",

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The PyTorch oracle of the training step (07_train_gpu/torch_reference.py, an outside check of the hand-written
 # backward): for the tiny and cpu presets a short CPU run makes a checkpoint (trained weights and routing biases),
-# `07_train_gpu grads` writes one step's loss parts and every gradient — on the CPU, and on the GPU's fp32 path when
-# there is one — and the reference recomputes them with autograd and prints a verdict per dump.
+# `07_train_gpu grads` writes one step's loss parts and every gradient, then 20 AdamW steps on the same windows — on
+# the CPU, and on the GPU's fp32 path when there is one — and the reference recomputes them with autograd (oracle) and
+# replays the steps (steps), with a verdict each.
 # Needs a python3 with torch (PYTHON=...; not a dependency of the build or the test suite: Debian's python3-torch
 # or the GPU machine's). Exit code 1 when a comparison fails, 2 when torch is missing.
 #   scripts/torch_oracle.sh [build-dir] [work-dir]
@@ -32,9 +33,12 @@ for preset in tiny cpu; do
   for device in "${devices[@]}"; do
     dump="$W/step-$preset-$device"
     "$T07" grads --checkpoint "$W/run-$preset/checkpoints/last" --data "$W/data" --device "$device" \
-      --precision fp32 --batch 2 --seq-len 32 --dump "$dump" >"$dump.log" 2>&1 || { tail -5 "$dump.log"; exit 1; }
-    echo "== $preset, $device fp32:"
-    "$PYTHON" 07_train_gpu/torch_reference.py oracle "$dump" | tee "$dump.oracle.log" | tail -4
+      --precision fp32 --batch 2 --seq-len 32 --steps 20 --lr 1e-3 --warmup 2 --dump "$dump" >"$dump.log" 2>&1 ||
+      { tail -5 "$dump.log"; exit 1; }
+    echo "== $preset, $device fp32: one step's loss parts and gradients, then 20 AdamW steps"
+    "$PYTHON" 07_train_gpu/torch_reference.py oracle "$dump" | tee "$dump.oracle.log" | tail -2
+    ((PIPESTATUS[0] == 0)) || failed=1
+    "$PYTHON" 07_train_gpu/torch_reference.py steps "$dump" | tee "$dump.steps.log" | tail -1
     ((PIPESTATUS[0] == 0)) || failed=1
   done
 done
