@@ -453,20 +453,28 @@ def rel(a, b):
     return abs(a - b) / max(abs(b), TINY)
 
 
-def oracle(d, noise_floor=True):
-    cfg_json = json.load(open(os.path.join(d, "config.json")))
+def read_dump(d, who):
+    """A `07_train_gpu grads --dump d` folder: (config, losses.json, B, T, windows (B, T+1) int64, weights), or None
+    after printing `<who>: FAIL (why)`."""
     losses = json.load(open(os.path.join(d, "losses.json")))
-    c = Config(cfg_json, losses)
+    c = Config(json.load(open(os.path.join(d, "config.json"))), losses)
     B, T = int(losses["B"]), int(losses["T"])
     toks = np.fromfile(os.path.join(d, "tokens.bin"), dtype="<i4")
     if toks.size != B * (T + 1):
-        print(f"oracle: FAIL (tokens.bin holds {toks.size} tokens, B*(T+1) = {B * (T + 1)} expected)")
-        return 1
+        print(f"{who}: FAIL (tokens.bin holds {toks.size} tokens, B*(T+1) = {B * (T + 1)} expected)")
+        return None
     window = toks.reshape(B, T + 1).astype(np.int64)
     if window.min() < 0 or window.max() >= c.vocab_size:
-        print(f"oracle: FAIL (a token is outside the vocabulary [0, {c.vocab_size}))")
+        print(f"{who}: FAIL (a token is outside the vocabulary [0, {c.vocab_size}))")
+        return None
+    return c, losses, B, T, window, read_safetensors(os.path.join(d, "model.safetensors"))
+
+
+def oracle(d, noise_floor=True):
+    dump = read_dump(d, "oracle")
+    if dump is None:
         return 1
-    weights = read_safetensors(os.path.join(d, "model.safetensors"))
+    c, losses, B, T, window, weights = dump
     grads = read_safetensors(os.path.join(d, "grads.safetensors"))
     print(f"oracle on {d}: B={B} T={T} L={c.num_hidden_layers} MTP depth={c.num_nextn_predict_layers} "
           f"D={c.hidden_size} V={c.vocab_size} E={c.n_routed_experts} K={c.num_experts_per_tok} "
@@ -715,17 +723,11 @@ def trajectory(c, weights, window, B, T, scfg, N, dtype, log=None):
 
 
 def steps_check(d, floor=True):
-    cfg_json = json.load(open(os.path.join(d, "config.json")))
-    losses = json.load(open(os.path.join(d, "losses.json")))
-    sj = json.load(open(os.path.join(d, "steps.json")))
-    c = Config(cfg_json, losses)
-    B, T = int(losses["B"]), int(losses["T"])
-    toks = np.fromfile(os.path.join(d, "tokens.bin"), dtype="<i4")
-    if toks.size != B * (T + 1):
-        print(f"steps: FAIL (tokens.bin holds {toks.size} tokens, B*(T+1) = {B * (T + 1)} expected)")
+    dump = read_dump(d, "steps")
+    if dump is None:
         return 1
-    window = toks.reshape(B, T + 1).astype(np.int64)
-    weights = read_safetensors(os.path.join(d, "model.safetensors"))
+    c, losses, B, T, window, weights = dump
+    sj = json.load(open(os.path.join(d, "steps.json")))
     final = read_safetensors(os.path.join(d, "final.safetensors"))
     N = int(sj["steps"])
     scfg = sj["config"]
