@@ -565,16 +565,10 @@ int run_grads_command(const GradsArgs& a) {
     const double norm = backend->grad_norm();
     require(std::isfinite(l.total()) && std::isfinite(norm), "grads: step {} is not finite (loss {}, norm {})", s,
             l.total(), norm);
-    AdamWConfig opt;
-    opt.lr = float(lr_at(cfg, s));
-    opt.beta1 = float(cfg.beta1);
-    opt.beta2 = float(cfg.beta2);
-    opt.weight_decay = float(cfg.weight_decay);
-    const bool clip = cfg.grad_clip > 0 && norm > cfg.grad_clip;
-    backend->step(opt, clip ? float(cfg.grad_clip / norm) : 1.f, s);
+    apply_update(*backend, cfg, s, norm, s);
     records += fmt::format("{}    {{\"step\": {}, \"lr\": {:.10g}, \"ce\": {:.10g}, \"mtp\": {:.10g}, \"balance\": "
                            "{:.10g}, \"total\": {:.10g}, \"grad_norm\": {:.10g}}}", s > 1 ? ",\n" : "", s,
-                           double(opt.lr), l.ce, l.mtp, l.balance, l.total(), norm);
+                           double(float(lr_at(cfg, s))), l.ce, l.mtp, l.balance, l.total(), norm);
   }
   const std::string steps_json = fmt::format(
       "{{\"steps\": {}, \"config\": {{\"lr\": {:.10g}, \"min_lr_ratio\": {:.10g}, \"warmup_steps\": {}, "

@@ -62,13 +62,7 @@ StepRecord trainer_step(Backend& b, const std::vector<int>& tokens, const TrainC
   r.step = step;
   r.losses = b.forward_backward(tokens, cfg.batch, cfg.seq_len);
   r.grad_norm = b.grad_norm();
-  AdamWConfig opt;
-  opt.lr = float(lr_at(cfg, step));
-  opt.beta1 = float(cfg.beta1);
-  opt.beta2 = float(cfg.beta2);
-  opt.weight_decay = float(cfg.weight_decay);
-  const bool clip = cfg.grad_clip > 0 && r.grad_norm > cfg.grad_clip;
-  b.step(opt, clip ? float(cfg.grad_clip / r.grad_norm) : 1.f, step);
+  apply_update(b, cfg, step, r.grad_norm, step);
   return r;
 }
 

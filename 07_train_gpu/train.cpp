@@ -60,6 +60,16 @@ void TrainConfig::validate() const {
           "{}", max_minutes);
 }
 
+void apply_update(Backend& b, const TrainConfig& c, int64_t step, double grad_norm, int64_t update) {
+  AdamWConfig opt;
+  opt.lr = float(lr_at(c, step));
+  opt.beta1 = float(c.beta1);
+  opt.beta2 = float(c.beta2);
+  opt.weight_decay = float(c.weight_decay);
+  const bool clip = c.grad_clip > 0 && grad_norm > c.grad_clip;
+  b.step(opt, clip ? float(c.grad_clip / grad_norm) : 1.f, update);
+}
+
 double lr_at(const TrainConfig& c, int64_t step) {
   step = std::max<int64_t>(step, 1);
   if (step <= c.warmup_steps) return c.lr * double(step) / double(c.warmup_steps);
@@ -356,13 +366,7 @@ class Run {
     rec.grad_norm = backend_.grad_norm();
     rec.skipped = !(std::isfinite(rec.losses.total()) && std::isfinite(rec.grad_norm));
     if (!rec.skipped) {
-      AdamWConfig opt;
-      opt.lr = float(lr_);
-      opt.beta1 = float(cfg_.beta1);
-      opt.beta2 = float(cfg_.beta2);
-      opt.weight_decay = float(cfg_.weight_decay);
-      const bool clip = cfg_.grad_clip > 0 && rec.grad_norm > cfg_.grad_clip;
-      backend_.step(opt, clip ? float(cfg_.grad_clip / rec.grad_norm) : 1.f, ++st_.updates);
+      apply_update(backend_, cfg_, step, rec.grad_norm, ++st_.updates);
       bad_in_a_row_ = 0;
       st_.train_ce_sum += rec.losses.ce;
       ++st_.train_ce_count;
