@@ -66,7 +66,9 @@ void seq_balance_loss_forward(float* loss, float* f, float* ssum, const float* s
                               int E, int K, float alpha);
 void seq_balance_loss_backward(float* dscores, float dloss, const float* f, const float* ssum, const float* scores,
                                int B, int Tn, int E, float alpha);
-void bias_update(float* bias, const int* counts, int E, int N, int K, float gamma);
+// skip: nullptr, or a device int; when it holds non-zero the update is left out (stage 07's captured step skips
+// a non-finite step on the device).
+void bias_update(float* bias, const int* counts, int E, int N, int K, float gamma, const int* skip = nullptr);
 
 }  // namespace cuda
 }  // namespace dsv3

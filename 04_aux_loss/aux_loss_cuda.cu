@@ -93,9 +93,9 @@ __global__ void seq_loss_backward_kernel(float* dscores, float scale, const floa
   for (int j = lane; j < E; j += kWarp) dscores[static_cast<size_t>(t) * E + j] = (scale * fb[j] - gs) / S;
 }
 
-__global__ void bias_update_kernel(float* bias, const int* counts, int E, float mean, float gamma) {
+__global__ void bias_update_kernel(float* bias, const int* counts, int E, float mean, float gamma, const int* skip) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= E) return;
+  if (i >= E || (skip && *skip)) return;
   const float err = mean - float(counts[i]);
   bias[i] += gamma * float((err > 0.f) - (err < 0.f));
 }
@@ -146,9 +146,9 @@ void seq_balance_loss_backward(float* dscores, float dloss, const float* f, cons
   CUDA_CHECK_LAST();
 }
 
-void bias_update(float* bias, const int* counts, int E, int N, int K, float gamma) {
+void bias_update(float* bias, const int* counts, int E, int N, int K, float gamma, const int* skip) {
   if (E == 0) return;
-  bias_update_kernel<<<blocks_for(E, 128), 128>>>(bias, counts, E, float(double(N) * K / E), gamma);
+  bias_update_kernel<<<blocks_for(E, 128), 128>>>(bias, counts, E, float(double(N) * K / E), gamma, skip);
   CUDA_CHECK_LAST();
 }
 

@@ -67,6 +67,11 @@ void embedding_forward(float* out, const int* tokens, const float* wte, int N, i
 void embedding_backward(float* dwte, const float* dout, const int* tokens, int N, int D, int V);
 // Returns the loss on the host (one small device-to-host copy); probs stay on the device.
 float cross_entropy_forward(float* probs, const float* logits, const int* targets, int N, int V);
+// The same two without a host synchronisation (a CUDA graph can capture them): an id outside [0, V) sets *bad (a
+// device int the caller zeroed and reads when it likes) instead of throwing; the mean CE goes to *loss (device).
+void embedding_forward(float* out, const int* tokens, const float* wte, int N, int D, int V, int* bad);
+void cross_entropy_forward(float* loss, float* probs, const float* logits, const int* targets, int N, int V, int* bad);
+// (cross_entropy_backward never synchronises: the count of rows with a target stays on the device.)
 void cross_entropy_backward(float* dlogits, float dloss, const float* probs, const int* targets, int N, int V);
 void adamw_step(float* param, const float* grad, float* m, float* v, size_t n, int64_t step, const AdamWConfig& c,
                 bool decay);

@@ -1,6 +1,7 @@
 // CUDA versions of the LM training parts (lm_parts.h): kernels, launchers, entry points.
 // Token ids live on the device: the kernels flag an out-of-range id in a device word and the entry point
-// turns it into a UserError (one 4-byte copy back).
+// turns it into a UserError (one 4-byte copy back). The forms that take that word (and leave the loss on the
+// device) never synchronise with the host, so a CUDA graph can hold them (stage 07's captured training step).
 #include <cmath>
 
 #include "04_aux_loss/adamw.h"
@@ -106,10 +107,12 @@ __global__ void softmax_xent_kernel(float* probs, float* loss_row, int* bad, con
   }
 }
 
-// One block of kReduceThreads: the sum of the row losses (when loss_row is given) and the number of rows
-// with a target. Each thread sums a fixed strided subset in double, then a fixed-order tree: bit-reproducible.
+// One block of kReduceThreads: the sum of the row losses (when loss_row is given), its mean over the rows with a
+// target (when mean is given; 0 without one) and the number of those rows. Each thread sums a fixed strided subset
+// in double, then a fixed-order tree: bit-reproducible.
 constexpr int kReduceThreads = 1024;
-__global__ void reduce_loss_kernel(float* out, int* count, const float* loss_row, const int* targets, int N) {
+__global__ void reduce_loss_kernel(float* out, float* mean, int* count, const float* loss_row, const int* targets,
+                                   int N) {
   __shared__ double s[kReduceThreads];
   __shared__ int c[kReduceThreads];
   double acc = 0.0;
@@ -129,14 +132,20 @@ __global__ void reduce_loss_kernel(float* out, int* count, const float* loss_row
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    if (out) *out = static_cast<float>(s[0]);
+    const float total = static_cast<float>(s[0]);
+    if (out) *out = total;
+    if (mean) *mean = c[0] ? total / c[0] : 0.f;
     *count = c[0];
   }
 }
 
-// One block per row: dlogits = scale * (probs - onehot(target)), 0 for an ignored row.
-__global__ void xent_backward_kernel(float* dlogits, const float* probs, const int* targets, float scale, int V) {
+// One block per row: dlogits = scale * (probs - onehot(target)), 0 for an ignored row; scale = dloss / (rows with a
+// target), read from the device (*count, reduce_loss_kernel's).
+__global__ void xent_backward_kernel(float* dlogits, const float* probs, const int* targets, float dloss,
+                                     const int* count, int V) {
   const size_t row = static_cast<size_t>(blockIdx.x) * V;
+  const int c = *count;
+  const float scale = c ? dloss / c : 0.f;
   const int t = targets[blockIdx.x];
   for (int v = threadIdx.x; v < V; v += blockDim.x)
     dlogits[row + v] = t == kIgnoreTarget ? 0.f : scale * (probs[row + v] - (v == t ? 1.f : 0.f));
@@ -156,12 +165,17 @@ int read_flag(const DeviceBuffer<int>& flag) { return flag.download()[0]; }
 
 // ---- entry points -------------------------------------------------------------------------------
 
+void embedding_forward(float* out, const int* tokens, const float* wte, int N, int D, int V, int* bad) {
+  if (N == 0) return;
+  embedding_forward_kernel<<<N, 128>>>(out, bad, tokens, wte, D, V);
+  CUDA_CHECK_LAST();
+}
+
 void embedding_forward(float* out, const int* tokens, const float* wte, int N, int D, int V) {
   if (N == 0) return;
   DeviceBuffer<int> bad(1);
   bad.zero();
-  embedding_forward_kernel<<<N, 128>>>(out, bad.get(), tokens, wte, D, V);
-  CUDA_CHECK_LAST();
+  embedding_forward(out, tokens, wte, N, D, V, bad.get());
   require(read_flag(bad) == 0, "a token id is outside the vocabulary [0, {})", V);
 }
 
@@ -173,32 +187,39 @@ void embedding_backward(float* dwte, const float* dout, const int* tokens, int N
   CUDA_CHECK_LAST();
 }
 
-float cross_entropy_forward(float* probs, const float* logits, const int* targets, int N, int V) {
-  if (N == 0) return 0.f;
-  DeviceBuffer<int> bad(1), count(1);
-  DeviceBuffer<float> loss_row(N), total(1);
-  bad.zero();
+void cross_entropy_forward(float* loss, float* probs, const float* logits, const int* targets, int N, int V, int* bad) {
+  if (N == 0) {
+    CUDA_CHECK(cudaMemsetAsync(loss, 0, sizeof(float)));
+    return;
+  }
+  ScratchBuffer<float> loss_row(N);
+  ScratchBuffer<int> count(1);
   const size_t row_bytes = static_cast<size_t>(V) * sizeof(float);
   if (row_bytes <= kXentCacheBytes)
-    softmax_xent_kernel<true><<<N, kXentThreads, row_bytes>>>(probs, loss_row.get(), bad.get(), logits, targets, N, V);
+    softmax_xent_kernel<true><<<N, kXentThreads, row_bytes>>>(probs, loss_row.get(), bad, logits, targets, N, V);
   else
-    softmax_xent_kernel<false><<<N, kXentThreads>>>(probs, loss_row.get(), bad.get(), logits, targets, N, V);
+    softmax_xent_kernel<false><<<N, kXentThreads>>>(probs, loss_row.get(), bad, logits, targets, N, V);
   CUDA_CHECK_LAST();
-  reduce_loss_kernel<<<1, kReduceThreads>>>(total.get(), count.get(), loss_row.get(), targets, N);
+  reduce_loss_kernel<<<1, kReduceThreads>>>(nullptr, loss, count.get(), loss_row.get(), targets, N);
   CUDA_CHECK_LAST();
+}
+
+float cross_entropy_forward(float* probs, const float* logits, const int* targets, int N, int V) {
+  if (N == 0) return 0.f;
+  DeviceBuffer<int> bad(1);
+  DeviceBuffer<float> loss(1);
+  bad.zero();
+  cross_entropy_forward(loss.get(), probs, logits, targets, N, V, bad.get());
   require(read_flag(bad) == 0, "a target id is outside the vocabulary [0, {})", V);
-  const int c = count.download()[0];
-  return c ? total.download()[0] / c : 0.f;
+  return loss.download()[0];
 }
 
 void cross_entropy_backward(float* dlogits, float dloss, const float* probs, const int* targets, int N, int V) {
   if (N == 0) return;
-  DeviceBuffer<int> count(1);
-  reduce_loss_kernel<<<1, kReduceThreads>>>(nullptr, count.get(), nullptr, targets, N);
+  ScratchBuffer<int> count(1);
+  reduce_loss_kernel<<<1, kReduceThreads>>>(nullptr, nullptr, count.get(), nullptr, targets, N);
   CUDA_CHECK_LAST();
-  const int c = count.download()[0];
-  const float scale = c ? dloss / c : 0.f;
-  xent_backward_kernel<<<N, 256>>>(dlogits, probs, targets, scale, V);
+  xent_backward_kernel<<<N, 256>>>(dlogits, probs, targets, dloss, count.get(), V);
   CUDA_CHECK_LAST();
 }
 

@@ -167,6 +167,13 @@ namespace cuda {
 float mtp_forward(float* ce, const MtpSaved<float>* saved, const float* h0, const int* tokens,
                   const MtpShared<float>& shared, const MtpModuleWeights<float>* modules, const MtpConfig& c, int B,
                   int seq, const MlaRope<float>& rope);
+// The same without a host synchronisation (a CUDA graph can capture it): mean_ce (depth floats, device) = each
+// depth's mean cross-entropy over its targets, before eq. 24's (T-k)/T; an id outside the vocabulary sets *bad (a
+// device int the caller zeroed). mtp_loss turns the means, read back, into ce and L_MTP as the form above returns.
+void mtp_forward(float* mean_ce, int* bad, const MtpSaved<float>* saved, const float* h0, const int* tokens,
+                 const MtpShared<float>& shared, const MtpModuleWeights<float>* modules, const MtpConfig& c, int B,
+                 int seq, const MlaRope<float>& rope);
+float mtp_loss(float* ce, const float* mean_ce, const MtpConfig& c, int seq);
 void mtp_backward(const MtpModuleGrads<float>* module_grads, const MtpSharedGrads<float>& shared_grads, float* dh0,
                   float dloss, const float* const* dscores_extra, const MtpSaved<float>* saved, const float* h0,
                   const int* tokens, const MtpShared<float>& shared, const MtpModuleWeights<float>* modules,

@@ -24,4 +24,16 @@ DSV3_MTP_HD inline void align(int* token, int* target, const int* window, int n,
 // over the rows with a target (B(T-k) of the N = BT rows), so CE_k is that mean times (T-k)/T (0 when k >= T).
 DSV3_MTP_HD inline double ce_scale(int T, int k) { return T > k ? double(T - k) / double(T) : 0.0; }
 
+// L_MTP = (lambda / depth) sum_k CE_k from each depth's mean over its targets, in float as the trainer reports it;
+// ce (depth floats, or nullptr) receives the CE_k. One rule for the host and for stage 07's on-device step check.
+DSV3_MTP_HD inline float loss_from_means(float* ce, const float* mean, int depth, int T, float lambda) {
+  float sum = 0;
+  for (int k = 1; k <= depth; ++k) {
+    const float ce_k = float(ce_scale(T, k)) * mean[k - 1];
+    if (ce) ce[k - 1] = ce_k;
+    sum += ce_k;
+  }
+  return depth > 0 ? lambda / static_cast<float>(depth) * sum : 0.f;
+}
+
 }  // namespace dsv3::mtp_align

@@ -1,6 +1,7 @@
 // Stage 05, CUDA: the MTP chain (mtp.h) from the CUDA entry points of stages 01-04 and block_cuda.cu, plus
 // the token-alignment kernel (and common/cuda_kernels.cuh's residual add). Kernels, then launchers, then the public
 // entry points. Activations fp32, products at the config's matmul precision. Shapes: see mtp.h.
+#include <algorithm>
 #include <vector>
 
 #include "01_rmsnorm_rope/rmsnorm_rope.h"
@@ -35,13 +36,12 @@ void launch_align(int* token, int* target, const int* window, int N, int T, int 
 
 // ---- entry points -------------------------------------------------------------------------------
 
-float mtp_forward(float* ce, const MtpSaved<float>* saved, const float* h0, const int* tokens,
-                  const MtpShared<float>& sh, const MtpModuleWeights<float>* modules, const MtpConfig& c, int B,
-                  int seq, const MlaRope<float>& rope) {
+void mtp_forward(float* mean_ce, int* bad, const MtpSaved<float>* saved, const float* h0, const int* tokens,
+                 const MtpShared<float>& sh, const MtpModuleWeights<float>* modules, const MtpConfig& c, int B, int seq,
+                 const MlaRope<float>& rope) {
   validate_mtp_call(c, B, seq, rope.positions);
   const int N = B * seq, D = c.dim(), V = c.vocab;
   ScratchBuffer<float> logits(static_cast<size_t>(N) * V);
-  float sum = 0;
   const float* h_prev = h0;  // module k reads the previous depth's normalised output: h0, then z^{k-1}
   for (int k = 1; k <= c.depth; ++k) {
     const MtpSaved<float>& s = saved[k - 1];
@@ -49,7 +49,7 @@ float mtp_forward(float* ce, const MtpSaved<float>* saved, const float* h0, cons
     // 1) align: token t_{i+k} in, target t_{i+k+1} out
     launch_align(s.tokens, s.targets, tokens, N, seq, k);
     // 2) the two normalised inputs
-    embedding_forward(s.e, s.tokens, sh.embed, N, D, V);
+    embedding_forward(s.e, s.tokens, sh.embed, N, D, V, bad);
     rmsnorm_forward(s.en, s.en_rstd, s.e, m.enorm, N, D, c.norm_eps);
     rmsnorm_forward(s.hn, s.hn_rstd, h_prev, m.hnorm, N, D, c.norm_eps);
     // 3) h' = [en ; hn] eh_proj^T over the two column blocks of eh_proj (D, 2D)
@@ -57,14 +57,27 @@ float mtp_forward(float* ce, const MtpSaved<float>* saved, const float* h0, cons
     gemm(Op::N, Op::T, N, D, D, 1.f, s.hn, D, m.eh_proj + D, 2 * D, 1.f, s.hp, D, c.matmul);
     // 4) the module's transformer block
     block_forward(s.hk, s.block, s.hp, m.block, c.block, B, seq, 0, rope);
-    // 5) shared final norm and head, cross-entropy against t_{i+k+1} scaled to eq. 24's 1/T (on the host)
+    // 5) shared final norm and head, cross-entropy against t_{i+k+1} (its mean; eq. 24's 1/T is the caller's)
     rmsnorm_forward(s.z, s.z_rstd, s.hk, sh.norm, N, D, c.norm_eps);
     gemm(Op::N, Op::T, N, V, D, 1.f, s.z, sh.head, 0.f, logits.get(), c.matmul);
-    ce[k - 1] = float(mtp_align::ce_scale(seq, k)) * cross_entropy_forward(s.probs, logits.get(), s.targets, N, V);
-    sum += ce[k - 1];
+    cross_entropy_forward(mean_ce + (k - 1), s.probs, logits.get(), s.targets, N, V, bad);
     h_prev = s.z;
   }
-  return c.depth > 0 ? c.mtp_lambda / static_cast<float>(c.depth) * sum : 0.f;
+}
+
+float mtp_loss(float* ce, const float* mean_ce, const MtpConfig& c, int seq) {
+  return mtp_align::loss_from_means(ce, mean_ce, c.depth, seq, c.mtp_lambda);
+}
+
+float mtp_forward(float* ce, const MtpSaved<float>* saved, const float* h0, const int* tokens,
+                  const MtpShared<float>& sh, const MtpModuleWeights<float>* modules, const MtpConfig& c, int B,
+                  int seq, const MlaRope<float>& rope) {
+  DeviceBuffer<int> bad(1);
+  bad.zero();
+  DeviceBuffer<float> mean_ce(size_t(std::max(c.depth, 0)));
+  mtp_forward(mean_ce.get(), bad.get(), saved, h0, tokens, sh, modules, c, B, seq, rope);
+  require(bad.download()[0] == 0, "a token id is outside the vocabulary [0, {})", c.vocab);
+  return mtp_loss(ce, mean_ce.download().data(), c, seq);
 }
 
 void mtp_backward(const MtpModuleGrads<float>* mg, const MtpSharedGrads<float>& sg, float* dh0, float dloss,

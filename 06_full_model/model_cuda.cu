@@ -35,6 +35,8 @@ DeviceModel::DeviceModel(const Model<float>& host, const DeviceOptions& opt)
     mtp_w_.push_back(p_.mtp[k].weights());
     mtp_g_.push_back(g_.mtp[k].grads());
   }
+  bad_ = DeviceBuffer<int>(1);
+  ce_ = DeviceBuffer<float>(1 + p_.mtp.size());
 }
 
 BlockConfig DeviceModel::block_config(int layer) const {
@@ -51,16 +53,28 @@ MtpConfig DeviceModel::mtp_config() const {
 }
 
 float DeviceModel::forward(const std::vector<int>& tokens, int B, int Tn) {
+  stage(tokens, B, Tn);
+  forward_on_device();
+  return read_losses();
+}
+
+void DeviceModel::stage(const std::vector<int>& tokens, int B, int Tn) {
   require(B > 0 && Tn > 0 && tokens.size() == size_t(B) * (Tn + 1), "model: need B*(T+1) = {} tokens, got {}",
           size_t(B) * (Tn + 1), tokens.size());
   const int D = cfg_.hidden_size, V = cfg_.vocab_size, N = B * Tn;
   const int E = cfg_.n_routed_experts;
+  // checked here, on the host, so that the device never has to report it in the middle of a step (the kernels
+  // still flag a bad id into bad_, read with the losses)
+  for (size_t i = 0; i < tokens.size(); ++i)
+    require(tokens[i] >= 0 && tokens[i] < V, "token {} at position {} is outside the vocabulary [0, {})", tokens[i],
+            i, V);
   std::vector<int> in, tg;
   split_windows(tokens, B, Tn, in, tg);
   const int L = cfg_.num_hidden_layers;
   if (B != B_ || Tn != seq_) {  // (re)allocate what the forward saves; reused while the shape stays
     B_ = B;
     seq_ = Tn;
+    ++layout_;
     window_ = DeviceBuffer<int>(tokens.size());
     inputs_ = DeviceBuffer<int>(in.size());
     targets_ = DeviceBuffer<int>(tg.size());
@@ -86,34 +100,52 @@ float DeviceModel::forward(const std::vector<int>& tokens, int B, int Tn) {
   window_.upload(tokens);
   inputs_.upload(in);
   targets_.upload(tg);
+}
+
+void DeviceModel::forward_on_device() {
+  require(B_ > 0, "model: forward_on_device before stage");
+  const int D = cfg_.hidden_size, V = cfg_.vocab_size, N = B_ * seq_;
+  const int L = cfg_.num_hidden_layers;
   const MlaRope<float> rope = rope_.view();
-  losses_ = ModelLosses{};
-  // 1) embedding and blocks; balance loss per MoE layer (summed on the host after one download)
+  // 1) embedding and blocks; balance loss per MoE layer into bal_loss_
   if (timing_) marks_.clear();
   mark("start");
-  cuda::embedding_forward(h_[0].get(), inputs_.get(), p_.embed.get(), N, D, V);
+  CUDA_CHECK(cudaMemsetAsync(bad_.get(), 0, bad_.bytes()));
+  CUDA_CHECK(cudaMemsetAsync(bal_loss_.get(), 0, bal_loss_.bytes()));
+  cuda::embedding_forward(h_[0].get(), inputs_.get(), p_.embed.get(), N, D, V, bad_.get());
   mark("embedding fwd");
-  bal_loss_.zero();
   for (int l = 0; l < L; ++l) {
     const BlockConfig bc = block_config(l);
-    cuda::block_forward(h_[l + 1].get(), saved_[l].saved, h_[l].get(), layer_w_[l], bc, B, Tn, 0, rope);
+    cuda::block_forward(h_[l + 1].get(), saved_[l].saved, h_[l].get(), layer_w_[l], bc, B_, seq_, 0, rope);
     balance_forward(l, saved_[l].saved.moe);
     mark(fmt::format("layer {} ({}) fwd", l, bc.ffn == FfnKind::Moe ? "moe" : "dense"));
   }
-  // 2) final norm, head, cross-entropy
+  // 2) final norm, head, cross-entropy (its mean into ce_[0])
   cuda::rmsnorm_forward(z_.get(), zrstd_.get(), h_.back().get(), p_.norm.get(), N, D, float(cfg_.rms_norm_eps));
   cuda::gemm(Op::N, Op::T, N, V, D, 1.f, z_.get(), p_.head.get(), 0.f, logits_.get(), opt_.matmul);
-  losses_.ce = cuda::cross_entropy_forward(probs_.get(), logits_.get(), targets_.get(), N, V);
+  cuda::cross_entropy_forward(ce_.get(), probs_.get(), logits_.get(), targets_.get(), N, V, bad_.get());
   mark("head + CE fwd");
-  // 3) MTP on z = norm(h_L), what the head reads; the balance loss of each module's MoE block
+  // 3) MTP on z = norm(h_L), what the head reads (each depth's mean CE into ce_[k]); each module's balance loss
   if (!p_.mtp.empty()) {
     const MtpConfig mc = mtp_config();
-    std::vector<float> ce(mc.depth);
-    losses_.mtp = cuda::mtp_forward(ce.data(), mtp_saved_->saved.data(), z_.get(), window_.get(),
-                                    {p_.embed.get(), p_.norm.get(), p_.head.get()}, mtp_w_.data(), mc, B, Tn, rope);
+    cuda::mtp_forward(ce_.get() + 1, bad_.get(), mtp_saved_->saved.data(), z_.get(), window_.get(),
+                      {p_.embed.get(), p_.norm.get(), p_.head.get()}, mtp_w_.data(), mc, B_, seq_, rope);
     for (int k = 0; k < mc.depth; ++k) balance_forward(L + k, mtp_saved_->saved[k].block.moe);
-    mtp_ce_ = ce;
     mark("MTP fwd");
+  }
+}
+
+float DeviceModel::read_losses() {
+  require(B_ > 0, "model: no forward has run yet");
+  require(bad_.download()[0] == 0, "a token id is outside the vocabulary [0, {})", cfg_.vocab_size);
+  const std::vector<float> ce = ce_.download();
+  losses_ = ModelLosses{};
+  losses_.ce = ce[0];
+  if (!p_.mtp.empty()) {
+    const MtpConfig mc = mtp_config();
+    std::vector<float> depths(mc.depth);
+    losses_.mtp = cuda::mtp_loss(depths.data(), ce.data() + 1, mc, seq_);
+    mtp_ce_ = depths;
   }
   for (float b : bal_loss_.download()) losses_.balance += b;
   return float(losses_.total());
@@ -123,8 +155,10 @@ void DeviceModel::backward() {
   const int D = cfg_.hidden_size, V = cfg_.vocab_size, N = B_ * seq_, E = cfg_.n_routed_experts;
   const int L = cfg_.num_hidden_layers;
   const MlaRope<float> rope = rope_.view();
-  // zero every gradient in place
-  for_each_param(cfg_, [](const ParamInfo&, DeviceBuffer<float>& g) { g.zero(); }, g_);
+  // zero every gradient in place (stream-ordered: no host synchronisation)
+  for_each_param(cfg_, [](const ParamInfo&, DeviceBuffer<float>& g) {
+    CUDA_CHECK(cudaMemsetAsync(g.get(), 0, g.bytes()));
+  }, g_);
   mark("zero grads");
   ScratchBuffer<float> dh_buf(size_t(N) * D), tmp_buf(size_t(N) * D), dz_buf(size_t(N) * D),
       dz_mtp_buf(size_t(N) * D), dlogits_buf(size_t(N) * V);
@@ -177,7 +211,7 @@ bool DeviceModel::balance_backward(float* dscores, int layer, const MoeSaved<flo
   return true;
 }
 
-void DeviceModel::update_bias() {
+void DeviceModel::update_bias(const int* skip) {
   const float gamma = float(cfg_.training.bias_update_speed);
   if (gamma <= 0) return;
   // every MoE layer, the MTP modules' blocks included (paper §2.1.2: the bias of every routed expert)
@@ -186,7 +220,7 @@ void DeviceModel::update_bias() {
     if (!cfg_.is_moe_layer(l)) continue;
     auto& moe = l < L ? p_.layers[size_t(l)].moe : p_.mtp[size_t(l - L)].block.moe;
     cuda::bias_update(moe.gate_bias.get(), moe_saved(l).counts, cfg_.n_routed_experts, B_ * seq_,
-                      cfg_.num_experts_per_tok, gamma);
+                      cfg_.num_experts_per_tok, gamma, skip);
   }
 }
 

@@ -24,7 +24,26 @@ class DeviceModel {
   // As Model::forward / backward / update_bias, on the device. Tokens (B, T+1) on the host.
   float forward(const std::vector<int>& tokens, int B, int Tn);
   void backward();
-  void update_bias();
+  // skip: nullptr, or a device int that, when non-zero, leaves the update out (a step skipped on the device)
+  void update_bias(const int* skip = nullptr);
+  // forward() in three parts, for a caller that captures the device work in a CUDA graph (stage 07's step):
+  // stage() checks the tokens on the host, (re)allocates the saved activations when (B, T) changes and uploads
+  // the tokens; forward_on_device() queues the forward without a host synchronisation (losses stay on the
+  // device); read_losses() reads them back (and checks the device's token flag), filling losses() and
+  // mtp_losses(). backward() and update_bias() never synchronise.
+  void stage(const std::vector<int>& tokens, int B, int Tn);
+  void forward_on_device();
+  float read_losses();
+  // Changes whenever stage() reallocates the saved activations (a new (B, T)): a captured graph of an older
+  // layout points at freed memory.
+  int64_t layout() const { return layout_; }
+  // The device copies of the loss parts that read_losses() reads: ce_device()[0] the main CE (mean), [k] MTP
+  // depth k's mean CE; balance_device() the balance loss of each layer in [0, L + depth) (0 where none).
+  const float* ce_device() const { return ce_.get(); }
+  const float* balance_device() const { return bal_loss_.get(); }
+  size_t balance_layers() const { return bal_loss_.size(); }
+  int seq() const { return seq_; }
+  float mtp_lambda() const { return mtp_config().mtp_lambda; }  // the float read_losses() weighs L_MTP with
   const ModelLosses& losses() const { return losses_; }
   const std::vector<float>& mtp_losses() const { return mtp_ce_; }  // CE of each MTP depth, last forward
   std::vector<float> logits() const { return logits_.download(); }
@@ -78,6 +97,9 @@ class DeviceModel {
   // Layer l's sequence-wise balance loss into bal_loss_[l], and its gradient on the scores (false: none).
   void balance_forward(int layer, const MoeSaved<float>& moe);
   bool balance_backward(float* dscores, int layer, const MoeSaved<float>& moe) const;
+  DeviceBuffer<int> bad_;   // set by a kernel that met a token id outside the vocabulary
+  DeviceBuffer<float> ce_;  // 1 + depth mean cross-entropies (read_losses)
+  int64_t layout_ = 0;
   ModelLosses losses_;
   std::vector<float> mtp_ce_;
   bool timing_ = false;

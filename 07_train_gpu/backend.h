@@ -54,6 +54,27 @@ class Backend {
   // on matrices only (not norms), then the bias update (gamma) of every MoE layer from the last forward.
   virtual void step(const AdamWConfig& opt, float grad_scale, int64_t step) = 0;
 
+  // One training step as train() makes it: forward + backward on tokens, the global gradient norm, then, when the
+  // total loss and the norm are finite, AdamW (plan.opt, Adam's count plan.update) on the gradient scaled to at
+  // most plan.grad_clip in norm (0: no clipping) and the bias update; a non-finite step changes no parameter.
+  // This implementation composes the calls above; the CUDA backend replays the whole step as one CUDA graph.
+  struct StepPlan {
+    AdamWConfig opt;
+    double grad_clip = 0;
+    int64_t update = 1;
+  };
+  struct StepResult {
+    ModelLosses losses;
+    double grad_norm = 0;
+    bool skipped = false;  // the loss or the norm was not finite: nothing was updated
+  };
+  virtual StepResult train_step(const std::vector<int>& tokens, int B, int T, const StepPlan& plan);
+
+  // Whether train_step may capture and replay CUDA graphs (CUDA only; on by default; `bench --no-graph` turns it
+  // off to measure what the graph saves), and how many captures it has made so far.
+  virtual void set_cuda_graph(bool) {}
+  virtual int graph_captures() const { return 0; }
+
   // Per-phase timing of forward and backward (the benchmark's breakdown; CUDA only, empty elsewhere).
   virtual void set_phase_timing(bool) {}
   virtual std::vector<std::pair<std::string, float>> phase_times() const { return {}; }
@@ -77,6 +98,9 @@ class Backend {
   virtual void load_optimizer_state(const TensorMap& m) = 0;  // UserError naming a missing or mis-sized tensor
 };
 
+
+// The factor train_step applies to the gradient: grad_clip / norm when clipping is on and the norm exceeds it.
+float clip_scale(double grad_clip, double grad_norm);
 
 std::unique_ptr<Backend> make_cpu_backend(const ModelConfig& c, uint64_t seed);
 // UserError when CUDA is not built in or no GPU is present, or when the options do not fit the model.

@@ -1,7 +1,8 @@
 // Stage 07's CPU backend (backend.h): stage 06's Model<float>, the reference the CUDA backend is checked against.
 // AdamW is cpu::adamw_step (stage 04) once per tensor of Model::tensors(), with its own two moment buffers; the
 // gradients are multiplied by grad_scale (the clipping factor) on a scratch copy, so the model's gradients keep
-// their meaning. Also here: the precision names and options, and the make_cuda_backend of a build without CUDA.
+// their meaning. Also here: Backend::train_step's composition of those calls, the precision names and options,
+// and the make_cuda_backend of a build without CUDA.
 #include <fmt/format.h>
 
 #include <cmath>
@@ -10,6 +11,19 @@
 #include "common/errors.h"
 
 namespace dsv3 {
+
+float clip_scale(double grad_clip, double grad_norm) {
+  return grad_clip > 0 && grad_norm > grad_clip ? float(grad_clip / grad_norm) : 1.f;
+}
+
+Backend::StepResult Backend::train_step(const std::vector<int>& tokens, int B, int T, const StepPlan& plan) {
+  StepResult r;
+  r.losses = forward_backward(tokens, B, T);
+  r.grad_norm = grad_norm();
+  r.skipped = !(std::isfinite(r.losses.total()) && std::isfinite(r.grad_norm));
+  if (!r.skipped) step(plan.opt, clip_scale(plan.grad_clip, r.grad_norm), plan.update);
+  return r;
+}
 
 std::string precision_name(Precision p) { return p == Precision::BF16 ? "bf16" : "fp32"; }
 

@@ -54,11 +54,11 @@ double flops_per_token(const ModelConfig& c, int seq_len) {
 std::string BenchResult::json() const {
   return fmt::format(
       "{{\"bench\": \"07_train_gpu\", \"device\": \"{}\", \"precision\": \"{}\", \"preset\": \"{}\", \"batch\": {}, "
-      "\"seq_len\": {}, \"steps\": {}, \"tokens_per_s\": {:.0f}, \"step_ms\": {:.3f}, \"fwd_bwd_ms\": {:.3f}, "
-      "\"opt_ms\": {:.3f}, \"flops_per_token\": {:.4g}, \"mfu\": {:.4f}, \"peak_mem_gib\": {:.3f}, "
-      "\"params_active\": {:.4g}, \"loss_first\": {:.4f}, \"loss_last\": {:.4f}}}",
-      device, precision, preset, batch, seq_len, steps, tokens_per_s, step_ms, fwd_bwd_ms, opt_ms, flops_per_token,
-      mfu, peak_mem_gib, params_active, loss_first, loss_last);
+      "\"seq_len\": {}, \"steps\": {}, \"cuda_graph\": {}, \"tokens_per_s\": {:.0f}, \"step_ms\": {:.3f}, "
+      "\"flops_per_token\": {:.4g}, \"mfu\": {:.4f}, \"peak_mem_gib\": {:.3f}, \"params_active\": {:.4g}, "
+      "\"loss_first\": {:.4f}, \"loss_last\": {:.4f}}}",
+      device, precision, preset, batch, seq_len, steps, cuda_graph ? "true" : "false", tokens_per_s, step_ms,
+      flops_per_token, mfu, peak_mem_gib, params_active, loss_first, loss_last);
 }
 
 BenchResult run_bench(Backend& backend, const BenchOptions& o) {
@@ -67,46 +67,41 @@ BenchResult run_bench(Backend& backend, const BenchOptions& o) {
   require(o.seq_len <= c.max_position_embeddings, "bench: seq_len {} exceeds the model's {} positions", o.seq_len,
           c.max_position_embeddings);
   Rng rng(o.seed);
-  AdamWConfig opt;
-  opt.lr = 1e-3f;
+  Backend::StepPlan plan;
+  plan.opt.lr = 1e-3f;
+  plan.grad_clip = 1.0;
   std::vector<int> tokens(size_t(o.batch) * (o.seq_len + 1));
-  std::vector<double> step_ms, fb_ms, opt_ms;
+  std::vector<double> step_ms;
   std::vector<std::pair<std::string, std::vector<double>>> phases;
   backend.set_phase_timing(o.phases);
+  backend.set_cuda_graph(o.cuda_graph && !o.phases);
   BenchResult r;
   using clock = std::chrono::steady_clock;
-  auto ms = [](clock::time_point a, clock::time_point b) { return std::chrono::duration<double, std::milli>(b - a).count(); };
   for (int s = 1; s <= o.warmup + o.steps; ++s) {
     for (auto& t : tokens) t = int(rng.below(uint64_t(c.vocab_size)));
+    plan.update = s;
     backend.synchronize();
     const auto t0 = clock::now();
-    const ModelLosses l = backend.forward_backward(tokens, o.batch, o.seq_len);
+    const Backend::StepResult res = backend.train_step(tokens, o.batch, o.seq_len, plan);  // reads the losses back
     backend.synchronize();
     const auto t1 = clock::now();
-    const double norm = backend.grad_norm();
-    backend.step(opt, norm > 1.0 ? float(1.0 / norm) : 1.f, s);
-    backend.synchronize();
-    const auto t2 = clock::now();
-    if (s == 1) r.loss_first = l.total();
-    r.loss_last = l.total();
+    if (s == 1) r.loss_first = res.losses.total();
+    r.loss_last = res.losses.total();
     if (s > o.warmup) {
-      fb_ms.push_back(ms(t0, t1));
-      opt_ms.push_back(ms(t1, t2));
-      step_ms.push_back(ms(t0, t2));
+      step_ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
       const auto pt = backend.phase_times();
       if (phases.empty())
         for (const auto& p : pt) phases.push_back({p.first, {}});
       for (size_t i = 0; i < pt.size() && i < phases.size(); ++i) phases[i].second.push_back(pt[i].second);
     }
   }
+  r.cuda_graph = backend.graph_captures() > 0;
   r.device = backend.describe();
   r.preset = o.preset;
   r.batch = o.batch;
   r.seq_len = o.seq_len;
   r.steps = o.steps;
   r.step_ms = median(step_ms);
-  r.fwd_bwd_ms = median(fb_ms);
-  r.opt_ms = median(opt_ms);
   r.tokens_per_s = double(o.batch) * o.seq_len / (r.step_ms / 1e3);
   r.flops_per_token = flops_per_token(c, o.seq_len);
   r.mfu = r.flops_per_token * r.tokens_per_s / (o.peak_tflops * 1e12);
@@ -114,6 +109,7 @@ BenchResult run_bench(Backend& backend, const BenchOptions& o) {
   r.params_active = active_matmul_params(c);
   for (const auto& p : phases) r.phase_ms.push_back({p.first, median(p.second)});
   backend.set_phase_timing(false);
+  backend.set_cuda_graph(true);
   return r;
 }
 

@@ -23,13 +23,16 @@ struct BenchOptions {
   int warmup = 5, steps = 20;  // steps timed after the warm-up; the median is reported
   uint64_t seed = 1234;
   double peak_tflops = 989.0;  // H100 SXM dense bf16
-  bool phases = false;         // also time each phase of forward and backward (adds events, not syncs)
+  bool phases = false;         // also time each phase of forward and backward (adds events; runs without the graph)
+  bool cuda_graph = true;      // let the backend replay the step as a CUDA graph (--no-graph: the plain calls)
+  std::string write_config;    // when set: write the preset's config.json there and run nothing
 };
 
 struct BenchResult {
   std::string device, precision, preset;
   int batch = 0, seq_len = 0, steps = 0;
-  double step_ms = 0, fwd_bwd_ms = 0, opt_ms = 0;  // medians
+  double step_ms = 0;  // median
+  bool cuda_graph = false;  // the steps were replays of one captured CUDA graph
   double tokens_per_s = 0, flops_per_token = 0, mfu = 0;
   double peak_mem_gib = 0;
   double params_total = 0, params_active = 0;
@@ -41,8 +44,9 @@ struct BenchResult {
 double flops_per_token(const ModelConfig& c, int seq_len);
 double active_matmul_params(const ModelConfig& c);
 
-// Trains `backend` (built for the preset's config) on random tokens; every step is forward + backward +
-// clipped AdamW + bias update, synchronised. Prints nothing.
+// Trains `backend` (built for the preset's config) on random tokens; every step is Backend::train_step (forward,
+// backward, clipping at norm 1, AdamW at lr 1e-3, bias update), timed from the host call to the losses read back.
+// Prints nothing.
 BenchResult run_bench(Backend& backend, const BenchOptions& o);
 
 }  // namespace dsv3

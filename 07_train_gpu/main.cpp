@@ -674,16 +674,20 @@ int run_bench_command(BenchOptions b, const std::string& precision, const std::s
   b.seed = opt.seed;
   const Precision prec = parse_precision(precision);
   const ModelConfig c = config_preset(b.preset);
+  if (!b.write_config.empty()) {  // the peer's input (scripts/bench_vs_torch.sh): the preset's config.json, nothing else
+    write_file_atomic(b.write_config, config_to_json_text(c));
+    std::cout << fmt::format("wrote {} (preset {})\n", b.write_config, b.preset);
+    return 0;
+  }
   DeviceOptions o = device_options(prec, c);
   if (experts != "auto") o.experts = parse_moe_experts(experts);
   auto backend = make_cuda_backend(c, opt.seed, o);
   std::cout << backend->describe() << "\n";
   BenchResult r = run_bench(*backend, b);
   r.precision = precision_name(prec);
-  Table t({"preset", "precision", "batch x T", "step ms", "fwd+bwd ms", "optim ms", "tokens/s", "MFU", "peak GiB"});
-  t.add_row({r.preset, r.precision, fmt::format("{} x {}", r.batch, r.seq_len), fmt::format("{:.2f}", r.step_ms),
-             fmt::format("{:.2f}", r.fwd_bwd_ms), fmt::format("{:.2f}", r.opt_ms),
-             fmt::format("{:.0f}", r.tokens_per_s), fmt::format("{:.2f}%", 100 * r.mfu),
+  Table t({"preset", "precision", "batch x T", "CUDA graph", "step ms", "tokens/s", "MFU", "peak GiB"});
+  t.add_row({r.preset, r.precision, fmt::format("{} x {}", r.batch, r.seq_len), r.cuda_graph ? "yes" : "no",
+             fmt::format("{:.2f}", r.step_ms), fmt::format("{:.0f}", r.tokens_per_s), fmt::format("{:.2f}%", 100 * r.mfu),
              fmt::format("{:.2f}", r.peak_mem_gib)});
   t.print();
   std::cout << fmt::format("FLOPs/token {:.4g} (active matmul params {:.4g}); loss {:.3f} -> {:.3f}\n",
@@ -867,7 +871,12 @@ int main(int argc, char** argv) {
   bench->add_option("--steps", bopt.steps, "timed steps after the warm-up")->check(CLI::PositiveNumber)->capture_default_str();
   bench->add_option("--warmup", bopt.warmup, "untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
   bench->add_option("--precision", bench_precision, "fp32 or bf16")->capture_default_str();
-  bench->add_flag("--phases", bopt.phases, "also print the median time of each phase of forward and backward");
+  bench->add_option("--write-config", bopt.write_config, "write the preset's config.json to this file and exit (the "
+                    "PyTorch peer's input: torch_reference.py bench)");
+  bench->add_flag("--phases", bopt.phases, "also print the median time of each phase of forward and backward (runs "
+                  "the step as plain calls, not as a CUDA graph)");
+  bool no_graph = false;
+  bench->add_flag("--no-graph", no_graph, "run each step as plain calls instead of replaying one captured CUDA graph");
   std::string bench_experts = "auto";
   bench->add_option("--moe-experts", bench_experts, "routed experts' path: auto (bf16: segmented where the shapes "
                     "allow), grouped or segmented")->capture_default_str();
@@ -887,7 +896,10 @@ int main(int argc, char** argv) {
     if (opt.check) return run_check(opt.out, pa);
 
     if (*prepare) return run_prepare_command(pa, prepare_folder(pa, opt.out), opt.out);
-    if (*bench) return run_bench_command(bopt, bench_precision, bench_experts, opt);
+    if (*bench) {
+      bopt.cuda_graph = !no_graph;
+      return run_bench_command(bopt, bench_precision, bench_experts, opt);
+    }
     if (*grads) {
       if (ga.checkpoint.empty()) ga.checkpoint = checkpoint_dir(opt.out + "/run", "best");
       if (ga.data.empty()) ga.data = data_dir;

@@ -1,6 +1,7 @@
 // GPU tests of stage 07's CUDA training backend, on a small model (stage 06's tiny preset, wider and with two MoE
 // layers) and synthetic songs like test_train.cpp's: FP32 training steps equal the CPU reference's (losses,
-// gradient norm, weights, AdamW moments), BF16 training tracks FP32 training, a resumed CUDA run continues the
+// gradient norm, weights, AdamW moments), BF16 training tracks FP32 training, the step replayed as a CUDA graph
+// equals the plain calls bitwise, a resumed CUDA run continues the
 // uninterrupted one, a GPU checkpoint evaluates the same on the CPU, and the benchmark's phase timing and memory
 // report. Every test needs a GPU and skips without one; without CUDA built in, one test says so and skips.
 //
@@ -263,10 +264,10 @@ TEST(CudaTrainBackend, Bf16TracksFp32) {
 }
 
 // train() on the GPU: 8 steps straight (run A) equal 4 steps, a stop, and a resume to 8 into a fresh backend of
-// another initialisation (run B). The GPU path has no float atomics in the model (integer atomics count expert loads
-// only); the one float atomic is the gradient norm's sum of per-block partial sums in double, whose order can change
-// the norm by ~1e-16 relative, and the clip scale float(1 / norm) with it, rarely, by one float ulp. So the runs are
-// bitwise equal but for that: tolerance 1e-6 relative on losses and norms, 1e-6 absolute on weights.
+// another initialisation (run B; it goes through a wrapper backend, so its steps are the plain calls while run A's are
+// graph replays). The GPU path has no float atomics (integer atomics count expert loads only; the gradient norm sums
+// its partial sums in a fixed order), so the runs should be bitwise equal; the tolerance, 1e-6 relative on losses and
+// norms and 1e-6 absolute on weights, is kept from when the norm's sum was an atomic one.
 TEST(CudaTrainBackend, ResumeContinuesTheSameRun) {
   DSV3_REQUIRE_GPU();
   const ModelConfig c = test_model();
@@ -339,6 +340,55 @@ TEST(CudaTrainBackend, CheckpointLoadsOnCpu) {
 }
 
 // The benchmark's breakdown: per-phase times of one forward + backward, and the device memory report.
+// train_step's CUDA graph (captured on the second step of a shape, replayed after) runs the same kernels as the plain
+// calls, so two BF16 backends of one initialisation trained in lockstep, one with graphs and one without, stay
+// bitwise equal: losses, norms, skip decisions, weights and biases. With a learning rate of 1e3 the model blows up
+// within a few steps, so the device's skip decision (a non-finite step leaves everything as it was) is exercised
+// too; a change of shape (the validation batch) forces a new capture.
+TEST(CudaTrainBackend, GraphStepEqualsThePlainCalls) {
+  DSV3_REQUIRE_GPU();
+  const ModelConfig c = test_model();
+  for (const double lr : {3e-3, 1e3}) {
+    SCOPED_TRACE(fmt::format("lr {}", lr));
+    TrainConfig cfg = run_config(8, lr);
+    auto graph = make_cuda_backend(c, 31, Precision::BF16);
+    auto plain = make_cuda_backend(c, 31, Precision::BF16);
+    plain->set_cuda_graph(false);
+    Batcher batches(test_data().train, cfg.batch, cfg.seq_len, cfg.seed);
+    int64_t updates = 0, skipped = 0;
+    for (int64_t s = 1; s <= cfg.max_steps; ++s) {
+      const std::vector<int> tokens = batches.next();
+      const Backend::StepPlan plan = plan_step(cfg, s, updates + 1);
+      const Backend::StepResult g = graph->train_step(tokens, cfg.batch, cfg.seq_len, plan);
+      const Backend::StepResult p = plain->train_step(tokens, cfg.batch, cfg.seq_len, plan);
+      const auto same = [](double a, double b) { return a == b || (std::isnan(a) && std::isnan(b)); };
+      EXPECT_TRUE(same(g.losses.ce, p.losses.ce)) << "step " << s << ": " << g.losses.ce << " vs " << p.losses.ce;
+      EXPECT_TRUE(same(g.losses.mtp, p.losses.mtp)) << "step " << s;
+      EXPECT_TRUE(same(g.losses.balance, p.losses.balance)) << "step " << s;
+      EXPECT_TRUE(same(g.grad_norm, p.grad_norm)) << "step " << s << ": " << g.grad_norm << " vs " << p.grad_norm;
+      EXPECT_EQ(g.skipped, p.skipped) << "step " << s;
+      updates += !p.skipped;
+      skipped += p.skipped;
+      if (s == 4) {  // a validation-sized batch in between: new buffers, so the next step captures again
+        graph->evaluate(std::vector<int>(size_t(2) * (kT + 1), 1), 2, kT);
+        plain->evaluate(std::vector<int>(size_t(2) * (kT + 1), 1), 2, kT);
+      }
+    }
+    EXPECT_EQ(graph->graph_captures(), 2) << "one capture per layout (steps 2 and 6)";
+    EXPECT_EQ(plain->graph_captures(), 0);
+    if (lr > 1) {
+      EXPECT_GT(skipped, 0) << "lr 1e3 should have produced non-finite steps";
+    }
+    const TensorMap wg = graph->weights(), wp = plain->weights();
+    for (const auto& [name, v] : wp) {
+      const auto& u = wg.at(name);
+      size_t differ = 0;
+      for (size_t i = 0; i < v.size(); ++i) differ += !(u[i] == v[i] || (std::isnan(u[i]) && std::isnan(v[i])));
+      EXPECT_EQ(differ, 0u) << name;
+    }
+  }
+}
+
 TEST(CudaTrainBackend, PhaseTimingAndMemory) {
   DSV3_REQUIRE_GPU();
   auto gpu = make_cuda_backend(test_model(), 24, Precision::BF16);

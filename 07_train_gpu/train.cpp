@@ -60,14 +60,20 @@ void TrainConfig::validate() const {
           "{}", max_minutes);
 }
 
+Backend::StepPlan plan_step(const TrainConfig& c, int64_t step, int64_t update) {
+  Backend::StepPlan p;
+  p.opt.lr = float(lr_at(c, step));
+  p.opt.beta1 = float(c.beta1);
+  p.opt.beta2 = float(c.beta2);
+  p.opt.weight_decay = float(c.weight_decay);
+  p.grad_clip = c.grad_clip;
+  p.update = update;
+  return p;
+}
+
 void apply_update(Backend& b, const TrainConfig& c, int64_t step, double grad_norm, int64_t update) {
-  AdamWConfig opt;
-  opt.lr = float(lr_at(c, step));
-  opt.beta1 = float(c.beta1);
-  opt.beta2 = float(c.beta2);
-  opt.weight_decay = float(c.weight_decay);
-  const bool clip = c.grad_clip > 0 && grad_norm > c.grad_clip;
-  b.step(opt, clip ? float(c.grad_clip / grad_norm) : 1.f, update);
+  const Backend::StepPlan p = plan_step(c, step, update);
+  b.step(p.opt, clip_scale(p.grad_clip, grad_norm), update);
 }
 
 double lr_at(const TrainConfig& c, int64_t step) {
@@ -362,11 +368,13 @@ class Run {
     const auto t0 = Clock::now();
     StepRecord rec;
     rec.step = step;
-    rec.losses = backend_.forward_backward(tokens, cfg_.batch, cfg_.seq_len);
-    rec.grad_norm = backend_.grad_norm();
-    rec.skipped = !(std::isfinite(rec.losses.total()) && std::isfinite(rec.grad_norm));
+    const Backend::StepResult r = backend_.train_step(tokens, cfg_.batch, cfg_.seq_len,
+                                                      plan_step(cfg_, step, st_.updates + 1));
+    rec.losses = r.losses;
+    rec.grad_norm = r.grad_norm;
+    rec.skipped = r.skipped;
     if (!rec.skipped) {
-      apply_update(backend_, cfg_, step, rec.grad_norm, ++st_.updates);
+      ++st_.updates;
       bad_in_a_row_ = 0;
       st_.train_ce_sum += rec.losses.ce;
       ++st_.train_ce_count;

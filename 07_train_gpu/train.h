@@ -53,6 +53,8 @@ double lr_at(const TrainConfig& c, int64_t step);
 // One update as train() makes it after a forward + backward: the gradient scaled to at most grad_clip in norm, AdamW
 // at lr_at(c, step), then the bias update (Backend::step). update: the updates so far plus one (Adam's count).
 void apply_update(Backend& b, const TrainConfig& c, int64_t step, double grad_norm, int64_t update);
+// What Backend::train_step needs for that update: AdamW at lr_at(c, step), the clipping threshold, Adam's count.
+Backend::StepPlan plan_step(const TrainConfig& c, int64_t step, int64_t update);
 
 // ---- batches ----------------------------------------------------------------------------------------------
 // Windows of T+1 tokens from the train split. Epoch e: a random offset o in [0, min(T, n-T)), windows starting
