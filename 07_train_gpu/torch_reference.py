@@ -15,6 +15,16 @@ then differentiates the total; nothing here is a hand-written backward.
     python3 07_train_gpu/torch_reference.py oracle DIR      compare with `07_train_gpu grads ... --dump DIR`
     python3 07_train_gpu/torch_reference.py steps DIR       N optimizer steps vs `grads ... --steps N --dump DIR`
     python3 07_train_gpu/torch_reference.py --self-test     autograd vs central differences on a tiny model
+    python3 07_train_gpu/torch_reference.py bench CONFIG [--batch 32] [--seq-len 512] [--steps 20] [--warmup 10]
+        [--compile reduce-overhead|default|none] [--precision bf16|fp32] [--experts auto|grouped|loop] [--seed 1]
+        [--device cuda]                                     training steps of the speed peer, timed (tokens/s)
+    python3 07_train_gpu/torch_reference.py bench-check [--device cpu|cuda] [--compile none|default|reduce-overhead]
+                                                            the speed peer against the oracle
+
+The speed peer (FastModel, `bench`): the same loss written for speed, the PyTorch yardstick of `07_train_gpu bench`
+(scripts/bench_vs_torch.sh runs both): bf16 autocast over fp32 master weights, SDPA attention, the routed experts
+through torch._grouped_mm (torch >= 2.8; a loop over experts otherwise), fused AdamW, torch.compile. CONFIG: a
+config.json such as `07_train_gpu bench --preset small --write-config FILE` writes.
 
 DIR (written by the C++ program): config.json, model.safetensors (fp32, Hugging Face names), tokens.bin (int32,
 B*(T+1)), losses.json ({B, T, ce, mtp, mtp_depths, balance, total}), grads.safetensors (fp32 gradient of the total
@@ -24,8 +34,8 @@ Shape legend: B batch, T positions per sequence, N = B*T, D hidden_size, V vocab
 Dq q_lora_rank, Dc kv_lora_rank, Dn qk_nope_head_dim, Dr qk_rope_head_dim, Dv v_head_dim, S = Dn+Dr,
 E routed experts, K experts per token, G expert groups, Lg kept groups, F expert width.
 
-Runs on PyTorch 1.13 and 2.x (CPU is enough; no transformers, no safetensors package). Exit status 0 on PASS, 1 on
-FAIL, 2 on a usage or input error.
+Runs on PyTorch 1.13 and 2.x (CPU is enough, bench's speed aside; no transformers, no safetensors package). Exit
+status 0 on PASS, 1 on FAIL, 2 on a usage or input error.
 """
 import argparse
 import json
@@ -33,6 +43,8 @@ import math
 import os
 import struct
 import sys
+import time
+import warnings
 
 import numpy as np
 import torch
@@ -857,6 +869,543 @@ def steps_check(d, floor=True):
     return 0
 
 
+# ---- the speed peer ---------------------------------------------------------------------------------------------
+#
+# The same loss as Reference, written the way a PyTorch user writes a fast trainer: nn.Modules under the Hugging
+# Face names, fp32 master weights, bf16 autocast, SDPA attention, each MoE layer's routed experts as two grouped
+# matrix products over the (token, slot) rows sorted by expert, torch.compile. `bench` times its training steps
+# (the yardstick of `07_train_gpu bench`), `bench-check` checks it against Reference.
+
+def torch_version():
+    """(major, minor) of the running torch: '2.11.0+cu130' -> (2, 11), '1.13.0a0' -> (1, 13)."""
+    parts = torch.__version__.split("+")[0].split(".")
+    return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+
+
+HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")  # torch >= 2.8: (M, K) x (G, K, N) with group ends offs
+# SDPA takes `scale` from torch 2.1; before that the explicit form below
+SDPA = torch.nn.functional.scaled_dot_product_attention if torch_version() >= (2, 1) else None
+
+
+def linear(d_in, d_out):
+    return torch.nn.Linear(d_in, d_out, bias=False)
+
+
+def rope(x, cos, sin):
+    """apply_rope in fp32 (the tables' type), returned in x's type (bf16 under autocast)."""
+    return apply_rope(x, cos, sin).to(x.dtype)
+
+
+def causal_attention(q, k, v, scale):
+    """softmax(q k^T scale, causal) v: q, k (B, H, T, S), v (B, H, T, Dv) -> (B, H, T, Dv). SDPA picks its kernel
+    from the shapes and dtype (bench prints which; with Dv != S its flash kernel does not qualify)."""
+    if SDPA is not None:
+        return SDPA(q, k, v, is_causal=True, scale=scale)
+    T = q.shape[2]
+    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    att = torch.softmax(((q @ k.transpose(-1, -2)) * scale).masked_fill(mask, float("-inf")), dim=-1)
+    return att.to(v.dtype) @ v
+
+
+class RMSNorm(torch.nn.Module):
+    """rms_norm in fp32 whatever comes in; the output stays fp32 (the next product's autocast casts it)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(dim))  # (dim)
+
+    def forward(self, x):
+        return rms_norm(x.float(), self.weight, self.eps)
+
+
+class SwiGLU(torch.nn.Module):
+    """A dense FFN (layers < first_k_dense_replace) or the shared experts: down(silu(gate x) * up x)."""
+
+    def __init__(self, D, F):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = linear(D, F), linear(D, F), linear(F, D)
+
+    def forward(self, x):
+        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(torch.nn.Module):
+    """02 MLA, training form: per-head K_nope and V decompressed from the latent c_kv, one rope key per token
+    shared by the heads, then causal SDPA over head dims S = Dn + Dr (q, k) and Dv (v)."""
+
+    def __init__(self, c, eps):
+        super().__init__()
+        D, H = c.hidden_size, c.num_attention_heads
+        self.H, self.Dn, self.Dr, self.Dv, self.Dc = (H, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim,
+                                                      c.kv_lora_rank)
+        S = self.Dn + self.Dr
+        self.q_lora = c.q_lora_rank > 0
+        if self.q_lora:
+            self.q_a_proj = linear(D, c.q_lora_rank)                   # (Dq, D)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, eps)
+            self.q_b_proj = linear(c.q_lora_rank, H * S)               # (H S, Dq)
+        else:
+            self.q_proj = linear(D, H * S)                             # (H S, D)
+        self.kv_a_proj_with_mqa = linear(D, self.Dc + self.Dr)         # (Dc + Dr, D)
+        self.kv_a_layernorm = RMSNorm(self.Dc, eps)
+        self.kv_b_proj = linear(self.Dc, H * (self.Dn + self.Dv))      # (H (Dn + Dv), Dc)
+        self.o_proj = linear(H * self.Dv, D)                           # (D, H Dv)
+
+    def forward(self, x, cos, sin, scale):
+        B, T, _ = x.shape
+        H, Dn, Dr, Dv, Dc = self.H, self.Dn, self.Dr, self.Dv, self.Dc
+        # 1) queries: (B, T, H, Dn + Dr), the rope part rotated
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
+        q = q.view(B, T, H, Dn + Dr)
+        q = torch.cat((q[..., :Dn], rope(q[..., Dn:], cos, sin)), dim=-1)
+        # 2) the latent and the shared rope key, then per-head K_nope and V from the latent
+        kva = self.kv_a_proj_with_mqa(x)                               # (B, T, Dc + Dr)
+        k_pe = rope(kva[..., Dc:], cos, sin)                           # (B, T, Dr)
+        kv = self.kv_b_proj(self.kv_a_layernorm(kva[..., :Dc])).view(B, T, H, Dn + Dv)
+        k = torch.cat((kv[..., :Dn], k_pe.unsqueeze(2).expand(B, T, H, Dr)), dim=-1)
+        # 3) attention over (B, H, T, .)
+        y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), kv[..., Dn:].transpose(1, 2), scale)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * Dv))
+
+
+class GatherRows(torch.autograd.Function):
+    """out = x[index], where row r of x appears K times in out, at the rows back_index[r K], ..., back_index[r K +
+    K - 1]. The backward gathers too, grad_x[r] = sum_k grad_out[back_index[r K + k]], where the autograd of a plain
+    x[index] scatter-adds (atomics, and bf16 sums rounded at every add)."""
+
+    @staticmethod
+    def forward(ctx, x, index, back_index, K):
+        ctx.save_for_backward(back_index)
+        ctx.K = K
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, g):
+        (back_index,) = ctx.saved_tensors
+        gx = g.index_select(0, back_index)
+        if ctx.K > 1:
+            gx = gx.view(-1, ctx.K, g.shape[1]).sum(1)
+        return gx, None, None, None
+
+
+def grouped_swiglu(xs, counts, wg, wu, wd):
+    """Every routed expert's SwiGLU on its rows of xs (M, D), the rows grouped by expert, counts (E) rows each:
+    gate and up as one grouped product with (E, D, 2F), then down with (E, F, D); bf16 operands, fp32 accumulation.
+    wg, wu (E, F, D), wd (E, D, F): the fp32 masters, cast here."""
+    F = wg.shape[1]
+    offs = torch.cumsum(counts, 0).to(torch.int32)                   # (E) where each group's rows end
+    w13 = torch.cat((wg, wu), dim=1).to(torch.bfloat16).transpose(1, 2)  # (E, D, 2F), column-major slices
+    h = torch._grouped_mm(xs, w13, offs=offs)                          # (M, 2F)
+    a = torch.nn.functional.silu(h[:, :F]) * h[:, F:]                  # (M, F)
+    return torch._grouped_mm(a, wd.to(torch.bfloat16).transpose(1, 2), offs=offs)  # (M, D)
+
+
+def looped_swiglu(xs, counts, wg, wu, wd):
+    """grouped_swiglu as one SwiGLU per expert: torch without _grouped_mm, the CPU and fp32 (the check). Reads the
+    counts on the host, a synchronisation per layer."""
+    outs, start = [], 0
+    for e, n in enumerate(counts.tolist()):
+        if n > 0:
+            outs.append(swiglu(xs[start:start + n], wg[e], wd[e], wu[e]))
+            start += n
+    return torch.cat(outs)
+
+
+class Router(torch.nn.Module):
+    """mlp.gate: the affinity weight and the routing bias, a buffer (it only chooses experts: no gradient; the
+    bias update moves it)."""
+
+    def __init__(self, E, D):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(E, D))            # (E, D)
+        self.register_buffer("e_score_correction_bias", torch.zeros(E))  # (E)
+
+
+class Experts(torch.nn.Module):
+    """The routed experts' weights stacked: expert e's Hugging Face tensors experts.{e}.{gate,up,down}_proj.weight
+    are the slices [e] (FastModel.hf_tensors)."""
+
+    def __init__(self, E, F, D):
+        super().__init__()
+        self.gate_proj = torch.nn.Parameter(torch.empty(E, F, D))      # (E, F, D)
+        self.up_proj = torch.nn.Parameter(torch.empty(E, F, D))        # (E, F, D)
+        self.down_proj = torch.nn.Parameter(torch.empty(E, D, F))      # (E, D, F)
+
+
+class MoE(torch.nn.Module):
+    """03 DeepSeekMoE with 04's sequence-wise balance loss. path: 'grouped' (torch._grouped_mm) or 'loop'."""
+
+    def __init__(self, c, layer, path, cdtype):
+        super().__init__()
+        D, E, F = c.hidden_size, c.n_routed_experts, c.moe_intermediate_size
+        self.layer, self.path, self.cdtype = layer, path, cdtype
+        self.E, self.K, self.G, self.Lg = E, c.num_experts_per_tok, c.n_group, c.topk_group
+        self.softmax = c.scoring_func == "softmax"
+        self.route_scale, self.alpha = f32(c.routed_scaling_factor), f32(c.aux_alpha)
+        self.gate = Router(E, D)
+        self.experts = Experts(E, F, D)
+        if c.n_shared_experts > 0:
+            self.shared_experts = SwiGLU(D, F * c.n_shared_experts)
+        self.record = None  # a dict when set: layer -> idx of the last forward (bench-check)
+
+    def route(self, xf):
+        """Reference.route in torch ops on xf (N, D): s (N, E) the unbiased affinities, idx (N, K) the chosen
+        experts, w (N, K) their weights, all fp32. The biased scores choose (group score = sum of the group's top-2,
+        the topk_group best groups kept, the top-K experts among them); the weights are the unbiased s of the
+        chosen, normalised to sum 1 (sigmoid), times routed_scaling_factor."""
+        N, E = xf.shape[0], self.E
+        with torch.autocast(xf.device.type, enabled=False):
+            logits = xf.float() @ self.gate.weight.t()                # (N, E) fp32
+        s = torch.softmax(logits, dim=-1) if self.softmax else torch.sigmoid(logits)
+        with torch.no_grad():
+            sel = s + self.gate.e_score_correction_bias
+            if self.G > 1:
+                grp = sel.view(N, self.G, E // self.G)
+                gscore = grp.topk(2, dim=-1).values.sum(-1)           # (N, G)
+                keep = torch.zeros_like(gscore, dtype=torch.bool)
+                keep.scatter_(1, gscore.topk(self.Lg, dim=-1).indices, True)
+                sel = grp.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(N, E)
+            idx = sel.topk(self.K, dim=-1).indices                    # (N, K)
+        w = s.gather(1, idx)
+        if not self.softmax:
+            w = w / w.sum(-1, keepdim=True)                           # norm_topk_prob
+        return s, idx, w * self.route_scale
+
+    def routed(self, xc, idx, w, counts):
+        """sum_k w[t, k] expert_{idx[t, k]}(x_t) for every token: the N K (token, slot) rows sorted by expert (a
+        stable sort: each expert's rows in token order), the experts' products, the rows back in slot order."""
+        N, D = xc.shape
+        K = self.K
+        flat = idx.reshape(-1)                                        # (N K) expert of each slot
+        order = torch.sort(flat, stable=True).indices                 # sorted row j holds slot order[j]
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        xs = GatherRows.apply(xc, order // K, inverse, K)             # (N K, D) grouped by expert
+        ex = self.experts
+        run = grouped_swiglu if self.path == "grouped" else looped_swiglu
+        ys = run(xs, counts, ex.gate_proj, ex.up_proj, ex.down_proj)  # (N K, D)
+        yt = GatherRows.apply(ys, inverse, order, 1).view(N, K, D)    # slot order
+        return (yt.float() * w.unsqueeze(-1)).sum(1)                  # (N, D) fp32
+
+    def forward(self, x):
+        """x (B, T, D) -> (output (B, T, D), balance term or None, loads (E): tokens routed to each expert)."""
+        B, T, D = x.shape
+        N, E, K = B * T, self.E, self.K
+        xf = x.reshape(N, D)
+        s, idx, w = self.route(xf)
+        if self.record is not None:
+            self.record[self.layer] = idx
+        # tokens of each sequence routed to each expert: the balance loss's f (a count, no gradient) and the loads
+        cnt = torch.zeros(B, E, dtype=s.dtype, device=x.device)
+        cnt.scatter_add_(1, idx.view(B, T * K), torch.ones(B, T * K, dtype=s.dtype, device=x.device))
+        load = cnt.sum(0)                                             # (E)
+        bal = None
+        if self.alpha > 0:  # Reference.balance: alpha * mean_b sum_i f_{b,i} P_{b,i}
+            P = (s / s.sum(-1, keepdim=True)).view(B, T, E).mean(1)
+            bal = self.alpha * (cnt * (E / (K * T)) * P).sum(-1).mean()
+        out = self.routed(xf.to(self.cdtype), idx, w, load.long())
+        if hasattr(self, "shared_experts"):
+            out = out + self.shared_experts(xf)
+        return out.view(B, T, D), bal, load
+
+
+class Block(torch.nn.Module):
+    """05 block: h = x + MLA(norm x); h + FFN(norm h), the FFN dense or MoE. An MTP module's block also holds its
+    enorm, hnorm and eh_proj (DeepSeek's layout: model.layers.{L + k - 1})."""
+
+    def __init__(self, c, layer, path, cdtype, mtp):
+        super().__init__()
+        D, eps = c.hidden_size, f32(c.rms_norm_eps)
+        if mtp:
+            self.enorm, self.hnorm = RMSNorm(D, eps), RMSNorm(D, eps)
+            self.eh_proj = linear(2 * D, D)                            # (D, 2D): embedding first
+        self.input_layernorm = RMSNorm(D, eps)
+        self.self_attn = Attention(c, eps)
+        self.post_attention_layernorm = RMSNorm(D, eps)
+        self.moe = c.is_moe_layer(layer)
+        self.mlp = MoE(c, layer, path, cdtype) if self.moe else SwiGLU(D, c.intermediate_size)
+
+    def forward(self, x, cos, sin, scale, aux):
+        """aux collects (balance term, loads) of a MoE block."""
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, scale)
+        hn = self.post_attention_layernorm(h)
+        if not self.moe:
+            return h + self.mlp(hn)
+        y, bal, load = self.mlp(hn)
+        aux.append((bal, load))
+        return h + y
+
+
+def resolve_experts(path, amp, device):
+    """'auto' -> 'grouped' where torch._grouped_mm runs (CUDA, bf16), else 'loop'."""
+    grouped_ok = HAS_GROUPED_MM and amp and torch.device(device).type == "cuda"
+    if path == "auto":
+        return "grouped" if grouped_ok else "loop"
+    if path == "grouped" and not grouped_ok:
+        raise ValueError(f"--experts grouped needs torch._grouped_mm (torch >= 2.8; this is {torch.__version__}), "
+                         f"CUDA and bf16")
+    return path
+
+
+class FastModel(torch.nn.Module):
+    """Reference's loss as a module: forward(window) -> dict(total, ce, mtp, mtp_depths, balance, loads).
+    amp: bf16 autocast (fp32 master weights); off, everything is fp32 (bench-check). experts: 'grouped' or 'loop'
+    (resolve_experts)."""
+
+    def __init__(self, c, amp=True, experts="loop"):
+        super().__init__()
+        self.c, self.amp, self.experts = c, amp, experts
+        cdtype = torch.bfloat16 if amp else torch.float32
+        D, V, L = c.hidden_size, c.vocab_size, c.num_hidden_layers
+        eps = f32(c.rms_norm_eps)
+        self.model = torch.nn.Module()
+        self.model.embed_tokens = torch.nn.Embedding(V, D)                # (V, D)
+        self.model.layers = torch.nn.ModuleList(
+            Block(c, l, experts, cdtype, mtp=l >= L) for l in range(L + c.num_nextn_predict_layers))
+        self.model.norm = RMSNorm(D, eps)
+        self.lm_head = linear(D, V)                                       # (V, D)
+        cos, sin, fsq = rope_tables(c, c.max_position_embeddings, torch.float32)
+        self.register_buffer("rope_cos", cos, persistent=False)           # (max positions, Dr/2)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.scale = 1.0 / math.sqrt(c.qk_nope_head_dim + c.qk_rope_head_dim) * fsq
+        self.mtp_lambda = f32(c.mtp_lambda)
+
+    def moe_layers(self):
+        return [b.mlp for b in self.model.layers if b.moe]
+
+    def forward(self, window):
+        """window (B, T+1) int64 on the model's device: inputs window[:, :T], targets window[:, 1:]."""
+        with torch.autocast(window.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            return self.loss(window)
+
+    def ce(self, z, targets):
+        """Mean cross-entropy of head(z) against targets; the logits upcast to fp32 (fused when compiled)."""
+        logits = self.lm_head(z)
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+    def loss(self, window):
+        c, m = self.c, self.model
+        T = window.shape[1] - 1
+        L, depth = c.num_hidden_layers, c.num_nextn_predict_layers
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        aux = []
+        # 1) the main model and its next-token loss
+        h = m.embed_tokens(window[:, :T])
+        for block in m.layers[:L]:
+            h = block(h, cos, sin, self.scale, aux)
+        z = m.norm(h)
+        ce = self.ce(z, window[:, 1:])
+        # 2) MTP module k reads z^{k-1} and Emb(t_{i+k}) (t_T past the end), predicts t_{i+k+1} for i < T-k
+        depths, hprev = [], z
+        pos = torch.arange(T, device=window.device)
+        for k in range(1, depth + 1):
+            block = m.layers[L + k - 1]
+            emb = m.embed_tokens(window[:, (pos + k).clamp(max=T)])
+            hp = block.eh_proj(torch.cat((block.enorm(emb), block.hnorm(hprev)), dim=-1))
+            zk = m.norm(block(hp, cos, sin, self.scale, aux))
+            depths.append(self.ce(zk[:, :T - k], window[:, k + 1:]) * ((T - k) / T) if T > k else z.new_zeros(()))
+            hprev = zk
+        # 3) the total
+        zero = z.new_zeros(())
+        mtp = self.mtp_lambda / depth * sum(depths) if depth > 0 else zero
+        bals = [b for b, _ in aux if b is not None]
+        balance = sum(bals) if bals else zero
+        loads = torch.stack([ld for _, ld in aux]) if aux else z.new_zeros(0, c.n_routed_experts)
+        return dict(total=ce + mtp + balance, ce=ce, mtp=mtp, mtp_depths=depths, balance=balance, loads=loads)
+
+    @torch.no_grad()
+    def update_bias(self, loads, gamma):
+        """b_i += gamma sign(mean load - load_i) in every MoE layer (train.h apply_update), loads (MoE layers, E)
+        from this step's forward."""
+        if gamma == 0 or loads.numel() == 0:
+            return
+        err = torch.sign(loads.sum(-1, keepdim=True) / loads.shape[1] - loads)
+        for moe, e in zip(self.moe_layers(), err.unbind(0)):
+            moe.gate.e_score_correction_bias.add_(e, alpha=gamma)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """The C++ model's scales (06 model_cpu.cpp): embedding N(0, 1), every other matrix N(0, 1/fan_in), norm
+        weights 1, routing biases 0."""
+        for n, p in self.named_parameters():
+            if is_norm(n):
+                p.fill_(1.0)
+            elif n == "model.embed_tokens.weight":
+                p.normal_(0.0, 1.0)
+            else:
+                p.normal_(0.0, p.shape[-1] ** -0.5)
+        for moe in self.moe_layers():
+            moe.gate.e_score_correction_bias.zero_()
+
+    def hf_tensors(self, grads=False):
+        """Hugging Face name -> this model's tensor (grads: its gradient, None where there is none), the names of
+        trained_names and bias_names; a routed expert's tensors are slices of the stacked parameters."""
+        out = {}
+        for n, p in self.named_parameters():
+            t = p.grad if grads else p.detach()
+            if ".mlp.experts." in n:
+                pre, kind = n.rsplit(".", 1)
+                for e in range(p.shape[0]):
+                    out[f"{pre}.{e}.{kind}.weight"] = None if t is None else t[e]
+            else:
+                out[n] = t
+        if not grads:
+            for n, b in self.named_buffers():
+                if n.endswith("e_score_correction_bias"):
+                    out[n] = b
+        return out
+
+    @torch.no_grad()
+    def load_arrays(self, arrays):
+        """Copies the numpy arrays of read_safetensors / random_arrays (HF names) into the parameters and biases."""
+        for n, t in self.hf_tensors().items():
+            if n not in arrays:
+                raise ValueError(f"tensor '{n}' is missing")
+            t.copy_(torch.from_numpy(np.asarray(arrays[n], dtype=np.float32)).reshape(t.shape))
+
+
+def make_optimizer(model, lr, weight_decay, fused):
+    """AdamW (betas 0.9, 0.95, eps 1e-8, decoupled decay): decay on every matrix and the embedding, none on the
+    norm weights (is_norm, the C++'s ParamKind::Norm)."""
+    named = list(model.named_parameters())
+    groups = [dict(params=[p for n, p in named if not is_norm(n)], weight_decay=weight_decay),
+              dict(params=[p for n, p in named if is_norm(n)], weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, **(dict(fused=True) if fused else {}))
+
+
+def sdpa_backend(B, H, T, S, Dv, device):
+    """The kernel SDPA runs for bf16 (B, H, T, S) q, k and (B, H, T, Dv) v, causal: the name of the aten op one
+    eager call records ('flash', 'efficient', 'cudnn', 'math'), or 'explicit' below torch 2.1."""
+    if SDPA is None:
+        return "explicit"
+    q = torch.randn(B, H, T, S, device=device, dtype=torch.bfloat16)
+    v = torch.randn(B, H, T, Dv, device=device, dtype=torch.bfloat16)
+    with warnings.catch_warnings():  # the profiler's notes on its own cycles
+        warnings.simplefilter("ignore")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            SDPA(q, q, v, is_causal=True, scale=S ** -0.5)
+    names = " ".join(e.name for e in prof.events() if "scaled_dot_product" in e.name or "attention" in e.name)
+    for kind in ("flash", "efficient", "cudnn", "math"):
+        if kind in names:
+            return kind
+    return "unknown"
+
+
+def median(v):
+    s = sorted(v)
+    n = len(s)
+    return 0.0 if n == 0 else (s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2]))
+
+
+def bench(a):
+    """Times training steps of FastModel on random tokens: forward of the whole loss, backward, clipping at 1,
+    fused AdamW, the routing-bias update; the same protocol as `07_train_gpu bench` (synchronised steps, the
+    median reported).
+
+    Compile scope: the module, i.e. forward and (through AOTAutograd) backward, with the mode of --compile
+    (reduce-overhead: replayed as CUDA graphs, the step boundary marked). The optimizer stays eager: fused AdamW is
+    one multi-tensor kernel per parameter group and clip_grad_norm_'s foreach path a handful, 1.5 ms of a 24.7 ms
+    step on an H200 (small preset, batch 32 x 512, torch 2.11), about 0.9 ms of which is the memory traffic any
+    version pays (fp32 weights, gradients and both moments); compiling them would buy at most ~2% for a second
+    compiled graph. SDPA chooses cuDNN there (0.43 ms forward+backward per layer, against 0.80 for the efficient
+    kernel; flash needs Dv = S and, with V zero-padded to S, takes 0.58)."""
+    dev = torch.device(a.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("torch_reference.py bench: CUDA is not available (--device cpu for a smoke run)", file=sys.stderr)
+        return 2
+    if a.compile != "none" and not hasattr(torch, "compile"):
+        print(f"torch_reference.py bench: torch {torch.__version__} has no torch.compile (--compile none)",
+              file=sys.stderr)
+        return 2
+    c = Config(json.load(open(a.config)))
+    B, T = a.batch, a.seq_len
+    if T > c.max_position_embeddings:
+        print(f"torch_reference.py bench: --seq-len {T} exceeds the model's {c.max_position_embeddings} positions",
+              file=sys.stderr)
+        return 2
+    amp = a.precision == "bf16"
+    try:
+        experts = resolve_experts(a.experts, amp, dev)
+    except ValueError as e:
+        print(f"torch_reference.py bench: {e}", file=sys.stderr)
+        return 2
+    torch.manual_seed(a.seed)
+    model = FastModel(c, amp=amp, experts=experts).to(dev)
+    model.init_weights()
+    cuda = dev.type == "cuda"
+    v2 = torch_version() >= (2, 0)
+    opt = make_optimizer(model, lr=1e-3, weight_decay=0.1, fused=cuda and v2)
+    params = list(model.parameters())
+    clip_kw = dict(foreach=True) if cuda and v2 else {}
+    fwd = model
+    if a.compile != "none":
+        fwd = torch.compile(model, mode=None if a.compile == "default" else a.compile)
+    mark_step = getattr(getattr(torch, "compiler", None), "cudagraph_mark_step_begin", None)
+    mark_step = mark_step if a.compile == "reduce-overhead" else None
+    gamma = c.bias_update_speed
+    attn = sdpa_backend(B, c.num_attention_heads, T, c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim, dev) \
+        if cuda and amp else ("explicit" if SDPA is None else "sdpa (cpu/fp32)")
+    where = torch.cuda.get_device_name(dev) if cuda else "cpu"
+    print(f"torch_reference.py bench: {a.config}: L={c.num_hidden_layers} MTP depth={c.num_nextn_predict_layers} "
+          f"D={c.hidden_size} V={c.vocab_size} E={c.n_routed_experts} K={c.num_experts_per_tok}; batch {B} seq_len "
+          f"{T}; {a.precision}, experts {experts}, attention {attn}, compile {a.compile}; torch {torch.__version__} on "
+          f"{where}; seed {a.seed}", flush=True)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(dev)
+
+    n = a.warmup + a.steps
+    totals = torch.zeros(n, device=dev)
+    step_ms, fb_ms = [], []
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if cuda else None  # around forward+backward
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+    t_start = time.perf_counter()
+    for s in range(n):
+        window = torch.randint(0, c.vocab_size, (B, T + 1), device=dev)
+        sync()
+        t0 = time.perf_counter()
+        if cuda:
+            ev[0].record()
+        if mark_step is not None:
+            mark_step()
+        out = fwd(window)
+        out["total"].backward()
+        if cuda:
+            ev[1].record()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, **clip_kw)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.update_bias(out["loads"], gamma)
+        totals[s].copy_(out["total"].detach())
+        sync()
+        t1 = time.perf_counter()
+        if s == 0 or s + 1 == a.warmup:
+            print(f"  step {s + 1}: {(t1 - t0) * 1e3:.1f} ms{' (compiles)' if s == 0 and a.compile != 'none' else ''}"
+                  f"; {time.perf_counter() - t_start:.1f} s so far", flush=True)
+        if s >= a.warmup:
+            step_ms.append((t1 - t0) * 1e3)
+            if cuda:
+                fb_ms.append(ev[0].elapsed_time(ev[1]))
+    losses = totals.tolist()
+    ms = median(step_ms)
+    tps = B * T / (ms / 1e3)
+    peak = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if cuda else None  # CUDA only, like fb
+    fb = median(fb_ms) if fb_ms else None
+    split = f" (forward+backward {fb:.3f} ms, clipping+AdamW+bias {ms - fb:.3f} ms)" if cuda else ""
+    print(f"  median step {ms:.3f} ms{split} over {a.steps} steps after {a.warmup} warm-up; min {min(step_ms):.3f}, "
+          f"max {max(step_ms):.3f}")
+    print(f"  tokens/s {tps:,.0f}; peak memory {f'{peak:.3f} GiB' if cuda else '-'}; loss first {losses[0]:.4f}, "
+          f"last {losses[-1]:.4f}")
+    print(json.dumps(dict(bench="torch_reference", device=where, torch=torch.__version__, compile=a.compile,
+                          precision=a.precision, experts=experts, attention=attn, batch=B, seq_len=T, steps=a.steps,
+                          tokens_per_s=round(tps), step_ms=round(ms, 3), fwd_bwd_ms=fb and round(fb, 3),
+                          peak_mem_gib=peak and round(peak, 3), loss_first=round(losses[0], 4),
+                          loss_last=round(losses[-1], 4))))
+    return 0 if all(math.isfinite(x) for x in losses) else 1
+
+
 # ---- self-test --------------------------------------------------------------------------------------------------
 
 def tiny_config(variant):
@@ -981,7 +1530,183 @@ def self_test():
     return 0 if ok else 1
 
 
+# ---- bench-check: the speed peer against Reference --------------------------------------------------------------
+
+# FastModel in fp32 against Reference in float64, same arrays, same routing: what is left are fp32 roundings of the
+# same sums, about 1e-7 relative on these sizes; the bounds leave a hundredfold margin.
+FAST_LOSS_TOL = 1e-5
+FAST_GRAD_TOL = 1e-4
+# bf16 autocast against fp32: bf16 keeps 8 significant bits (a rounding moves a value by up to 2^-9 = 2e-3
+# relative), and the cross-entropy sums such roundings over every product feeding the logits; a routing decision
+# may flip too. The grouped and the looped experts in bf16 differ only in the products' accumulation order.
+BF16_LOSS_TOL = 2e-2
+PATH_LOSS_TOL = 2e-3
+PATH_GRAD_TOL = 5e-2
+
+
+def fast_run(c, arrays, window, device, amp, experts, compile_mode="none"):
+    """One forward and backward of a FastModel holding `arrays`: (model, outputs, routing {layer: idx numpy})."""
+    fm = FastModel(c, amp=amp, experts=experts).to(device)
+    fm.load_arrays(arrays)
+    rec = {}
+    for moe in fm.moe_layers():
+        moe.record = rec if compile_mode == "none" else None
+    fwd = fm if compile_mode == "none" else torch.compile(fm, mode=None if compile_mode == "default" else compile_mode)
+    out = fwd(torch.from_numpy(window).to(device))
+    out["total"].backward()
+    return fm, out, {l: v.cpu().numpy() for l, v in rec.items()}
+
+
+def grad_errors(c, got, want):
+    """name -> ||got - want|| / ||want|| over trained_names (dicts of HF name -> tensor or None)."""
+    errs = {}
+    for n in trained_names(c):
+        g, w = got.get(n), want.get(n)
+        g = torch.zeros(1, dtype=torch.float64) if g is None else g.detach().double().cpu()
+        w = torch.zeros(1, dtype=torch.float64) if w is None else w.detach().double().cpu()
+        d = (g - w).norm().item()
+        errs[n] = 0.0 if d == 0 else d / max(w.norm().item(), TINY)
+    return errs
+
+
+def bench_check(a):
+    """FastModel against Reference: fp32 on --device, every loss part and gradient, the routing, the loads and the
+    bias update; on CUDA with torch._grouped_mm also bf16 (grouped and looped experts) against fp32, and with
+    --compile the compiled module against the eager one."""
+    dev = torch.device(a.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("bench-check: CUDA is not available", file=sys.stderr)
+        return 2
+    ok = True
+    B, T = 3, 11
+    print(f"bench-check: FastModel vs Reference on {dev}, torch {torch.__version__}, B={B} T={T}")
+    cases = (("tiny", 1), ("yarn", 2), ("softmax", 3))
+    for variant, seed in cases:
+        c = tiny_config(variant)
+        arrays = random_arrays(c, seed)
+        window = np.random.default_rng(200 + seed).integers(0, c.vocab_size, size=(B, T + 1)).astype(np.int64)
+        problems = []
+        # 0) one list of names: the module's tensors are Reference's parameters and biases
+        names = set(FastModel(c, amp=False).hf_tensors())
+        if names != set(trained_names(c)) | set(bias_names(c)):
+            problems.append(f"names differ from trained_names + bias_names: "
+                            f"{sorted(names ^ (set(trained_names(c)) | set(bias_names(c))))[:6]}")
+        # 1) the truth: Reference in float64
+        P = make_params(c, arrays, torch.float64)
+        ref = Reference(c, P, torch.float64)
+        ro = ref.forward(window, B, T)
+        ro["total"].backward()
+        margin = min(float(r["margin"].min()) for r in ref.routing.values())
+        # 2) FastModel in fp32, looped experts
+        fm, fo, routing = fast_run(c, arrays, window, dev, amp=False, experts="loop")
+        for l, r in ref.routing.items():
+            if not np.array_equal(np.sort(r["indices"], 1), np.sort(routing[l], 1)):
+                problems.append(f"layer {l}: routing differs (Reference's smallest margin {r['margin'].min():.1e})")
+        parts = [(k, fo[k].item(), ro[k].item()) for k in ("ce", "mtp", "balance", "total")]
+        parts += [(f"mtp_depth[{k + 1}]", x.item(), y.item()) for k, (x, y) in
+                  enumerate(zip(fo["mtp_depths"], ro["mtp_depths"]))]
+        worst_loss = max(rel(x, y) for _, x, y in parts)
+        for k, x, y in parts:
+            if rel(x, y) > FAST_LOSS_TOL:
+                problems.append(f"loss {k}: fast {x:.10g} vs reference {y:.10g} (rel {rel(x, y):.2e})")
+        errs = grad_errors(c, fm.hf_tensors(grads=True), {n: P[n].grad for n in trained_names(c)})
+        worst_n = max(errs, key=errs.get)
+        for n, e in errs.items():
+            if e > FAST_GRAD_TOL:
+                problems.append(f"gradient '{n}': error {e:.2e}")
+        # 3) the loads and the bias update: b + gamma sign(N K / E - count), float32, as trajectory()
+        E, K = c.n_routed_experts, c.num_experts_per_tok
+        before = {n: t.detach().cpu().numpy().copy() for n, t in fm.hf_tensors().items() if n in bias_names(c)}
+        fm.update_bias(fo["loads"], c.bias_update_speed)
+        after = fm.hf_tensors()
+        loads = fo["loads"].cpu().numpy()
+        for i, l in enumerate(sorted(ref.routing)):
+            cnt = np.bincount(ref.routing[l]["indices"].reshape(-1), minlength=E)
+            if not np.array_equal(loads[i], cnt):
+                problems.append(f"layer {l}: loads {loads[i].tolist()} vs {cnt.tolist()}")
+            name = f"model.layers.{l}.mlp.gate.e_score_correction_bias"
+            want = (before[name] + np.float32(c.bias_update_speed) *
+                    np.sign(float(B * T) * K / E - cnt).astype(np.float32)).astype(np.float32)
+            if not np.array_equal(after[name].cpu().numpy(), want):
+                problems.append(f"layer {l}: bias update differs")
+        print(f"  {variant:8s} fp32 {fm.experts}: losses max rel {worst_loss:.1e} (tol {FAST_LOSS_TOL:g}), gradients "
+              f"max {errs[worst_n]:.1e} ({worst_n}; tol {FAST_GRAD_TOL:g}), routing min margin {margin:.1e}: "
+              f"{'ok' if not problems else 'FAILED'}")
+        # 4) bf16: the grouped experts (CUDA, torch >= 2.8) and the looped ones against fp32 and each other
+        if dev.type == "cuda":
+            paths = ["loop"] + (["grouped"] if HAS_GROUPED_MM else [])
+            runs = {p: fast_run(c, arrays, window, dev, amp=True, experts=p) for p in paths}
+            for p, (m16, o16, r16) in runs.items():
+                e = rel(o16["total"].item(), fo["total"].item())
+                g = grad_errors(c, m16.hf_tensors(grads=True), fm.hf_tensors(grads=True))
+                flips = sum(int((np.sort(r16[l], 1) != np.sort(routing[l], 1)).any(1).sum()) for l in routing)
+                print(f"  {variant:8s} bf16 {p:7s}: total {o16['total'].item():.6f} vs fp32 {fo['total'].item():.6f} "
+                      f"(rel {e:.1e}, tol {BF16_LOSS_TOL:g}); gradients vs fp32 max {max(g.values()):.1e} (not "
+                      f"checked; {flips} token(s) routed otherwise than in fp32)")
+                if e > BF16_LOSS_TOL:
+                    problems.append(f"bf16 {p}: total rel {e:.2e} from fp32")
+            if "grouped" in runs:
+                (mg, og, rg), (ml, ol, rl) = runs["grouped"], runs["loop"]
+                e = rel(og["total"].item(), ol["total"].item())
+                g = grad_errors(c, mg.hf_tensors(grads=True), ml.hf_tensors(grads=True))
+                n = max(g, key=g.get)
+                same = all(np.array_equal(rg[l], rl[l]) for l in rg)
+                print(f"  {variant:8s} bf16 grouped vs loop: total rel {e:.1e} (tol {PATH_LOSS_TOL:g}), gradients "
+                      f"max {g[n]:.1e} ({n}; tol {PATH_GRAD_TOL:g}), routing {'same' if same else 'DIFFERS'}")
+                if e > PATH_LOSS_TOL or (same and g[n] > PATH_GRAD_TOL):
+                    problems.append(f"bf16 grouped vs loop: total rel {e:.2e}, gradient '{n}' {g[n]:.2e}")
+            # 5) the compiled module (what bench times) against the eager one, bf16, the bench's expert path
+            if a.compile != "none":
+                path = resolve_experts("auto", True, dev)
+                _, oc, _ = fast_run(c, arrays, window, dev, amp=True, experts=path, compile_mode=a.compile)
+                e = rel(oc["total"].item(), runs[path][1]["total"].item())
+                print(f"  {variant:8s} bf16 {path} compiled ({a.compile}) vs eager: total rel {e:.1e} "
+                      f"(tol {PATH_LOSS_TOL:g})")
+                if e > PATH_LOSS_TOL:
+                    problems.append(f"compiled: total rel {e:.2e} from eager")
+        for p in problems[:20]:
+            print("    " + p)
+        ok &= not problems
+    if not HAS_GROUPED_MM or dev.type != "cuda":
+        print("  (bf16 and the grouped experts not checked: no CUDA device)" if dev.type != "cuda" else
+              f"  (the grouped experts not checked: torch {torch.__version__} has no _grouped_mm)")
+    print(f"bench-check: {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
+def bench_main(argv):
+    ap = argparse.ArgumentParser(prog="torch_reference.py bench", description=bench.__doc__.split("\n\n")[0])
+    ap.add_argument("config", help="config.json (07_train_gpu bench --preset small --write-config FILE)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps after the warm-up (the median is reported)")
+    ap.add_argument("--warmup", type=int, default=10, help="untimed steps first (the compilation happens there)")
+    ap.add_argument("--compile", choices=["reduce-overhead", "default", "none"], default="reduce-overhead",
+                    help="torch.compile mode of the module (reduce-overhead: CUDA graphs too)")
+    ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="bf16: autocast, fp32 masters")
+    ap.add_argument("--experts", choices=["auto", "grouped", "loop"], default="auto",
+                    help="routed experts: torch._grouped_mm, or a loop over experts (auto: grouped where it runs)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--device", default="cuda")
+    a = ap.parse_args(argv)
+    if min(a.batch, a.seq_len, a.steps) < 1 or a.warmup < 0:
+        ap.error("batch, seq-len and steps must be positive, warmup not negative")
+    return bench(a)
+
+
+def bench_check_main(argv):
+    ap = argparse.ArgumentParser(prog="torch_reference.py bench-check", description=bench_check.__doc__)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--compile", choices=["none", "default", "reduce-overhead"], default="none",
+                    help="CUDA: also check the compiled module against the eager one")
+    return bench_check(ap.parse_args(argv))
+
+
 def main(argv):
+    if argv and argv[0] == "bench":
+        return bench_main(argv[1:])
+    if argv and argv[0] == "bench-check":
+        return bench_check_main(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--self-test", action="store_true", help="check autograd against central differences")
@@ -996,7 +1721,8 @@ def main(argv):
         return self_test()
     if a.command not in ("oracle", "steps") or not a.dir:
         ap.print_usage()
-        print("torch_reference.py: give 'oracle DIR', 'steps DIR' or --self-test", file=sys.stderr)
+        print("torch_reference.py: give 'oracle DIR', 'steps DIR', 'bench CONFIG', 'bench-check' or --self-test",
+              file=sys.stderr)
         return 2
     if a.command == "steps":
         for f in ("config.json", "model.safetensors", "tokens.bin", "losses.json", "steps.json", "final.safetensors"):
