@@ -394,10 +394,10 @@ int stopped_by_signal(const std::string& run) {
 }
 
 struct SampleArgs {
-  std::string checkpoint, tokenizer;
-  std::vector<std::string> prompts;
+  std::string checkpoint, tokenizer, prompt_file;
+  std::vector<std::string> prompts;  // --prompt; none: prompt_file, interactive, or kPrompts
   SampleOptions opt;
-  bool speculative = false;
+  bool speculative = false, interactive = false;
 };
 
 Model<float> load_model(const std::string& dir) {
@@ -407,63 +407,81 @@ Model<float> load_model(const std::string& dir) {
   return m;
 }
 
-// The tokenizer of a checkpoint: --tokenizer, else the run folder's copy (<run>/checkpoints/<name>/..).
-std::string find_tokenizer(const SampleArgs& a) {
-  if (!a.tokenizer.empty()) return a.tokenizer;
-  const std::string run_copy = (fs::path(a.checkpoint).parent_path().parent_path() / "tokenizer.model").string();
-  require(fs::exists(run_copy), "no tokenizer next to checkpoint {} (looked for {}); give --tokenizer", a.checkpoint,
-          run_copy);
-  return run_copy;
+// The tokenizer of a checkpoint: --tokenizer, else the (resolved) checkpoint folder's own copy, else its run
+// folder's (<run>/checkpoints/<name>/../..).
+SampleTokenizer tokenizer_for(const SampleArgs& a, const Model<float>& model) {
+  return load_sample_tokenizer(resolve_checkpoint(a.checkpoint), a.tokenizer, model.config().vocab_size);
 }
 
-void print_sample(const std::string& prompt, const SampleResult& r) {
-  std::cout << fmt::format("--- prompt: \"{}\" ({} new tokens, {:.0f} tokens/s)\n{}{}\n", prompt, r.tokens.size(),
-                           r.tokens_per_s, prompt, r.text);
+// One prompt: printed plainly, or (compare) decoded both ways with the speculative table. False when speculative
+// decoding did not reproduce plain decoding.
+bool sample_prompt(const Model<float>& model, const Tokenizer& tok, const SampleOptions& opt, bool compare) {
+  if (!compare) {
+    std::cout << format_sample(opt.prompt, generate(model, tok, opt, false), tok.eos_id()) << std::flush;
+    return true;
+  }
+  const SampleComparison c = generate_both(model, tok, opt);
+  std::cout << format_sample(opt.prompt, c.plain, tok.eos_id());
+  const double rate = c.speculative.drafted ? double(c.speculative.accepted) / c.speculative.drafted : 0.0;
+  Table t({"decoding", "new tokens", "seconds", "tokens/s", "drafts", "accepted", "acceptance"});
+  t.add_row({"plain", std::to_string(c.plain.tokens.size()), fmt::format("{:.3f}", c.plain.seconds),
+             fmt::format("{:.0f}", c.plain.tokens_per_s), "-", "-", "-"});
+  t.add_row({"speculative (MTP)", std::to_string(c.speculative.tokens.size()),
+             fmt::format("{:.3f}", c.speculative.seconds), fmt::format("{:.0f}", c.speculative.tokens_per_s),
+             std::to_string(c.speculative.drafted), std::to_string(c.speculative.accepted),
+             fmt::format("{:.1f}%", 100 * rate)});
+  t.print();
+  std::cout << fmt::format("speculative speed-up {:.2f}x; output identical to plain decoding: {}\n", c.speedup,
+                           c.identical ? "yes" : "NO") << std::flush;
+  return c.identical;
 }
 
-// Samples every prompt; with speculative, also decodes the first one speculatively and prints the comparison.
-// Returns false when speculative decoding did not reproduce plain decoding.
-bool do_sample(const SampleArgs& a) {
+// The prompts come from one place: --prompt (repeatable), --prompt-file or --interactive (standard input);
+// none of them: the three fixed prompts.
+void check_prompt_flags(const SampleArgs& a) {
+  require(!(a.interactive && !a.prompt_file.empty()), "--interactive reads the prompts from standard input and "
+          "--prompt-file from a file: give one of them");
+  require(!(a.interactive && !a.prompts.empty()), "--interactive reads the prompts from standard input: drop "
+          "--prompt, or drop --interactive");
+  require(!(!a.prompt_file.empty() && !a.prompts.empty()), "--prompt-file and --prompt both give the prompts: "
+          "give one of them");
+}
+
+// Samples every prompt; with speculative, decodes the first one (with --interactive: every one) also
+// speculatively and prints the comparison. --interactive reads `in` line by line and answers each line as it
+// arrives. Returns false when speculative decoding did not reproduce plain decoding.
+bool do_sample(const SampleArgs& a, std::istream& in = std::cin) {
+  check_prompt_flags(a);
+  validate_sample_options(a.opt);
   const Model<float> model = load_model(a.checkpoint);
-  const std::string tok_path = find_tokenizer(a);
-  const Tokenizer tok = Tokenizer::load(tok_path);
-  require(tok.vocab_size() == model.config().vocab_size, "tokenizer {} has {} pieces, the checkpoint's model a "
-          "vocabulary of {}: give the tokenizer it was trained with (--tokenizer)", tok_path, tok.vocab_size(),
-          model.config().vocab_size);
+  const SampleTokenizer st = tokenizer_for(a, model);
+  const Tokenizer& tok = st.tok;
   std::cout << fmt::format("sampling from {} (CPU, latent KV cache, absorbed MLA) | temperature {:g}, top-k {}, "
-                           "top-p {:g}, seed {}\n",
-                           a.checkpoint, a.opt.temperature, a.opt.top_k, a.opt.top_p, a.opt.seed);
+                           "top-p {:g}, seed {}\ntokenizer: {} ({})\n",
+                           a.checkpoint, a.opt.temperature, a.opt.top_k, a.opt.top_p, a.opt.seed, st.path, st.source);
+  SampleOptions o = a.opt;
+  if (a.interactive) {
+    std::cout << "(interactive: one prompt per line; the end of input, Ctrl-D, ends)\n" << std::flush;
+    bool ok = true;
+    const int n = for_each_prompt_line(in, [&](const std::string& text, int line) {
+      validate_text(text, fmt::format("standard input line {}", line));
+      o.prompt = text;
+      ok = sample_prompt(model, tok, o, a.speculative) && ok;
+    });
+    std::cout << fmt::format("(end of input: {} prompt{})\n", n, n == 1 ? "" : "s");
+    return ok;
+  }
+  std::vector<std::string> prompts = a.prompts;
+  if (!a.prompt_file.empty())
+    prompts = read_prompt_file(a.prompt_file, tok);
+  else if (prompts.empty())
+    prompts = kPrompts;
+  for (size_t i = 0; i < prompts.size(); ++i)  // not echoed: it may not be printable
+    validate_text(prompts[i], prompts.size() == 1 ? "--prompt" : fmt::format("--prompt number {}", i + 1));
   bool ok = true;
-  for (size_t i = 0; i < a.prompts.size(); ++i)  // not echoed: it may not be printable
-    validate_text(a.prompts[i], a.prompts.size() == 1 ? "--prompt" : fmt::format("--prompt number {}", i + 1));
-  for (size_t i = 0; i < a.prompts.size(); ++i) {
-    SampleOptions o = a.opt;
-    o.prompt = a.prompts[i];
-    // a model trained on short windows has a short position table: ask for what fits, and say so
-    const int room = model.config().max_position_embeddings - int(tok.encode(o.prompt).size());
-    if (room >= 1 && o.max_new_tokens > room) {
-      std::cout << fmt::format("(max_new_tokens {} -> {}: the model has {} positions)\n", o.max_new_tokens, room,
-                               model.config().max_position_embeddings);
-      o.max_new_tokens = room;
-    }
-    if (a.speculative && i == 0) {
-      const SampleComparison c = generate_both(model, tok, o);
-      print_sample(o.prompt, c.plain);
-      const double rate = c.speculative.drafted ? double(c.speculative.accepted) / c.speculative.drafted : 0.0;
-      Table t({"decoding", "new tokens", "seconds", "tokens/s", "drafts", "accepted", "acceptance"});
-      t.add_row({"plain", std::to_string(c.plain.tokens.size()), fmt::format("{:.3f}", c.plain.seconds),
-                 fmt::format("{:.0f}", c.plain.tokens_per_s), "-", "-", "-"});
-      t.add_row({"speculative (MTP)", std::to_string(c.speculative.tokens.size()),
-                 fmt::format("{:.3f}", c.speculative.seconds), fmt::format("{:.0f}", c.speculative.tokens_per_s),
-                 std::to_string(c.speculative.drafted), std::to_string(c.speculative.accepted),
-                 fmt::format("{:.1f}%", 100 * rate)});
-      t.print();
-      std::cout << fmt::format("speculative speed-up {:.2f}x; output identical to plain decoding: {}\n", c.speedup,
-                               c.identical ? "yes" : "NO");
-      ok = ok && c.identical;
-    } else {
-      print_sample(o.prompt, generate(model, tok, o, false));
-    }
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    o.prompt = prompts[i];
+    ok = sample_prompt(model, tok, o, a.speculative && i == 0) && ok;
   }
   return ok;
 }
@@ -627,7 +645,7 @@ int run_check(const std::string& out, PrepareArgs pa) {
   s.opt.max_new_tokens = 24;
   s.opt.seed = 7;
   const Model<float> model = load_model(s.checkpoint);
-  const Tokenizer tok = Tokenizer::load(find_tokenizer(s));
+  const Tokenizer tok = tokenizer_for(s, model).tok;
   SampleOptions o = s.opt;
   o.prompt = "love";
   const SampleResult r1 = generate(model, tok, o, false), r2 = generate(model, tok, o, false);
@@ -784,14 +802,23 @@ void add_train_options(CLI::App* cmd, TrainArgs& a) {
 }
 
 void add_sample_options(CLI::App* cmd, SampleArgs& s) {
-  cmd->add_option("--checkpoint", s.checkpoint, "checkpoint folder (default <out>/run/checkpoints/best)");
-  cmd->add_option("--tokenizer", s.tokenizer, "tokenizer.model (default: the run folder's copy)");
+  cmd->add_option("--checkpoint", s.checkpoint, "checkpoint folder (default <out>/run/checkpoints/best); a copied "
+                  "folder alone is enough: it carries its tokenizer");
+  cmd->add_option("--tokenizer", s.tokenizer, "tokenizer.model (default: the checkpoint folder's own copy, else its "
+                  "run folder's)");
   cmd->add_option("--prompt", s.prompts, "prompt text (repeatable; default three fixed prompts)");
+  cmd->add_option("--prompt-file", s.prompt_file, "prompts from this file, one per line (blank lines skipped); not "
+                  "with --prompt or --interactive");
+  cmd->add_flag("--interactive", s.interactive, "prompts from standard input, one per line, each sampled as it "
+                "arrives, until the end of input (Ctrl-D); not with --prompt or --prompt-file");
   cmd->add_option("--temperature", s.opt.temperature, "0 = greedy")->capture_default_str();
   cmd->add_option("--top-k", s.opt.top_k, "keep the k most likely tokens (0 = off)")->capture_default_str();
   cmd->add_option("--top-p", s.opt.top_p, "nucleus probability (1 = off)")->capture_default_str();
-  cmd->add_option("--max-new-tokens", s.opt.max_new_tokens, "tokens to generate")->capture_default_str();
-  cmd->add_flag("--speculative", s.speculative, "also decode the first prompt with MTP drafts and compare");
+  cmd->add_option("--max-new-tokens", s.opt.max_new_tokens, fmt::format("tokens to generate, at most {}; past the "
+                  "model's positions the cache is re-filled from the last half of them", kMaxNewTokens))
+      ->capture_default_str();
+  cmd->add_flag("--speculative", s.speculative, "also decode the first prompt (with --interactive: every prompt) "
+                "with MTP drafts and compare");
 }
 
 }  // namespace
@@ -889,7 +916,6 @@ int main(int argc, char** argv) {
     if (sa.checkpoint.empty()) sa.checkpoint = checkpoint_dir(opt.out + "/run", "best");
     if (ea.checkpoint.empty()) ea.checkpoint = checkpoint_dir(opt.out + "/run", "best");
     if (ea.data.empty()) ea.data = data_dir;
-    if (sa.prompts.empty()) sa.prompts = kPrompts;
     sa.opt.seed = opt.seed;
     ta.cfg.seed = opt.seed;
     pa.opt.seed = opt.seed;

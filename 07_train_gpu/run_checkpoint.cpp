@@ -182,6 +182,20 @@ std::string checkpoint_dir(const std::string& run_dir, const std::string& name) 
   return run_dir + "/checkpoints/" + name;
 }
 
+std::string run_tokenizer_path(const std::string& checkpoint_dir) {
+  fs::path p(checkpoint_dir);
+  if (!p.has_filename()) p = p.parent_path();  // a trailing '/'
+  return (p.parent_path().parent_path() / kTokenizerFile).string();
+}
+
+std::optional<CheckpointTokenizer> checkpoint_tokenizer(const std::string& dir) {
+  std::error_code ec;
+  const std::string own = (fs::path(dir) / kTokenizerFile).string(), run = run_tokenizer_path(dir);
+  if (fs::exists(own, ec)) return CheckpointTokenizer{own, true};  // whatever it is: its loader names the problem
+  if (fs::exists(run, ec)) return CheckpointTokenizer{run, false};
+  return std::nullopt;
+}
+
 bool save_run_checkpoint(const std::string& dir, const Backend& backend, const TrainerState& state) {
   const std::string tmp = dir + ".tmp", old = dir + ".old";
   // 0) never write a checkpoint that holds a NaN or an infinity: the previous one stays
@@ -198,6 +212,9 @@ bool save_run_checkpoint(const std::string& dir, const Backend& backend, const T
   for (const auto& [name, v] : moments) w.add_f32(name, {int64_t(v.size())}, v.data());
   w.set_metadata("format", "nano-dsv3 AdamW moments (exp_avg, exp_avg_sq) per model.py tensor");
   w.write(tmp + "/optimizer.safetensors");
+  std::error_code ec;
+  if (const std::string tok = run_tokenizer_path(dir); fs::exists(tok, ec))
+    write_file_atomic(tmp + "/" + kTokenizerFile, read_file(tok, "tokenizer model"));
   write_file_atomic(tmp + "/trainer_state.json", state_to_json(state));
   fsync_path(tmp);
   // 2) the swap: at every moment one of <dir>, <dir>.old, <dir>.tmp is a complete checkpoint, and the newest

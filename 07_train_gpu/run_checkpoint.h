@@ -5,6 +5,8 @@
 //   config.json + model.safetensors   the model (stage 06's save_checkpoint, F32, loads in transformers)
 //   optimizer.safetensors             the AdamW moments, one 1-D tensor per moment of each model tensor
 //   trainer_state.json                TrainerState below (step, batcher position, best val, train config, data)
+//   tokenizer.model                   the run folder's copy of the data's tokenizer, when the run folder has one:
+//                                     the folder alone is enough to sample (older checkpoints lack it and still load)
 // A save writes <dir>.tmp and swaps it in, so a crash at any point leaves <dir> or <dir>.old complete.
 #pragma once
 
@@ -42,7 +44,21 @@ constexpr int kTrainerStateVersion = 1;
 
 // <run>/checkpoints/<name>
 std::string checkpoint_dir(const std::string& run_dir, const std::string& name);
-// Writes <dir>.tmp (every file fsynced, trainer_state.json last), then swaps it in: <dir> -> <dir>.old,
+
+// The tokenizer file of a checkpoint folder, and of a run folder (the data's tokenizer, put there by the trainer's
+// caller before the first save).
+constexpr const char* kTokenizerFile = "tokenizer.model";
+// <run>/tokenizer.model of a checkpoint folder <run>/checkpoints/<name> (or <name>.old, <name>.tmp).
+std::string run_tokenizer_path(const std::string& checkpoint_dir);
+// The tokenizer of a checkpoint folder: its own copy (own), else the run folder's (a checkpoint saved before
+// checkpoints carried one); nothing when neither exists.
+struct CheckpointTokenizer {
+  std::string path;
+  bool own = false;
+};
+std::optional<CheckpointTokenizer> checkpoint_tokenizer(const std::string& dir);
+// Writes <dir>.tmp (every file fsynced, trainer_state.json last; tokenizer.model copied from
+// run_tokenizer_path(dir) when that exists), then swaps it in: <dir> -> <dir>.old,
 // <dir>.tmp -> <dir>, <dir>.old removed. A crash at any point leaves the newest checkpoint complete in one of the
 // three (newest_complete_checkpoint finds it). Returns false, writing nothing, when a weight or a moment is NaN or
 // infinite: the previous checkpoint stays.

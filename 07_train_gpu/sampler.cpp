@@ -6,15 +6,22 @@
 // (common/rowwise.h), never by cpu::gemm: that is what makes a chunked feed bitwise equal to single feeds.
 #include "07_train_gpu/sampler.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cmath>
+#include <istream>
 #include <numeric>
+#include <sstream>
 
 #include "01_rmsnorm_rope/rmsnorm_rope.h"
+#include "07_train_gpu/corpus.h"
 #include "07_train_gpu/data.h"
+#include "07_train_gpu/run_checkpoint.h"
 #include "common/errors.h"
 #include "common/rng.h"
 #include "common/rowwise.h"
+#include "common/files.h"
 #include "common/timer.h"
 
 namespace dsv3 {
@@ -27,6 +34,8 @@ struct DecodeScratch {
 };
 
 namespace {
+
+constexpr uint64_t kMaxPromptFileBytes = uint64_t(16) << 20;
 
 MlaCache<float> cache_of(Decoder::LatentCache& lc, int max_len) { return {lc.c_kv.data(), lc.k_pe.data(), max_len}; }
 
@@ -148,7 +157,8 @@ void validate_sample_options(const SampleOptions& o) {
           "sample: temperature must be >= 0 (0 = greedy), got {}", o.temperature);
   require(o.top_k >= 0, "sample: top_k must be >= 0 (0 = off), got {}", o.top_k);
   require(o.top_p > 0 && o.top_p <= 1, "sample: top_p must be in (0, 1] (1 = off), got {}", o.top_p);
-  require(o.max_new_tokens >= 1, "sample: max_new_tokens must be >= 1, got {}", o.max_new_tokens);
+  require(o.max_new_tokens >= 1 && o.max_new_tokens <= kMaxNewTokens,
+          "sample: max_new_tokens must be in [1, {}], got {}", kMaxNewTokens, o.max_new_tokens);
 }
 
 int sample_token(const float* logits, int V, const SampleOptions& opt, Rng& rng) {
@@ -196,52 +206,58 @@ SampleResult generate_ids(const Model<float>& model, const std::vector<int>& pro
                           int eos_id, bool speculative) {
   validate_sample_options(opt);
   const ModelConfig& c = model.config();
-  const int P = int(prompt_ids.size()), V = c.vocab_size;
-  require(P > 0, "sample: the prompt is empty: it must hold at least one token");
+  const int V = c.vocab_size, P = c.max_position_embeddings, K = refill_keep(P);
+  require(!prompt_ids.empty(), "sample: the prompt is empty: it must hold at least one token");
   for (int t : prompt_ids)
     require(t >= 0 && t < V, "sample: prompt token id {} is outside the vocabulary [0, {})", t, V);
-  require(P + opt.max_new_tokens <= c.max_position_embeddings,
-          "sample: the prompt ({} tokens) + max_new_tokens ({}) exceed the model's max_position_embeddings ({}): "
-          "shorten the prompt or ask for fewer tokens",
-          P, opt.max_new_tokens, c.max_position_embeddings);
   require(!speculative || c.num_nextn_predict_layers > 0,
           "sample: speculative decoding drafts with the MTP module, and this model has none "
           "(num_nextn_predict_layers = 0)");
   CpuTimer timer;
-  Decoder dec(model, P + opt.max_new_tokens);
-  Rng rng(opt.seed);
   SampleResult r;
-  r.prompt_tokens = P;
-  // Appends a token; true when generation is over.
+  r.window = P;
+  // 1) the text: the prompt's last P tokens, then every new token (the last one not yet fed)
+  r.prompt_cropped = std::max(0, int(prompt_ids.size()) - P);
+  std::vector<int> text(prompt_ids.begin() + r.prompt_cropped, prompt_ids.end());
+  r.prompt_tokens = int(text.size());
+  Decoder dec(model, int(std::min<int64_t>(P, int64_t(text.size()) + opt.max_new_tokens)));
+  Rng rng(opt.seed);
+  // Appends a new token; true when generation is over.
   auto emit = [&](int t) {
+    text.push_back(t);
     r.tokens.push_back(t);
     return int(r.tokens.size()) == opt.max_new_tokens || (opt.stop_at_eos && eos_id >= 0 && t == eos_id);
   };
-  int next = sample_token(dec.feed(prompt_ids).data() + size_t(P - 1) * V, V, opt, rng);
-  bool done = emit(next);
+  // Feeds the text's last token and returns its logits (V). The window holds dec.pos() tokens; when it holds P,
+  // the re-fill: reset, and feed the K tokens before the last one with it as one chunk (its last row).
+  auto feed_last = [&]() -> const float* {
+    if (dec.pos() < P) return dec.feed({text.back()}).data();
+    dec.reset();
+    ++r.refills;
+    return dec.feed(std::vector<int>(text.end() - (K + 1), text.end())).data() + size_t(K) * V;
+  };
+  // 2) prefill, then one token per step (plain), or up to two per verified draft (speculative)
+  bool done = emit(sample_token(dec.feed(text).data() + (text.size() - 1) * size_t(V), V, opt, rng));
   while (!done) {
     const int remaining = opt.max_new_tokens - int(r.tokens.size());
-    if (!speculative || remaining < 2) {  // plain step (a draft cannot pay off for the last token)
-      next = sample_token(dec.feed({next}).data(), V, opt, rng);
-      done = emit(next);
+    // plain step: no drafting, the last token (a draft cannot pay off), or [next, draft] would cross the window's
+    // end (the plain step re-fills at the same token as plain decoding does)
+    if (!speculative || remaining < 2 || dec.pos() + 2 > P) {
+      done = emit(sample_token(feed_last(), V, opt, rng));
       continue;
     }
     // speculative step: draft the token after next, let the main model check both in one feed
-    const std::vector<float>& dl = dec.draft(next);
-    const int d = argmax(dl.data(), V);
+    const int next = text.back();
+    const int d = argmax(dec.draft(next).data(), V);
     ++r.drafted;
     const std::vector<float>& two = dec.feed({next, d});  // (2, V): after next, after d
     const int x = sample_token(two.data(), V, opt, rng);
     done = emit(x);
     if (x == d) {
       ++r.accepted;
-      if (!done) {
-        next = sample_token(two.data() + V, V, opt, rng);
-        done = emit(next);
-      }
+      if (!done) done = emit(sample_token(two.data() + V, V, opt, rng));
     } else {
       dec.truncate(dec.pos() - 1);  // d's position is not part of the text
-      next = x;
     }
   }
   r.seconds = timer.elapsed_ms() / 1e3;
@@ -270,6 +286,67 @@ SampleComparison generate_both(const Model<float>& model, const data::Tokenizer&
   c.speedup = c.speculative.seconds > 0 ? c.plain.seconds / c.speculative.seconds : 0;
   c.identical = c.plain.tokens == c.speculative.tokens;
   return c;
+}
+
+// ---- prompts, printing, the tokenizer of a checkpoint ------------------------------------------------------
+
+int for_each_prompt_line(std::istream& in, const std::function<void(const std::string&, int)>& on_prompt) {
+  int prompts = 0;
+  std::string line;
+  for (int number = 1; std::getline(in, line); ++number) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (line.find_first_not_of(" \t") == std::string::npos) continue;  // blank
+    on_prompt(line, number);
+    ++prompts;
+  }
+  return prompts;
+}
+
+std::vector<std::string> read_prompt_file(const std::string& path, const data::Tokenizer& tok) {
+  std::istringstream in(read_file(path, "prompt file", kMaxPromptFileBytes));
+  std::vector<std::string> prompts;
+  for_each_prompt_line(in, [&](const std::string& text, int line) {
+    const std::string where = fmt::format("prompt file '{}' line {}", path, line);
+    data::validate_text(text, where);
+    require(!tok.encode(text).empty(), "{} tokenises to nothing: give at least one character", where);
+    prompts.push_back(text);
+  });
+  require(!prompts.empty(), "prompt file '{}' holds no prompt: one prompt per line (blank lines are skipped)", path);
+  return prompts;
+}
+
+std::string format_sample(const std::string& prompt, const SampleResult& r, int eos_id) {
+  std::string s;
+  if (r.prompt_cropped > 0)
+    s += fmt::format("(the prompt has {} tokens, more than the model's {} positions: it was cropped to its last {})\n",
+                     r.prompt_tokens + r.prompt_cropped, r.window, r.prompt_tokens);
+  const std::string refills =
+      r.refills == 0 ? ""
+                     : fmt::format(", {} re-fill{} of the {}-position window from its last {} tokens", r.refills,
+                                   r.refills == 1 ? "" : "s", r.window, refill_keep(r.window));
+  s += fmt::format("--- prompt: \"{}\" ({} new tokens{}, {:.0f} tokens/s)\n{}{}", prompt, r.tokens.size(), refills,
+                   r.tokens_per_s, prompt, r.text);
+  if (!r.tokens.empty() && r.tokens.back() == eos_id) s += (s.back() == '\n' ? "" : "\n") + std::string("(end of song)");
+  return s + "\n";
+}
+
+SampleTokenizer load_sample_tokenizer(const std::string& checkpoint_dir, const std::string& path, int vocab_size) {
+  SampleTokenizer s;
+  if (!path.empty()) {
+    s.path = path;
+    s.source = "--tokenizer";
+  } else if (const auto found = checkpoint_tokenizer(checkpoint_dir)) {
+    s.path = found->path;
+    s.source = found->own ? "the checkpoint's own copy" : "the run folder's copy: the checkpoint carries none";
+  } else {
+    throw UserError(fmt::format("no tokenizer for checkpoint {}: neither {}/{} nor the run folder's {} exists; give "
+                                "--tokenizer (the data folder's tokenizer.model)", checkpoint_dir, checkpoint_dir,
+                                kTokenizerFile, run_tokenizer_path(checkpoint_dir)));
+  }
+  s.tok = data::Tokenizer::load(s.path);
+  require(s.tok.vocab_size() == vocab_size, "tokenizer {} has {} pieces, the checkpoint's model a vocabulary of {}: "
+          "give the tokenizer it was trained with (--tokenizer)", s.path, s.tok.vocab_size(), vocab_size);
+  return s;
 }
 
 }  // namespace dsv3

@@ -5,7 +5,10 @@
 //                q_nope W_uk scores against c_kv, the output o_lat W_uv^T. feed() takes a chunk of tokens.
 //   draft()      MTP module 1 (stage 05) on z = final_norm(h_L), with its own latent cache: the token
 //                after the next one, as speculative decoding's draft.
-//   generate()   temperature / top-k / top-p sampling, plainly or speculatively with the MTP draft.
+//   generate()   temperature / top-k / top-p sampling, plainly or speculatively with the MTP draft, past the
+//                model's positions by re-filling the cache from the last K tokens (the window rule below).
+//   prompts      the line loop of --prompt-file and --interactive, the formatting of a printed sample, the
+//                tokenizer a checkpoint samples with.
 //
 // Bitwise chunk invariance. Every per-token map (linear layers, norms, router, experts, head) is computed as
 // row-independent dot products in one fixed summation order (common/rowwise.h), and attention of a
@@ -18,11 +21,22 @@
 // j). Position j therefore exists once t_{j+1} is known: after feeding t_0..t_{p-1} the main stream holds
 // positions 0..p-1 and the MTP stream at most 0..p-1, the last of them needing the not-yet-fed next token t_p.
 //
+// The window rule (generation longer than the context; nanoGPT crops its context the same way). P =
+// max_position_embeddings, K = refill_keep(P) = P / 2. The text is the prompt's last P tokens (a longer prompt is
+// cropped, and SampleResult says so) followed by the new tokens, indexed from 0. The cache holds a window of
+// consecutive text tokens; when token i is to be fed and the window already holds P, the decoder is reset and fed
+// tokens i-K .. i as one chunk (a re-fill), then generation goes on. Re-fills therefore happen at i = P, P + (P-K),
+// P + 2(P-K), ...: a function of the token index alone, amortised over P - K new tokens each. Speculative decoding
+// drafts only when its two-token chunk fits the window before the next re-fill point, and takes a plain step (which
+// re-fills) otherwise, so it stays identical to plain decoding across re-fills.
+//
 // Shape legend: D hidden_size, V vocab_size, n tokens of a chunk, Dc kv_lora_rank, Dr qk_rope_head_dim,
 // Lmax = max_len (cache capacity in positions).
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <iosfwd>
 #include <memory>
 #include <string>
 #include <vector>
@@ -30,13 +44,10 @@
 #include "02_mla/mla.h"
 #include "05_mtp/block.h"
 #include "06_full_model/model.h"
+#include "07_train_gpu/data.h"
 #include "common/rng.h"
 
 namespace dsv3 {
-
-namespace data {
-class Tokenizer;
-}
 
 // Scratch buffers of the decoder (sampler.cpp), reused across calls so decoding does not allocate per token.
 struct DecodeScratch;
@@ -100,12 +111,13 @@ struct SampleOptions {
   double temperature = 0.8;    // 0: greedy (argmax, no random draw)
   int top_k = 0;               // keep the k most likely tokens; 0: off
   double top_p = 1.0;          // nucleus over the top-k renormalised probabilities; 1: off; the top token stays
-  int max_new_tokens = 200;
+  int max_new_tokens = 200;    // may exceed the model's positions (the window rule); at most kMaxNewTokens
   uint64_t seed = 1234;
   bool stop_at_eos = true;     // stop after emitting the tokenizer's eos (it is part of the result)
 };
+constexpr int kMaxNewTokens = 1 << 20;
 // UserError naming the first bad field: temperature >= 0 (finite), top_k >= 0, top_p in (0, 1],
-// max_new_tokens >= 1. The prompt is checked where it is tokenised.
+// max_new_tokens in [1, kMaxNewTokens]. The prompt is checked where it is tokenised.
 void validate_sample_options(const SampleOptions& opt);
 
 // One token from logits (V). Greedy when temperature == 0: the argmax (lowest id on ties), no draw. Otherwise
@@ -114,22 +126,28 @@ void validate_sample_options(const SampleOptions& opt);
 // (at least one token), renormalised, and inverted at the uniform draw.
 int sample_token(const float* logits, int V, const SampleOptions& opt, Rng& rng);
 
+// K of the window rule: the tokens before the new one that a re-fill keeps.
+inline int refill_keep(int positions) { return positions / 2; }
+
 struct SampleResult {
   std::vector<int> tokens;      // the new tokens (an eos that stopped generation included)
   std::string text;             // decode(tokens); empty from generate_ids
-  int prompt_tokens = 0;
+  int prompt_tokens = 0;        // the prompt tokens the model saw (at most window)
+  int prompt_cropped = 0;       // tokens cut from the front of a prompt longer than the window
+  int window = 0;               // P: the positions the cache holds (max_position_embeddings)
+  int refills = 0;              // re-fills of the cache from the last K tokens (the window rule)
   int drafted = 0, accepted = 0;  // speculative: drafts checked by the main model, and those it agreed with
   double seconds = 0;           // wall time of prefill (the prompt) and decoding
   double tokens_per_s = 0;      // tokens.size() / seconds
 };
 
 // Generation on token ids (opt.prompt is not read). eos_id < 0: no eos (stop_at_eos has no effect).
-// UserError for bad options, an empty prompt, an id outside [0, V), prompt + max_new_tokens beyond the model's
-// max_position_embeddings (the prompt is never cut), or speculative without an MTP module.
-// Plain: feed the prompt, then one token per step. Speculative: after sampling t_next, draft d = argmax of
-// the MTP logits, feed [t_next, d]; the logits at t_next's position give the following token (the same
-// sampling rule and RNG as plain); if it equals d, d is accepted and the logits at d's position give one
-// more token for free; else the main cache drops d's position. The output is identical to plain decoding.
+// UserError for bad options, an empty prompt, an id outside [0, V), or speculative without an MTP module.
+// Plain: feed the prompt (its last P tokens), then one token per step, re-filling by the window rule (top of this
+// file). Speculative: after sampling t_next, when [t_next, d] fits the window, draft d = argmax of the MTP logits
+// and feed [t_next, d]; the logits at t_next's position give the following token (the same sampling rule and RNG
+// as plain); if it equals d, d is accepted and the logits at d's position give one more token for free; else the
+// main cache drops d's position. When it does not fit, a plain step. The output is identical to plain decoding.
 SampleResult generate_ids(const Model<float>& model, const std::vector<int>& prompt_ids, const SampleOptions& opt,
                           int eos_id, bool speculative);
 // The same from text: the prompt is encoded with the tokenizer (whose vocabulary must equal the model's),
@@ -145,5 +163,32 @@ struct SampleComparison {
   bool identical = false;
 };
 SampleComparison generate_both(const Model<float>& model, const data::Tokenizer& tok, const SampleOptions& opt);
+
+// ---- prompts, printing, the tokenizer of a checkpoint ------------------------------------------------------
+
+// The line loop of --prompt-file and --interactive: reads `in` to its end and calls on_prompt(text, line number,
+// from 1) for every line that is not blank (empty, or spaces and tabs only: skipped); a trailing '\r' is dropped.
+// A line is handed over as soon as it is read, so an interactive caller answers it before the next is read.
+// Returns the number of prompts handed over.
+int for_each_prompt_line(std::istream& in, const std::function<void(const std::string&, int)>& on_prompt);
+// The prompts of --prompt-file: its non-blank lines, each checked as a prompt (UTF-8, no reserved character, at
+// least one token of tok). UserError naming the file (missing, unreadable, not a regular file, no prompt in it) or
+// the file and line.
+std::vector<std::string> read_prompt_file(const std::string& path, const data::Tokenizer& tok);
+
+// A sample as the CLI prints it: a note when the prompt was cropped, the header line (the prompt, the new tokens,
+// the re-fills, the speed), the prompt and the new text, and "(end of song)" on a line of its own exactly when the
+// last new token is eos_id (the model ended the song; the eos itself decodes to nothing).
+std::string format_sample(const std::string& prompt, const SampleResult& r, int eos_id);
+
+// The tokenizer to sample a checkpoint's model with: `path` when given (--tokenizer), else the checkpoint
+// folder's own copy, else its run folder's (run_checkpoint.h: checkpoint_tokenizer). UserError when there is none,
+// when it does not load, or when its vocabulary differs from the model's (vocab_size).
+struct SampleTokenizer {
+  data::Tokenizer tok;
+  std::string path;    // the file loaded
+  std::string source;  // which one it is, for the log line
+};
+SampleTokenizer load_sample_tokenizer(const std::string& checkpoint_dir, const std::string& path, int vocab_size);
 
 }  // namespace dsv3

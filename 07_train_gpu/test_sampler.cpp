@@ -1,18 +1,27 @@
 // Tests of stage 07's sampler: the chunked absorbed MLA decode against stage 02, cached decoding against the
 // full forward, chunked feeds bitwise equal to single feeds, the MTP draft against the training-time MTP
-// forward, speculative == plain decoding (greedy and sampled), the sampling rules, and bad input.
+// forward, speculative == plain decoding (greedy and sampled), the sampling rules, bad input, the window rule of
+// generation past the model's positions, the prompt line loop and the printed sample, and a checkpoint folder that
+// carries its tokenizer.
 // Models: the tiny preset of stage 06 (layer 0 dense, layer 1 MoE, one MoE MTP module) with random weights,
 // a variant of it (no q compression, softmax router, YaRN), and the tiny model trained for a moment on a
 // cyclic sequence, so that most drafts are accepted and the accept path of speculative decoding is exercised.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <map>
+#include <sstream>
 
 #include "05_mtp/mtp.h"
 #include "06_full_model/model.h"
+#include "06_full_model/checkpoint.h"
+#include "07_train_gpu/backend.h"
 #include "07_train_gpu/data.h"
+#include "07_train_gpu/run_checkpoint.h"
 #include "07_train_gpu/sampler.h"
+#include "07_train_gpu/test_support.h"
+#include "07_train_gpu/train.h"
 #include "common/errors.h"
 #include "common/rng.h"
 #include "common/testing.h"
@@ -104,6 +113,22 @@ Model<float> train_cyclic_model() {
 const Model<float>& cyclic_model() {
   static const Model<float> m = train_cyclic_model();
   return m;
+}
+
+// Short texts over ten words and a SentencePiece tokenizer trained on them (vocab_size pieces).
+std::vector<std::string> word_texts(int n, int offset = 0) {
+  const char* words[] = {"love", "night", "river", "shine", "heart", "road", "home", "rain", "song", "light"};
+  std::vector<std::string> texts;
+  for (int i = offset; i < offset + n; ++i) {
+    std::string t;
+    for (int w = 0; w < 8; ++w) t += std::string(w ? " " : "") + words[(i * 7 + w * w) % 10] + (w % 4 == 3 ? "\n" : "");
+    texts.push_back(t);
+  }
+  return texts;
+}
+const data::Tokenizer& word_tokenizer() {
+  static const data::Tokenizer tok = data::Tokenizer::train(word_texts(60), 300);
+  return tok;
 }
 
 SampleOptions greedy(int max_new) {
@@ -369,11 +394,11 @@ TEST(SamplerErrors, BadOptionsPromptsAndCallsAreUserErrors) {
        {bad([](SampleOptions& o) { o.temperature = -0.1; }), bad([](SampleOptions& o) { o.temperature = NAN; }),
         bad([](SampleOptions& o) { o.top_k = -1; }), bad([](SampleOptions& o) { o.top_p = 0; }),
         bad([](SampleOptions& o) { o.top_p = 1.5; }), bad([](SampleOptions& o) { o.max_new_tokens = 0; }),
-        bad([](SampleOptions& o) { o.max_new_tokens = 63; })})  // 2 + 63 > 64 positions
+        bad([](SampleOptions& o) { o.max_new_tokens = kMaxNewTokens + 1; })})
     EXPECT_THROW(generate_ids(m, prompt, o, -1, false), UserError);
   SampleOptions ok;
-  ok.max_new_tokens = 62;  // 2 + 62 = 64 fits exactly
-  EXPECT_NO_THROW(generate_ids(m, prompt, ok, -1, true));
+  ok.max_new_tokens = 63;  // 2 + 63 > 64 positions: generation goes on past them (the window rule)
+  EXPECT_EQ(int(generate_ids(m, prompt, ok, -1, true).tokens.size()), 63);
   ok.max_new_tokens = 5;
   EXPECT_THROW(generate_ids(m, {}, ok, -1, false), UserError);
   EXPECT_THROW(generate_ids(m, {1, 61}, ok, -1, false), UserError);
@@ -408,14 +433,7 @@ TEST(SamplerErrors, BadOptionsPromptsAndCallsAreUserErrors) {
 // ---- text in, text out ------------------------------------------------------------------------------------
 
 TEST(SamplerText, GenerateFromTextWithATokenizer) {
-  std::vector<std::string> texts;
-  const char* words[] = {"love", "night", "river", "shine", "heart", "road", "home", "rain", "song", "light"};
-  for (int i = 0; i < 60; ++i) {
-    std::string t;
-    for (int w = 0; w < 8; ++w) t += std::string(w ? " " : "") + words[(i * 7 + w * w) % 10] + (w % 4 == 3 ? "\n" : "");
-    texts.push_back(t);
-  }
-  const data::Tokenizer tok = data::Tokenizer::train(texts, 300);
+  const data::Tokenizer& tok = word_tokenizer();
   ModelConfig c = config_preset("tiny");
   c.vocab_size = tok.vocab_size();
   Model<float> m(c, 25);
@@ -441,4 +459,310 @@ TEST(SamplerText, GenerateFromTextWithATokenizer) {
   Model<float> mismatch(other, 26);
   o.prompt = "love";
   EXPECT_THROW(generate(mismatch, tok, o, false), UserError);
+}
+
+// ---- generation past the model's positions (the window rule of sampler.h) -----------------------------------
+
+namespace {
+
+// The tiny preset with another number of positions (odd: P - K = 19, K = 18).
+Model<float> tiny_with_positions(int P, uint64_t seed) {
+  ModelConfig c = config_preset("tiny");
+  c.max_position_embeddings = P;
+  c.validate();
+  return Model<float>(c, seed);
+}
+
+// The rule, written out on its own: the text index of the window's first token when token i is fed.
+int window_start(int i, int P) {
+  const int K = P / 2;
+  return i < P ? 0 : i - K - (i - P) % (P - K);
+}
+
+// The re-fills a generation of max_new tokens after a prompt of n tokens (n <= P) makes: every fed index
+// i in [n, n + max_new - 2] (the last new token is never fed) at which the window start moves.
+int refills_by_the_rule(int n, int max_new, int P) {
+  int count = 0;
+  for (int i = std::max(n, 1); i <= n + max_new - 2; ++i) count += window_start(i, P) != window_start(i - 1, P);
+  return count;
+}
+
+}  // namespace
+
+// More new tokens than the model has positions: all of them come out, with the re-fills the rule names.
+TEST(SamplerWindow, GeneratesMoreTokensThanPositions) {
+  const Model<float> m64(config_preset("tiny"), 31), m37 = tiny_with_positions(37, 32);
+  for (const Model<float>* m : {&m64, &m37}) {
+    const int P = m->config().max_position_embeddings;
+    for (const SampleOptions& o : {greedy(200), sampled(4, 200)}) {
+      const SampleResult r = generate_ids(*m, {3, 17, 42, 8, 55}, o, -1, false);
+      EXPECT_EQ(int(r.tokens.size()), 200);
+      EXPECT_EQ(r.window, P);
+      EXPECT_EQ(r.prompt_cropped, 0);
+      EXPECT_EQ(r.refills, refills_by_the_rule(5, 200, P)) << "P " << P;
+      EXPECT_GE(r.refills, 200 / P);
+    }
+  }
+}
+
+// Every new token is the one a fresh decoder fed exactly the rule's window (text tokens window_start(i) .. i)
+// gives, drawn in order from one Rng: a replay of the whole generation, greedy and sampled (temperature 1, no cut,
+// so that any other window would soon change a draw), for P = 64 and 37 and a prompt that ends at the window's end.
+TEST(SamplerWindow, TokensAfterARefillEqualAFreshDecoderFedTheLastKTokens) {
+  const Model<float> m64(config_preset("tiny"), 33), m37 = tiny_with_positions(37, 34);
+  for (const Model<float>* m : {&m64, &m37}) {
+    const int P = m->config().max_position_embeddings, V = m->config().vocab_size;
+    for (int n : {5, P}) {
+      SampleOptions o = sampled(6, 2 * P + 11);
+      o.temperature = 1.0;
+      o.top_k = 0;
+      o.top_p = 1.0;
+      for (const SampleOptions& opt : {o, greedy(2 * P + 11)}) {
+        const std::vector<int> prompt = random_tokens(n, V, 35);
+        const SampleResult r = generate_ids(*m, prompt, opt, -1, false);
+        ASSERT_GT(r.refills, 1);
+        std::vector<int> text = prompt;
+        text.insert(text.end(), r.tokens.begin(), r.tokens.end());
+        Rng rng(opt.seed);
+        for (int i = n - 1; i + 1 < int(text.size()); ++i) {  // token i+1 from the window ending at token i
+          const int b = i < n ? 0 : window_start(i, P);
+          Decoder fresh(*m, P);
+          const std::vector<float>& l = fresh.feed(std::vector<int>(text.begin() + b, text.begin() + i + 1));
+          ASSERT_EQ(sample_token(l.data() + size_t(i - b) * V, V, opt, rng), text[i + 1])
+              << "P " << P << ", prompt " << n << ", temperature " << opt.temperature << ": token " << i + 1
+              << " (window " << b << ".." << i << ")";
+        }
+      }
+    }
+  }
+}
+
+// Speculative == plain token for token across several re-fills: greedy and sampled, prompts that end anywhere
+// relative to the window's end (the draft's two-token chunk then often does not fit), eos stops, on the random
+// model (P 64 and 37) and the cyclic one (drafts mostly accepted, so accepted chunks run up to the window's end).
+TEST(SamplerWindow, SpeculativeEqualsPlainAcrossRefills) {
+  const Model<float> random64(config_preset("tiny"), 36), random37 = tiny_with_positions(37, 37);
+  int drafted = 0, accepted = 0;
+  for (const Model<float>* m : {&random64, &random37, &cyclic_model()}) {
+    const int P = m->config().max_position_embeddings;
+    for (int n : {5, P - 2, P - 1, P, P + 9}) {
+      std::vector<int> prompt;
+      for (int i = 0; i < n; ++i) prompt.push_back(kCycle[i % kCycle.size()]);
+      for (const SampleOptions& o : {greedy(3 * P), sampled(7, 3 * P), sampled(8, 3 * P)}) {
+        const SampleResult plain = generate_ids(*m, prompt, o, -1, false);
+        const SampleResult spec = generate_ids(*m, prompt, o, -1, true);
+        EXPECT_EQ(spec.tokens, plain.tokens) << "P " << P << ", prompt " << n << ", temperature " << o.temperature;
+        EXPECT_EQ(spec.refills, plain.refills);
+        EXPECT_GE(plain.refills, 2);
+        drafted += spec.drafted;
+        accepted += spec.accepted;
+        // with an eos that stops plain decoding after a re-fill
+        const int eos = plain.tokens.at(2 * P);
+        const std::vector<int> a = generate_ids(*m, prompt, o, eos, false).tokens;
+        EXPECT_EQ(generate_ids(*m, prompt, o, eos, true).tokens, a);
+        EXPECT_EQ(a.back(), eos);
+      }
+    }
+  }
+  EXPECT_GT(accepted, drafted / 4) << accepted << " of " << drafted;
+  EXPECT_LT(accepted, drafted) << accepted << " of " << drafted;
+}
+
+// A prompt longer than the window keeps its last P tokens, says so (and the printed sample carries the note); the
+// output is that of the cropped prompt.
+TEST(SamplerWindow, LongPromptIsCroppedToItsLastPositions) {
+  const Model<float> m(config_preset("tiny"), 38);
+  const std::vector<int> prompt = random_tokens(100, m.config().vocab_size, 39);
+  const std::vector<int> last64(prompt.end() - 64, prompt.end());
+  for (bool speculative : {false, true}) {
+    const SampleResult r = generate_ids(m, prompt, sampled(9, 30), -1, speculative);
+    EXPECT_EQ(r.prompt_cropped, 36);
+    EXPECT_EQ(r.prompt_tokens, 64);
+    EXPECT_EQ(r.tokens, generate_ids(m, last64, sampled(9, 30), -1, false).tokens);
+    EXPECT_EQ(generate_ids(m, last64, sampled(9, 30), -1, false).prompt_cropped, 0);
+    const std::string printed = format_sample("a long prompt", r, -1);
+    EXPECT_NE(printed.find("the prompt has 100 tokens, more than the model's 64 positions: it was cropped to its "
+                           "last 64"), std::string::npos) << printed;
+  }
+}
+
+// ---- the printed sample, prompts from a stream or a file -----------------------------------------------------
+
+// "(end of song)" closes the printed sample exactly when the last new token is the eos.
+TEST(SamplerText, EndOfSongNoteExactlyWhenTheLastTokenIsEos) {
+  const int eos = 2;
+  SampleResult r;
+  r.window = 64;
+  r.tokens = {5, 7, eos};
+  r.text = "and the river";
+  const std::string note = "(end of song)";
+  auto ends_with = [](const std::string& s, const std::string& end) {
+    return s.size() >= end.size() && s.compare(s.size() - end.size(), end.size(), end) == 0;
+  };
+  EXPECT_TRUE(ends_with(format_sample("Love", r, eos), "Love" + r.text + "\n" + note + "\n"));
+  r.text = "and the river\n";  // a text that ends a line: the note follows on the next
+  EXPECT_TRUE(ends_with(format_sample("Love", r, eos), "Love" + r.text + note + "\n"));
+  r.tokens = {5, eos, 7};  // an eos that did not stop generation (stop_at_eos off), or no eos at all
+  EXPECT_EQ(format_sample("Love", r, eos).find(note), std::string::npos);
+  r.tokens = {5, 7};
+  EXPECT_EQ(format_sample("Love", r, eos).find(note), std::string::npos);
+  EXPECT_EQ(format_sample("Love", r, -1).find(note), std::string::npos);
+  r.tokens.clear();
+  EXPECT_EQ(format_sample("Love", r, eos).find(note), std::string::npos);
+  // the header counts the re-fills; a real stop at eos from the generator gets the note
+  r.tokens = {5, 7};
+  r.refills = 3;
+  EXPECT_NE(format_sample("Love", r, eos).find("3 re-fills of the 64-position window from its last 32 tokens"),
+            std::string::npos);
+  const SampleResult g = generate_ids(cyclic_model(), {kCycle[0], kCycle[1]}, greedy(10), kCycle[4], false);
+  ASSERT_EQ(g.tokens.back(), kCycle[4]);
+  EXPECT_TRUE(ends_with(format_sample("x", g, kCycle[4]), note + "\n"));
+}
+
+// The line loop: blank lines (empty, spaces, tabs, a lone '\r') skipped, '\r\n' accepted, the last line without
+// a newline read, line numbers counted over every line, and each prompt handed over before the next line is read.
+TEST(SamplerPrompts, LineLoopSkipsBlankLinesAndHandsOverEachLineAsItIsRead) {
+  std::istringstream in("love\n\n  \t\r\nnight rain\r\n\nlast one");
+  std::vector<std::pair<std::string, int>> got;
+  std::vector<std::streamoff> read_so_far;
+  const int n = for_each_prompt_line(in, [&](const std::string& text, int line) {
+    got.emplace_back(text, line);
+    read_so_far.push_back(in.tellg());
+  });
+  EXPECT_EQ(n, 3);
+  const std::vector<std::pair<std::string, int>> want = {{"love", 1}, {"night rain", 4}, {"last one", 6}};
+  EXPECT_EQ(got, want);
+  ASSERT_EQ(read_so_far.size(), 3u);
+  EXPECT_EQ(read_so_far[0], 5);   // just past "love\n": the rest is not read yet
+  EXPECT_EQ(read_so_far[1], 23);  // just past "night rain\r\n"
+  std::istringstream empty("");
+  EXPECT_EQ(for_each_prompt_line(empty, [](const std::string&, int) { FAIL() << "no line to hand over"; }), 0);
+}
+
+TEST(SamplerPrompts, PromptFileReadsItsLinesAndNamesTheFileAndLineOfABadOne) {
+  const data::Tokenizer& tok = word_tokenizer();
+  test::TempDir dir;
+  EXPECT_EQ(read_prompt_file(dir.file("p.txt", "love\n\nnight rain\r\n  \nhome"), tok),
+            (std::vector<std::string>{"love", "night rain", "home"}));
+  auto expect_error = [&](const std::string& path, const std::vector<std::string>& fragments) {
+    try {
+      read_prompt_file(path, tok);
+      ADD_FAILURE() << path << " accepted";
+    } catch (const UserError& e) {
+      for (const auto& f : fragments) EXPECT_NE(std::string(e.what()).find(f), std::string::npos) << e.what();
+    }
+  };
+  expect_error(dir.sub("missing.txt"), {"missing.txt"});
+  expect_error(dir.path, {dir.path});  // a folder
+  expect_error(dir.file("blank.txt", "\n  \n\t\n"), {"blank.txt", "no prompt"});
+  expect_error(dir.file("utf8.txt", "love\n\nrain \xff\xfe\n"), {"utf8.txt", "line 3", "UTF-8"});
+  expect_error(dir.file("reserved.txt", "love\nrain \xEE\x80\x80\n"), {"reserved.txt", "line 2", "reserved"});
+  expect_error(dir.file("nul.txt", std::string("love\nra\0in\n", 11)), {"nul.txt", "line 2"});
+}
+
+// ---- a checkpoint folder that carries its tokenizer ----------------------------------------------------------
+
+namespace {
+
+// Token files of the word texts as prepare would write them (each text encoded, then eos).
+data::Prepared word_data(const data::Tokenizer& tok) {
+  data::Prepared p;
+  p.info.vocab_size = tok.vocab_size();
+  p.info.eos_id = tok.eos_id();
+  auto split = [&](const std::vector<std::string>& texts, std::vector<uint16_t>& tokens, data::SplitStats& s,
+                   const char* file) {
+    s.file = file;
+    for (const auto& t : texts) {
+      for (int id : tok.encode(t)) tokens.push_back(uint16_t(id));
+      tokens.push_back(uint16_t(tok.eos_id()));
+      s.songs += 1;
+      s.lines += data::count_lines(t);
+      s.bytes += int64_t(t.size());
+    }
+    s.tokens = int64_t(tokens.size());
+  };
+  split(word_texts(60), p.train, p.info.train, "train.bin");
+  split(word_texts(12, 60), p.val, p.info.val, "val.bin");
+  return p;
+}
+
+TrainConfig few_steps(int64_t steps) {
+  TrainConfig c;
+  c.batch = 2;
+  c.seq_len = 16;
+  c.max_steps = steps;
+  c.warmup_steps = 1;
+  c.eval_every = 2;
+  c.lr = 1e-2;
+  return c;
+}
+
+std::string file_bytes(const std::string& path) { return read_file(path, "test file"); }
+
+}  // namespace
+
+// A run whose folder holds the data's tokenizer (as the trainer's caller leaves it) saves it into every
+// checkpoint; a copy of best alone, with no run or data folder around it, samples. A tokenizer of another
+// vocabulary is a UserError naming both sizes; a folder without its own copy falls back to the run folder's
+// (older checkpoints), and with neither it is a UserError; checkpoints with and without the file resume.
+TEST(SamplerCheckpoint, CopiedBestFolderAloneIsEnoughToSample) {
+  const data::Tokenizer& tok = word_tokenizer();
+  const data::Prepared data = word_data(tok);
+  const ModelConfig mc = run_model_config("tiny", tok.vocab_size(), 16);
+  test::TempDir runs, elsewhere;
+  const std::string run = runs.sub("run");
+  std::filesystem::create_directories(run);
+  tok.save(run + "/tokenizer.model");
+  std::ostringstream log;
+  {
+    auto backend = make_cpu_backend(mc, 41);
+    train(*backend, data, few_steps(4), run, false, log);
+  }
+  for (const char* name : {"best", "last"})
+    EXPECT_EQ(file_bytes(checkpoint_dir(run, name) + "/tokenizer.model"), file_bytes(run + "/tokenizer.model"));
+  // 1) best alone, copied two levels down a folder that holds nothing else
+  const std::string copy = elsewhere.sub("a/b/best");
+  std::filesystem::create_directories(elsewhere.sub("a/b"));
+  std::filesystem::copy(checkpoint_dir(run, "best"), copy, std::filesystem::copy_options::recursive);
+  const Checkpoint ck = load_checkpoint(copy);
+  Model<float> model(ck.config, 0);
+  model.load_tensor_map(ck.tensors);
+  const SampleTokenizer st = load_sample_tokenizer(copy, "", model.config().vocab_size);
+  EXPECT_EQ(st.path, copy + "/tokenizer.model");
+  EXPECT_NE(st.source.find("checkpoint's own"), std::string::npos) << st.source;
+  SampleOptions o = sampled(3, 12);
+  o.prompt = "love in the night";
+  const SampleResult r = generate(model, st.tok, o, false);
+  EXPECT_FALSE(r.tokens.empty());
+  EXPECT_EQ(r.text, tok.decode(r.tokens));
+  // 2) a tokenizer of another vocabulary in the folder
+  const data::Tokenizer other = data::Tokenizer::train(word_texts(60, 7), 320);
+  ASSERT_NE(other.vocab_size(), tok.vocab_size());
+  other.save(copy + "/tokenizer.model");
+  try {
+    load_sample_tokenizer(copy, "", model.config().vocab_size);
+    ADD_FAILURE() << "a tokenizer of another vocabulary accepted";
+  } catch (const UserError& e) {
+    EXPECT_NE(std::string(e.what()).find(std::to_string(other.vocab_size())), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find(std::to_string(tok.vocab_size())), std::string::npos) << e.what();
+  }
+  // 3) an older folder without its own copy: the run folder's, else a UserError
+  std::filesystem::remove(copy + "/tokenizer.model");
+  EXPECT_THROW(load_sample_tokenizer(copy, "", model.config().vocab_size), UserError);
+  tok.save(elsewhere.sub("a/tokenizer.model"));  // <run> of <run>/b/best
+  const SampleTokenizer fallback = load_sample_tokenizer(copy + "/", "", model.config().vocab_size);
+  EXPECT_EQ(fallback.path, elsewhere.sub("a/tokenizer.model"));
+  EXPECT_NE(fallback.source.find("run folder"), std::string::npos) << fallback.source;
+  // 4) resume from a checkpoint with the file, then from one without it: both load, and the save puts it back
+  {
+    auto backend = make_cpu_backend(mc, 99);
+    train(*backend, data, few_steps(6), run, true, log);
+  }
+  std::filesystem::remove(checkpoint_dir(run, "last") + "/tokenizer.model");
+  {
+    auto backend = make_cpu_backend(mc, 98);
+    const TrainResult again = train(*backend, data, few_steps(8), run, true, log);
+    EXPECT_EQ(again.steps_done, 8);
+  }
+  EXPECT_EQ(file_bytes(checkpoint_dir(run, "last") + "/tokenizer.model"), file_bytes(run + "/tokenizer.model"));
 }

@@ -86,7 +86,8 @@ record() {
   NOTE=
 }
 
-# run_prog LOGPREFIX CMD...: runs CMD with the timeout and the memory cap, stdin closed; sets RC and HUNG.
+# run_prog LOGPREFIX CMD...: runs CMD with the timeout and the memory cap, stdin closed (or the file $STDIN);
+# sets RC and HUNG.
 run_prog() {
   local pre=$1
   shift
@@ -94,7 +95,7 @@ run_prog() {
   (
     ((VMEM > 0)) && ulimit -v "$VMEM"
     exec timeout -k 5 "$TIMEOUT" "$@"
-  ) >"$pre.out" 2>"$pre.err" </dev/null
+  ) >"$pre.out" 2>"$pre.err" <"${STDIN:-/dev/null}"
   RC=$?
   printf '%s\t%s\n' "$((SECONDS - t0))" "${pre##*/}" >>"$W/times.tsv"
   HUNG=0
@@ -561,8 +562,10 @@ cat_tokenizer() {
       rr=$(nr "tok.$name.train")
       expect2 tokenizer "$name.train" "$@" -- "${NEWRUN[@]}" --data "$DD" --run "$rr"
     fi
+    # sample reads the checkpoint's own copy, else the run folder's: both damaged
     if selected "tokenizer/$name.sample"; then
-      r=$(mkrun "tok.$name.sample"); local TK=$r/tokenizer.model; mutate "$mut"
+      r=$(mkrun "tok.$name.sample")
+      for TK in "$r/tokenizer.model" "$r/checkpoints/best/tokenizer.model"; do mutate "$mut"; done
       expect2 tokenizer "$name.sample" "$@" -- "${SAMPLE[@]}" "$r/checkpoints/best"
     fi
   }
@@ -577,6 +580,24 @@ cat_tokenizer() {
     --tokenizer "$W/nothing.model" --prompt love --max-new-tokens 4
   expect2 tokenizer flag_wrong_vocab 'tokenizer|vocab' -- "$T07" --out "$O" sample --checkpoint "$RUN/checkpoints/best" \
     --tokenizer "$DATA2/tokenizer.model" --prompt love --max-new-tokens 4
+  # the checkpoint folder carries its tokenizer: the run folder's copy is not needed, a copied best alone samples,
+  # its own copy wins over the run's (and is checked), an older folder without one falls back to the run's
+  if selected "tokenizer/own_copy_wins"; then
+    r=$(mkrun tok.own_copy_wins); TK=$r/tokenizer.model; mutate 'cp "$DATA2/tokenizer.model" "$TK"'
+    expect0 tokenizer own_copy_wins "checkpoints/best/tokenizer.model \\(the checkpoint's own copy\\)" 'prompt' -- "${SAMPLE[@]}" "$r/checkpoints/best"
+  fi
+  if selected "tokenizer/best_alone"; then
+    r=$(kpath tok.best_alone); rm -rf "$r"; mkdir -p "$r"; cp -a "$RUN/checkpoints/best" "$r/best"
+    expect0 tokenizer best_alone "$r/best/tokenizer.model" 'prompt' -- "${SAMPLE[@]}" "$r/best"
+  fi
+  if selected "tokenizer/own_copy_wrong_vocab"; then
+    r=$(mkrun tok.own_copy_wrong_vocab); TK=$r/checkpoints/best/tokenizer.model; mutate 'cp "$DATA2/tokenizer.model" "$TK"'
+    expect2 tokenizer own_copy_wrong_vocab 'checkpoints/best/tokenizer\.model.*(320|vocab)' -- "${SAMPLE[@]}" "$r/checkpoints/best"
+  fi
+  if selected "tokenizer/old_checkpoint_without_one"; then
+    r=$(mkrun tok.old_checkpoint_without_one); mutate 'rm "$r/checkpoints/best/tokenizer.model"'
+    expect0 tokenizer old_checkpoint_without_one "run folder's copy" 'prompt' -- "${SAMPLE[@]}" "$r/checkpoints/best"
+  fi
 }
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -638,7 +659,30 @@ cat_flags() {
   expect2 flags max_new_tokens_negative 'max.new.tokens' -- "${S1[@]}" --max-new-tokens -1
   expect2 flags prompt_invalid_utf8 'UTF-8|utf8' -- "$T07" --out "$O" sample --checkpoint "$RUN/checkpoints/best" --prompt $'\xff\xfe love' --max-new-tokens 4
   expect2 flags prompt_reserved_char 'U\+E000|reserved' -- "$T07" --out "$O" sample --checkpoint "$RUN/checkpoints/best" --prompt $'love \xee\x80\x80' --max-new-tokens 4
-  expect2 flags prompt_nul_free_long 'prompt|positions|long|tokens' -- "$T07" --out "$O" sample --checkpoint "$RUN/checkpoints/best" --prompt "$(head -c 3000 "$W/songs.txt")" --max-new-tokens 4
+  # a prompt longer than the model's positions is cropped to its last ones, with a note (never an error)
+  expect0 flags prompt_nul_free_long 'cropped to its last 64' -- "$T07" --out "$O" sample --checkpoint "$RUN/checkpoints/best" --prompt "$(head -c 3000 "$W/songs.txt")" --max-new-tokens 4
+  # more new tokens than positions: the cache is re-filled from the last half (or the model ends the song first)
+  expect0 flags max_new_tokens_past_positions '200 new tokens, [0-9]+ re-fills? of the 64-position window|^\(end of song\)$' -- "${S1[@]}" --max-new-tokens 200 --temperature 0
+  expect2 flags max_new_tokens_huge 'max.new.tokens' -- "${S1[@]}" --max-new-tokens 2000000
+  # --prompt-file and --interactive: one prompt per line, blank lines skipped; conflicting flags; bad lines
+  SP=("$T07" --out "$O" sample --checkpoint "$RUN/checkpoints/best" --max-new-tokens 4)
+  printf 'love\n\n  \nnight rain\r\n' >"$W/c/two_prompts.txt"
+  expect0 flags prompt_file_two '^--- prompt: "love"' '^--- prompt: "night rain"' -- "${SP[@]}" --prompt-file "$W/c/two_prompts.txt"
+  STDIN=$W/c/two_prompts.txt expect0 flags interactive_two '^--- prompt: "love"' '^--- prompt: "night rain"' 'end of input: 2 prompts' -- "${SP[@]}" --interactive
+  STDIN=$W/c/two_prompts.txt expect0 flags interactive_speculative '^--- prompt: "night rain"' 'identical to plain decoding: yes' -- "${SP[@]}" --interactive --speculative
+  expect0 flags interactive_no_input 'end of input: 0 prompts' -- "${SP[@]}" --interactive
+  expect2 flags interactive_and_prompt_file 'interactive.*prompt-file' -- "${SP[@]}" --interactive --prompt-file "$W/c/two_prompts.txt"
+  expect2 flags interactive_and_prompt 'interactive.*prompt' -- "${SP[@]}" --interactive --prompt love
+  expect2 flags prompt_file_and_prompt 'prompt-file.*prompt' -- "${SP[@]}" --prompt-file "$W/c/two_prompts.txt" --prompt love
+  expect2 flags prompt_file_missing 'prompt file.*nothing\.txt' -- "${SP[@]}" --prompt-file "$W/nothing.txt"
+  expect2 flags prompt_file_directory 'prompt file.*director' -- "${SP[@]}" --prompt-file "$W/c"
+  mkfifo "$W/c/prompts.fifo"
+  expect2 flags prompt_file_fifo 'prompt file.*regular' -- "${SP[@]}" --prompt-file "$W/c/prompts.fifo"
+  printf '\n  \n\n' >"$W/c/blank_prompts.txt"
+  expect2 flags prompt_file_blank 'blank_prompts\.txt.*no prompt' -- "${SP[@]}" --prompt-file "$W/c/blank_prompts.txt"
+  printf 'love\n\nrain \xff\n' >"$W/c/bad_prompts.txt"
+  expect2 flags prompt_file_bad_utf8 'bad_prompts\.txt.* line 3.*UTF-8' -- "${SP[@]}" --prompt-file "$W/c/bad_prompts.txt"
+  STDIN=$W/c/bad_prompts.txt expect2 flags interactive_bad_utf8 'standard input line 3.*UTF-8' -- "${SP[@]}" --interactive
   printf 'line one\nline two\x00\n' >"$W/c/nul_lyrics.txt"
   expect2 flags prepare_lyrics_nul 'NUL|binary' -- "$T07" --out "$W/c/k1" prepare --no-default-corpus --lyrics "$W/c/nul_lyrics.txt" --vocab 300
   printf 'one tiny song\nof two lines\n' >"$W/c/one_song.txt"
