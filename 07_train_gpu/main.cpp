@@ -311,13 +311,13 @@ Checkpoint checkpoint_for_init(const TrainArgs& a, const Prepared& data, std::os
   const std::string dir = checkpoint_to_read(a.init_from);
   Checkpoint ck = load_checkpoint(dir);
   const std::string data_tok = a.data + "/" + data.info.tokenizer;
-  const std::string ck_tok = (fs::path(a.init_from).parent_path().parent_path() / "tokenizer.model").string();
-  if (fs::exists(ck_tok))
-    require(read_file(ck_tok, "tokenizer model") == read_file(data_tok, "tokenizer model"), "the data in {} was "
+  // the checkpoint's own tokenizer copy, else its run folder's (run_checkpoint.h)
+  if (const auto ck_tok = checkpoint_tokenizer(dir))
+    require(read_file(ck_tok->path, "tokenizer model") == read_file(data_tok, "tokenizer model"), "the data in {} was "
             "tokenized with another tokenizer than {}'s model: prepare it with that model's tokenizer (07_train_gpu "
-            "prepare --tokenizer {} ...)", a.data, a.init_from, ck_tok);
+            "prepare --tokenizer {} ...)", a.data, a.init_from, ck_tok->path);
   else
-    out << fmt::format("(no tokenizer.model in the run folder of {}: only the vocabulary sizes are compared)\n",
+    out << fmt::format("(no tokenizer.model in {} or its run folder: only the vocabulary sizes are compared)\n",
                        a.init_from);
   require(ck.config.vocab_size == data.info.vocab_size, "{} has vocabulary {}, the data in {} {}: prepare the data "
           "with the model's tokenizer (prepare --tokenizer)", a.init_from, ck.config.vocab_size, a.data,

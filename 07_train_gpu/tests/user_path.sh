@@ -83,6 +83,11 @@ run sample_fine_tuned "$T07" sample --checkpoint o1/run-more/checkpoints/best --
 run prepare_own_tokenizer "$T07" prepare --no-default-corpus --lyrics more_songs.txt --vocab 400 --data o1/data-own
 expect2 init_from_other_tokenizer 'prepare --tokenizer' "$T07" train --data o1/data-own --run o1/x \
   --init-from o1/run/checkpoints/best --device cpu --steps 2 --batch 4 --seq-len 32
+cp -r o1/run/checkpoints/best o1/copied-best
+run fine_tune_copied "$T07" train --data o1/data-more --run o1/run-copied --init-from o1/copied-best --device cpu \
+  --batch 4 --seq-len 32 --steps 2 --eval-every 2
+check "--init-from a copied best/ compares its own tokenizer with the data's" \
+  bash -c '! grep -q "only the vocabulary sizes are compared" fine_tune_copied.log'
 expect2 init_from_and_preset '--preset.*--init-from' "$T07" train --data o1/data-more --run o1/y --preset tiny \
   --init-from o1/run/checkpoints/best --device cpu --steps 2
 expect2 run_folder_taken 'add --resume.*--run' "$T07" train --out o1 "${TRAIN[@]}"
