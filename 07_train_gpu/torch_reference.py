@@ -465,6 +465,15 @@ def rel(a, b):
     return abs(a - b) / max(abs(b), TINY)
 
 
+def print_problems(problems, most=40):
+    """The failures a check found, the first `most` of them."""
+    print("\nproblems:")
+    for p in problems[:most]:
+        print("  " + p)
+    if len(problems) > most:
+        print(f"  ... and {len(problems) - most} more")
+
+
 def read_dump(d, who):
     """A `07_train_gpu grads --dump d` folder: (config, losses.json, B, T, windows (B, T+1) int64, weights), or None
     after printing `<who>: FAIL (why)`."""
@@ -617,11 +626,7 @@ def oracle(d, noise_floor=True):
                f"(ce {out['ce'].item():.6g}, mtp {out['mtp'].item():.6g}, balance {out['balance'].item():.6g}, "
                f"total {out['total'].item():.6g})")
     if problems:
-        print("\nproblems:")
-        for p in problems[:40]:
-            print("  " + p)
-        if len(problems) > 40:
-            print(f"  ... and {len(problems) - 40} more")
+        print_problems(problems)
         if near:
             print(f"near-tie routing decisions (the fp32 C++ may have chosen other experts there; check these "
                   f"first): {'; '.join(near[:10])}")
@@ -856,11 +861,7 @@ def steps_check(d, floor=True):
                f"max error {worst:.2e} (tol {wtol:.2e}); biases {bdiff}/{btotal} differ; last total "
                f"{recs[-1]['total']:.6g}" if recs else "0 steps")
     if problems:
-        print("\nproblems:")
-        for p in problems[:40]:
-            print("  " + p)
-        if len(problems) > 40:
-            print(f"  ... and {len(problems) - 40} more")
+        print_problems(problems)
         if first_bad:
             print(f"first diverging step: {first_bad[0]} ({', '.join(first_bad[1])})")
         print(f"steps: FAIL ({summary}; {len(problems)} problem(s))")
