@@ -32,6 +32,7 @@
 #include "common/device.h"
 #include "common/diag.h"
 #include "common/errors.h"
+#include "common/gemm.h"
 
 using namespace dsv3;
 using namespace dsv3::data;
@@ -699,6 +700,9 @@ int run_bench_command(BenchOptions b, const std::string& precision, const std::s
   }
   DeviceOptions o = device_options(prec, c);
   if (experts != "auto") o.experts = parse_moe_experts(experts);
+#ifdef DSV3_HAVE_CUDA
+  cuda::set_bf16_gemm(b.bf16_gemm == "fast16bf" ? cuda::Bf16Gemm::Fast16bf : cuda::Bf16Gemm::Bf16Copies);
+#endif
   auto backend = make_cuda_backend(c, opt.seed, o);
   std::cout << backend->describe() << "\n";
   BenchResult r = run_bench(*backend, b);
@@ -907,6 +911,10 @@ int main(int argc, char** argv) {
   std::string bench_experts = "auto";
   bench->add_option("--moe-experts", bench_experts, "routed experts' path: auto (bf16: segmented where the shapes "
                     "allow), grouped or segmented")->capture_default_str();
+  bench->add_option("--bf16-gemm", bopt.bf16_gemm, "how bf16 cuBLAS products run: fast16bf (cuBLAS reads the "
+                    "fp32 operands) or copies (bf16 copies of the operands first: slower, common/gemm.h)")
+      ->check(CLI::IsMember({"copies", "fast16bf"}))
+      ->capture_default_str();
 
   return run_main(app, argc, argv, [&] {
     std::cout << fmt::format("{}\nseed {}\n", command_line(argc, argv), opt.seed);

@@ -8,6 +8,7 @@
 #include "common/gemm.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -31,9 +32,42 @@ static void gemm_on(cublasHandle_t h, Op opA, Op opB, int M, int N, int K, float
                             lda, &beta, C, CUDA_R_32F, ldc, compute_type(math), CUBLAS_GEMM_DEFAULT));
 }
 
+// ---- bf16 copies of the operands (Bf16Gemm::Bf16Copies, gemm.h) ----
+
+static std::atomic<Bf16Gemm> g_bf16_gemm{Bf16Gemm::Fast16bf};
+void set_bf16_gemm(Bf16Gemm path) { g_bf16_gemm.store(path); }
+Bf16Gemm bf16_gemm() { return g_bf16_gemm.load(); }
+static bool bf16_copies(Matmul math) { return math == Matmul::BF16 && bf16_gemm() == Bf16Gemm::Bf16Copies; }
+
+// Elements from the first to the last one of a matrix op(X) (rows x cols, row stride ld as stored) that a product
+// reads: op N stores rows x cols, op T cols x rows.
+static size_t span_of(Op op, int rows, int cols, int ld) {
+  const int64_t stored_rows = op == Op::N ? rows : cols, stored_cols = op == Op::N ? cols : rows;
+  return static_cast<size_t>((stored_rows - 1) * int64_t(ld) + stored_cols);
+}
+
+// A bf16 copy (nearest even) of the n elements from src, in stream-ordered scratch memory: the copy of an element
+// sits at the same offset from get() as the element from src, so strides and leading dimensions carry over.
+class Bf16Copy {
+ public:
+  Bf16Copy(const float* src, size_t n) : buf_(n) { to_bf16(buf_.get(), src, n); }
+  const void* get() { return buf_.get(); }
+
+ private:
+  ScratchBuffer<uint16_t> buf_;
+};
+
 void gemm(Op opA, Op opB, int M, int N, int K, float alpha, const float* A, int lda, const float* B,
           int ldb, float beta, float* C, int ldc, Matmul math) {
-  gemm_on(blas_handle(), opA, opB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, math);
+  if (M == 0 || N == 0) return;
+  if (!bf16_copies(math) || K == 0) {
+    gemm_on(blas_handle(), opA, opB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, math);
+    return;
+  }
+  Bf16Copy a(A, span_of(opA, M, K, lda)), b(B, span_of(opB, K, N, ldb));
+  CUBLAS_CHECK(cublasGemmEx(blas_handle(), to_cublas(opB), to_cublas(opA), N, M, K, &alpha, b.get(), CUDA_R_16BF,
+                            ldb, a.get(), CUDA_R_16BF, lda, &beta, C, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F,
+                            CUBLAS_GEMM_DEFAULT));
 }
 
 void gemm(Op opA, Op opB, int M, int N, int K, float alpha, const float* A, const float* B, float beta,
@@ -45,6 +79,16 @@ void gemm_strided_batched(Op opA, Op opB, int M, int N, int K, float alpha, cons
                           int64_t strideA, const float* B, int ldb, int64_t strideB, float beta, float* C,
                           int ldc, int64_t strideC, int batch, Matmul math) {
   if (M == 0 || N == 0 || batch == 0) return;
+  if (bf16_copies(math) && K > 0) {
+    require(strideA >= 0 && strideB >= 0, "gemm_strided_batched: negative strides are not supported");
+    Bf16Copy a(A, span_of(opA, M, K, lda) + size_t(batch - 1) * strideA),
+        b(B, span_of(opB, K, N, ldb) + size_t(batch - 1) * strideB);
+    CUBLAS_CHECK(cublasGemmStridedBatchedEx(blas_handle(), to_cublas(opB), to_cublas(opA), N, M, K, &alpha,
+                                            b.get(), CUDA_R_16BF, ldb, strideB, a.get(), CUDA_R_16BF, lda, strideA,
+                                            &beta, C, CUDA_R_32F, ldc, strideC, batch, CUBLAS_COMPUTE_32F,
+                                            CUBLAS_GEMM_DEFAULT));
+    return;
+  }
   CUBLAS_CHECK(cublasGemmStridedBatchedEx(blas_handle(), to_cublas(opB), to_cublas(opA), N, M, K, &alpha, B,
                                           CUDA_R_32F, ldb, strideB, A, CUDA_R_32F, lda, strideA, &beta, C,
                                           CUDA_R_32F, ldc, strideC, batch, compute_type(math),
@@ -52,19 +96,31 @@ void gemm_strided_batched(Op opA, Op opB, int M, int N, int K, float alpha, cons
 }
 
 namespace {
-// Pointer tables of gemm_batched_2d: entry i = outer i / inner, inner i % inner.
+// Pointer tables of gemm_batched_2d: entry i = outer i / inner, inner i % inner. Operands A and B of `in_bytes`
+// bytes an element (fp32, or their bf16 copies), C fp32.
 struct Strides2d {
   int64_t outer, inner;
 };
-__global__ void pointer_table_kernel(const float** a, const float** b, float** c, const float* A, Strides2d sa,
-                                     const float* B, Strides2d sb, float* C, Strides2d sc, int outer, int inner) {
+__global__ void pointer_table_kernel(uintptr_t* a, uintptr_t* b, uintptr_t* c, const char* A, Strides2d sa,
+                                     const char* B, Strides2d sb, float* C, Strides2d sc, int outer, int inner,
+                                     int in_bytes) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= outer * inner) return;
   const int o = i / inner, n = i % inner;
-  a[i] = A + o * sa.outer + n * sa.inner;
-  b[i] = B + o * sb.outer + n * sb.inner;
-  c[i] = C + o * sc.outer + n * sc.inner;
+  a[i] = reinterpret_cast<uintptr_t>(A + (o * sa.outer + n * sa.inner) * in_bytes);
+  b[i] = reinterpret_cast<uintptr_t>(B + (o * sb.outer + n * sb.inner) * in_bytes);
+  c[i] = reinterpret_cast<uintptr_t>(C + o * sc.outer + n * sc.inner);
 }
+
+// The operands of a product as cuBLAS reads them: fp32 at the caller's precision, or bf16 copies multiplied with
+// fp32 accumulation.
+struct Operands {
+  const char* A;
+  const char* B;
+  cudaDataType_t type;
+  int bytes;
+  cublasComputeType_t compute;
+};
 }  // namespace
 
 void gemm_batched_2d(Op opA, Op opB, int M, int N, int K, float alpha, const float* A, int lda, int64_t sa_outer,
@@ -72,37 +128,51 @@ void gemm_batched_2d(Op opA, Op opB, int M, int N, int K, float alpha, const flo
                      float* C, int ldc, int64_t sc_outer, int64_t sc_inner, int outer, int inner, Matmul math) {
   const int batch = outer * inner;
   if (M == 0 || N == 0 || batch == 0) return;
+  std::unique_ptr<Bf16Copy> a16, b16;
+  Operands op{reinterpret_cast<const char*>(A), reinterpret_cast<const char*>(B), CUDA_R_32F, 4, compute_type(math)};
+  if (bf16_copies(math) && K > 0) {
+    require(sa_outer >= 0 && sa_inner >= 0 && sb_outer >= 0 && sb_inner >= 0,
+            "gemm_batched_2d: negative strides are not supported");
+    a16 = std::make_unique<Bf16Copy>(A, span_of(opA, M, K, lda) + size_t(outer - 1) * sa_outer +
+                                            size_t(inner - 1) * sa_inner);
+    b16 = std::make_unique<Bf16Copy>(B, span_of(opB, K, N, ldb) + size_t(outer - 1) * sb_outer +
+                                            size_t(inner - 1) * sb_inner);
+    op = {static_cast<const char*>(a16->get()), static_cast<const char*>(b16->get()), CUDA_R_16BF, 2,
+          CUBLAS_COMPUTE_32F};
+  }
   // cuBLAS cannot see the alignment of pointers in a device table, and its tensor-core kernels fault on
   // pointers off 16 bytes: unless every pointer and row is 16-byte aligned, one strided call per value of the
   // smaller index instead.
-  const auto al = [](int64_t v) { return v % 4 == 0; };
+  const int in_al = 16 / op.bytes;  // elements in 16 bytes
+  const auto ali = [&](int64_t v) { return v % in_al == 0; };
+  const auto alc = [](int64_t v) { return v % 4 == 0; };
   const auto ap = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  if (!(ap(A) && ap(B) && ap(C) && al(lda) && al(ldb) && al(ldc) && al(sa_outer) && al(sa_inner) && al(sb_outer) &&
-        al(sb_inner) && al(sc_outer) && al(sc_inner))) {
-    if (outer >= inner) {
-      for (int n = 0; n < inner; ++n)
-        gemm_strided_batched(opA, opB, M, N, K, alpha, A + n * sa_inner, lda, sa_outer, B + n * sb_inner, ldb,
-                             sb_outer, beta, C + n * sc_inner, ldc, sc_outer, outer, math);
-    } else {
-      for (int o = 0; o < outer; ++o)
-        gemm_strided_batched(opA, opB, M, N, K, alpha, A + o * sa_outer, lda, sa_inner, B + o * sb_outer, ldb,
-                             sb_inner, beta, C + o * sc_outer, ldc, sc_inner, inner, math);
+  if (!(ap(op.A) && ap(op.B) && ap(C) && ali(lda) && ali(ldb) && alc(ldc) && ali(sa_outer) && ali(sa_inner) &&
+        ali(sb_outer) && ali(sb_inner) && alc(sc_outer) && alc(sc_inner))) {
+    const bool by_inner = outer >= inner;  // one call per inner index, batched over outer (or the other way)
+    const int calls = by_inner ? inner : outer, count = by_inner ? outer : inner;
+    for (int i = 0; i < calls; ++i) {
+      const int64_t ao = by_inner ? i * sa_inner : i * sa_outer, bo = by_inner ? i * sb_inner : i * sb_outer,
+                    co = by_inner ? i * sc_inner : i * sc_outer;
+      CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+          blas_handle(), to_cublas(opB), to_cublas(opA), N, M, K, &alpha, op.B + bo * op.bytes, op.type, ldb,
+          by_inner ? sb_outer : sb_inner, op.A + ao * op.bytes, op.type, lda, by_inner ? sa_outer : sa_inner, &beta,
+          C + co, CUDA_R_32F, ldc, by_inner ? sc_outer : sc_inner, count, op.compute, CUBLAS_GEMM_DEFAULT));
     }
     return;
   }
-  ScratchBuffer<float*> table(3 * static_cast<size_t>(batch));
-  float** t = table.get();
+  ScratchBuffer<uintptr_t> table(3 * static_cast<size_t>(batch));
+  uintptr_t* t = table.get();
   const int threads = 256;
-  pointer_table_kernel<<<(batch + threads - 1) / threads, threads>>>(
-      const_cast<const float**>(t), const_cast<const float**>(t + batch), t + 2 * batch, A, {sa_outer, sa_inner}, B,
-      {sb_outer, sb_inner}, C, {sc_outer, sc_inner}, outer, inner);
+  pointer_table_kernel<<<(batch + threads - 1) / threads, threads>>>(t, t + batch, t + 2 * batch, op.A, {sa_outer, sa_inner}, op.B, {sb_outer, sb_inner}, C,
+      {sc_outer, sc_inner}, outer, inner, op.bytes);
   CUDA_CHECK_LAST();
   // row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: cuBLAS gets (B, A), N x M
   CUBLAS_CHECK(cublasGemmBatchedEx(blas_handle(), to_cublas(opB), to_cublas(opA), N, M, K, &alpha,
-                                   reinterpret_cast<const void* const*>(t + batch), CUDA_R_32F, ldb,
-                                   reinterpret_cast<const void* const*>(t), CUDA_R_32F, lda, &beta,
-                                   reinterpret_cast<void* const*>(t + 2 * batch), CUDA_R_32F, ldc, batch,
-                                   compute_type(math), CUBLAS_GEMM_DEFAULT));
+                                   reinterpret_cast<const void* const*>(t + batch), op.type, ldb,
+                                   reinterpret_cast<const void* const*>(t), op.type, lda, &beta,
+                                   reinterpret_cast<void* const*>(t + 2 * batch), CUDA_R_32F, ldc, batch, op.compute,
+                                   CUBLAS_GEMM_DEFAULT));
 }
 
 namespace {

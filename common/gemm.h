@@ -23,13 +23,28 @@ enum class Op { N, T };
 // stay fp32 whatever the layer's precision (the MoE router) say FP32 in the code.
 //   FP32: exact fp32 (the path tested against the CPU reference).
 //   TF32: tensor cores, operands rounded to 10 mantissa bits, ~1e-3 relative error.
-//   BF16: operands rounded to bf16 on the tensor cores, fp32 accumulation and storage (cuBLAS
-//         CUBLAS_COMPUTE_32F_FAST_16BF), ~4e-3 relative error: stage 07's mixed-precision training.
+//   BF16: operands rounded to bf16 (nearest even), multiplied on the tensor cores with fp32 accumulation, fp32
+//         storage, ~4e-3 relative error: stage 07's mixed-precision training. How: Bf16Gemm below.
 // The CPU reference always computes in its scalar type and ignores it.
 enum class Matmul { FP32, TF32, BF16 };
 inline std::string matmul_name(Matmul m) { return m == Matmul::BF16 ? "bf16" : m == Matmul::TF32 ? "tf32" : "fp32"; }
 
 namespace cuda {
+
+// How gemm, gemm_strided_batched and gemm_batched_2d run a Matmul::BF16 product (ConcurrentGemms and
+// GroupedGemms always run the first way; the segmented products below take bf16 operands themselves):
+//   Fast16bf (the default): cuBLAS reads the fp32 operands with CUBLAS_COMPUTE_32F_FAST_16BF.
+//   Bf16Copies (an experiment, kept with its measurement): each operand is first rounded into a bf16 copy
+//     (to_bf16, one pass over the span of memory the product reads, in stream-ordered scratch memory), and cuBLAS
+//     multiplies the copies (bf16 inputs, CUBLAS_COMPUTE_32F, fp32 C). The products alone run about twice as fast
+//     as Fast16bf's, but the copies cost more than that: the bench step went from 46.7 to 99.9 ms on an H200
+//     (common/README.md, "gemm_bench"). bf16 operands pay only when the kernel that produces an operand writes it
+//     in bf16 itself.
+// Both round the operands to bf16 and accumulate in fp32; they differ in the order of the sums, so results agree
+// to rounding, not bit for bit. Process-wide; set it before a step is captured in a CUDA graph.
+enum class Bf16Gemm { Fast16bf, Bf16Copies };
+void set_bf16_gemm(Bf16Gemm path);
+Bf16Gemm bf16_gemm();
 
 void gemm(Op opA, Op opB, int M, int N, int K, float alpha, const float* A, int lda, const float* B,
           int ldb, float beta, float* C, int ldc, Matmul math);

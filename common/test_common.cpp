@@ -328,6 +328,71 @@ TEST(CudaGemm, Batched2dMatchesCpu) {
   }
 }
 
+// Oracle of the bf16 products (gemm.h: Bf16Gemm). Bf16Copies multiplies bf16 copies of the operands with fp32
+// accumulation, so it equals the fp32 product of the operands rounded to bf16 (nearest even) up to the order of
+// the sums; Fast16bf rounds inside cuBLAS and stays within bf16's error of the exact product. Every entry point
+// and layout: the four op pairs with padded rows, strided batches, and the 2-d batch on both of its paths.
+std::vector<float> rounded_to_bf16(std::vector<float> v) {
+  for (float& x : v) x = bf16_to_float(float_to_bf16(x));
+  return v;
+}
+struct Bf16PathGuard {  // restores the default path whatever a test does
+  ~Bf16PathGuard() { cuda::set_bf16_gemm(cuda::Bf16Gemm::Fast16bf); }
+};
+constexpr Tolerance kBf16Tol{3e-2, 3e-2};  // operands rounded to 8 bits of mantissa, K <= 53 products
+
+TEST(CudaGemm, Bf16CopiesEqualTheProductOfRoundedOperands) {
+  DSV3_REQUIRE_GPU();
+  Bf16PathGuard guard;
+  const int M = 37, N = 19, K = 53, pad = 3;
+  Rng rng(31);
+  for (Op oa : {Op::N, Op::T})
+    for (Op ob : {Op::N, Op::T}) {
+      const int lda = (oa == Op::N ? K : M) + pad, ldb = (ob == Op::N ? N : K) + pad, ldc = N + pad;
+      const auto A = rng.normal_vec<float>((oa == Op::N ? M : K) * lda);
+      const auto B = rng.normal_vec<float>((ob == Op::N ? K : N) * ldb);
+      const auto C = rng.normal_vec<float>(M * ldc);
+      auto exact = C, rounded = C;
+      cpu::gemm(oa, ob, M, N, K, 0.5f, A.data(), lda, B.data(), ldb, 2.0f, exact.data(), ldc);
+      const auto A16 = rounded_to_bf16(A), B16 = rounded_to_bf16(B);
+      cpu::gemm(oa, ob, M, N, K, 0.5f, A16.data(), lda, B16.data(), ldb, 2.0f, rounded.data(), ldc);
+      for (auto path : {cuda::Bf16Gemm::Fast16bf, cuda::Bf16Gemm::Bf16Copies}) {
+        cuda::set_bf16_gemm(path);
+        DeviceBuffer<float> dA(A), dB(B), dC(C);
+        cuda::gemm(oa, ob, M, N, K, 0.5f, dA.get(), lda, dB.get(), ldb, 2.0f, dC.get(), ldc, Matmul::BF16);
+        const auto got = dC.download();
+        EXPECT_CLOSE(compare(got, exact, kBf16Tol), "bf16 gemm against the exact product");
+        if (path == cuda::Bf16Gemm::Bf16Copies) {
+          EXPECT_CLOSE(compare(got, rounded, kReductionTol), "bf16 copies against the rounded operands' product");
+        }
+      }
+    }
+  // strided batches, and the 2-d batch: widths of 8 floats take the pointer table, 7 the strided fallback
+  for (const int Kb : {7, 8}) {
+    const int Mb = 9, Nb = Kb + 4, outer = 3, inner = 4;
+    const auto A = rng.normal_vec<float>(outer * Mb * inner * Kb), B = rng.normal_vec<float>(outer * Nb * inner * Kb);
+    const auto A16 = rounded_to_bf16(A), B16 = rounded_to_bf16(B);
+    std::vector<float> ref(outer * Mb * inner * Nb, 0.f), ref_s(outer * inner * Mb * Nb, 0.f);
+    for (int o = 0; o < outer; ++o)
+      for (int n = 0; n < inner; ++n)
+        cpu::gemm(Op::N, Op::T, Mb, Nb, Kb, 1.5f, A16.data() + (o * Mb * inner + n) * Kb, inner * Kb,
+                  B16.data() + (o * Nb * inner + n) * Kb, inner * Kb, 0.f, ref.data() + (o * Mb * inner + n) * Nb,
+                  inner * Nb);
+    for (int b = 0; b < outer * inner; ++b)
+      cpu::gemm(Op::N, Op::T, Mb, Nb, Kb, 1.f, A16.data() + b * Mb * Kb, B16.data() + b * Nb * Kb, 0.f,
+                ref_s.data() + b * Mb * Nb);
+    DeviceBuffer<float> dA(A), dB(B), dC(ref.size()), dS(ref_s.size());
+    dC.poison();
+    cuda::gemm_batched_2d(Op::N, Op::T, Mb, Nb, Kb, 1.5f, dA.get(), inner * Kb, Mb * inner * Kb, Kb, dB.get(),
+                          inner * Kb, Nb * inner * Kb, Kb, 0.f, dC.get(), inner * Nb, Mb * inner * Nb, Nb, outer,
+                          inner, Matmul::BF16);
+    EXPECT_CLOSE(compare(dC.download(), ref, kReductionTol), fmt::format("bf16 2-d batched gemm, K = {}", Kb));
+    cuda::gemm_strided_batched(Op::N, Op::T, Mb, Nb, Kb, 1.f, dA.get(), Kb, Mb * Kb, dB.get(), Kb, Nb * Kb, 0.f,
+                               dS.get(), Nb, Mb * Nb, outer * inner, Matmul::BF16);
+    EXPECT_CLOSE(compare(dS.download(), ref_s, kReductionTol), fmt::format("bf16 strided batched gemm, K = {}", Kb));
+  }
+}
+
 TEST(CudaGemm, ConcurrentMatchesCpu) {
   DSV3_REQUIRE_GPU();
   Rng rng(15);
