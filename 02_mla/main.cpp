@@ -330,6 +330,54 @@ void write_decode_times(const std::string& dir, uint64_t seed, int max_ctx) {
   t.print();
 }
 
+// The training form's attention on its own: materialised (version 1) against fused, forward and backward, at the
+// "small" preset's heads (H = 8, S = 96, Dv = 64) and B*T = 16384 tokens for T = 128 .. 2048, bf16 products.
+// Useful work counts the causal half: forward 2 B H T(T+1)/2 (S + Dv) FLOPs (the two products), backward 2.5 times
+// that (five products; the recomputed scores are not counted). Writes attention_time.csv; needs a GPU.
+void write_attention_times(const std::string& dir, uint64_t seed) {
+#ifdef DSV3_HAVE_CUDA
+  if (!gpu_available()) return;
+  MlaConfig c = small_preset();
+  c.matmul = Matmul::BF16;
+  const int H = c.n_heads, S = c.qk_head_dim(), KS = c.kv_head_dim(), Dr = c.qk_rope_head_dim, Dv = c.v_head_dim;
+  CsvWriter csv(dir + "/attention_time.csv", {"T", "B", "materialized_fwd_ms", "materialized_bwd_ms", "fused_fwd_ms",
+                                              "fused_bwd_ms", "materialized_tflops", "fused_tflops"});
+  Table t({"T", "B", "materialised fwd ms", "bwd ms", "TFLOP/s", "fused fwd ms", "bwd ms", "TFLOP/s", "speed-up"});
+  Rng rng(seed);
+  for (int T = 128; T <= 2048; T *= 2) {
+    const int B = 16384 / T;
+    const size_t N = size_t(B) * T;
+    DeviceBuffer<float> q(rng.normal_vec<float>(N * H * S)), kv(rng.normal_vec<float>(N * H * KS)),
+        k_pe(rng.normal_vec<float>(N * Dr)), dy(rng.normal_vec<float>(N * H * Dv)), y(N * H * Dv),
+        att(size_t(B) * H * T * T), lse(N * H), dq(N * H * S), dkv(N * H * KS), dk_pe(N * Dr);
+    const double mf = median_device_ms([&] {
+      cuda::materialized_attention_forward(y.get(), att.get(), q.get(), kv.get(), k_pe.get(), c, B, T);
+    });
+    const double mb = median_device_ms([&] {
+      cuda::materialized_attention_backward(dq.get(), dkv.get(), dk_pe.get(), dy.get(), att.get(), q.get(), kv.get(),
+                                            k_pe.get(), c, B, T);
+    });
+    const double ff = median_device_ms(
+        [&] { cuda::fused_attention_forward(y.get(), lse.get(), q.get(), kv.get(), k_pe.get(), c, B, T); });
+    const double fb = median_device_ms([&] {
+      cuda::fused_attention_backward(dq.get(), dkv.get(), dk_pe.get(), dy.get(), y.get(), lse.get(), q.get(),
+                                     kv.get(), k_pe.get(), c, B, T);
+    });
+    const double fwd_flops = 2.0 * B * H * (double(T) * (T + 1) / 2) * (S + Dv), flops = 3.5 * fwd_flops;
+    const double mt = flops / ((mf + mb) * 1e-3) * 1e-12, ft = flops / ((ff + fb) * 1e-3) * 1e-12;
+    csv.row({double(T), double(B), mf, mb, ff, fb, mt, ft});
+    t.add_row({std::to_string(T), std::to_string(B), fmt_num(mf), fmt_num(mb), fmt::format("{:.0f}", mt), fmt_num(ff),
+               fmt_num(fb), fmt::format("{:.0f}", ft), fmt::format("{:.2f}x", (mf + mb) / (ff + fb))});
+  }
+  std::cout << fmt::format("\nAttention of the training form, forward + backward, \"small\" heads (H={}, S={}, Dv={}), "
+                           "B*T = 16384, bf16 ({}):\n", H, S, Dv, gpu_description());
+  t.print();
+#else
+  (void)dir;
+  (void)seed;
+#endif
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -338,8 +386,17 @@ int main(int argc, char** argv) {
   int max_ctx = 4096;
   add_demo_options(app, opt, "out/02_mla");
   app.add_option("--max-context", max_ctx, "longest context of the decode timing")->check(CLI::Range(16, 4096))->capture_default_str();
+  bool attention_only = false;
+  app.add_flag("--attention-bench", attention_only, "time the attention alone (materialised vs fused, a GPU needed), "
+               "write attention_time.csv and stop");
   return run_main(app, argc, argv, [&] {
     std::cout << fmt::format("{}\nseed {}; device: {}\n", command_line(argc, argv), opt.seed, gpu_description());
+    if (attention_only) {
+      require(gpu_available(), "--attention-bench needs a GPU: {}", gpu_description());
+      ensure_dir(opt.out);
+      write_attention_times(opt.out, opt.seed);
+      return 0;
+    }
     Checker check;
     self_checks(check);
     // CPU vs CUDA: odd shapes in --check, the "small" preset otherwise.
@@ -364,6 +421,7 @@ int main(int argc, char** argv) {
     print_cache_table(opt.out);
     write_attention(opt.out, opt.seed);
     write_decode_times(opt.out, opt.seed, max_ctx);
+    write_attention_times(opt.out, opt.seed);
     render_plots(DSV3_STAGE_DIR "/plots.gp", opt.out);
     return check.failures ? 1 : 0;
   });

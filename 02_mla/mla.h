@@ -39,9 +39,22 @@ struct MlaConfig {
   float norm_eps = 1e-6f;
   RopeConfig rope;
   Matmul matmul = Matmul::FP32;  // the CUDA path's products (common/gemm.h); the CPU reference ignores it
+  // The CUDA path's causal attention in the training form (the decode forms and the CPU reference have their own):
+  //   Auto          Fused when matmul = BF16 and the head dims fit fused_attention_fits(), else Materialized.
+  //   Materialized  version 1: the T x T scores of every (sequence, head) in memory, cuBLAS products, a softmax
+  //                 pass; the probabilities are saved for the backward. The fp32 path, checked against the CPU.
+  //   Fused         flash-style kernels (attention_fused.cu): bf16 operands, fp32 accumulation, an online
+  //                 softmax over key tiles; only each row's log-sum-exp is saved, the backward recomputes the
+  //                 probabilities. UserError when the head dims do not fit.
+  enum class Attention { Auto, Materialized, Fused };
+  Attention attention = Attention::Auto;
 
   int qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }  // S
   int kv_head_dim() const { return qk_nope_head_dim + v_head_dim; }        // KS
+  // The fused kernels are compiled for S <= 96 with Dv <= 64, and S, Dv <= 32 (attention_fused.cu).
+  bool fused_attention_fits() const;
+  // Whether the CUDA training form runs the fused attention (resolves Auto; UserError for Fused that does not fit).
+  bool fused_attention() const;
   // (Dn+Dr)^-1/2, times mscale^2 when YaRN extends the context (model.py MLA.__init__).
   double softmax_scale() const;
   void validate() const;  // UserError naming the bad field (qk_rope_head_dim = 0 included)
@@ -113,9 +126,11 @@ struct MlaSaved {
   T* c_kv;     // (N, Dc)     kv_norm(kv_lat): what the cache stores
   T* k_pe;     // (N, Dr)     RoPE applied: what the cache stores; one per token, shared by all heads
   T* kv;       // (N, H, KS)  wkv_b c_kv = per-head [k_nope | v]
-  T* att;      // (B, H, T, T) softmax probabilities, 0 above the diagonal
+  T* att;      // (B, H, T, T) softmax probabilities, 0 above the diagonal          (materialised attention)
   T* y;        // (N, H, Dv)  attention output per head, before wo
+  T* lse;      // (B, H, T)   log2 of each row's sum of 2^(scaled score * log2 e)  (fused attention, CUDA only)
 };
+// Sizes follow c.fused_attention(): att for the materialised attention, lse for the fused one.
 size_t mla_saved_size(const MlaConfig& c, int B, int seq);
 template <typename T>
 MlaSaved<T> mla_saved_layout(T* base, const MlaConfig& c, int B, int seq);
@@ -194,6 +209,25 @@ void mla_decode_step_naive(float* out, const MlaCache<float>& cache, const float
 void mla_decode_step_absorbed(float* out, const MlaCache<float>& cache, const float* inp,
                               const MlaWeights<float>& w, const MlaConfig& c, int B, int pos,
                               const MlaRope<float>& rope);
+
+// The causal attention of the training form on its own, both versions (mla_forward / mla_backward run the fused
+// one when c.fused_attention(), else the materialised one; the micro-benchmark times them side by side).
+//   materialized (version 1, mla_cuda.cu): att (B, H, T, T) = the probabilities, then y = att v; the backward reads
+//   att. Products at c.matmul.
+// The fused (attention_fused.cu) saves lse (B, H, T) instead and recomputes the probabilities. Operands as MlaSaved holds them: q (N, H, S) with RoPE applied, kv (N, H, KS) per head
+// [k_nope | v], k_pe (N, Dr) shared by the heads; scale = c.softmax_scale(). Needs c.fused_attention_fits().
+//   forward:  y (N, H, Dv) = softmax(scale q k^T, causal) v;  lse (B, H, T) as MlaSaved::lse.
+//   backward: from dy (N, H, Dv), the forward's y and lse: dq (N, H, S), dkv (N, H, KS) and dk_pe (N, Dr) (the
+//             heads' rope-key gradients summed in head order), all overwritten. No atomics: deterministic.
+void materialized_attention_forward(float* y, float* att, const float* q, const float* kv, const float* k_pe,
+                                    const MlaConfig& c, int B, int seq);
+void materialized_attention_backward(float* dq, float* dkv, float* dk_pe, const float* dy, const float* att,
+                                     const float* q, const float* kv, const float* k_pe, const MlaConfig& c, int B,
+                                     int seq);
+void fused_attention_forward(float* y, float* lse, const float* q, const float* kv, const float* k_pe,
+                             const MlaConfig& c, int B, int seq);
+void fused_attention_backward(float* dq, float* dkv, float* dk_pe, const float* dy, const float* y, const float* lse,
+                              const float* q, const float* kv, const float* k_pe, const MlaConfig& c, int B, int seq);
 
 }  // namespace cuda
 

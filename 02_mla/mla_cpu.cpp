@@ -38,6 +38,21 @@ void MlaConfig::validate() const {
   rope.validate();
 }
 
+bool MlaConfig::fused_attention_fits() const {
+  const int S = qk_head_dim(), Dv = v_head_dim;
+  return (S <= 96 && Dv <= 64) || (S <= 32 && Dv <= 32);
+}
+
+bool MlaConfig::fused_attention() const {
+  if (attention == Attention::Materialized) return false;
+  if (attention == Attention::Fused) {
+    require(fused_attention_fits(), "MlaConfig.attention = Fused: the fused kernels take qk head dims up to 96 with "
+            "v_head_dim up to 64, got {} and {}", qk_head_dim(), v_head_dim);
+    return true;
+  }
+  return matmul == Matmul::BF16 && fused_attention_fits();
+}
+
 void validate_mla_call(const MlaConfig& c, int B, int seq, int pos0, int table_positions) {
   c.validate();
   require(B > 0 && seq > 0, "mla: B and T must be positive, got B={} T={}", B, seq);
@@ -56,8 +71,9 @@ namespace {
 std::vector<size_t> saved_counts(const MlaConfig& c, int B, int seq) {
   const size_t N = size_t(B) * seq, H = c.n_heads, Dq = c.q_lora_rank, Dc = c.kv_lora_rank;
   const size_t qr = Dq > 0 ? N : 0;
+  const bool fused = c.fused_attention();
   return {N * Dq, qr, N * Dq, N * H * c.qk_head_dim(), N * Dc, N, N * Dc, N * c.qk_rope_head_dim,
-          N * H * c.kv_head_dim(), size_t(B) * H * seq * seq, N * H * c.v_head_dim};
+          N * H * c.kv_head_dim(), fused ? 0 : size_t(B) * H * seq * seq, N * H * c.v_head_dim, fused ? N * H : 0};
 }
 }  // namespace
 
@@ -88,6 +104,7 @@ MlaSaved<T> mla_saved_layout(T* base, const MlaConfig& c, int B, int seq) {
   s.kv = take(8);
   s.att = take(9);
   s.y = take(10);
+  s.lse = take(11);
   return s;
 }
 template MlaSaved<float> mla_saved_layout(float*, const MlaConfig&, int, int);
@@ -190,6 +207,8 @@ template <typename T>
 void mla_forward(T* out, const MlaSaved<T>& s, const T* inp, const MlaWeights<T>& w, const MlaConfig& c, int B,
                  int seq, int pos0, const MlaRope<T>& rope) {
   validate_mla_call(c, B, seq, pos0, rope.positions);
+  require(!c.fused_attention(), "cpu::mla_forward materialises the probabilities: its config must not select the "
+          "fused attention (matmul = BF16 with attention = Auto, or Fused), whose saved layout has no room for them");
   const int N = B * seq, H = c.n_heads, Dn = c.qk_nope_head_dim, Dr = c.qk_rope_head_dim, Dv = c.v_head_dim;
   const int Dc = c.kv_lora_rank, S = c.qk_head_dim(), KS = c.kv_head_dim();
   const T scale = static_cast<T>(c.softmax_scale());
@@ -221,6 +240,8 @@ template <typename T>
 void mla_backward(const MlaGrads<T>& g, T* dinp, const T* dout, const MlaSaved<T>& s, const T* inp,
                   const MlaWeights<T>& w, const MlaConfig& c, int B, int seq, int pos0, const MlaRope<T>& rope) {
   validate_mla_call(c, B, seq, pos0, rope.positions);
+  require(!c.fused_attention(), "cpu::mla_backward reads the materialised probabilities: its config must not select "
+          "the fused attention");
   const int N = B * seq, D = c.dim, H = c.n_heads, Dn = c.qk_nope_head_dim, Dr = c.qk_rope_head_dim;
   const int Dv = c.v_head_dim, Dc = c.kv_lora_rank, Dq = c.q_lora_rank, S = c.qk_head_dim(), KS = c.kv_head_dim();
   const T scale = static_cast<T>(c.softmax_scale());

@@ -194,26 +194,62 @@ void decode_attend(float* o, const float* q1, int q1_stride, DecodeOperand k1, i
 
 // ---- entry points -------------------------------------------------------------------------------
 
-void mla_forward(float* out, const MlaSaved<float>& s, const float* inp, const MlaWeights<float>& w,
-                 const MlaConfig& c, int B, int T, int pos0, const MlaRope<float>& rope) {
-  validate_mla_call(c, B, T, pos0, rope.positions);
-  const int N = B * T, H = c.n_heads, Dn = c.qk_nope_head_dim, Dr = c.qk_rope_head_dim, Dv = c.v_head_dim;
-  const int Dc = c.kv_lora_rank, S = c.qk_head_dim(), KS = c.kv_head_dim();
+// ---- the attention of the training form: materialised (version 1); the fused one is attention_fused.cu ----
+
+void materialized_attention_forward(float* y, float* att, const float* q, const float* kv, const float* k_pe,
+                                    const MlaConfig& c, int B, int T) {
+  const int H = c.n_heads, Dn = c.qk_nope_head_dim, Dr = c.qk_rope_head_dim, Dv = c.v_head_dim;
+  const int S = c.qk_head_dim(), KS = c.kv_head_dim();
   const float scale = static_cast<float>(c.softmax_scale());
-  project_q(s.q, s.q_lat, s.q_rstd, s.q_lat_n, inp, w, c, N);
-  project_kv(s.kv_lat, s.kv_rstd, s.c_kv, s.k_pe, inp, w, c, N);
-  rope_q_kpe(s.q, s.k_pe, c, B, T, pos0, rope, false);
-  linear(s.kv, s.c_kv, w.wkv_b, N, Dc, H * KS, c.matmul);
   const int64_t TT = int64_t(T) * T;
   // per (b, h): q (T, S) rows of stride H*S; kv (T, KS) rows of stride H*KS; P (T, T); k_pe (T, Dr) shared by heads
   const BH q_bh{int64_t(T) * H * S, S}, kv_bh{int64_t(T) * H * KS, KS}, p_bh{H * TT, TT}, kpe_bh{int64_t(T) * Dr, 0},
       y_bh{int64_t(T) * H * Dv, Dv};
-  gemm_bh(Op::N, Op::T, T, T, Dn, scale, s.q, H * S, q_bh, s.kv, H * KS, kv_bh, 0.f, s.att, T, p_bh, B, H, c.matmul);
-  gemm_bh(Op::N, Op::T, T, T, Dr, scale, s.q + Dn, H * S, q_bh, s.k_pe, Dr, kpe_bh, 1.f, s.att, T, p_bh, B, H,
+  gemm_bh(Op::N, Op::T, T, T, Dn, scale, q, H * S, q_bh, kv, H * KS, kv_bh, 0.f, att, T, p_bh, B, H, c.matmul);
+  gemm_bh(Op::N, Op::T, T, T, Dr, scale, q + Dn, H * S, q_bh, k_pe, Dr, kpe_bh, 1.f, att, T, p_bh, B, H, c.matmul);
+  launch_softmax_forward(att, B * H * T, T, T);
+  gemm_bh(Op::N, Op::N, T, Dv, T, 1.f, att, T, p_bh, kv + Dn, H * KS, kv_bh, 0.f, y, H * Dv, y_bh, B, H, c.matmul);
+}
+
+void materialized_attention_backward(float* dq, float* dkv, float* dk_pe, const float* dy, const float* att,
+                                     const float* q, const float* kv, const float* k_pe, const MlaConfig& c, int B,
+                                     int T) {
+  const int H = c.n_heads, Dn = c.qk_nope_head_dim, Dr = c.qk_rope_head_dim, Dv = c.v_head_dim;
+  const int S = c.qk_head_dim(), KS = c.kv_head_dim();
+  const float scale = static_cast<float>(c.softmax_scale());
+  const int64_t TT = int64_t(T) * T;
+  ScratchBuffer<float> dP_buf(size_t(B) * H * TT);
+  float* dP = dP_buf.get();
+  const BH q_bh{int64_t(T) * H * S, S}, kv_bh{int64_t(T) * H * KS, KS}, p_bh{H * TT, TT}, kpe_bh{int64_t(T) * Dr, 0},
+      y_bh{int64_t(T) * H * Dv, Dv};
+  // dP = dy_h v_h^T;  dv_h = P^T dy_h
+  gemm_bh(Op::N, Op::T, T, T, Dv, 1.f, dy, H * Dv, y_bh, kv + Dn, H * KS, kv_bh, 0.f, dP, T, p_bh, B, H, c.matmul);
+  gemm_bh(Op::T, Op::N, T, Dv, T, 1.f, att, T, p_bh, dy, H * Dv, y_bh, 0.f, dkv + Dn, H * KS, kv_bh, B, H,
           c.matmul);
-  launch_softmax_forward(s.att, B * H * T, T, T);
-  gemm_bh(Op::N, Op::N, T, Dv, T, 1.f, s.att, T, p_bh, s.kv + Dn, H * KS, kv_bh, 0.f, s.y, H * Dv, y_bh, B, H,
-          c.matmul);
+  launch_softmax_backward(dP, att, B * H * T, T, T, scale);
+  // dq_nope = dS k_nope, dq_pe = dS k_pe;  dk_nope = dS^T q_nope;  dk_pe = sum_h dS^T q_pe
+  gemm_bh(Op::N, Op::N, T, Dn, T, 1.f, dP, T, p_bh, kv, H * KS, kv_bh, 0.f, dq, H * S, q_bh, B, H, c.matmul);
+  gemm_bh(Op::N, Op::N, T, Dr, T, 1.f, dP, T, p_bh, k_pe, Dr, kpe_bh, 0.f, dq + Dn, H * S, q_bh, B, H, c.matmul);
+  gemm_bh(Op::T, Op::N, T, Dn, T, 1.f, dP, T, p_bh, q, H * S, q_bh, 0.f, dkv, H * KS, kv_bh, B, H, c.matmul);
+  // the one rope key is shared by all heads: dk_pe_b = sum_h dS_bh^T q_pe_bh, heads accumulated in order
+  for (int h = 0; h < H; ++h)
+    gemm_strided_batched(Op::T, Op::N, T, Dr, T, 1.f, dP + h * TT, T, H * TT, q + h * S + Dn, H * S,
+                         int64_t(T) * H * S, h ? 1.f : 0.f, dk_pe, Dr, int64_t(T) * Dr, B, c.matmul);
+}
+
+
+void mla_forward(float* out, const MlaSaved<float>& s, const float* inp, const MlaWeights<float>& w,
+                 const MlaConfig& c, int B, int T, int pos0, const MlaRope<float>& rope) {
+  validate_mla_call(c, B, T, pos0, rope.positions);
+  const int N = B * T, H = c.n_heads, Dv = c.v_head_dim, Dc = c.kv_lora_rank, KS = c.kv_head_dim();
+  project_q(s.q, s.q_lat, s.q_rstd, s.q_lat_n, inp, w, c, N);
+  project_kv(s.kv_lat, s.kv_rstd, s.c_kv, s.k_pe, inp, w, c, N);
+  rope_q_kpe(s.q, s.k_pe, c, B, T, pos0, rope, false);
+  linear(s.kv, s.c_kv, w.wkv_b, N, Dc, H * KS, c.matmul);
+  if (c.fused_attention())
+    fused_attention_forward(s.y, s.lse, s.q, s.kv, s.k_pe, c, B, T);
+  else
+    materialized_attention_forward(s.y, s.att, s.q, s.kv, s.k_pe, c, B, T);
   linear(out, s.y, w.wo, N, H * Dv, c.dim, c.matmul);
 }
 
@@ -221,32 +257,15 @@ void mla_backward(const MlaGrads<float>& g, float* dinp, const float* dout, cons
                   const float* inp, const MlaWeights<float>& w, const MlaConfig& c, int B, int T, int pos0,
                   const MlaRope<float>& rope) {
   validate_mla_call(c, B, T, pos0, rope.positions);
-  const int N = B * T, D = c.dim, H = c.n_heads, Dn = c.qk_nope_head_dim, Dr = c.qk_rope_head_dim;
+  const int N = B * T, D = c.dim, H = c.n_heads, Dr = c.qk_rope_head_dim;
   const int Dv = c.v_head_dim, Dc = c.kv_lora_rank, Dq = c.q_lora_rank, S = c.qk_head_dim(), KS = c.kv_head_dim();
-  const float scale = static_cast<float>(c.softmax_scale());
-  const int64_t TT = int64_t(T) * T;
-  ScratchBuffer<float> dy(size_t(N) * H * Dv), dP(size_t(B) * H * TT), dq(size_t(N) * H * S),
-      dkv(size_t(N) * H * KS), dk_pe(size_t(N) * Dr), dc_kv(size_t(N) * Dc), dkv_lat(size_t(N) * Dc);
+  ScratchBuffer<float> dy(size_t(N) * H * Dv), dq(size_t(N) * H * S), dkv(size_t(N) * H * KS),
+      dk_pe(size_t(N) * Dr), dc_kv(size_t(N) * Dc), dkv_lat(size_t(N) * Dc);
   linear_backward(g.wo, dy.get(), dout, s.y, w.wo, N, H * Dv, D, 0.f, c.matmul);
-  const BH q_bh{int64_t(T) * H * S, S}, kv_bh{int64_t(T) * H * KS, KS}, p_bh{H * TT, TT}, kpe_bh{int64_t(T) * Dr, 0},
-      y_bh{int64_t(T) * H * Dv, Dv};
-  // dP = dy_h v_h^T;  dv_h = P^T dy_h
-  gemm_bh(Op::N, Op::T, T, T, Dv, 1.f, dy.get(), H * Dv, y_bh, s.kv + Dn, H * KS, kv_bh, 0.f, dP.get(), T, p_bh, B, H,
-          c.matmul);
-  gemm_bh(Op::T, Op::N, T, Dv, T, 1.f, s.att, T, p_bh, dy.get(), H * Dv, y_bh, 0.f, dkv.get() + Dn, H * KS, kv_bh, B,
-          H, c.matmul);
-  launch_softmax_backward(dP.get(), s.att, B * H * T, T, T, scale);
-  // dq_nope = dS k_nope, dq_pe = dS k_pe;  dk_nope = dS^T q_nope;  dk_pe = sum_h dS^T q_pe
-  gemm_bh(Op::N, Op::N, T, Dn, T, 1.f, dP.get(), T, p_bh, s.kv, H * KS, kv_bh, 0.f, dq.get(), H * S, q_bh, B, H,
-          c.matmul);
-  gemm_bh(Op::N, Op::N, T, Dr, T, 1.f, dP.get(), T, p_bh, s.k_pe, Dr, kpe_bh, 0.f, dq.get() + Dn, H * S, q_bh, B, H,
-          c.matmul);
-  gemm_bh(Op::T, Op::N, T, Dn, T, 1.f, dP.get(), T, p_bh, s.q, H * S, q_bh, 0.f, dkv.get(), H * KS, kv_bh, B, H,
-          c.matmul);
-  // the one rope key is shared by all heads: dk_pe_b = sum_h dS_bh^T q_pe_bh, heads accumulated in order
-  for (int h = 0; h < H; ++h)
-    gemm_strided_batched(Op::T, Op::N, T, Dr, T, 1.f, dP.get() + h * TT, T, H * TT, s.q + h * S + Dn, H * S,
-                         int64_t(T) * H * S, h ? 1.f : 0.f, dk_pe.get(), Dr, int64_t(T) * Dr, B, c.matmul);
+  if (c.fused_attention())
+    fused_attention_backward(dq.get(), dkv.get(), dk_pe.get(), dy.get(), s.y, s.lse, s.q, s.kv, s.k_pe, c, B, T);
+  else
+    materialized_attention_backward(dq.get(), dkv.get(), dk_pe.get(), dy.get(), s.att, s.q, s.kv, s.k_pe, c, B, T);
   rope_q_kpe(dq.get(), dk_pe.get(), c, B, T, pos0, rope, true);
   linear_backward(g.wkv_b, dc_kv.get(), dkv.get(), s.c_kv, w.wkv_b, N, Dc, H * KS, 0.f, c.matmul);
   rmsnorm_backward(g.kv_norm, dkv_lat.get(), dc_kv.get(), s.kv_rstd, s.kv_lat, w.kv_norm, N, Dc);

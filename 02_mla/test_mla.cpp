@@ -533,6 +533,201 @@ TEST(CudaMlaErrors, RejectsPositionPastCache) {
   EXPECT_THROW(cuda::mla_decode_step_absorbed(o.get(), cache, x.get(), dw.weights(), pb.c, 1, 2, rope.view()),
                UserError);
 }
+
+// ---- fused attention (attention_fused.cu) -------------------------------------------------------------
+//
+// Tolerance from the error analysis: the fused kernels round q, k, v, dy and the probabilities to bf16 (relative
+// error <= 2^-9 each) and accumulate in fp32. A score q.k over S terms then carries an absolute error of about
+// 2^-8 sqrt(S) |q_i k_i| (rounding errors of random sign), ~0.02 for S = 96 and unit entries, which moves a
+// probability by the same relative amount; outputs and gradients, sums of such terms over the keys, are off by
+// ~1e-2 of their typical size. So: normalised error (||got - ref|| / ||ref||) <= 2e-2, and every element within
+// 3e-2 of the reference plus 5e-2 of its own size (kFusedTol). A wrong index or mask gives errors of order 1.
+namespace {
+
+constexpr Tolerance kFusedTol{3e-2, 5e-2};
+constexpr double kFusedNorm = 2e-2;
+
+struct FusedCase {
+  const char* name;
+  int B, T, H, Dn, Dr, Dv;
+};
+void PrintTo(const FusedCase& k, std::ostream* os) { *os << k.name; }
+
+MlaConfig fused_config(const FusedCase& k) {
+  MlaConfig c = small_config(0, k.H);
+  c.qk_nope_head_dim = k.Dn;
+  c.qk_rope_head_dim = c.rope.qk_rope_head_dim = k.Dr;
+  c.v_head_dim = k.Dv;
+  c.matmul = Matmul::BF16;
+  c.attention = MlaConfig::Attention::Fused;
+  return c;
+}
+
+// The attention of the training form in double, loop by loop (the CPU reference's formulas, mla_cpu.cpp):
+// y = softmax(scale q k^T, causal) v per (sequence, head); the backward from dy gives dq, dkv = [dk_nope | dv] and
+// dk_pe summed over the heads.
+struct AttentionRef {
+  std::vector<double> y, dq, dkv, dk_pe;
+};
+AttentionRef attention_reference(const FusedCase& k, double scale, const std::vector<float>& q,
+                                 const std::vector<float>& kv, const std::vector<float>& k_pe,
+                                 const std::vector<float>& dy) {
+  const int B = k.B, T = k.T, H = k.H, Dn = k.Dn, Dr = k.Dr, Dv = k.Dv, S = Dn + Dr, KS = Dn + Dv;
+  AttentionRef r;
+  const size_t N = size_t(B) * T;
+  r.y.assign(N * H * Dv, 0.0);
+  r.dq.assign(N * H * S, 0.0);
+  r.dkv.assign(N * H * KS, 0.0);
+  r.dk_pe.assign(N * Dr, 0.0);
+  auto key = [&](int b, int h, int s, int d) -> double {
+    return d < Dn ? kv[((size_t(b) * T + s) * H + h) * KS + d] : k_pe[(size_t(b) * T + s) * Dr + d - Dn];
+  };
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h)
+      for (int t = 0; t < T; ++t) {
+        const float* qr = &q[((size_t(b) * T + t) * H + h) * S];
+        const float* dyr = &dy[((size_t(b) * T + t) * H + h) * Dv];
+        std::vector<double> p(t + 1), dp(t + 1);
+        double mx = -1e300, sum = 0;
+        for (int s = 0; s <= t; ++s) {
+          double acc = 0;
+          for (int d = 0; d < S; ++d) acc += double(qr[d]) * key(b, h, s, d);
+          p[s] = scale * acc;
+          mx = std::max(mx, p[s]);
+        }
+        for (int s = 0; s <= t; ++s) sum += (p[s] = std::exp(p[s] - mx));
+        double dsum = 0;
+        for (int s = 0; s <= t; ++s) {
+          p[s] /= sum;
+          const float* vr = &kv[((size_t(b) * T + s) * H + h) * KS + Dn];
+          double dot = 0;
+          for (int j = 0; j < Dv; ++j) {
+            r.y[((size_t(b) * T + t) * H + h) * Dv + j] += p[s] * vr[j];
+            dot += double(dyr[j]) * vr[j];
+          }
+          dp[s] = dot;
+          dsum += p[s] * dot;
+        }
+        for (int s = 0; s <= t; ++s) {
+          const double ds = p[s] * (dp[s] - dsum) * scale;
+          double* dkvr = &r.dkv[((size_t(b) * T + s) * H + h) * KS];
+          for (int d = 0; d < S; ++d) {
+            r.dq[((size_t(b) * T + t) * H + h) * S + d] += ds * key(b, h, s, d);
+            if (d < Dn)
+              dkvr[d] += ds * qr[d];
+            else
+              r.dk_pe[(size_t(b) * T + s) * Dr + d - Dn] += ds * qr[d];
+          }
+          for (int j = 0; j < Dv; ++j) dkvr[Dn + j] += p[s] * dyr[j];
+        }
+      }
+  return r;
+}
+
+void expect_fused_close(const std::vector<float>& got, const std::vector<double>& ref, const std::string& what) {
+  const CompareResult r = compare(got, ref, kFusedTol);
+  EXPECT_CLOSE(r, what);
+  EXPECT_LE(r.norm_err, kFusedNorm) << what << ": " << r.summary();
+}
+
+}  // namespace
+
+class CudaFusedAttention : public ::testing::TestWithParam<FusedCase> {};
+
+// The kernels alone against the double reference, then determinism (no atomics: two runs are bitwise equal)
+// and causality (changing the last token's q, k and v leaves every earlier output and every gradient of an
+// earlier query unchanged, bit for bit).
+TEST_P(CudaFusedAttention, MatchesTheReferenceDeterministicAndCausal) {
+  DSV3_REQUIRE_GPU();
+  const FusedCase k = GetParam();
+  const MlaConfig c = fused_config(k);
+  const int S = k.Dn + k.Dr, KS = k.Dn + k.Dv;
+  const size_t N = size_t(k.B) * k.T;
+  Rng rng(401);
+  auto q = rng.normal_vec<float>(N * k.H * S), kv = rng.normal_vec<float>(N * k.H * KS),
+       k_pe = rng.normal_vec<float>(N * k.Dr), dy = rng.normal_vec<float>(N * k.H * k.Dv);
+  const AttentionRef ref = attention_reference(k, c.softmax_scale(), q, kv, k_pe, dy);
+  DeviceBuffer<float> dq_(q), dkv_(kv), dkpe_(k_pe), ddy(dy), y(N * k.H * k.Dv), lse(N * k.H), gq(q.size()),
+      gkv(kv.size()), gkpe(k_pe.size());
+  auto run = [&] {
+    y.poison();
+    gq.poison();
+    gkv.poison();
+    gkpe.poison();
+    cuda::fused_attention_forward(y.get(), lse.get(), dq_.get(), dkv_.get(), dkpe_.get(), c, k.B, k.T);
+    cuda::fused_attention_backward(gq.get(), gkv.get(), gkpe.get(), ddy.get(), y.get(), lse.get(), dq_.get(),
+                                   dkv_.get(), dkpe_.get(), c, k.B, k.T);
+    return std::vector<std::vector<float>>{y.download(), gq.download(), gkv.download(), gkpe.download()};
+  };
+  const auto first = run();
+  expect_fused_close(first[0], ref.y, "y");
+  expect_fused_close(first[1], ref.dq, "dq");
+  expect_fused_close(first[2], ref.dkv, "dkv = [dk_nope | dv]");
+  expect_fused_close(first[3], ref.dk_pe, "dk_pe (summed over heads)");
+  const auto second = run();
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(first[i], second[i]) << "run-to-run, output " << i;
+  // causality: perturb token T-1 of every sequence (its q, its keys and values); rows before it keep their y and
+  // dq bit for bit (dy of token T-1 unchanged, so its own rows change only through the perturbation)
+  for (int b = 0; b < k.B; ++b) {
+    const size_t row = size_t(b) * k.T + k.T - 1;
+    for (int i = 0; i < k.H * S; ++i) q[row * k.H * S + i] += 1.f;
+    for (int i = 0; i < k.H * KS; ++i) kv[row * k.H * KS + i] -= 1.f;
+    for (int i = 0; i < k.Dr; ++i) k_pe[row * k.Dr + i] += 0.5f;
+  }
+  dq_.upload(q);
+  dkv_.upload(kv);
+  dkpe_.upload(k_pe);
+  const auto moved = run();
+  for (int b = 0; b < k.B; ++b)
+    for (int t = 0; t + 1 < k.T; ++t) {
+      const size_t r = size_t(b) * k.T + t;
+      for (int i = 0; i < k.H * k.Dv; ++i) ASSERT_EQ(moved[0][r * k.H * k.Dv + i], first[0][r * k.H * k.Dv + i]);
+      for (int i = 0; i < k.H * S; ++i) ASSERT_EQ(moved[1][r * k.H * S + i], first[1][r * k.H * S + i]);
+    }
+}
+INSTANTIATE_TEST_SUITE_P(Shapes, CudaFusedAttention,
+                         ::testing::Values(FusedCase{"odd_dims_two_tiles", 2, 67, 3, 11, 6, 9},
+                                           FusedCase{"one_token_one_head", 1, 1, 1, 11, 6, 9},
+                                           FusedCase{"lyrics_dims", 2, 130, 2, 48, 16, 48},
+                                           FusedCase{"bench_dims", 1, 200, 2, 64, 32, 64}),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+// The whole MLA layer with attention = Fused under bf16 products, against the CPU's fp32 layer; and the saved
+// layout: no T x T probabilities, a log-sum-exp per row instead.
+TEST(CudaFusedAttention, MlaLayerMatchesCpu) {
+  DSV3_REQUIRE_GPU();
+  MlaConfig c = cuda_config({"fused", 13, 3, 2, 70, 0});
+  c.matmul = Matmul::BF16;
+  c.attention = MlaConfig::Attention::Fused;
+  MlaConfig cpu_c = c;
+  cpu_c.matmul = Matmul::FP32;
+  cpu_c.attention = MlaConfig::Attention::Materialized;
+  const int B = 2, T = 70;
+  Problem<float> pb(cpu_c, B, T, 501);
+  pb.forward();
+  const auto R = Rng(502).normal_vec<float>(pb.out.size());
+  MlaParams<float> g = mla_zero_params<float>(pb.c);
+  const auto dx = pb.backward(g, R);
+  EXPECT_EQ(mla_saved_size(cpu_c, B, T) - mla_saved_size(c, B, T), size_t(B) * 3 * T * T - size_t(B) * 3 * T);
+  MlaDeviceParams dw(pb.p), dg(mla_zero_params<float>(c));
+  const MlaDeviceRope rope(pb.tab);
+  DeviceBuffer<float> x(pb.x), out(pb.out.size()), saved(mla_saved_size(c, B, T)), dout(R), dinp(pb.x.size());
+  const MlaSaved<float> ds = mla_saved_layout(saved.get(), c, B, T);
+  cuda::mla_forward(out.get(), ds, x.get(), dw.weights(), c, B, T, 0, rope.view());
+  cuda::mla_backward(dg.grads(), dinp.get(), dout.get(), ds, x.get(), dw.weights(), c, B, T, 0, rope.view());
+  const auto as_double = [](const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); };
+  expect_fused_close(out.download(), as_double(pb.out), "out");
+  expect_fused_close(dinp.download(), as_double(dx), "dinp");
+  MlaParams<float> got = mla_zero_params<float>(c);
+  dg.download(got);
+  auto want = g.tensors(), have = got.tensors();
+  for (size_t i = 0; i < want.size(); ++i)
+    expect_fused_close(*have[i].second, as_double(*want[i].second), "d" + want[i].first);
+  // the CPU reference refuses a layout carved for the fused attention
+  EXPECT_THROW(cpu::mla_forward(pb.out.data(), mla_saved_layout(pb.saved_buf.data(), c, B, T), pb.x.data(),
+                                pb.p.weights(), c, B, T, 0, pb.rope()),
+               UserError);
+}
 #else
 TEST(CudaMla, BuiltWithoutCuda) { GTEST_SKIP() << "built without CUDA"; }
 #endif

@@ -42,6 +42,7 @@ DeviceModel::DeviceModel(const Model<float>& host, const DeviceOptions& opt)
 BlockConfig DeviceModel::block_config(int layer) const {
   BlockConfig b = host_.block_config(layer);
   set_matmul(b, opt_.matmul, opt_.experts);
+  b.attn.attention = opt_.attention;
   return b;
 }
 
@@ -49,6 +50,7 @@ MtpConfig DeviceModel::mtp_config() const {
   MtpConfig m = host_.mtp_config();
   m.matmul = opt_.matmul;
   set_matmul(m.block, opt_.matmul, opt_.experts);
+  m.block.attn.attention = opt_.attention;
   return m;
 }
 

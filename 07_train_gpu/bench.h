@@ -26,6 +26,7 @@ struct BenchOptions {
   bool phases = false;         // also time each phase of forward and backward (adds events; runs without the graph)
   bool cuda_graph = true;      // let the backend replay the step as a CUDA graph (--no-graph: the plain calls)
   std::string write_config;    // when set: write the preset's config.json there and run nothing
+  std::string attention = "auto";      // the attention kernels (02_mla/mla.h MlaConfig::Attention)
   std::string bf16_gemm = "fast16bf";  // how bf16 cuBLAS products run (common/gemm.h Bf16Gemm): fast16bf or copies
 };
 
@@ -35,6 +36,7 @@ struct BenchResult {
   double step_ms = 0;  // median
   bool cuda_graph = false;  // the steps were replays of one captured CUDA graph
   std::string bf16_gemm;    // BenchOptions::bf16_gemm of the run
+  std::string attention;    // the attention kernels the run used: materialized or fused
   double tokens_per_s = 0, flops_per_token = 0, mfu = 0;
   double peak_mem_gib = 0;
   double params_total = 0, params_active = 0;

@@ -700,6 +700,8 @@ int run_bench_command(BenchOptions b, const std::string& precision, const std::s
   }
   DeviceOptions o = device_options(prec, c);
   if (experts != "auto") o.experts = parse_moe_experts(experts);
+  if (b.attention == "materialized") o.attention = MlaConfig::Attention::Materialized;
+  if (b.attention == "fused") o.attention = MlaConfig::Attention::Fused;
 #ifdef DSV3_HAVE_CUDA
   cuda::set_bf16_gemm(b.bf16_gemm == "fast16bf" ? cuda::Bf16Gemm::Fast16bf : cuda::Bf16Gemm::Bf16Copies);
 #endif
@@ -707,8 +709,12 @@ int run_bench_command(BenchOptions b, const std::string& precision, const std::s
   std::cout << backend->describe() << "\n";
   BenchResult r = run_bench(*backend, b);
   r.precision = precision_name(prec);
-  Table t({"preset", "precision", "batch x T", "CUDA graph", "step ms", "tokens/s", "MFU", "peak GiB"});
-  t.add_row({r.preset, r.precision, fmt::format("{} x {}", r.batch, r.seq_len), r.cuda_graph ? "yes" : "no",
+  MlaConfig attn = c.mla();
+  attn.matmul = o.matmul;
+  attn.attention = o.attention;
+  r.attention = attn.fused_attention() ? "fused" : "materialized";
+  Table t({"preset", "precision", "batch x T", "CUDA graph", "attention", "step ms", "tokens/s", "MFU", "peak GiB"});
+  t.add_row({r.preset, r.precision, fmt::format("{} x {}", r.batch, r.seq_len), r.cuda_graph ? "yes" : "no", r.attention,
              fmt::format("{:.2f}", r.step_ms), fmt::format("{:.0f}", r.tokens_per_s), fmt::format("{:.2f}%", 100 * r.mfu),
              fmt::format("{:.2f}", r.peak_mem_gib)});
   t.print();
@@ -914,6 +920,10 @@ int main(int argc, char** argv) {
   bench->add_option("--bf16-gemm", bopt.bf16_gemm, "how bf16 cuBLAS products run: fast16bf (cuBLAS reads the "
                     "fp32 operands) or copies (bf16 copies of the operands first: slower, common/gemm.h)")
       ->check(CLI::IsMember({"copies", "fast16bf"}))
+      ->capture_default_str();
+  bench->add_option("--attention", bopt.attention, "attention kernels: auto (fused under bf16 where the head dims "
+                    "fit), materialized (T x T scores in memory) or fused (02_mla/attention_fused.cu)")
+      ->check(CLI::IsMember({"auto", "materialized", "fused"}))
       ->capture_default_str();
 
   return run_main(app, argc, argv, [&] {
