@@ -562,7 +562,7 @@ TEST_P(CudaMoeRows, MatchCpuRowsAndAreRowInvariant) {
   cpu::moe_rows(want.data(), x.data(), p.weights(), c, N, scratch);
   cpu::mlp_rows(want_mlp.data(), x.data(), mw, mc, N, scratch);
   MoeDeviceParams dp(p);
-  DeviceBuffer<float> d1(mp.w1), d2(mp.w2), d3(mp.w3), gx(x), all(x.size()), one(size_t(D));
+  DeviceBuffer<float> d1(mp.w1), d2(mp.w2), d3(mp.w3), gx(x), all(x.size()), one{size_t(D)};
   const MlpWeights<float> dmw{d1.get(), d2.get(), d3.get()};
   for (bool moe : {true, false}) {
     auto run = [&](float* out, const float* in, int n) {

@@ -214,9 +214,11 @@ class CpuTokenDecoder : public TokenDecoder {
   int pos() const override { return d_.pos(); }
   int max_len() const override { return d_.max_len(); }
   void reset() override { d_.reset(); }
-  const float* feed(const std::vector<int>& tokens, int n) override {
-    require(int(tokens.size()) == n, "decoder: {} tokens given for a chunk of {}", tokens.size(), n);
-    return d_.feed(tokens).data();
+  const float* feed(const std::vector<int>& tokens, int n, int last) override {
+    require(int(tokens.size()) == n && last >= 1 && last <= n, "decoder: {} tokens given for a chunk of {} (last {})",
+            tokens.size(), n, last);
+    const std::vector<float>& l = d_.feed(tokens);  // (n, V)
+    return l.data() + size_t(n - last) * (l.size() / size_t(n));
   }
   void truncate(int new_pos) override { d_.truncate(new_pos); }
   int draft(int next) override {
@@ -261,32 +263,40 @@ std::vector<SampleResult> decode_samples(TokenDecoder& dec, int V, int P, const 
     rs[b].tokens.push_back(t);
     return int(rs[b].tokens.size()) == opt.max_new_tokens || (opt.stop_at_eos && eos_id >= 0 && t == eos_id);
   };
-  // Feeds the last n tokens of every text as one chunk; logits (B, n, V).
+  // Feeds the last n tokens of every text as one chunk; the logits of each text's last token (B, V).
   auto feed_tail = [&](int n) {
     std::vector<int> tokens(size_t(B) * n);
     for (int b = 0; b < B; ++b) std::copy(text[b].end() - n, text[b].end(), tokens.begin() + size_t(b) * n);
-    return dec.feed(tokens, n);
+    return dec.feed(tokens, n, 1);
   };
-  // One token for every live sample from row `row` of the chunk of n; an ended sample repeats its last token.
-  auto sample_all = [&](const float* logits, int n, int row) {
+  // sample_token, its host time counted
+  double sampling_ms = 0;
+  auto draw = [&](const float* logits, int b) {
+    CpuTimer t;
+    const int x = sample_token(logits, V, opt, rng[b]);
+    sampling_ms += t.elapsed_ms();
+    return x;
+  };
+  // One token for every live sample from its logits (B, V); an ended sample repeats its last token.
+  auto sample_all = [&](const float* logits) {
     for (int b = 0; b < B; ++b) {
       if (done[b])
         text[b].push_back(text[b].back());
       else
-        done[b] = emit(b, sample_token(logits + (size_t(b) * n + row) * V, V, opt, rng[b]));
+        done[b] = emit(b, draw(logits + size_t(b) * V, b));
     }
   };
   // Feeds the texts' last tokens and samples from them. The window holds dec.pos() tokens; when it holds P, the
   // re-fill: reset, and feed the K tokens before the last one with it as one chunk (its last row).
   auto plain_step = [&]() {
-    if (dec.pos() < P) return sample_all(feed_tail(1), 1, 0);
+    if (dec.pos() < P) return sample_all(feed_tail(1));
     dec.reset();
     for (int b = 0; b < B; ++b) rs[b].refills += !done[b];
-    sample_all(feed_tail(K + 1), K + 1, K);
+    sample_all(feed_tail(K + 1));
   };
   auto all_done = [&]() { return std::all_of(done.begin(), done.end(), [](char d) { return d != 0; }); };
   // 2) prefill, then one token per step (plain), or up to two per verified draft (speculative, batch 1)
-  sample_all(feed_tail(int(prompt.size())), int(prompt.size()), int(prompt.size()) - 1);
+  sample_all(feed_tail(int(prompt.size())));
   SampleResult& r = rs[0];
   while (!all_done()) {
     const int remaining = opt.max_new_tokens - int(r.tokens.size());
@@ -300,12 +310,12 @@ std::vector<SampleResult> decode_samples(TokenDecoder& dec, int V, int P, const 
     const int next = text[0].back();
     const int d = dec.draft(next);
     ++r.drafted;
-    const float* two = dec.feed({next, d}, 2);  // (2, V): after next, after d
-    const int x = sample_token(two, V, opt, rng[0]);
+    const float* two = dec.feed({next, d}, 2, 2);  // (2, V): after next, after d
+    const int x = draw(two, 0);
     done[0] = emit(0, x);
     if (x == d) {
       ++r.accepted;
-      if (!done[0]) done[0] = emit(0, sample_token(two + V, V, opt, rng[0]));
+      if (!done[0]) done[0] = emit(0, draw(two + V, 0));
     } else {
       dec.truncate(dec.pos() - 1);  // d's position is not part of the text
     }
@@ -314,6 +324,7 @@ std::vector<SampleResult> decode_samples(TokenDecoder& dec, int V, int P, const 
   for (SampleResult& s : rs) {
     s.seconds = seconds;
     s.tokens_per_s = seconds > 0 ? double(s.tokens.size()) / seconds : 0;
+    s.sampling_seconds = sampling_ms / 1e3;
   }
   return rs;
 }

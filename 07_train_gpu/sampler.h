@@ -139,6 +139,7 @@ struct SampleResult {
   int drafted = 0, accepted = 0;  // speculative: drafts checked by the main model, and those it agreed with
   double seconds = 0;           // wall time of prefill (the prompt) and decoding
   double tokens_per_s = 0;      // tokens.size() / seconds
+  double sampling_seconds = 0;  // of seconds: host time in sample_token (decode_samples; the whole batch's)
 };
 
 // ---- the decoding loop, shared by the CPU decoder and the GPU decoder (sampler_gpu.h) ----------------------
@@ -152,9 +153,10 @@ class TokenDecoder {
   virtual int pos() const = 0;      // positions fed so far (the same for every sequence)
   virtual int max_len() const = 0;  // positions the caches hold
   virtual void reset() = 0;
-  // tokens (batch, n): token t of sequence b at b*n + t, fed at positions pos() .. pos()+n-1. Returns the logits
-  // (batch, n, V), valid until the next call. UserError for an empty chunk, a bad id, or a chunk past max_len().
-  virtual const float* feed(const std::vector<int>& tokens, int n) = 0;
+  // tokens (batch, n): token t of sequence b at b*n + t, fed at positions pos() .. pos()+n-1. Returns the logits of
+  // each sequence's last `last` tokens (1 <= last <= n): (batch, last, V), valid until the next call. UserError for
+  // an empty chunk, a bad id, or a chunk past max_len().
+  virtual const float* feed(const std::vector<int>& tokens, int n, int last) = 0;
   virtual void truncate(int new_pos) = 0;
   // Batch 1: the MTP module's draft for the token after `next` (Decoder::draft's rule): the argmax of its logits,
   // the lowest id on ties.

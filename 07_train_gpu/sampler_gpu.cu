@@ -149,9 +149,9 @@ struct GpuDecoder::Impl {
   PinnedBuffer<int> main_in_h, mtp_in_h;
   DeviceBuffer<float> x, z, logits, cat, draft_logits;
   DeviceBuffer<int> draft_tok;
-  PinnedBuffer<float> logits_h;  // (B, Lmax, V)
+  PinnedBuffer<float> logits_h;  // (B, last, V), last <= kPrefillPiece
   PinnedBuffer<int> draft_h;
-  GraphExec feed_graph[3], draft_graph[3];  // index n (feed) or m (draft), 1 and 2
+  GraphExec feed_graph[3], draft_graph[3];  // index n (feed, all n rows' logits) or m (draft), 1 and 2
   int captures = 0;
   // host state (as the CPU Decoder's)
   int pos = 0, mtp_pos = 0;
@@ -160,11 +160,11 @@ struct GpuDecoder::Impl {
   Impl(const Model<float>& m, int batch, bool use_graphs)
       : cfg(m.config()), B(batch), Lmax(m.config().max_position_embeddings), V(m.config().vocab_size),
         D(m.config().hidden_size), graphs(use_graphs), rope(m.rope()), embed(m.embed()), norm(m.final_norm()),
-        head(m.head()), mc(m.mtp_config()), hidden(size_t(batch) * Lmax * D), main_in(1 + size_t(batch) * Lmax),
-        mtp_in(1 + size_t(Lmax)), main_in_h(1 + size_t(batch) * Lmax), mtp_in_h(1 + size_t(Lmax)),
+        head(m.head()), mc(m.mtp_config()), hidden(size_t(batch) * Lmax * D), main_in(1 + size_t(batch) * kPrefillPiece),
+        mtp_in(1 + size_t(Lmax)), main_in_h(1 + size_t(batch) * kPrefillPiece), mtp_in_h(1 + size_t(Lmax)),
         x(size_t(batch) * kPrefillPiece * D), z(size_t(batch) * kPrefillPiece * D),
         logits(size_t(batch) * kPrefillPiece * V), cat(size_t(Lmax) * 2 * D), draft_logits(size_t(V)), draft_tok(1),
-        logits_h(size_t(batch) * Lmax * V), draft_h(1), tokens(size_t(Lmax)), mtp_tokens(size_t(Lmax)) {
+        logits_h(size_t(batch) * kPrefillPiece * V), draft_h(1), tokens(size_t(Lmax)), mtp_tokens(size_t(Lmax)) {
     require(batch >= 1, "gpu decoder: batch must be >= 1, got {}", batch);
     require(Lmax >= 1 && Lmax <= m.rope().positions, "gpu decoder: max_position_embeddings {} exceeds the RoPE table "
             "({} positions)", Lmax, m.rope().positions);
@@ -186,9 +186,9 @@ struct GpuDecoder::Impl {
 
   MlaCache<float> cache(int l) { return {ckv[l].get(), kpe[l].get(), Lmax}; }
 
-  // 1) embedding, 2) the blocks, 3) final norm (z kept for MTP) and head, 4) the logits to the host: n tokens of
-  // each sequence, at the device position main_in[0]; logits rows (b, t) to dst + b*dst_pitch + t*V.
-  void forward(int n, float* dst, size_t dst_pitch) {
+  // 1) embedding, 2) the blocks, 3) final norm (z kept for MTP) and head, 4) the logits of each sequence's last
+  // `last` tokens to the host (B, last, V): n tokens of each sequence, at the device position main_in[0].
+  void forward(int n, int last) {
     const int R = B * n;
     const size_t RD = size_t(R) * D;
     const int* pos0 = main_in.get();
@@ -199,9 +199,11 @@ struct GpuDecoder::Impl {
     cuda::rmsnorm_rows(z.get(), x.get(), norm.get(), R, D, float(cfg.rms_norm_eps));
     store_hidden_kernel<<<cuda::blocks_for(RD, kThreads), kThreads>>>(hidden.get(), z.get(), pos0, n, R, D, Lmax);
     CUDA_CHECK_LAST();
+    if (last == 0) return;  // a piece before the chunk's last
     cuda::linear_rows(logits.get(), z.get(), head.get(), R, D, V);
-    CUDA_CHECK(cudaMemcpy2DAsync(dst, dst_pitch * sizeof(float), logits.get(), size_t(n) * V * sizeof(float),
-                                 size_t(n) * V * sizeof(float), B, cudaMemcpyDeviceToHost, cudaStreamPerThread));
+    const size_t row = size_t(V) * sizeof(float);
+    CUDA_CHECK(cudaMemcpy2DAsync(logits_h.get(), last * row, logits.get() + size_t(n - last) * V, n * row, last * row,
+                                 B, cudaMemcpyDeviceToHost, cudaStreamPerThread));
   }
 
   // MTP module 1 over positions j0 .. j0+m-1 (mtp_in = [j0, their input tokens]): h' = eh_proj [enorm(Emb) ;
@@ -265,26 +267,28 @@ void GpuDecoder::truncate(int new_pos) {
   s.mtp_pos = std::min(s.mtp_pos, new_pos);  // MTP position new_pos-1 read t_{new_pos}: draft() re-checks it
 }
 
-const float* GpuDecoder::feed(const std::vector<int>& toks, int n) {
+const float* GpuDecoder::feed(const std::vector<int>& toks, int n, int last) {
   Impl& s = *impl_;
   require(n > 0, "decoder: feed needs at least one token");
   require(toks.size() == size_t(s.B) * n, "decoder: {} tokens given for {} sequences of {}", toks.size(), s.B, n);
   require(s.pos + n <= s.Lmax, "decoder: {} tokens at position {} do not fit max_len {}", n, s.pos, s.Lmax);
   for (int t : toks) require(t >= 0 && t < s.V, "decoder: token id {} is outside the vocabulary [0, {})", t, s.V);
-  const size_t pitch = size_t(n) * s.V;
-  // pieces of at most kPrefillPiece tokens per sequence (n = 1, 2: one piece, replayed from its graph)
-  for (int t0 = 0; t0 < n; t0 += kPrefillPiece) {
-    const int c = std::min(kPrefillPiece, n - t0);
+  // pieces of at most kPrefillPiece tokens per sequence; the logits come from the last piece. [n = 1, last 1] and
+  // [n = 2, last 2] (the plain step and the verify of a draft) are replayed from their graphs.
+  require(last >= 1 && last <= (n - 1) % kPrefillPiece + 1, "decoder: the logits of the last {} of {} tokens are not "
+          "kept (at most the last piece of {})", last, n, kPrefillPiece);
+  for (int t0 = 0; t0 < n;) {
+    const int piece = std::min(kPrefillPiece, n - t0), rows = t0 + piece == n ? last : 0;
     int* in = s.main_in_h.get();
     in[0] = s.pos + t0;
-    for (int b = 0; b < s.B; ++b) std::copy_n(toks.begin() + size_t(b) * n + t0, c, in + 1 + size_t(b) * c);
-    s.upload(s.main_in, s.main_in_h, 1 + size_t(s.B) * c);
-    float* dst = s.logits_h.get() + size_t(t0) * s.V;
-    if (c <= 2 && n == c)
-      s.run(s.feed_graph[c], [&] { s.forward(c, dst, pitch); });
+    for (int b = 0; b < s.B; ++b) std::copy_n(toks.begin() + size_t(b) * n + t0, piece, in + 1 + size_t(b) * piece);
+    s.upload(s.main_in, s.main_in_h, 1 + size_t(s.B) * piece);
+    if (piece == n && n == last && n <= 2)
+      s.run(s.feed_graph[n], [&] { s.forward(n, n); });
     else
-      s.forward(c, dst, pitch);
+      s.forward(piece, rows);
     CUDA_CHECK(cudaStreamSynchronize(cudaStreamPerThread));  // the staging buffer is reused by the next piece
+    t0 += piece;
   }
   std::copy_n(toks.begin(), n, s.tokens.begin() + s.pos);  // sequence 0's, for the MTP draft
   s.pos += n;

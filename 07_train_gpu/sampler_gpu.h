@@ -5,7 +5,7 @@
 //   caches       per layer (and for MTP module 1) c_kv (B, Lmax, Dc) and k_pe (B, Lmax, Dr) in device memory
 //   a step       embedding -> every block through stage 05's cuda::block_decode (stage 02's
 //                cuda::mla_decode_chunk_absorbed, stage 03's cuda::mlp_rows / moe_rows) -> final norm -> head ->
-//                logits copied to pinned host memory. The position and the tokens live in device memory, written
+//                the logits the loop samples from (each sequence's last one or two) copied to pinned host memory. The position and the tokens live in device memory, written
 //                by one small async copy before the step, so each decode shape (n = 1 and n = 2 tokens per
 //                sequence; the MTP draft over m = 1 and m = 2 positions) is captured ONCE as a CUDA graph and
 //                replayed at every position. Other chunk sizes (the prompt, a re-fill) run as plain launches, in
@@ -21,7 +21,8 @@
 // within rounding of each other.
 //
 // Shape legend: B batch (samples decoded in lockstep), n tokens per sequence in a chunk, D hidden_size,
-// V vocab_size, Lmax = max_position_embeddings (the caches always hold the whole window).
+// V vocab_size, Lmax = max_position_embeddings (the caches always hold the whole window, so one decoder and its
+// graphs serve every prompt).
 // Needs CUDA: the class exists only when DSV3_HAVE_CUDA (the header itself has no CUDA types).
 #pragma once
 
@@ -49,13 +50,13 @@ class GpuDecoder : public TokenDecoder {
   int pos() const override;
   int max_len() const override;
   void reset() override;
-  const float* feed(const std::vector<int>& tokens, int n) override;
+  const float* feed(const std::vector<int>& tokens, int n, int last) override;
   void truncate(int new_pos) override;
   int draft(int next) override;
 
   // MTP module 1's logits (V) of the last draft() (tests compare them with the CPU Decoder's).
   std::vector<float> draft_logits() const;
-  // CUDA graphs captured so far (at most four: feed n = 1, 2; draft m = 1, 2).
+  // CUDA graphs captured so far (at most four: feed n = 1, 2 (the last one or two rows' logits); draft m = 1, 2).
   int graph_captures() const;
 
  private:

@@ -20,6 +20,7 @@
 
 namespace dsv3::cuda {
 namespace rowwise {
+namespace {  // internal linkage: every .cu that includes this file has its own copy of the kernels
 
 // The lane's partial sum of a . b (n elements): elements lane, lane+32, ... in ascending order.
 __device__ __forceinline__ float lane_dot(const float* a, const float* b, int n, int lane) {
@@ -83,6 +84,7 @@ __global__ void rmsnorm_rows_kernel(float* out, float* x, const float* residual,
   for (int j = lane; j < D; j += kWarpSize) y[j] = xr[j] * rstd * weight[j];
 }
 
+}  // namespace
 }  // namespace rowwise
 
 namespace {
