@@ -7,6 +7,7 @@
 //   bench    training steps of a preset on random tokens: tokens/s, MFU, peak memory (JSON line)
 // --check: a small, fast version of the whole pipeline on the CPU (the CI test); exits 1 when a check fails.
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <atomic>
 #include <algorithm>
@@ -402,7 +403,7 @@ struct SampleArgs {
   std::vector<std::string> prompts;  // --prompt; none: prompt_file, interactive, or kPrompts
   SampleOptions opt;
   int num_samples = 1;
-  bool speculative = false, interactive = false;
+  bool speculative = false, interactive = false, print_ids = false;
 };
 
 Model<float> load_model(const std::string& dir) {
@@ -483,9 +484,12 @@ std::string sampling_note(const SampleResult& r) {
 // One prompt: its samples printed, or (compare) each sample decoded both ways with the speculative table. False
 // when speculative decoding did not reproduce plain decoding.
 bool sample_prompt(Samplers& sm, const Tokenizer& tok, const SampleOptions& opt, bool compare, int num_samples,
-                   SpeculativeTotals& totals) {
+                   SpeculativeTotals& totals, bool print_ids) {
   if (!compare) {
     const std::vector<SampleResult> rs = sm.batch(tok, opt);
+    if (print_ids)  // for outside checks (check_generate.py): the prompt's ids and each sample's new ids
+      for (const SampleResult& r : rs)
+        std::cout << fmt::format("ids: {} | {}\n", fmt::join(tok.encode(opt.prompt), " "), fmt::join(r.tokens, " "));
     if (rs.size() == 1) {
       std::cout << format_sample(opt.prompt, rs[0], tok.eos_id()) << (sm.gpu() ? sampling_note(rs[0]) : "")
                 << std::flush;
@@ -593,7 +597,7 @@ bool do_sample(const SampleArgs& a, std::istream& in = std::cin) {
     const int n = for_each_prompt_line(in, [&](const std::string& text, int line) {
       validate_text(text, fmt::format("standard input line {}", line));
       o.prompt = text;
-      ok = sample_prompt(sm, tok, o, a.speculative, a.num_samples, totals) && ok;
+      ok = sample_prompt(sm, tok, o, a.speculative, a.num_samples, totals, a.print_ids) && ok;
     });
     std::cout << fmt::format("(end of input: {} prompt{})\n", n, n == 1 ? "" : "s");
     print_speculative_totals(totals);
@@ -610,7 +614,7 @@ bool do_sample(const SampleArgs& a, std::istream& in = std::cin) {
   for (size_t i = 0; i < prompts.size(); ++i) {
     o.prompt = prompts[i];
     // the CPU compares the first prompt (a comparison costs two CPU decodes); the GPU every one
-    ok = sample_prompt(sm, tok, o, a.speculative && (gpu || i == 0), a.num_samples, totals) && ok;
+    ok = sample_prompt(sm, tok, o, a.speculative && (gpu || i == 0), a.num_samples, totals, a.print_ids) && ok;
   }
   print_speculative_totals(totals);
   return ok;
@@ -950,6 +954,8 @@ void add_sample_options(CLI::App* cmd, SampleArgs& s) {
   cmd->add_flag("--speculative", s.speculative, "also decode the first prompt (with --interactive or on the GPU: "
                 "every prompt) with MTP drafts and compare (acceptance, tokens/s, speed-up)");
   cmd->add_option("--device", s.device, "auto (the GPU when there is one), cuda or cpu")->capture_default_str();
+  cmd->add_flag("--print-ids", s.print_ids, "also print each prompt's token ids and the new ids (\"ids: PROMPT | NEW\"), "
+                "for 07_train_gpu/check_generate.py");
   cmd->add_option("--num-samples", s.num_samples, "samples of each prompt; sample i draws from the random stream "
                   "sample_seed(seed, i) (sample 0: the seed itself); the GPU decodes them as one batch")
       ->capture_default_str();
