@@ -15,7 +15,7 @@
 namespace dsv3::cuda {
 namespace {
 
-constexpr int kAttnThreads = 128;
+constexpr int kAttnThreads = 256;
 constexpr int kAttnWarps = kAttnThreads / kWarpSize;
 
 // ---- kernels ------------------------------------------------------------------------------------
@@ -75,26 +75,33 @@ __device__ float block_reduce(float v, float* red) {
 }
 
 // One block per (head h, token t, sequence b), attending over positions 0 .. L-1, L = *pos0 + t + 1, in latent
-// space (cpu::mla_decode_chunk_absorbed, step 5):
-//   5a) q_abs (Dc) = q_nope W_uk_h            thread j: sum over i < Dn in ascending order
-//   5b) p_l = scale (q_abs . c_kv_l + q_pe . k_pe_l), softmax over l   warp-strided positions, fixed reductions
-//   5c) o_lat (Dc) = sum_l p_l c_kv_l         thread j: sum over l in ascending order
-//       o_h (Dv) = W_uv_h o_lat               one warp per output, rowwise dot
-// Dynamic shared memory: Dn + Dr + 2 Dc + Lmax floats.
-__global__ void decode_attention_kernel(float* o, const float* q, const float* c_kv, const float* k_pe,
-                                        const float* wkv_b, const int* pos0, int n, int H, int Dn, int Dr, int Dc,
-                                        int Dv, int max_len, float scale) {
+// space (cpu::mla_decode_chunk_absorbed, step 5). A decode step is bound by latency, not arithmetic: every loop
+// below keeps its serial chain short (a position per thread, or a slice of positions per warp) so the loads of a
+// chain are independent of its sums and can be in flight together.
+//   5a) q_abs (Dc) = q_nope W_uk_h          thread j: the sum over i < Dn in ascending order
+//   5b) p_l = scale (q_abs . c_kv_l + q_pe . k_pe_l)   thread l: the sum over j in ascending order, then over k
+//       softmax over l                      block reductions in a fixed order
+//   5c) o_lat (Dc) = sum_l p_l c_kv_l       warp w sums its positions l = w, w + W, ... in ascending order (lane: a
+//                                           few j), then the W warp sums are added in warp order
+//       o_h (Dv) = W_uv_h o_lat             one warp per output, rowwise dot
+// Every order depends on L and the sizes only, never on n or B: a chunk equals single steps bitwise.
+// Dynamic shared memory: Dn + Dr + Dc + W Dc + Dc + Lmax floats (decode_attention_smem).
+constexpr int kMaxLatChunks = 16;  // Dc <= 32 * 16 = 512 (DeepSeek-V3's kv_lora_rank)
+__global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
+    float* o, const float* q, const float* c_kv, const float* k_pe, const float* wkv_b, const int* pos0, int n, int H,
+    int Dn, int Dr, int Dc, int Dv, int max_len, float scale) {
   extern __shared__ float sm[];
   __shared__ float red[kAttnWarps + 1];
   const int h = blockIdx.x, t = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
   const int S = Dn + Dr, KS = Dn + Dv, r = b * n + t;
   const int L = min(*pos0 + t + 1, max_len);
-  float* qn = sm;             // (Dn)
-  float* qp = qn + Dn;        // (Dr)
-  float* q_abs = qp + Dr;     // (Dc)
-  float* o_lat = q_abs + Dc;  // (Dc)
-  float* p = o_lat + Dc;      // (Lmax)
+  float* qn = sm;                       // (Dn)
+  float* qp = qn + Dn;                  // (Dr)
+  float* q_abs = qp + Dr;               // (Dc)
+  float* part = q_abs + Dc;             // (W, Dc) the warps' partial o_lat
+  float* o_lat = part + kAttnWarps * Dc;  // (Dc)
+  float* p = o_lat + Dc;                // (Lmax)
   const float* qr = q + (static_cast<size_t>(r) * H + h) * S;
   for (int j = tid; j < S; j += kAttnThreads) qn[j] = qr[j];  // qn and qp are contiguous: [q_nope | q_pe]
   __syncthreads();
@@ -102,6 +109,7 @@ __global__ void decode_attention_kernel(float* o, const float* q, const float* c
   const float* wk = wkv_b + static_cast<size_t>(h) * KS * Dc;
   for (int j = tid; j < Dc; j += kAttnThreads) {
     float acc = 0.f;
+#pragma unroll 8
     for (int i = 0; i < Dn; ++i) acc = fmaf(qn[i], wk[static_cast<size_t>(i) * Dc + j], acc);
     q_abs[j] = acc;
   }
@@ -109,10 +117,15 @@ __global__ void decode_attention_kernel(float* o, const float* q, const float* c
   // 5b) scores, then the softmax
   const float* ckb = c_kv + static_cast<size_t>(b) * max_len * Dc;
   const float* kpb = k_pe + static_cast<size_t>(b) * max_len * Dr;
-  for (int l = warp; l < L; l += kAttnWarps) {
-    const float s = warp_sum(rowwise::lane_dot(q_abs, ckb + static_cast<size_t>(l) * Dc, Dc, lane) +
-                             rowwise::lane_dot(qp, kpb + static_cast<size_t>(l) * Dr, Dr, lane));
-    if (lane == 0) p[l] = scale * s;
+  for (int l = tid; l < L; l += kAttnThreads) {
+    const float* ck = ckb + static_cast<size_t>(l) * Dc;
+    const float* kp = kpb + static_cast<size_t>(l) * Dr;
+    float a = 0.f, e = 0.f;
+#pragma unroll 8
+    for (int j = 0; j < Dc; ++j) a = fmaf(q_abs[j], ck[j], a);
+#pragma unroll 8
+    for (int k = 0; k < Dr; ++k) e = fmaf(qp[k], kp[k], e);
+    p[l] = scale * (a + e);
   }
   __syncthreads();
   float m = -INFINITY;
@@ -123,13 +136,33 @@ __global__ void decode_attention_kernel(float* o, const float* q, const float* c
   const float inv = 1.f / block_reduce<false>(z, red);
   for (int l = tid; l < L; l += kAttnThreads) p[l] *= inv;
   __syncthreads();
-  // 5c) o_lat, then o_h = W_uv_h o_lat, W_uv_h = wkv_b[h*KS + Dn + v, :]
-  for (int j = tid; j < Dc; j += kAttnThreads) {
-    float acc = 0.f;
-    for (int l = 0; l < L; ++l) acc = fmaf(p[l], ckb[static_cast<size_t>(l) * Dc + j], acc);
-    o_lat[j] = acc;
+  // 5c) o_lat: warp partial sums over its positions, then the warps in order
+  float acc[kMaxLatChunks];
+#pragma unroll
+  for (int c = 0; c < kMaxLatChunks; ++c) acc[c] = 0.f;
+#pragma unroll 2
+  for (int l = warp; l < L; l += kAttnWarps) {
+    const float pl = p[l];
+    const float* ck = ckb + static_cast<size_t>(l) * Dc;
+#pragma unroll
+    for (int c = 0; c < kMaxLatChunks; ++c) {
+      const int j = c * kWarpSize + lane;
+      if (j < Dc) acc[c] = fmaf(pl, ck[j], acc[c]);
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < kMaxLatChunks; ++c) {
+    const int j = c * kWarpSize + lane;
+    if (j < Dc) part[warp * Dc + j] = acc[c];
   }
   __syncthreads();
+  for (int j = tid; j < Dc; j += kAttnThreads) {
+    float sum = 0.f;
+    for (int w = 0; w < kAttnWarps; ++w) sum += part[w * Dc + j];
+    o_lat[j] = sum;
+  }
+  __syncthreads();
+  // o_h = W_uv_h o_lat, W_uv_h = wkv_b[h*KS + Dn + v, :]
   float* orow = o + (static_cast<size_t>(r) * H + h) * Dv;
   for (int v = warp; v < Dv; v += kAttnWarps) {
     const float s = rowwise::warp_dot(wk + static_cast<size_t>(Dn + v) * Dc, o_lat, Dc, lane);
@@ -164,7 +197,9 @@ void mla_decode_chunk_absorbed(float* out, const MlaCache<float>& cache, const f
                                            pos0, n, R, H, S, Dn, Dc, Dr, cache.max_len, c.norm_eps);
   CUDA_CHECK_LAST();
   // 5) attention in latent space, one block per (head, token, sequence)
-  const size_t smem = sizeof(float) * (size_t(Dn) + Dr + 2 * size_t(Dc) + cache.max_len);
+  require(Dc <= kMaxLatChunks * kWarpSize, "mla decode: kv_lora_rank {} is above the {} the GPU decode supports", Dc,
+          kMaxLatChunks * kWarpSize);
+  const size_t smem = sizeof(float) * (size_t(Dn) + Dr + (2 + kAttnWarps) * size_t(Dc) + cache.max_len);
   require(smem <= 48 * 1024, "mla decode: a cache of {} positions needs {} bytes of shared memory per block, more "
           "than 48 KiB", cache.max_len, smem);
   decode_attention_kernel<<<dim3(H, n, B), kAttnThreads, smem>>>(o.get(), q.get(), cache.c_kv, cache.k_pe, w.wkv_b,

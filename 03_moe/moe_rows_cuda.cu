@@ -69,8 +69,10 @@ __global__ void swiglu_up_kernel(float* a, int Fmax, const float* x, int D, Slot
 }
 
 // y (slots, D) = a W2^T per slot: one warp per (output d, slot). Row `slot` of y goes to y + slot*D, except that
-// the plain slots go to plain_out (n, D) when it is given (the MLP writes its output directly).
-__global__ void swiglu_down_kernel(float* y, float* plain_out, const float* a, int Fmax, int D, Slots s) {
+// the plain slots go to plain_out (n, D) when it is given (the MLP writes its output directly; added to what is
+// there with accumulate).
+__global__ void swiglu_down_kernel(float* y, float* plain_out, bool accumulate, const float* a, int Fmax, int D,
+                                   Slots s) {
   const int d = blockIdx.x * kWarps + threadIdx.x / kWarpSize, slot = blockIdx.y;
   const int lane = threadIdx.x % kWarpSize;
   if (d >= D) return;
@@ -80,32 +82,37 @@ __global__ void swiglu_down_kernel(float* y, float* plain_out, const float* a, i
   const float v = rowwise::warp_dot(w2 + static_cast<size_t>(d) * width, a + static_cast<size_t>(slot) * Fmax, width,
                                     lane);
   if (lane != 0) return;
-  if (!routed && plain_out)
-    plain_out[static_cast<size_t>(slot - s.NK) * D + d] = v;
-  else
+  if (!routed && plain_out) {
+    float* dst = plain_out + static_cast<size_t>(slot - s.NK) * D + d;
+    *dst = accumulate ? *dst + v : v;
+  } else {
     y[static_cast<size_t>(slot) * D + d] = v;
+  }
 }
 
-// out (n, D) = y_shared[t] (0 without shared experts) + sum_k rw[t,k] y[t*K + k], in k order (cpu::moe_rows).
-__global__ void combine_rows_kernel(float* out, const float* y, const float* rw, int n, int K, int D, bool shared) {
+// out (n, D) = y_shared[t] (0 without shared experts) + sum_k rw[t,k] y[t*K + k], in k order (cpu::moe_rows); with
+// accumulate, out += that sum (the block's residual add, fused).
+__global__ void combine_rows_kernel(float* out, bool accumulate, const float* y, const float* rw, int n, int K, int D,
+                                    bool shared) {
   const size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= static_cast<size_t>(n) * D) return;
   const int t = static_cast<int>(i / D), d = static_cast<int>(i % D);
   float acc = shared ? y[(static_cast<size_t>(n) * K + t) * D + d] : 0.f;
   for (int k = 0; k < K; ++k) acc += rw[static_cast<size_t>(t) * K + k] * y[(static_cast<size_t>(t) * K + k) * D + d];
-  out[i] = acc;
+  out[i] = accumulate ? out[i] + acc : acc;
 }
 
 // ---- launchers ----------------------------------------------------------------------------------
 
 // The SwiGLU of `slots` slots (s.NK routed, then `plain` plain ones); y (slots, D), or the plain rows into plain_out.
-void swiglu_slots(float* y, float* plain_out, const float* x, int D, const Slots& s, int plain) {
+void swiglu_slots(float* y, float* plain_out, bool accumulate, const float* x, int D, const Slots& s, int plain) {
   const int slots = s.NK + plain, Fmax = max(s.NK ? s.F : 0, plain ? s.Fp : 0);
   if (slots == 0) return;
   ScratchBuffer<float> a(size_t(slots) * Fmax);
   swiglu_up_kernel<<<dim3(blocks_for(Fmax, kWarps), slots), kThreads>>>(a.get(), Fmax, x, D, s);
   CUDA_CHECK_LAST();
-  swiglu_down_kernel<<<dim3(blocks_for(D, kWarps), slots), kThreads>>>(y, plain_out, a.get(), Fmax, D, s);
+  swiglu_down_kernel<<<dim3(blocks_for(D, kWarps), slots), kThreads>>>(y, plain_out, accumulate, a.get(), Fmax, D,
+                                                                       s);
   CUDA_CHECK_LAST();
 }
 
@@ -113,14 +120,14 @@ void swiglu_slots(float* y, float* plain_out, const float* x, int D, const Slots
 
 // ---- entry points -------------------------------------------------------------------------------
 
-void mlp_rows(float* out, const float* x, const MlpWeights<float>& w, const MlpConfig& c, int n) {
+void mlp_rows(float* out, const float* x, const MlpWeights<float>& w, const MlpConfig& c, int n, bool accumulate) {
   validate_mlp_call(c, n);
   if (n == 0) return;
   const Slots s{nullptr, nullptr, nullptr, nullptr, 0, 1, 0, w.w1, w.w2, w.w3, c.inter_dim};
-  swiglu_slots(nullptr, out, x, c.dim, s, n);
+  swiglu_slots(nullptr, out, accumulate, x, c.dim, s, n);
 }
 
-void moe_rows(float* out, const float* x, const MoeWeights<float>& w, const MoeConfig& c, int n) {
+void moe_rows(float* out, const float* x, const MoeWeights<float>& w, const MoeConfig& c, int n, bool accumulate) {
   validate_moe_call(c, n);
   require(c.n_routed_experts <= 4096, "moe decode: at most 4096 routed experts (shared memory of the router), got {}",
           c.n_routed_experts);
@@ -136,9 +143,9 @@ void moe_rows(float* out, const float* x, const MoeWeights<float>& w, const MoeC
   CUDA_CHECK_LAST();
   // 2) every routed slot through its expert, and the shared experts on every token, in one pair of launches
   const Slots s{w.w1, w.w2, w.w3, idx.get(), NK, K, c.moe_inter_dim, w.shared_w1, w.shared_w2, w.shared_w3, Fs};
-  swiglu_slots(y.get(), nullptr, x, D, s, Fs > 0 ? n : 0);
+  swiglu_slots(y.get(), nullptr, false, x, D, s, Fs > 0 ? n : 0);
   // 3) out = shared + sum_k w_k y_k in k order
-  combine_rows_kernel<<<blocks_for(size_t(n) * D, 256), 256>>>(out, y.get(), rw.get(), n, K, D, Fs > 0);
+  combine_rows_kernel<<<blocks_for(size_t(n) * D, 256), 256>>>(out, accumulate, y.get(), rw.get(), n, K, D, Fs > 0);
   CUDA_CHECK_LAST();
 }
 

@@ -15,13 +15,12 @@ void block_decode(float* x, const MlaCache<float>& cache, const BlockWeights<flo
   // 1) h = x + MLA(attn_norm(x)) through the latent cache
   rmsnorm_rows(xa.get(), x, w.attn_norm, R, D, c.norm_eps);
   mla_decode_chunk_absorbed(br.get(), cache, xa.get(), w.attn, c.attn, B, n, pos0, rope);
-  // 2) out = h + FFN(ffn_norm(h)); the residual add fused with the norm
+  // 2) out = h + FFN(ffn_norm(h)); both residual adds fused (into the norm, into the FFN's last kernel)
   add_rmsnorm_rows(xa.get(), x, br.get(), w.ffn_norm, R, D, c.norm_eps);
   if (c.ffn == FfnKind::Dense)
-    mlp_rows(br.get(), xa.get(), w.mlp, c.mlp, R);
+    mlp_rows(x, xa.get(), w.mlp, c.mlp, R, true);
   else
-    moe_rows(br.get(), xa.get(), w.moe, c.moe, R);
-  add_inplace(x, br.get(), size_t(R) * D);
+    moe_rows(x, xa.get(), w.moe, c.moe, R, true);
 }
 
 }  // namespace dsv3::cuda

@@ -441,6 +441,24 @@ class Samplers {
 #endif
   }
   bool gpu() const { return gpu_; }
+  // GPU: the mean call times of the batch-1 decoder since the last call (plain steps, verifies of two, MTP drafts;
+  // host-timed up to each call's synchronisation), then reset; empty on the CPU or when one kind is missing.
+  std::string timing_note() {
+#ifdef DSV3_HAVE_CUDA
+    if (!gpu_) return "";
+    GpuDecoder& d = single();
+    const GpuDecoder::Timing t = d.timing();
+    d.reset_timing();
+    if (!t.steps || !t.verifies || !t.drafts) return "";
+    const double step = 1e3 * t.step_ms / t.steps, verify = 1e3 * t.verify_ms / t.verifies;
+    const double draft = 1e3 * t.draft_ms / t.drafts;
+    return fmt::format("GPU calls (mean): plain step {:.0f} us ({}x), verify of two {:.0f} us ({}x), MTP draft {:.0f} us "
+                       "({}x): a speculative step costs {:.2f} plain steps\n",
+                       step, t.steps, verify, t.verifies, draft, t.drafts, (verify + draft) / step);
+#else
+    return "";
+#endif
+  }
   // The --num-samples samples of o.prompt, decoded plainly: one batch on the GPU, one by one on the CPU.
   std::vector<SampleResult> batch(const Tokenizer& tok, const SampleOptions& o) {
 #ifdef DSV3_HAVE_CUDA
@@ -515,6 +533,7 @@ bool sample_prompt(Samplers& sm, const Tokenizer& tok, const SampleOptions& opt,
   bool identical = true;
   for (int i = 0; i < num_samples; ++i) {
     SampleComparison c;
+    sm.timing_note();  // starts the call times afresh
     c.plain = sm.one(tok, opt, i, false);
     c.speculative = sm.one(tok, opt, i, true);
     c.speedup = c.speculative.seconds > 0 ? c.plain.seconds / c.speculative.seconds : 0;
@@ -531,7 +550,7 @@ bool sample_prompt(Samplers& sm, const Tokenizer& tok, const SampleOptions& opt,
                fmt::format("{:.1f}%", 100 * rate)});
     t.print();
     std::cout << fmt::format("speculative speed-up {:.2f}x; output identical to plain decoding: {}\n", c.speedup,
-                             c.identical ? "yes" : "NO") << std::flush;
+                             c.identical ? "yes" : "NO") << sm.timing_note() << std::flush;
     identical = identical && c.identical;
     ++totals.prompts;
     totals.tokens += int(c.plain.tokens.size());

@@ -15,6 +15,7 @@
 #include "common/errors.h"
 #include "common/param_list_device.h"
 #include "common/rowwise_cuda.cuh"
+#include "common/timer.h"
 
 namespace dsv3 {
 namespace {
@@ -153,6 +154,7 @@ struct GpuDecoder::Impl {
   PinnedBuffer<int> draft_h;
   GraphExec feed_graph[3], draft_graph[3];  // index n (feed, all n rows' logits) or m (draft), 1 and 2
   int captures = 0;
+  Timing timing;
   // host state (as the CPU Decoder's)
   int pos = 0, mtp_pos = 0;
   std::vector<int> tokens, mtp_tokens;  // (Lmax) sequence 0's fed tokens; the token each MTP position embedded
@@ -267,8 +269,12 @@ void GpuDecoder::truncate(int new_pos) {
   s.mtp_pos = std::min(s.mtp_pos, new_pos);  // MTP position new_pos-1 read t_{new_pos}: draft() re-checks it
 }
 
+GpuDecoder::Timing GpuDecoder::timing() const { return impl_->timing; }
+void GpuDecoder::reset_timing() { impl_->timing = Timing{}; }
+
 const float* GpuDecoder::feed(const std::vector<int>& toks, int n, int last) {
   Impl& s = *impl_;
+  CpuTimer timer;
   require(n > 0, "decoder: feed needs at least one token");
   require(toks.size() == size_t(s.B) * n, "decoder: {} tokens given for {} sequences of {}", toks.size(), s.B, n);
   require(s.pos + n <= s.Lmax, "decoder: {} tokens at position {} do not fit max_len {}", n, s.pos, s.Lmax);
@@ -292,6 +298,10 @@ const float* GpuDecoder::feed(const std::vector<int>& toks, int n, int last) {
   }
   std::copy_n(toks.begin(), n, s.tokens.begin() + s.pos);  // sequence 0's, for the MTP draft
   s.pos += n;
+  if (n <= 2) {
+    (n == 1 ? s.timing.steps : s.timing.verifies) += 1;
+    (n == 1 ? s.timing.step_ms : s.timing.verify_ms) += timer.elapsed_ms();
+  }
   return s.logits_h.get();
 }
 
@@ -301,6 +311,7 @@ int GpuDecoder::draft(int next) {
   require(s.B == 1, "decoder: the MTP draft runs on one sequence (batch 1), not {}", s.B);
   require(s.pos > 0, "decoder: draft needs a fed token first (the MTP module reads its normalised final hidden state)");
   require(next >= 0 && next < s.V, "decoder: token id {} is outside the vocabulary [0, {})", next, s.V);
+  CpuTimer timer;
   // 1) as Decoder::draft: keep the computed MTP prefix whose input tokens still match, recompute the rest
   auto input_token = [&](int j) { return j + 1 < s.pos ? s.tokens[j + 1] : next; };
   int keep = 0;
@@ -317,6 +328,8 @@ int GpuDecoder::draft(int next) {
     s.draft_forward(m);
   CUDA_CHECK(cudaStreamSynchronize(cudaStreamPerThread));
   s.mtp_pos = s.pos;
+  ++s.timing.drafts;
+  s.timing.draft_ms += timer.elapsed_ms();
   return *s.draft_h.get();
 }
 

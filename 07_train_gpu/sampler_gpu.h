@@ -56,6 +56,14 @@ class GpuDecoder : public TokenDecoder {
 
   // MTP module 1's logits (V) of the last draft() (tests compare them with the CPU Decoder's).
   std::vector<float> draft_logits() const;
+  // Host-timed calls (each up to its synchronisation): feeds of one token per sequence (plain steps), of two
+  // (verifies of a draft) and drafts, with their milliseconds; what a speculative step costs next to a plain one.
+  struct Timing {
+    int steps = 0, verifies = 0, drafts = 0;
+    double step_ms = 0, verify_ms = 0, draft_ms = 0;
+  };
+  Timing timing() const;
+  void reset_timing();
   // CUDA graphs captured so far (at most four: feed n = 1, 2 (the last one or two rows' logits); draft m = 1, 2).
   int graph_captures() const;
 

@@ -14,7 +14,9 @@ t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 stamp build
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv > "$LOG/gpu.txt" 2>&1
-(cmake -S "$SRC" -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release && cmake --build $B -j16) > "$LOG/build.log" 2>&1 \
+# TARGETS: what to build (default everything); HF_SPEED: new tokens of each timed transformers generate (0: none)
+(cmake -S "$SRC" -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release && cmake --build $B -j16 ${TARGETS:+--target $TARGETS}) \
+  > "$LOG/build.log" 2>&1 \
   || { stamp "BUILD FAILED"; tail -30 "$LOG/build.log"; exit 1; }
 stamp tests
 (cd $B && ctest -R 'Cuda(MlaDecode|MoeRows|Sampler)|CudaMla\.|CudaMoe\.' --timeout 300 -j4) > "$LOG/tests.log" 2>&1
@@ -34,7 +36,7 @@ diff <(grep '^ids:' "$LOG/greedy_gpu.txt") <(grep '^ids:' "$LOG/greedy_cpu.txt")
   && echo "greedy ids: GPU == CPU (3 prompts x 100)" || echo "greedy ids: GPU and CPU DIFFER"
 for temp in 0 0.8; do
   "${S[@]}" --device cuda --temperature $temp --max-new-tokens 300 --speculative > "$LOG/spec_t$temp.txt" 2>&1
-  grep -E "speed-up|overall" "$LOG/spec_t$temp.txt"
+  grep -E "speed-up|overall|GPU calls" "$LOG/spec_t$temp.txt"
   "${S[@]}" --device cuda --temperature $temp --max-new-tokens 300 --num-samples 16 --prompt "Love is" > "$LOG/batch16_t$temp.txt" 2>&1
   grep -E "samples \(" "$LOG/batch16_t$temp.txt"
 done
@@ -43,6 +45,6 @@ done
 diff <(grep '^ids:' "$LOG/sampled_gpu.txt") <(grep '^ids:' "$LOG/sampled_cpu.txt") > /dev/null \
   && echo "temperature 0.8, 2 samples x 100: GPU == CPU" || echo "temperature 0.8: GPU and CPU differ (see sampled_*.txt)"
 stamp transformers
-PYTHONUNBUFFERED=1 python3 07_train_gpu/check_generate.py --checkpoint $CK --ours "$LOG/greedy_gpu.txt" > "$LOG/check_generate.txt" 2>&1
+PYTHONUNBUFFERED=1 python3 07_train_gpu/check_generate.py --checkpoint $CK --ours "$LOG/greedy_gpu.txt" --speed-tokens ${HF_SPEED:-100} > "$LOG/check_generate.txt" 2>&1
 grep -E "equal|DIFFER|tokens/s|FAIL|ok$|Error" "$LOG/check_generate.txt" | head -20
 stamp done
