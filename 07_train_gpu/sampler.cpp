@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <istream>
+#include <future>
 #include <numeric>
 #include <sstream>
 
@@ -36,6 +37,8 @@ struct DecodeScratch {
 namespace {
 
 constexpr uint64_t kMaxPromptFileBytes = uint64_t(16) << 20;
+// Host threads that draw the tokens of a batch of at least twice as many samples (decode_samples).
+constexpr int kSamplingThreads = 4;
 
 MlaCache<float> cache_of(Decoder::LatentCache& lc, int max_len) { return {lc.c_kv.data(), lc.k_pe.data(), max_len}; }
 
@@ -277,14 +280,26 @@ std::vector<SampleResult> decode_samples(TokenDecoder& dec, int V, int P, const 
     sampling_ms += t.elapsed_ms();
     return x;
   };
-  // One token for every live sample from its logits (B, V); an ended sample repeats its last token.
-  auto sample_all = [&](const float* logits) {
-    for (int b = 0; b < B; ++b) {
+  // One token for every live sample from its logits (B, V); an ended sample repeats its last token. Samples are
+  // independent (their own logits row, stream, text and result), so a large batch is drawn by a few host threads
+  // (kSamplingThreads; the same tokens as one thread, in any order).
+  auto sample_rows = [&](const float* logits, int b0, int b1) {
+    for (int b = b0; b < b1; ++b) {
       if (done[b])
         text[b].push_back(text[b].back());
       else
-        done[b] = emit(b, draw(logits + size_t(b) * V, b));
+        done[b] = emit(b, sample_token(logits + size_t(b) * V, V, opt, rng[b]));
     }
+  };
+  auto sample_all = [&](const float* logits) {
+    CpuTimer t;
+    const int threads = B >= 2 * kSamplingThreads ? kSamplingThreads : 1;
+    std::vector<std::future<void>> work;
+    for (int k = 1; k < threads; ++k)
+      work.push_back(std::async(std::launch::async, sample_rows, logits, B * k / threads, B * (k + 1) / threads));
+    sample_rows(logits, 0, B / threads);
+    for (auto& w : work) w.get();  // rethrows a worker's error (a non-finite logit)
+    sampling_ms += t.elapsed_ms();
   };
   // Feeds the texts' last tokens and samples from them. The window holds dec.pos() tokens; when it holds P, the
   // re-fill: reset, and feed the K tokens before the last one with it as one chunk (its last row).

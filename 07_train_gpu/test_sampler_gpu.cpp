@@ -203,7 +203,7 @@ TEST(CudaSamplerSpeculative, GreedyContinuationEqualsTheCpuSampler) {
 TEST(CudaSamplerBatch, BatchOfNEqualsNSingleRuns) {
   DSV3_REQUIRE_GPU();
   const Model<float> m(config_preset("tiny"), 13);
-  const int N = 5, eos = 7;
+  const int N = 9, eos = 7;  // >= 8: the host draws with several threads
   GpuDecoder batch(m, N), one(m, 1);
   const SampleOptions o = sampled(21, 50);
   const std::vector<SampleResult> all = gpu_samples(batch, m, {3, 17, 42, 8}, o, eos, false);
