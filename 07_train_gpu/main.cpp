@@ -55,6 +55,10 @@ extern "C" void on_stop_signal(int sig) {
   for (const int s : kStopSignals) std::signal(s, SIG_DFL);
 }
 
+// The most samples of a prompt (--num-samples): the GPU decoder keeps (B, 64, V) logits in device and pinned host
+// memory for its prefill pieces, 256 MiB at B = 256 for the lyrics model.
+constexpr int kMaxSamples = 256;
+
 // The three fixed prompts of the README's samples.
 const std::vector<std::string> kPrompts = {"I walked along the river", "O LORD, my heart", "Love is"};
 
@@ -592,7 +596,8 @@ bool do_sample(const SampleArgs& a, std::istream& in = std::cin) {
   validate_sample_options(a.opt);
   require(a.device == "auto" || a.device == "cuda" || a.device == "cpu", "--device must be auto, cuda or cpu (got '{}')",
           a.device);
-  require(a.num_samples >= 1 && a.num_samples <= 4096, "--num-samples must be in [1, 4096], got {}", a.num_samples);
+  require(a.num_samples >= 1 && a.num_samples <= kMaxSamples, "--num-samples must be in [1, {}], got {}", kMaxSamples,
+          a.num_samples);
   const bool gpu = a.device == "cuda" || (a.device == "auto" && gpu_available());
   require(!gpu || gpu_available(), "--device cuda: {}; use --device cpu", gpu_description());
   const Model<float> model = load_model(a.checkpoint);
@@ -975,8 +980,9 @@ void add_sample_options(CLI::App* cmd, SampleArgs& s) {
   cmd->add_option("--device", s.device, "auto (the GPU when there is one), cuda or cpu")->capture_default_str();
   cmd->add_flag("--print-ids", s.print_ids, "also print each prompt's token ids and the new ids (\"ids: PROMPT | NEW\"), "
                 "for 07_train_gpu/check_generate.py");
-  cmd->add_option("--num-samples", s.num_samples, "samples of each prompt; sample i draws from the random stream "
-                  "sample_seed(seed, i) (sample 0: the seed itself); the GPU decodes them as one batch")
+  cmd->add_option("--num-samples", s.num_samples, fmt::format("samples of each prompt, at most {}; sample i draws "
+                  "from the random stream sample_seed(seed, i) (sample 0: the seed itself); the GPU decodes them as "
+                  "one batch", kMaxSamples))
       ->capture_default_str();
 }
 
