@@ -189,7 +189,7 @@ void mla_decode_step_absorbed(T* out, const MlaCache<T>& cache, const T* inp, co
 // pos0 .. pos0+n-1 appends each token's c_kv, k_pe to the cache, and token t attends over positions 0 .. pos0+t
 // (causal within the chunk); out (n, D). Every product is common/rowwise.h's fixed-order dot, so the result is
 // bitwise that of n calls with n = 1: stage 07's speculative decoding rests on it. scratch: null for a local one.
-// CPU only (a CUDA twin is stage 07's GPU sampler's work).
+// The CUDA twin below takes B sequences and a device position.
 template <typename T>
 void mla_decode_chunk_absorbed(T* out, const MlaCache<T>& cache, const T* inp, const MlaWeights<T>& w,
                                const MlaConfig& c, int n, int pos0, const MlaRope<T>& rope,
@@ -209,6 +209,15 @@ void mla_decode_step_naive(float* out, const MlaCache<float>& cache, const float
 void mla_decode_step_absorbed(float* out, const MlaCache<float>& cache, const float* inp,
                               const MlaWeights<float>& w, const MlaConfig& c, int B, int pos,
                               const MlaRope<float>& rope);
+// The absorbed chunk decode for B sequences at the same positions (mla_decode_cuda.cu): inp (B, n, D) holds token t
+// of sequence b in row b*n + t, at position *pos0 + t, where pos0 is a DEVICE int (so a captured CUDA graph replays
+// at every position; the host never reads it). Appends each token's c_kv, k_pe to sequence b's cache (B, Lmax, ..)
+// and attends causally as the CPU form; out (B, n, D). Every product is a fixed-order row-wise one
+// (common/rowwise_cuda.cuh, no cuBLAS): a row's result is bitwise independent of n and of B, so a chunk of two
+// equals two single steps on the GPU too (stage 07's speculative decoding). The caller keeps *pos0 + n <= max_len
+// (rows past the cache are skipped, never written out of bounds); max_len must not exceed the RoPE table.
+void mla_decode_chunk_absorbed(float* out, const MlaCache<float>& cache, const float* inp, const MlaWeights<float>& w,
+                               const MlaConfig& c, int B, int n, const int* pos0, const MlaRope<float>& rope);
 
 // The causal attention of the training form on its own, both versions (mla_forward / mla_backward run the fused
 // one when c.fused_attention(), else the materialised one; the micro-benchmark times them side by side).

@@ -1,6 +1,7 @@
 // Stage 02 tests: gradchecks of every parameter and the input (with and without q compression), an
 // independent loop-by-loop reference of the forward, the oracles (absorbed decode == naive decode,
 // cached step-by-step decoding == full forward, causality), edge shapes, config errors, CPU vs CUDA.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -521,6 +522,60 @@ TEST_P(CudaMlaDecode, NaiveAndAbsorbedMatchCpuAndForward) {
   }
 }
 INSTANTIATE_TEST_SUITE_P(QRank, CudaMlaDecode, ::testing::Values(13, 0));
+
+// The GPU chunk decode (B sequences, device position) against cpu::mla_decode_chunk_absorbed per sequence, and its
+// two bitwise invariances: chunks of any size equal single steps, and a batch equals each sequence decoded alone.
+TEST_P(CudaMlaDecode, ChunkAbsorbedMatchesCpuAndIsChunkAndBatchInvariant) {
+  DSV3_REQUIRE_GPU();
+  const CudaCase k{"chunk", GetParam(), 4, 3, 23, 0};
+  Problem<float> pb(cuda_config(k), k.B, k.T, 211);
+  const auto rope = pb.rope();
+  const int Lmax = k.T + 2, Dc = pb.c.kv_lora_rank, Dr = pb.c.qk_rope_head_dim, D = pb.c.dim;
+  const std::vector<int> chunks = {1, 2, 3, 1, 5, 2, 2, 7};  // sums to T = 23
+  // CPU reference: each sequence alone, with the same chunk schedule
+  std::vector<float> want(pb.x.size());
+  for (int b = 0; b < k.B; ++b) {
+    std::vector<float> ckv(size_t(Lmax) * Dc), kpe(size_t(Lmax) * Dr);
+    const MlaCache<float> cache{ckv.data(), kpe.data(), Lmax};
+    for (int at = 0, i = 0; at < k.T; at += chunks[i++]) {
+      const size_t off = (size_t(b) * k.T + at) * D;
+      cpu::mla_decode_chunk_absorbed(want.data() + off, cache, pb.x.data() + off, pb.p.weights(), pb.c, chunks[i],
+                                     at, rope);
+    }
+  }
+  MlaDeviceParams dw(pb.p);
+  const MlaDeviceRope drope(pb.tab);
+  // Decodes sequences [b0, b0+nb) with the chunk schedule `sizes` on the GPU; returns out (nb, T, D).
+  auto gpu = [&](int b0, int nb, const std::vector<int>& sizes) {
+    DeviceBuffer<float> ckv(size_t(nb) * Lmax * Dc), kpe(size_t(nb) * Lmax * Dr);
+    DeviceBuffer<int> pos(1);
+    ckv.poison();  // positions not yet written must never be read
+    kpe.poison();
+    const MlaCache<float> cache{ckv.get(), kpe.get(), Lmax};
+    std::vector<float> got(size_t(nb) * k.T * D);
+    for (int at = 0, i = 0; at < k.T; at += sizes[i++]) {
+      const int n = sizes[i];
+      std::vector<float> xh(size_t(nb) * n * D);
+      for (int b = 0; b < nb; ++b)
+        std::copy_n(&pb.x[(size_t(b0 + b) * k.T + at) * D], size_t(n) * D, &xh[size_t(b) * n * D]);
+      DeviceBuffer<float> xt(xh), ot(xh.size());
+      ot.poison();
+      pos.upload({at});
+      cuda::mla_decode_chunk_absorbed(ot.get(), cache, xt.get(), dw.weights(), pb.c, nb, n, pos.get(), drope.view());
+      const auto oh = ot.download();
+      for (int b = 0; b < nb; ++b)
+        std::copy_n(&oh[size_t(b) * n * D], size_t(n) * D, &got[(size_t(b) * k.T + at) * D]);
+    }
+    return got;
+  };
+  const auto chunked = gpu(0, k.B, chunks);
+  EXPECT_CLOSE(compare(chunked, want, kReductionTol), "cuda chunk decode vs cpu chunk decode");
+  const auto single = gpu(0, k.B, std::vector<int>(k.T, 1));
+  EXPECT_TRUE(chunked == single) << "a chunk must give bitwise the values of single steps";
+  const auto alone = gpu(1, 1, chunks);
+  EXPECT_TRUE(std::equal(alone.begin(), alone.end(), chunked.begin() + size_t(k.T) * D))
+      << "sequence 1 of a batch must be bitwise sequence 1 decoded alone";
+}
 
 TEST(CudaMlaErrors, RejectsPositionPastCache) {
   DSV3_REQUIRE_GPU();

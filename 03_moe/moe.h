@@ -263,6 +263,14 @@ void mlp_forward(float* out, float* h1, float* h3, const float* inp, const MlpWe
                  int N);
 void mlp_backward(const MlpGrads<float>& grads, float* dinp, const float* dout, const float* h1, const float* h3,
                   const float* inp, const MlpWeights<float>& w, const MlpConfig& c, int N);
+// The decode forms on the GPU (moe_rows_cuda.cu; the CPU ones without their scratch): every token routed on its
+// own, every product a fixed-order row-wise dot (common/rowwise_cuda.cuh, no cuBLAS), so a row's output is bitwise
+// independent of n; nothing read back to the host, so the launches can be captured in a CUDA graph. fp32 whatever
+// c.matmul says. accumulate: out += FFN(x) (a block's residual add, fused; the same value as adding afterwards).
+void mlp_rows(float* out, const float* x, const MlpWeights<float>& w, const MlpConfig& c, int n,
+              bool accumulate = false);
+void moe_rows(float* out, const float* x, const MoeWeights<float>& w, const MoeConfig& c, int n,
+              bool accumulate = false);
 
 }  // namespace cuda
 }  // namespace dsv3

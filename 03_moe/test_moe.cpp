@@ -540,6 +540,61 @@ INSTANTIATE_TEST_SUITE_P(
                       CudaCase{"v3_like_routing", cuda_config(128, 64, 64, 8, 8, 4, 1), 700, false}),
     [](const auto& info) { return std::string(info.param.name); });
 
+// The GPU decode forms (cuda::moe_rows / mlp_rows) against the CPU ones, and bitwise row independence: all N rows
+// in one call equal N calls of one row.
+class CudaMoeRows : public ::testing::TestWithParam<CudaCase> {};
+
+TEST_P(CudaMoeRows, MatchCpuRowsAndAreRowInvariant) {
+  DSV3_REQUIRE_GPU();
+  const CudaCase& cc = GetParam();
+  const MoeConfig& c = cc.c;
+  const int N = std::min(cc.N, 64), D = c.dim;
+  Rng rng(30);
+  auto p = params_with_bias<float>(c, 31);
+  if (cc.idle_expert) p.gate_bias[1] = -100.f;
+  auto x = rng.normal_vec<float>(size_t(N) * D);
+  make_routing_exact(x, p);
+  const MlpConfig mc{D, c.moe_inter_dim};
+  const MlpParams<float> mp{p.w1, p.w2, p.w3};  // expert 0's first rows as an MLP of the same sizes
+  const MlpWeights<float> mw{mp.w1.data(), mp.w2.data(), mp.w3.data()};
+  FfnRowsScratch<float> scratch;
+  std::vector<float> want(x.size()), want_mlp(x.size());
+  cpu::moe_rows(want.data(), x.data(), p.weights(), c, N, scratch);
+  cpu::mlp_rows(want_mlp.data(), x.data(), mw, mc, N, scratch);
+  MoeDeviceParams dp(p);
+  DeviceBuffer<float> d1(mp.w1), d2(mp.w2), d3(mp.w3), gx(x), all(x.size()), one{size_t(D)};
+  const MlpWeights<float> dmw{d1.get(), d2.get(), d3.get()};
+  for (bool moe : {true, false}) {
+    auto run = [&](float* out, const float* in, int n) {
+      if (moe)
+        cuda::moe_rows(out, in, dp.weights(), c, n);
+      else
+        cuda::mlp_rows(out, in, dmw, mc, n);
+    };
+    all.poison();
+    run(all.get(), gx.get(), N);
+    const std::vector<float> got = all.download();
+    EXPECT_CLOSE(compare(got, moe ? want : want_mlp, kReductionTol), moe ? "moe_rows" : "mlp_rows");
+    std::vector<float> rows;
+    for (int t = 0; t < N; ++t) {
+      one.poison();
+      run(one.get(), gx.get() + size_t(t) * D, 1);
+      const auto r = one.download();
+      rows.insert(rows.end(), r.begin(), r.end());
+    }
+    EXPECT_TRUE(rows == got) << (moe ? "moe_rows" : "mlp_rows") << ": N rows at once differ from N single rows";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, CudaMoeRows,
+    ::testing::Values(CudaCase{"small", cuda_config(7, 5, 8, 3, 4, 2, 1), 10, false},
+                      CudaCase{"idle_expert", cuda_config(33, 17, 8, 2, 2, 1, 1), 40, true},
+                      CudaCase{"softmax_no_shared", cuda_config(33, 17, 6, 2, 1, 1, 0, ScoreFunc::Softmax), 37, false},
+                      CudaCase{"k_equals_e", cuda_config(16, 8, 4, 4, 1, 1, 2), 29, false},
+                      CudaCase{"v3_like_routing", cuda_config(128, 64, 64, 8, 8, 4, 1), 700, false}),
+    [](const auto& info) { return std::string(info.param.name); });
+
 // The segmented bf16 expert path (moe_experts_bf16.cu) against the fp32 grouped path it replaces, on the same
 // weights and tokens (routing made exact, so both choose the same experts: the router is fp32 in both). An odd
 // token count and an idle expert give empty segments and unaligned segment starts. Tolerance: bf16 keeps 8

@@ -160,6 +160,11 @@ void block_forward(float* out, const BlockSaved<float>& saved, const float* inp,
 void block_backward(const BlockGrads<float>& grads, float* dinp, const float* dout, const float* dscores_extra,
                     const BlockSaved<float>& saved, const float* inp, const BlockWeights<float>& w,
                     const BlockConfig& c, int B, int seq, int pos0, const MlaRope<float>& rope);
+// The decode form on the GPU (block_decode_cuda.cu): x (B, n, D) <- Block(x) for n tokens of each of B sequences at
+// positions *pos0 .. *pos0+n-1 (pos0 a DEVICE int: one captured CUDA graph replays at every position), through
+// cuda::mla_decode_chunk_absorbed and cuda::mlp_rows / moe_rows. Every row bitwise independent of n and B; fp32.
+void block_decode(float* x, const MlaCache<float>& cache, const BlockWeights<float>& w, const BlockConfig& c, int B,
+                  int n, const int* pos0, const MlaRope<float>& rope);
 
 }  // namespace cuda
 }  // namespace dsv3

@@ -7,6 +7,7 @@
 //   bench    training steps of a preset on random tokens: tokens/s, MFU, peak memory (JSON line)
 // --check: a small, fast version of the whole pipeline on the CPU (the CI test); exits 1 when a check fails.
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <atomic>
 #include <algorithm>
@@ -20,6 +21,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <memory>
 #include <sstream>
 
 #include "07_train_gpu/bench.h"
@@ -27,6 +29,9 @@
 #include "07_train_gpu/data.h"
 #include "07_train_gpu/run_checkpoint.h"
 #include "07_train_gpu/sampler.h"
+#ifdef DSV3_HAVE_CUDA
+#include "07_train_gpu/sampler_gpu.h"
+#endif
 #include "07_train_gpu/train.h"
 #include "common/cli.h"
 #include "common/device.h"
@@ -50,6 +55,10 @@ extern "C" void on_stop_signal(int sig) {
   g_stop = true;
   for (const int s : kStopSignals) std::signal(s, SIG_DFL);
 }
+
+// The most samples of a prompt (--num-samples): the GPU decoder keeps (B, 64, V) logits in device and pinned host
+// memory for its prefill pieces, 256 MiB at B = 256 for the lyrics model.
+constexpr int kMaxSamples = 256;
 
 // The three fixed prompts of the README's samples.
 const std::vector<std::string> kPrompts = {"I walked along the river", "O LORD, my heart", "Love is"};
@@ -395,10 +404,11 @@ int stopped_by_signal(const std::string& run) {
 }
 
 struct SampleArgs {
-  std::string checkpoint, tokenizer, prompt_file;
+  std::string checkpoint, tokenizer, prompt_file, device = "auto";
   std::vector<std::string> prompts;  // --prompt; none: prompt_file, interactive, or kPrompts
   SampleOptions opt;
-  bool speculative = false, interactive = false;
+  int num_samples = 1;
+  bool speculative = false, interactive = false, print_ids = false;
 };
 
 Model<float> load_model(const std::string& dir) {
@@ -414,27 +424,158 @@ SampleTokenizer tokenizer_for(const SampleArgs& a, const Model<float>& model) {
   return load_sample_tokenizer(resolve_checkpoint(a.checkpoint), a.tokenizer, model.config().vocab_size);
 }
 
-// One prompt: printed plainly, or (compare) decoded both ways with the speculative table. False when speculative
-// decoding did not reproduce plain decoding.
-bool sample_prompt(const Model<float>& model, const Tokenizer& tok, const SampleOptions& opt, bool compare) {
+// The decoders of one `sample` run. CPU: sampler.h's Decoder, one sample at a time (sample i from the stream
+// sample_seed(seed, i)). GPU (sampler_gpu.h): one decoder for the batch of --num-samples and one of batch 1 for
+// speculative decoding, made once; a short warm-up captures their CUDA graphs before anything is timed, and every
+// prompt replays them.
+class Samplers {
+ public:
+  Samplers(const Model<float>& m, bool gpu, int num_samples, bool speculative)
+      : model_(m), gpu_(gpu), n_(num_samples) {
+#ifdef DSV3_HAVE_CUDA
+    if (!gpu_) return;
+    batch_ = std::make_unique<GpuDecoder>(m, n_);
+    if (n_ > 1 && speculative) one_ = std::make_unique<GpuDecoder>(m, 1);
+    const int V = m.config().vocab_size, P = m.config().max_position_embeddings;
+    SampleOptions w;
+    w.max_new_tokens = 8;
+    decode_samples(*batch_, V, P, {0}, w, -1, false);
+    if (speculative) decode_samples(single(), V, P, {0}, w, -1, true);
+#else
+    (void)speculative;
+#endif
+  }
+  bool gpu() const { return gpu_; }
+  // GPU: the mean call times of the batch-1 decoder since the last call (plain steps, verifies of two, MTP drafts;
+  // host-timed up to each call's synchronisation), then reset; empty on the CPU or when one kind is missing.
+  std::string timing_note() {
+#ifdef DSV3_HAVE_CUDA
+    if (!gpu_) return "";
+    GpuDecoder& d = single();
+    const GpuDecoder::Timing t = d.timing();
+    d.reset_timing();
+    if (!t.steps || !t.verifies || !t.drafts) return "";
+    const double step = 1e3 * t.step_ms / t.steps, verify = 1e3 * t.verify_ms / t.verifies;
+    const double draft = 1e3 * t.draft_ms / t.drafts;
+    return fmt::format("GPU calls (mean): plain step {:.0f} us ({}x), verify of two {:.0f} us ({}x), MTP draft {:.0f} us "
+                       "({}x): a speculative step costs {:.2f} plain steps\n",
+                       step, t.steps, verify, t.verifies, draft, t.drafts, (verify + draft) / step);
+#else
+    return "";
+#endif
+  }
+  // The --num-samples samples of o.prompt, decoded plainly: one batch on the GPU, one by one on the CPU.
+  std::vector<SampleResult> batch(const Tokenizer& tok, const SampleOptions& o) {
+#ifdef DSV3_HAVE_CUDA
+    if (gpu_) return decode_samples(*batch_, model_.config(), tok, o, false);
+#endif
+    std::vector<SampleResult> rs;
+    for (int i = 0; i < n_; ++i) rs.push_back(one(tok, o, i, false));
+    return rs;
+  }
+  // Sample i alone (batch 1), plainly or speculatively: the two runs of the comparison.
+  SampleResult one(const Tokenizer& tok, const SampleOptions& o, int i, bool speculative) {
+#ifdef DSV3_HAVE_CUDA
+    if (gpu_) return decode_samples(single(), model_.config(), tok, o, speculative, i).front();
+#endif
+    SampleOptions oi = o;
+    oi.seed = sample_seed(o.seed, i);  // = sample i of o.seed's streams
+    return generate(model_, tok, oi, speculative);
+  }
+
+ private:
+  const Model<float>& model_;
+  bool gpu_;
+  int n_;
+#ifdef DSV3_HAVE_CUDA
+  std::unique_ptr<GpuDecoder> batch_, one_;
+  GpuDecoder& single() { return one_ ? *one_ : *batch_; }
+#endif
+};
+
+// Speculative against plain decoding, summed over the prompts compared (the "overall" line).
+struct SpeculativeTotals {
+  int prompts = 0, tokens = 0, drafted = 0, accepted = 0;
+  double plain_s = 0, spec_s = 0;
+};
+
+// The line after a sample's text: how long the host spent choosing tokens (sample_token on the copied logits).
+std::string sampling_note(const SampleResult& r) {
+  return fmt::format("(host sampling: {:.1f} ms of {:.1f} ms)\n", 1e3 * r.sampling_seconds, 1e3 * r.seconds);
+}
+
+// One prompt: its samples printed, or (compare) each sample decoded both ways with the speculative table. False
+// when speculative decoding did not reproduce plain decoding.
+bool sample_prompt(Samplers& sm, const Tokenizer& tok, const SampleOptions& opt, bool compare, int num_samples,
+                   SpeculativeTotals& totals, bool print_ids) {
   if (!compare) {
-    std::cout << format_sample(opt.prompt, generate(model, tok, opt, false), tok.eos_id()) << std::flush;
+    const std::vector<SampleResult> rs = sm.batch(tok, opt);
+    if (print_ids)  // for outside checks (check_generate.py): the prompt's ids and each sample's new ids
+      for (const SampleResult& r : rs)
+        std::cout << fmt::format("ids: {} | {}\n", fmt::join(tok.encode(opt.prompt), " "), fmt::join(r.tokens, " "));
+    if (rs.size() == 1) {
+      std::cout << format_sample(opt.prompt, rs[0], tok.eos_id()) << (sm.gpu() ? sampling_note(rs[0]) : "")
+                << std::flush;
+      return true;
+    }
+    size_t tokens = 0;
+    for (size_t i = 0; i < rs.size(); ++i) {
+      std::cout << fmt::format("(sample {} of {}: random stream sample_seed({}, {}))\n", i, rs.size(), opt.seed, i)
+                << format_sample(opt.prompt, rs[i], tok.eos_id());
+      tokens += rs[i].tokens.size();
+    }
+    const double s = sm.gpu() ? rs[0].seconds : 0;
+    double cpu_s = 0;
+    for (const auto& r : rs) cpu_s += r.seconds;
+    const double secs = sm.gpu() ? s : cpu_s;
+    std::cout << fmt::format("{} samples ({}): {} new tokens in {:.3f} s, {:.0f} tokens/s in all{}\n", rs.size(),
+                             sm.gpu() ? "one batch on the GPU" : "one by one on the CPU", tokens, secs,
+                             secs > 0 ? tokens / secs : 0.0,
+                             sm.gpu() ? fmt::format(" (host sampling {:.1f} ms)", 1e3 * rs[0].sampling_seconds) : "")
+              << std::flush;
     return true;
   }
-  const SampleComparison c = generate_both(model, tok, opt);
-  std::cout << format_sample(opt.prompt, c.plain, tok.eos_id());
-  const double rate = c.speculative.drafted ? double(c.speculative.accepted) / c.speculative.drafted : 0.0;
-  Table t({"decoding", "new tokens", "seconds", "tokens/s", "drafts", "accepted", "acceptance"});
-  t.add_row({"plain", std::to_string(c.plain.tokens.size()), fmt::format("{:.3f}", c.plain.seconds),
-             fmt::format("{:.0f}", c.plain.tokens_per_s), "-", "-", "-"});
-  t.add_row({"speculative (MTP)", std::to_string(c.speculative.tokens.size()),
-             fmt::format("{:.3f}", c.speculative.seconds), fmt::format("{:.0f}", c.speculative.tokens_per_s),
-             std::to_string(c.speculative.drafted), std::to_string(c.speculative.accepted),
-             fmt::format("{:.1f}%", 100 * rate)});
-  t.print();
-  std::cout << fmt::format("speculative speed-up {:.2f}x; output identical to plain decoding: {}\n", c.speedup,
-                           c.identical ? "yes" : "NO") << std::flush;
-  return c.identical;
+  bool identical = true;
+  for (int i = 0; i < num_samples; ++i) {
+    SampleComparison c;
+    sm.timing_note();  // starts the call times afresh
+    c.plain = sm.one(tok, opt, i, false);
+    c.speculative = sm.one(tok, opt, i, true);
+    c.speedup = c.speculative.seconds > 0 ? c.plain.seconds / c.speculative.seconds : 0;
+    c.identical = c.plain.tokens == c.speculative.tokens;
+    if (num_samples > 1) std::cout << fmt::format("(sample {} of {})\n", i, num_samples);
+    std::cout << format_sample(opt.prompt, c.plain, tok.eos_id());
+    const double rate = c.speculative.drafted ? double(c.speculative.accepted) / c.speculative.drafted : 0.0;
+    Table t({"decoding", "new tokens", "seconds", "tokens/s", "drafts", "accepted", "acceptance"});
+    t.add_row({"plain", std::to_string(c.plain.tokens.size()), fmt::format("{:.3f}", c.plain.seconds),
+               fmt::format("{:.0f}", c.plain.tokens_per_s), "-", "-", "-"});
+    t.add_row({"speculative (MTP)", std::to_string(c.speculative.tokens.size()),
+               fmt::format("{:.3f}", c.speculative.seconds), fmt::format("{:.0f}", c.speculative.tokens_per_s),
+               std::to_string(c.speculative.drafted), std::to_string(c.speculative.accepted),
+               fmt::format("{:.1f}%", 100 * rate)});
+    t.print();
+    std::cout << fmt::format("speculative speed-up {:.2f}x; output identical to plain decoding: {}\n", c.speedup,
+                             c.identical ? "yes" : "NO") << sm.timing_note() << std::flush;
+    identical = identical && c.identical;
+    ++totals.prompts;
+    totals.tokens += int(c.plain.tokens.size());
+    totals.drafted += c.speculative.drafted;
+    totals.accepted += c.speculative.accepted;
+    totals.plain_s += c.plain.seconds;
+    totals.spec_s += c.speculative.seconds;
+  }
+  return identical;
+}
+
+// The overall line of --speculative over several comparisons.
+void print_speculative_totals(const SpeculativeTotals& t) {
+  if (t.prompts < 2) return;
+  const double acc = t.drafted ? double(t.accepted) / t.drafted : 0.0;
+  std::cout << fmt::format("speculative overall ({} runs, {} tokens): acceptance {:.1f}%, plain {:.0f} tokens/s, "
+                           "speculative {:.0f} tokens/s, speed-up {:.2f}x (0.9 x (1 + acceptance) = {:.2f})\n",
+                           t.prompts, t.tokens, 100 * acc, t.plain_s > 0 ? t.tokens / t.plain_s : 0.0,
+                           t.spec_s > 0 ? t.tokens / t.spec_s : 0.0, t.spec_s > 0 ? t.plain_s / t.spec_s : 0.0,
+                           0.9 * (1 + acc));
 }
 
 // The prompts come from one place: --prompt (repeatable), --prompt-file or --interactive (standard input);
@@ -454,22 +595,37 @@ void check_prompt_flags(const SampleArgs& a) {
 bool do_sample(const SampleArgs& a, std::istream& in = std::cin) {
   check_prompt_flags(a);
   validate_sample_options(a.opt);
+  require(a.device == "auto" || a.device == "cuda" || a.device == "cpu", "--device must be auto, cuda or cpu (got '{}')",
+          a.device);
+  require(a.num_samples >= 1 && a.num_samples <= kMaxSamples, "--num-samples must be in [1, {}], got {}", kMaxSamples,
+          a.num_samples);
+  const bool gpu = a.device == "cuda" || (a.device == "auto" && gpu_available());
+  require(!gpu || gpu_available(), "--device cuda: {}; use --device cpu", gpu_description());
   const Model<float> model = load_model(a.checkpoint);
   const SampleTokenizer st = tokenizer_for(a, model);
   const Tokenizer& tok = st.tok;
-  std::cout << fmt::format("sampling from {} (CPU, latent KV cache, absorbed MLA) | temperature {:g}, top-k {}, "
-                           "top-p {:g}, seed {}\ntokenizer: {} ({})\n",
-                           a.checkpoint, a.opt.temperature, a.opt.top_k, a.opt.top_p, a.opt.seed, st.path, st.source);
+  require(!a.speculative || model.config().num_nextn_predict_layers > 0,
+          "sample: speculative decoding drafts with the MTP module, and this model has none "
+          "(num_nextn_predict_layers = 0)");
+  Samplers sm(model, gpu, a.num_samples, a.speculative);
+  std::cout << fmt::format("sampling from {} ({}, latent KV cache, absorbed MLA) | temperature {:g}, top-k {}, "
+                           "top-p {:g}, seed {}{}\ntokenizer: {} ({})\n",
+                           a.checkpoint, gpu ? "GPU: " + gpu_description() + ", fp32, CUDA graphs" : "CPU",
+                           a.opt.temperature, a.opt.top_k, a.opt.top_p, a.opt.seed,
+                           a.num_samples > 1 ? fmt::format(", {} samples per prompt", a.num_samples) : "", st.path,
+                           st.source);
   SampleOptions o = a.opt;
+  SpeculativeTotals totals;
   if (a.interactive) {
     std::cout << "(interactive: one prompt per line; the end of input, Ctrl-D, ends)\n" << std::flush;
     bool ok = true;
     const int n = for_each_prompt_line(in, [&](const std::string& text, int line) {
       validate_text(text, fmt::format("standard input line {}", line));
       o.prompt = text;
-      ok = sample_prompt(model, tok, o, a.speculative) && ok;
+      ok = sample_prompt(sm, tok, o, a.speculative, a.num_samples, totals, a.print_ids) && ok;
     });
     std::cout << fmt::format("(end of input: {} prompt{})\n", n, n == 1 ? "" : "s");
+    print_speculative_totals(totals);
     return ok;
   }
   std::vector<std::string> prompts = a.prompts;
@@ -482,8 +638,10 @@ bool do_sample(const SampleArgs& a, std::istream& in = std::cin) {
   bool ok = true;
   for (size_t i = 0; i < prompts.size(); ++i) {
     o.prompt = prompts[i];
-    ok = sample_prompt(model, tok, o, a.speculative && i == 0) && ok;
+    // the CPU compares the first prompt (a comparison costs two CPU decodes); the GPU every one
+    ok = sample_prompt(sm, tok, o, a.speculative && (gpu || i == 0), a.num_samples, totals, a.print_ids) && ok;
   }
+  print_speculative_totals(totals);
   return ok;
 }
 
@@ -827,8 +985,15 @@ void add_sample_options(CLI::App* cmd, SampleArgs& s) {
   cmd->add_option("--max-new-tokens", s.opt.max_new_tokens, fmt::format("tokens to generate, at most {}; past the "
                   "model's positions the cache is re-filled from the last half of them", kMaxNewTokens))
       ->capture_default_str();
-  cmd->add_flag("--speculative", s.speculative, "also decode the first prompt (with --interactive: every prompt) "
-                "with MTP drafts and compare");
+  cmd->add_flag("--speculative", s.speculative, "also decode the first prompt (with --interactive or on the GPU: "
+                "every prompt) with MTP drafts and compare (acceptance, tokens/s, speed-up)");
+  cmd->add_option("--device", s.device, "auto (the GPU when there is one), cuda or cpu")->capture_default_str();
+  cmd->add_flag("--print-ids", s.print_ids, "also print each prompt's token ids and the new ids (\"ids: PROMPT | NEW\"), "
+                "for 07_train_gpu/check_generate.py");
+  cmd->add_option("--num-samples", s.num_samples, fmt::format("samples of each prompt, at most {}; sample i draws "
+                  "from the random stream sample_seed(seed, i) (sample 0: the seed itself); the GPU decodes them as "
+                  "one batch", kMaxSamples))
+      ->capture_default_str();
 }
 
 }  // namespace
@@ -863,7 +1028,8 @@ int main(int argc, char** argv) {
   SampleArgs sa;
   sa.opt.top_k = 50;
   sa.opt.top_p = 0.95;
-  auto* sample = app.add_subcommand("sample", "sample lyrics from a checkpoint (CPU, latent KV cache)");
+  auto* sample = app.add_subcommand("sample", "sample lyrics from a checkpoint (GPU when present, else CPU; latent KV "
+                                    "cache)");
   add_sample_options(sample, sa);
 
   EvalArgs ea;

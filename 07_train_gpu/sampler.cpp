@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <istream>
+#include <future>
 #include <numeric>
 #include <sstream>
 
@@ -36,6 +37,8 @@ struct DecodeScratch {
 namespace {
 
 constexpr uint64_t kMaxPromptFileBytes = uint64_t(16) << 20;
+// Host threads that draw the tokens of a batch of at least twice as many samples (decode_samples).
+constexpr int kSamplingThreads = 4;
 
 MlaCache<float> cache_of(Decoder::LatentCache& lc, int max_len) { return {lc.c_kv.data(), lc.k_pe.data(), max_len}; }
 
@@ -202,67 +205,173 @@ int sample_token(const float* logits, int V, const SampleOptions& opt, Rng& rng)
   return ids[keep - 1];
 }
 
-SampleResult generate_ids(const Model<float>& model, const std::vector<int>& prompt_ids, const SampleOptions& opt,
-                          int eos_id, bool speculative) {
+uint64_t sample_seed(uint64_t seed, int i) { return seed + uint64_t(i) * 0x9E3779B97F4A7C15ull; }
+
+namespace {
+
+// The CPU Decoder as the loop's TokenDecoder (batch 1).
+class CpuTokenDecoder : public TokenDecoder {
+ public:
+  explicit CpuTokenDecoder(Decoder& d) : d_(d) {}
+  int batch() const override { return 1; }
+  int pos() const override { return d_.pos(); }
+  int max_len() const override { return d_.max_len(); }
+  void reset() override { d_.reset(); }
+  const float* feed(const std::vector<int>& tokens, int n, int last) override {
+    require(int(tokens.size()) == n && last >= 1 && last <= n, "decoder: {} tokens given for a chunk of {} (last {})",
+            tokens.size(), n, last);
+    const std::vector<float>& l = d_.feed(tokens);  // (n, V)
+    return l.data() + size_t(n - last) * (l.size() / size_t(n));
+  }
+  void truncate(int new_pos) override { d_.truncate(new_pos); }
+  int draft(int next) override {
+    const std::vector<float>& l = d_.draft(next);
+    return argmax(l.data(), int(l.size()));
+  }
+
+ private:
+  Decoder& d_;
+};
+
+}  // namespace
+
+std::vector<SampleResult> decode_samples(TokenDecoder& dec, int V, int P, const std::vector<int>& prompt_ids,
+                                         const SampleOptions& opt, int eos_id, bool speculative, int first_sample) {
   validate_sample_options(opt);
-  const ModelConfig& c = model.config();
-  const int V = c.vocab_size, P = c.max_position_embeddings, K = refill_keep(P);
+  const int B = dec.batch(), K = refill_keep(P);
   require(!prompt_ids.empty(), "sample: the prompt is empty: it must hold at least one token");
   for (int t : prompt_ids)
     require(t >= 0 && t < V, "sample: prompt token id {} is outside the vocabulary [0, {})", t, V);
-  require(!speculative || c.num_nextn_predict_layers > 0,
-          "sample: speculative decoding drafts with the MTP module, and this model has none "
-          "(num_nextn_predict_layers = 0)");
+  require(!speculative || B == 1, "sample: speculative decoding runs one sample at a time (batch 1), not {}", B);
   CpuTimer timer;
-  SampleResult r;
-  r.window = P;
-  // 1) the text: the prompt's last P tokens, then every new token (the last one not yet fed)
-  r.prompt_cropped = std::max(0, int(prompt_ids.size()) - P);
-  std::vector<int> text(prompt_ids.begin() + r.prompt_cropped, prompt_ids.end());
-  r.prompt_tokens = int(text.size());
-  Decoder dec(model, int(std::min<int64_t>(P, int64_t(text.size()) + opt.max_new_tokens)));
-  Rng rng(opt.seed);
-  // Appends a new token; true when generation is over.
-  auto emit = [&](int t) {
-    text.push_back(t);
-    r.tokens.push_back(t);
-    return int(r.tokens.size()) == opt.max_new_tokens || (opt.stop_at_eos && eos_id >= 0 && t == eos_id);
+  std::vector<SampleResult> rs(size_t(B), SampleResult{});
+  // 1) the text of every sample: the prompt's last P tokens, then its new tokens (the last one not yet fed)
+  const int cropped = std::max(0, int(prompt_ids.size()) - P);
+  const std::vector<int> prompt(prompt_ids.begin() + cropped, prompt_ids.end());
+  std::vector<std::vector<int>> text(size_t(B), prompt);
+  std::vector<Rng> rng;
+  std::vector<char> done(size_t(B), 0);
+  for (int b = 0; b < B; ++b) {
+    rng.emplace_back(sample_seed(opt.seed, first_sample + b));
+    rs[b].window = P;
+    rs[b].prompt_cropped = cropped;
+    rs[b].prompt_tokens = int(prompt.size());
+  }
+  require(dec.max_len() >= std::min<int64_t>(P, int64_t(prompt.size()) + opt.max_new_tokens),
+          "sample: the decoder holds {} positions, fewer than the window needs", dec.max_len());
+  dec.reset();
+  // Appends a new token to sample b; true when that sample is over.
+  auto emit = [&](int b, int t) {
+    text[b].push_back(t);
+    rs[b].tokens.push_back(t);
+    return int(rs[b].tokens.size()) == opt.max_new_tokens || (opt.stop_at_eos && eos_id >= 0 && t == eos_id);
   };
-  // Feeds the text's last token and returns its logits (V). The window holds dec.pos() tokens; when it holds P,
-  // the re-fill: reset, and feed the K tokens before the last one with it as one chunk (its last row).
-  auto feed_last = [&]() -> const float* {
-    if (dec.pos() < P) return dec.feed({text.back()}).data();
+  // Feeds the last n tokens of every text as one chunk; the logits of each text's last token (B, V).
+  auto feed_tail = [&](int n) {
+    std::vector<int> tokens(size_t(B) * n);
+    for (int b = 0; b < B; ++b) std::copy(text[b].end() - n, text[b].end(), tokens.begin() + size_t(b) * n);
+    return dec.feed(tokens, n, 1);
+  };
+  // sample_token, its host time counted
+  double sampling_ms = 0;
+  auto draw = [&](const float* logits, int b) {
+    CpuTimer t;
+    const int x = sample_token(logits, V, opt, rng[b]);
+    sampling_ms += t.elapsed_ms();
+    return x;
+  };
+  // One token for every live sample from its logits (B, V); an ended sample repeats its last token. Samples are
+  // independent (their own logits row, stream, text and result), so a large batch is drawn by a few host threads
+  // (kSamplingThreads; the same tokens as one thread, in any order).
+  auto sample_rows = [&](const float* logits, int b0, int b1) {
+    for (int b = b0; b < b1; ++b) {
+      if (done[b])
+        text[b].push_back(text[b].back());
+      else
+        done[b] = emit(b, sample_token(logits + size_t(b) * V, V, opt, rng[b]));
+    }
+  };
+  auto sample_all = [&](const float* logits) {
+    CpuTimer t;
+    const int threads = B >= 2 * kSamplingThreads ? kSamplingThreads : 1;
+    std::vector<std::future<void>> work;
+    for (int k = 1; k < threads; ++k)
+      work.push_back(std::async(std::launch::async, sample_rows, logits, B * k / threads, B * (k + 1) / threads));
+    sample_rows(logits, 0, B / threads);
+    for (auto& w : work) w.get();  // rethrows a worker's error (a non-finite logit)
+    sampling_ms += t.elapsed_ms();
+  };
+  // Feeds the texts' last tokens and samples from them. The window holds dec.pos() tokens; when it holds P, the
+  // re-fill: reset, and feed the K tokens before the last one with it as one chunk (its last row).
+  auto plain_step = [&]() {
+    if (dec.pos() < P) return sample_all(feed_tail(1));
     dec.reset();
-    ++r.refills;
-    return dec.feed(std::vector<int>(text.end() - (K + 1), text.end())).data() + size_t(K) * V;
+    for (int b = 0; b < B; ++b) rs[b].refills += !done[b];
+    sample_all(feed_tail(K + 1));
   };
-  // 2) prefill, then one token per step (plain), or up to two per verified draft (speculative)
-  bool done = emit(sample_token(dec.feed(text).data() + (text.size() - 1) * size_t(V), V, opt, rng));
-  while (!done) {
+  auto all_done = [&]() { return std::all_of(done.begin(), done.end(), [](char d) { return d != 0; }); };
+  // 2) prefill, then one token per step (plain), or up to two per verified draft (speculative, batch 1)
+  sample_all(feed_tail(int(prompt.size())));
+  SampleResult& r = rs[0];
+  while (!all_done()) {
     const int remaining = opt.max_new_tokens - int(r.tokens.size());
     // plain step: no drafting, the last token (a draft cannot pay off), or [next, draft] would cross the window's
     // end (the plain step re-fills at the same token as plain decoding does)
     if (!speculative || remaining < 2 || dec.pos() + 2 > P) {
-      done = emit(sample_token(feed_last(), V, opt, rng));
+      plain_step();
       continue;
     }
     // speculative step: draft the token after next, let the main model check both in one feed
-    const int next = text.back();
-    const int d = argmax(dec.draft(next).data(), V);
+    const int next = text[0].back();
+    const int d = dec.draft(next);
     ++r.drafted;
-    const std::vector<float>& two = dec.feed({next, d});  // (2, V): after next, after d
-    const int x = sample_token(two.data(), V, opt, rng);
-    done = emit(x);
+    const float* two = dec.feed({next, d}, 2, 2);  // (2, V): after next, after d
+    const int x = draw(two, 0);
+    done[0] = emit(0, x);
     if (x == d) {
       ++r.accepted;
-      if (!done) done = emit(sample_token(two.data() + V, V, opt, rng));
+      if (!done[0]) done[0] = emit(0, draw(two + V, 0));
     } else {
       dec.truncate(dec.pos() - 1);  // d's position is not part of the text
     }
   }
-  r.seconds = timer.elapsed_ms() / 1e3;
-  r.tokens_per_s = r.seconds > 0 ? double(r.tokens.size()) / r.seconds : 0;
-  return r;
+  const double seconds = timer.elapsed_ms() / 1e3;
+  for (SampleResult& s : rs) {
+    s.seconds = seconds;
+    s.tokens_per_s = seconds > 0 ? double(s.tokens.size()) / seconds : 0;
+    s.sampling_seconds = sampling_ms / 1e3;
+  }
+  return rs;
+}
+
+std::vector<SampleResult> decode_samples(TokenDecoder& dec, const ModelConfig& c, const data::Tokenizer& tok,
+                                         const SampleOptions& opt, bool speculative, int first_sample) {
+  validate_sample_options(opt);
+  require(tok.vocab_size() == c.vocab_size,
+          "sample: the tokenizer has {} tokens but the model's vocabulary is {}: use the tokenizer the model was "
+          "trained with",
+          tok.vocab_size(), c.vocab_size);
+  const std::vector<int> ids = tok.encode(opt.prompt);
+  require(!ids.empty(), "sample: the prompt \"{}\" tokenises to nothing: give at least one character", opt.prompt);
+  std::vector<SampleResult> rs =
+      decode_samples(dec, c.vocab_size, c.max_position_embeddings, ids, opt, tok.eos_id(), speculative, first_sample);
+  for (SampleResult& r : rs) r.text = tok.decode(r.tokens);
+  return rs;
+}
+
+SampleResult generate_ids(const Model<float>& model, const std::vector<int>& prompt_ids, const SampleOptions& opt,
+                          int eos_id, bool speculative) {
+  validate_sample_options(opt);
+  const ModelConfig& c = model.config();
+  const int P = c.max_position_embeddings;
+  require(!prompt_ids.empty(), "sample: the prompt is empty: it must hold at least one token");
+  require(!speculative || c.num_nextn_predict_layers > 0,
+          "sample: speculative decoding drafts with the MTP module, and this model has none "
+          "(num_nextn_predict_layers = 0)");
+  const int64_t window = std::min<int64_t>(P, int64_t(prompt_ids.size())) + opt.max_new_tokens;
+  Decoder dec(model, int(std::min<int64_t>(P, window)));
+  CpuTokenDecoder td(dec);
+  return decode_samples(td, c.vocab_size, P, prompt_ids, opt, eos_id, speculative).front();
 }
 
 SampleResult generate(const Model<float>& model, const data::Tokenizer& tok, const SampleOptions& opt,

@@ -139,7 +139,45 @@ struct SampleResult {
   int drafted = 0, accepted = 0;  // speculative: drafts checked by the main model, and those it agreed with
   double seconds = 0;           // wall time of prefill (the prompt) and decoding
   double tokens_per_s = 0;      // tokens.size() / seconds
+  double sampling_seconds = 0;  // of seconds: host time in sample_token (decode_samples; the whole batch's)
 };
+
+// ---- the decoding loop, shared by the CPU decoder and the GPU decoder (sampler_gpu.h) ----------------------
+
+// What the decoding loop drives: batch() sequences decoded in lockstep at the same positions (the CPU Decoder: one
+// sequence). Logits are host memory.
+class TokenDecoder {
+ public:
+  virtual ~TokenDecoder() = default;
+  virtual int batch() const = 0;
+  virtual int pos() const = 0;      // positions fed so far (the same for every sequence)
+  virtual int max_len() const = 0;  // positions the caches hold
+  virtual void reset() = 0;
+  // tokens (batch, n): token t of sequence b at b*n + t, fed at positions pos() .. pos()+n-1. Returns the logits of
+  // each sequence's last `last` tokens (1 <= last <= n): (batch, last, V), valid until the next call. UserError for
+  // an empty chunk, a bad id, or a chunk past max_len().
+  virtual const float* feed(const std::vector<int>& tokens, int n, int last) = 0;
+  virtual void truncate(int new_pos) = 0;
+  // Batch 1: the MTP module's draft for the token after `next` (Decoder::draft's rule): the argmax of its logits,
+  // the lowest id on ties.
+  virtual int draft(int next) = 0;
+};
+
+// The random stream of sample i of a prompt (--num-samples): Rng(sample_seed(seed, i)). Sample 0 uses the seed
+// itself (a single sample is what it always was); sample i > 0 the seed plus i times splitmix64's increment
+// 0x9E3779B97F4A7C15 (Rng's constructor runs splitmix64 over it, so neighbouring streams are unrelated). So sample
+// i is reproducible alone, whatever the batch it was decoded in.
+uint64_t sample_seed(uint64_t seed, int i);
+
+// The loop of generate_ids (below) on any decoder, for its batch() samples of one prompt at once: sample b draws
+// from the stream sample_seed(opt.seed, first_sample + b). P: the model's positions (the window rule). A sample
+// that has ended (eos or max_new_tokens) keeps its place in the batch (its last token is fed again, nothing is
+// drawn for it) until every sample has ended. Speculative needs batch 1. UserError as generate_ids.
+std::vector<SampleResult> decode_samples(TokenDecoder& dec, int V, int P, const std::vector<int>& prompt_ids,
+                                         const SampleOptions& opt, int eos_id, bool speculative, int first_sample = 0);
+// The same from text (the tokenizer must have the model's vocabulary), texts decoded.
+std::vector<SampleResult> decode_samples(TokenDecoder& dec, const ModelConfig& c, const data::Tokenizer& tok,
+                                         const SampleOptions& opt, bool speculative, int first_sample = 0);
 
 // Generation on token ids (opt.prompt is not read). eos_id < 0: no eos (stop_at_eos has no effect).
 // UserError for bad options, an empty prompt, an id outside [0, V), or speculative without an MTP module.

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <filesystem>
 #include <map>
+#include <memory>
 #include <sstream>
 
 #include "05_mtp/mtp.h"
@@ -323,6 +324,70 @@ TEST(SamplerSampling, DeterministicPerSeedAndSeedsDiffer) {
   EXPECT_EQ(generate_ids(m, prompt, o, -1, false).tokens, a);
   o.seed = 6;
   EXPECT_NE(generate_ids(m, prompt, o, -1, false).tokens, a);
+}
+
+namespace {
+
+// A batch of B CPU decoders in lockstep: a test double of the GPU decoder's batch for the shared decoding loop.
+class BatchOfDecoders : public TokenDecoder {
+ public:
+  BatchOfDecoders(const Model<float>& m, int B) : V_(m.config().vocab_size) {
+    for (int b = 0; b < B; ++b) decs_.push_back(std::make_unique<Decoder>(m, m.config().max_position_embeddings));
+  }
+  int batch() const override { return int(decs_.size()); }
+  int pos() const override { return decs_[0]->pos(); }
+  int max_len() const override { return decs_[0]->max_len(); }
+  void reset() override {
+    for (auto& d : decs_) d->reset();
+  }
+  const float* feed(const std::vector<int>& tokens, int n, int last) override {
+    out_.clear();
+    for (size_t b = 0; b < decs_.size(); ++b) {
+      const auto& l = decs_[b]->feed(std::vector<int>(tokens.begin() + b * n, tokens.begin() + (b + 1) * n));
+      out_.insert(out_.end(), l.end() - size_t(last) * V_, l.end());
+    }
+    return out_.data();
+  }
+  void truncate(int p) override {
+    for (auto& d : decs_) d->truncate(p);
+  }
+  int draft(int) override { throw UserError("no draft in a batch"); }
+
+ private:
+  int V_;
+  std::vector<std::unique_ptr<Decoder>> decs_;
+  std::vector<float> out_;
+};
+
+}  // namespace
+
+// --num-samples: the decoding loop over a batch (9 samples: the host draws with several threads) gives sample i what
+// a single run with the seed sample_seed(seed, i) gives, through re-fills (83 tokens > 64 positions) and eos stops;
+// sample 0 uses the seed itself.
+TEST(SamplerBatch, BatchLoopEqualsSingleRunsWithTheirStreams) {
+  const Model<float> m(config_preset("tiny"), 23);
+  const ModelConfig& c = m.config();
+  const SampleOptions o = sampled(31, 80);
+  const int eos = 7, N = 9;
+  BatchOfDecoders dec(m, N);
+  const std::vector<SampleResult> all = decode_samples(dec, c.vocab_size, c.max_position_embeddings, {3, 17, 42}, o,
+                                                       eos, false);
+  ASSERT_EQ(int(all.size()), N);
+  int ended = 0, refilled = 0;
+  for (int i = 0; i < N; ++i) {
+    SampleOptions oi = o;
+    oi.seed = sample_seed(o.seed, i);
+    const SampleResult one = generate_ids(m, {3, 17, 42}, oi, eos, false);
+    EXPECT_EQ(all[i].tokens, one.tokens) << "sample " << i;
+    EXPECT_EQ(all[i].refills, one.refills) << "sample " << i;
+    ended += all[i].tokens.back() == eos;
+    refilled += one.refills > 0;
+  }
+  EXPECT_GT(refilled, 0);
+  EXPECT_EQ(sample_seed(o.seed, 0), o.seed);
+  EXPECT_NE(sample_seed(o.seed, 1), sample_seed(o.seed, 2));
+  RecordProperty("samples_ended_by_eos", ended);
+  EXPECT_THROW(decode_samples(dec, c.vocab_size, c.max_position_embeddings, {3}, o, eos, true), UserError);
 }
 
 TEST(SamplerSampling, TopKOneAndTinyTopPAreGreedy) {

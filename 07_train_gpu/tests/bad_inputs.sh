@@ -611,6 +611,7 @@ cat_flags() {
   if ((!HAVE_GPU)); then
     expect2 flags train_device_cuda_no_gpu "$NOGPU" -- "${TRAIN[@]}" --run "$(nr d2)" --device cuda --preset tiny --steps 2 --warmup 1
     expect2 flags bench_no_gpu "$NOGPU" -- "$T07" --out "$O" bench --steps 1 --warmup 0
+    expect2 flags sample_device_cuda_no_gpu "$NOGPU" -- "$T07" --out "$O" sample --checkpoint "$RUN/checkpoints/best" --prompt love --device cuda --max-new-tokens 4
   fi
   expect2 flags model_seed_negative 'model-seed|seed' -- "${TRAIN[@]}" --run "$(nr s1)" "${TF[@]}" --steps 2 --model-seed -1
   expect2 flags seed_negative 'seed' -- "$T07" --out "$O" --seed -1 sample --checkpoint "$RUN/checkpoints/best" --prompt love --max-new-tokens 4
@@ -664,6 +665,11 @@ cat_flags() {
   # more new tokens than positions: the cache is re-filled from the last half (or the model ends the song first)
   expect0 flags max_new_tokens_past_positions '200 new tokens, [0-9]+ re-fills? of the 64-position window|^\(end of song\)$' -- "${S1[@]}" --max-new-tokens 200 --temperature 0
   expect2 flags max_new_tokens_huge 'max.new.tokens' -- "${S1[@]}" --max-new-tokens 2000000
+  # sample's device and batch (issue 19): a bad device, a bad count; N samples printed with their streams
+  expect2 flags sample_device_tpu 'device|tpu' -- "${S1[@]}" --device tpu --max-new-tokens 4
+  expect2 flags num_samples_zero 'num.samples' -- "${S1[@]}" --num-samples 0 --max-new-tokens 4
+  expect2 flags num_samples_huge 'num.samples' -- "${S1[@]}" --num-samples 100000 --max-new-tokens 4
+  expect0 flags num_samples_three 'sample 2 of 3: random stream' '^3 samples' -- "${S1[@]}" --device cpu --num-samples 3 --max-new-tokens 4
   # --prompt-file and --interactive: one prompt per line, blank lines skipped; conflicting flags; bad lines
   SP=("$T07" --out "$O" sample --checkpoint "$RUN/checkpoints/best" --max-new-tokens 4)
   printf 'love\n\n  \nnight rain\r\n' >"$W/c/two_prompts.txt"

@@ -1,0 +1,213 @@
+// Stage 02, CUDA: the absorbed decode of a chunk of n tokens for B sequences (mla.h, cuda::mla_decode_chunk_absorbed),
+// the GPU twin of cpu::mla_decode_chunk_absorbed. Kernels, then the entry point. Shapes: see the legend in mla.h;
+// R = B*n rows, row r = b*n + t.
+//
+// Two properties the GPU sampler (stage 07) rests on:
+//   - the position is read from device memory (pos0), so one captured CUDA graph replays at every position;
+//   - every product is a fixed-order row-wise one (common/rowwise_cuda.cuh) and attention of (b, t, h) reads only
+//     its own query and sequence b's cache, so the outputs of a chunk are bitwise those of n single-token calls,
+//     and those of a batch bitwise those of B single-sequence calls.
+#include "02_mla/mla.h"
+#include "common/cuda_kernels.cuh"
+#include "common/cuda_utils.h"
+#include "common/rowwise_cuda.cuh"
+
+namespace dsv3::cuda {
+namespace {
+
+constexpr int kAttnThreads = 256;
+constexpr int kAttnWarps = kAttnThreads / kWarpSize;
+
+// ---- kernels ------------------------------------------------------------------------------------
+
+// One warp per row r = b*n + t at position p = *pos0 + t: c_kv = kv_norm(kv[r, :Dc]) and k_pe = RoPE(kv[r, Dc:])
+// go to sequence b's cache slot p; every head's q_pe (q[r, h, Dn:]) is rotated in place. Rows past the cache
+// (p >= max_len: a caller's bug) are left alone rather than written out of bounds.
+__global__ void decode_prologue_kernel(float* q, const float* kv, float* c_kv, float* k_pe, const float* kv_norm,
+                                       const float* cos, const float* sin, const int* pos0, int n, int R, int H,
+                                       int S, int Dn, int Dc, int Dr, int max_len, float eps) {
+  const int r = blockIdx.x;
+  const int lane = threadIdx.x;
+  if (r >= R) return;
+  const int b = r / n, t = r % n, p = *pos0 + t;
+  if (p >= max_len) return;
+  const float* kr = kv + static_cast<size_t>(r) * (Dc + Dr);
+  // 1) c_kv = kv_norm(c_kv) into the cache
+  const float rstd = 1.f / sqrtf(rowwise::warp_dot(kr, kr, Dc, lane) / static_cast<float>(Dc) + eps);
+  float* ck = c_kv + (static_cast<size_t>(b) * max_len + p) * Dc;
+  for (int j = lane; j < Dc; j += kWarpSize) ck[j] = kr[j] * rstd * kv_norm[j];
+  // 2) RoPE at p: pair i of a rope slice (x0, x1) -> (x0 c - x1 s, x0 s + x1 c), as cpu::rope_forward
+  const int half = Dr / 2;
+  const float* cs = cos + static_cast<size_t>(p) * half;
+  const float* sn = sin + static_cast<size_t>(p) * half;
+  float* kp = k_pe + (static_cast<size_t>(b) * max_len + p) * Dr;
+  for (int i = lane; i < half; i += kWarpSize) {
+    const float x0 = kr[Dc + 2 * i], x1 = kr[Dc + 2 * i + 1];
+    kp[2 * i] = x0 * cs[i] - x1 * sn[i];
+    kp[2 * i + 1] = x0 * sn[i] + x1 * cs[i];
+  }
+  float* qr = q + static_cast<size_t>(r) * H * S;
+  for (int k = lane; k < H * half; k += kWarpSize) {
+    const int h = k / half, i = k % half;
+    float* x = qr + static_cast<size_t>(h) * S + Dn + 2 * i;
+    const float x0 = x[0], x1 = x[1];
+    x[0] = x0 * cs[i] - x1 * sn[i];
+    x[1] = x0 * sn[i] + x1 * cs[i];
+  }
+}
+
+// Block-wide reduction of one value per thread (max or sum) in a fixed order: warps, then warp 0 over the warps.
+template <bool kMax>
+__device__ float block_reduce(float v, float* red) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  v = kMax ? warp_max(v) : warp_sum(v);
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    float u = lane < kAttnWarps ? red[lane] : (kMax ? -INFINITY : 0.f);
+    u = kMax ? warp_max(u) : warp_sum(u);
+    if (lane == 0) red[kAttnWarps] = u;
+  }
+  __syncthreads();
+  const float result = red[kAttnWarps];
+  __syncthreads();
+  return result;
+}
+
+// One block per (head h, token t, sequence b), attending over positions 0 .. L-1, L = *pos0 + t + 1, in latent
+// space (cpu::mla_decode_chunk_absorbed, step 5). A decode step is bound by latency, not arithmetic: every loop
+// below keeps its serial chain short (a position per thread, or a slice of positions per warp) so the loads of a
+// chain are independent of its sums and can be in flight together.
+//   5a) q_abs (Dc) = q_nope W_uk_h          thread j: the sum over i < Dn in ascending order
+//   5b) p_l = scale (q_abs . c_kv_l + q_pe . k_pe_l)   thread l: the sum over j in ascending order, then over k
+//       softmax over l                      block reductions in a fixed order
+//   5c) o_lat (Dc) = sum_l p_l c_kv_l       warp w sums its positions l = w, w + W, ... in ascending order (lane: a
+//                                           few j), then the W warp sums are added in warp order
+//       o_h (Dv) = W_uv_h o_lat             one warp per output, rowwise dot
+// Every order depends on L and the sizes only, never on n or B: a chunk equals single steps bitwise.
+// Dynamic shared memory: Dn + Dr + Dc + W Dc + Dc + Lmax floats (decode_attention_smem).
+constexpr int kMaxLatChunks = 16;  // Dc <= 32 * 16 = 512 (DeepSeek-V3's kv_lora_rank)
+__global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
+    float* o, const float* q, const float* c_kv, const float* k_pe, const float* wkv_b, const int* pos0, int n, int H,
+    int Dn, int Dr, int Dc, int Dv, int max_len, float scale) {
+  extern __shared__ float sm[];
+  __shared__ float red[kAttnWarps + 1];
+  const int h = blockIdx.x, t = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
+  const int S = Dn + Dr, KS = Dn + Dv, r = b * n + t;
+  const int L = min(*pos0 + t + 1, max_len);
+  float* qn = sm;                       // (Dn)
+  float* qp = qn + Dn;                  // (Dr)
+  float* q_abs = qp + Dr;               // (Dc)
+  float* part = q_abs + Dc;             // (W, Dc) the warps' partial o_lat
+  float* o_lat = part + kAttnWarps * Dc;  // (Dc)
+  float* p = o_lat + Dc;                // (Lmax)
+  const float* qr = q + (static_cast<size_t>(r) * H + h) * S;
+  for (int j = tid; j < S; j += kAttnThreads) qn[j] = qr[j];  // qn and qp are contiguous: [q_nope | q_pe]
+  __syncthreads();
+  // 5a) W_uk_h = wkv_b[h*KS + i, :] for i < Dn
+  const float* wk = wkv_b + static_cast<size_t>(h) * KS * Dc;
+  for (int j = tid; j < Dc; j += kAttnThreads) {
+    float acc = 0.f;
+#pragma unroll 8
+    for (int i = 0; i < Dn; ++i) acc = fmaf(qn[i], wk[static_cast<size_t>(i) * Dc + j], acc);
+    q_abs[j] = acc;
+  }
+  __syncthreads();
+  // 5b) scores, then the softmax
+  const float* ckb = c_kv + static_cast<size_t>(b) * max_len * Dc;
+  const float* kpb = k_pe + static_cast<size_t>(b) * max_len * Dr;
+  for (int l = tid; l < L; l += kAttnThreads) {
+    const float* ck = ckb + static_cast<size_t>(l) * Dc;
+    const float* kp = kpb + static_cast<size_t>(l) * Dr;
+    float a = 0.f, e = 0.f;
+#pragma unroll 8
+    for (int j = 0; j < Dc; ++j) a = fmaf(q_abs[j], ck[j], a);
+#pragma unroll 8
+    for (int k = 0; k < Dr; ++k) e = fmaf(qp[k], kp[k], e);
+    p[l] = scale * (a + e);
+  }
+  __syncthreads();
+  float m = -INFINITY;
+  for (int l = tid; l < L; l += kAttnThreads) m = fmaxf(m, p[l]);
+  m = block_reduce<true>(m, red);
+  float z = 0.f;
+  for (int l = tid; l < L; l += kAttnThreads) z += (p[l] = expf(p[l] - m));
+  const float inv = 1.f / block_reduce<false>(z, red);
+  for (int l = tid; l < L; l += kAttnThreads) p[l] *= inv;
+  __syncthreads();
+  // 5c) o_lat: warp partial sums over its positions, then the warps in order
+  float acc[kMaxLatChunks];
+#pragma unroll
+  for (int c = 0; c < kMaxLatChunks; ++c) acc[c] = 0.f;
+#pragma unroll 2
+  for (int l = warp; l < L; l += kAttnWarps) {
+    const float pl = p[l];
+    const float* ck = ckb + static_cast<size_t>(l) * Dc;
+#pragma unroll
+    for (int c = 0; c < kMaxLatChunks; ++c) {
+      const int j = c * kWarpSize + lane;
+      if (j < Dc) acc[c] = fmaf(pl, ck[j], acc[c]);
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < kMaxLatChunks; ++c) {
+    const int j = c * kWarpSize + lane;
+    if (j < Dc) part[warp * Dc + j] = acc[c];
+  }
+  __syncthreads();
+  for (int j = tid; j < Dc; j += kAttnThreads) {
+    float sum = 0.f;
+    for (int w = 0; w < kAttnWarps; ++w) sum += part[w * Dc + j];
+    o_lat[j] = sum;
+  }
+  __syncthreads();
+  // o_h = W_uv_h o_lat, W_uv_h = wkv_b[h*KS + Dn + v, :]
+  float* orow = o + (static_cast<size_t>(r) * H + h) * Dv;
+  for (int v = warp; v < Dv; v += kAttnWarps) {
+    const float s = rowwise::warp_dot(wk + static_cast<size_t>(Dn + v) * Dc, o_lat, Dc, lane);
+    if (lane == 0) orow[v] = s;
+  }
+}
+
+}  // namespace
+
+// ---- entry point --------------------------------------------------------------------------------
+
+void mla_decode_chunk_absorbed(float* out, const MlaCache<float>& cache, const float* inp, const MlaWeights<float>& w,
+                               const MlaConfig& c, int B, int n, const int* pos0, const MlaRope<float>& rope) {
+  validate_mla_call(c, B, n, 0, rope.positions);
+  require(cache.max_len >= n && cache.max_len <= rope.positions,
+          "mla decode: a cache of max_len {} must hold the chunk of {} tokens and fit the RoPE table of {} positions",
+          cache.max_len, n, rope.positions);
+  const int R = B * n, D = c.dim, H = c.n_heads, Dq = c.q_lora_rank, Dc = c.kv_lora_rank;
+  const int Dn = c.qk_nope_head_dim, Dr = c.qk_rope_head_dim, Dv = c.v_head_dim, S = c.qk_head_dim();
+  ScratchBuffer<float> q(size_t(R) * H * S), q_lat(size_t(R) * Dq), kv(size_t(R) * (Dc + Dr)), o(size_t(R) * H * Dv);
+  // 1) q (R, H, S) = wq_b q_norm(wq_a x), or wq x
+  if (Dq > 0) {
+    linear_rows(q_lat.get(), inp, w.wq_a, R, D, Dq);
+    rmsnorm_rows(q_lat.get(), q_lat.get(), w.q_norm, R, Dq, c.norm_eps);
+    linear_rows(q.get(), q_lat.get(), w.wq_b, R, Dq, H * S);
+  } else {
+    linear_rows(q.get(), inp, w.wq, R, D, H * S);
+  }
+  // 2) [c_kv | k_pe] (R, Dc+Dr) = wkv_a x;  3) + 4) kv_norm, RoPE and the append to the cache
+  linear_rows(kv.get(), inp, w.wkv_a, R, D, Dc + Dr);
+  decode_prologue_kernel<<<R, kWarpSize>>>(q.get(), kv.get(), cache.c_kv, cache.k_pe, w.kv_norm, rope.cos, rope.sin,
+                                           pos0, n, R, H, S, Dn, Dc, Dr, cache.max_len, c.norm_eps);
+  CUDA_CHECK_LAST();
+  // 5) attention in latent space, one block per (head, token, sequence)
+  require(Dc <= kMaxLatChunks * kWarpSize, "mla decode: kv_lora_rank {} is above the {} the GPU decode supports", Dc,
+          kMaxLatChunks * kWarpSize);
+  const size_t smem = sizeof(float) * (size_t(Dn) + Dr + (2 + kAttnWarps) * size_t(Dc) + cache.max_len);
+  require(smem <= 48 * 1024, "mla decode: a cache of {} positions needs {} bytes of shared memory per block, more "
+          "than 48 KiB", cache.max_len, smem);
+  decode_attention_kernel<<<dim3(H, n, B), kAttnThreads, smem>>>(o.get(), q.get(), cache.c_kv, cache.k_pe, w.wkv_b,
+                                                                 pos0, n, H, Dn, Dr, Dc, Dv, cache.max_len,
+                                                                 static_cast<float>(c.softmax_scale()));
+  CUDA_CHECK_LAST();
+  // 6) out = wo o
+  linear_rows(out, o.get(), w.wo, R, H * Dv, D);
+}
+
+}  // namespace dsv3::cuda

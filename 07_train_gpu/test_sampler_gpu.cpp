@@ -1,0 +1,273 @@
+// Tests of stage 07's GPU sampler (sampler_gpu.h), against the CPU sampler and against itself: the GPU decoder's
+// logits and MTP draft logits against the CPU Decoder's (teacher-forced, fp32 tolerance), a chunk of two bitwise
+// equal to two single steps (with and without CUDA graphs), GPU speculative decoding identical to plain GPU
+// decoding (greedy and temperature 0.8), a batch of N samples bitwise equal to N single runs, and generation past
+// the window (re-fills) on the GPU. Suites start with Cuda: without a GPU they skip, visibly.
+// Models: stage 06's tiny preset (layer 0 dense, layer 1 MoE, one MoE MTP module) with random weights, a variant
+// (no q compression, softmax router, YaRN), one with 37 positions, and the tiny model trained on a cyclic sequence
+// (most drafts accepted).
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "06_full_model/model.h"
+#include "07_train_gpu/backend.h"
+#include "07_train_gpu/sampler.h"
+#include "07_train_gpu/train.h"
+#include "common/compare.h"
+#include "common/rng.h"
+#include "common/testing.h"
+#ifdef DSV3_HAVE_CUDA
+#include "07_train_gpu/sampler_gpu.h"
+#endif
+
+using namespace dsv3;
+
+#ifdef DSV3_HAVE_CUDA
+namespace {
+
+ModelConfig tiny_variant() {
+  ModelConfig c = config_preset("tiny");
+  c.q_lora_rank = 0;
+  c.scoring_func = "softmax";
+  c.norm_topk_prob = false;
+  c.n_group = 1;
+  c.topk_group = 1;
+  c.first_k_dense_replace = 0;
+  RopeScaling y;
+  y.factor = 4;
+  y.original_max_position_embeddings = 16;
+  y.mscale = y.mscale_all_dim = 0.7;
+  c.rope_scaling = y;
+  c.validate();
+  return c;
+}
+
+std::vector<int> random_tokens(int n, int V, uint64_t seed) {
+  Rng rng(seed);
+  std::vector<int> t(n);
+  for (auto& x : t) x = int(rng.below(V));
+  return t;
+}
+
+bool bitwise_equal(const float* a, const float* b, size_t n) { return std::memcmp(a, b, n * sizeof(float)) == 0; }
+
+// The tiny model trained for a moment on a cyclic sequence, so that the MTP drafts are mostly right (the accept
+// path of speculative decoding runs); as test_sampler.cpp's.
+const std::vector<int> kCycle = {3, 17, 42, 8, 55, 23, 30};
+const Model<float>& cyclic_model() {
+  static const Model<float> m = [] {
+    Model<float> m(config_preset("tiny"), 21);
+    const int B = 7, T = 12;
+    std::vector<int> window;
+    for (int b = 0; b < B; ++b)
+      for (int i = 0; i <= T; ++i) window.push_back(kCycle[(b + i) % kCycle.size()]);
+    auto tensors = m.tensors();
+    std::vector<std::vector<float>> mom(tensors.size()), var(tensors.size());
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      mom[i].assign(tensors[i].value->size(), 0.0f);
+      var[i].assign(tensors[i].value->size(), 0.0f);
+    }
+    AdamWConfig opt;
+    opt.lr = 1e-2f;
+    for (int step = 1; step <= 150; ++step) {
+      m.forward(window, B, T);
+      m.backward();
+      for (size_t i = 0; i < tensors.size(); ++i)
+        cpu::adamw_step(tensors[i].value->data(), tensors[i].grad->data(), mom[i].data(), var[i].data(),
+                        tensors[i].value->size(), step, opt, false);
+    }
+    return m;
+  }();
+  return m;
+}
+
+SampleOptions greedy(int max_new) {
+  SampleOptions o;
+  o.temperature = 0;
+  o.max_new_tokens = max_new;
+  return o;
+}
+SampleOptions sampled(uint64_t seed, int max_new) {
+  SampleOptions o;
+  o.temperature = 0.8;
+  o.top_k = 20;
+  o.top_p = 0.9;
+  o.seed = seed;
+  o.max_new_tokens = max_new;
+  return o;
+}
+
+// Decoding on the GPU through the shared loop: batch 1 unless the decoder says otherwise.
+std::vector<SampleResult> gpu_samples(GpuDecoder& dec, const Model<float>& m, const std::vector<int>& prompt,
+                                      const SampleOptions& o, int eos, bool speculative, int first = 0) {
+  const ModelConfig& c = m.config();
+  return decode_samples(dec, c.vocab_size, c.max_position_embeddings, prompt, o, eos, speculative, first);
+}
+
+}  // namespace
+
+// Teacher-forced: every position's logits, and the MTP draft logits after each chunk, of the GPU decoder equal the
+// CPU Decoder's to fp32 rounding (sums of at most 2D terms in another order, through 2-3 layers: kReductionTol).
+TEST(CudaSamplerDecoder, LogitsAndDraftMatchTheCpuDecoder) {
+  DSV3_REQUIRE_GPU();
+  for (const ModelConfig& c : {config_preset("tiny"), tiny_variant()}) {
+    const Model<float> m(c, 7);
+    const int V = c.vocab_size;
+    const std::vector<int> tokens = random_tokens(23, V, 8);
+    const std::vector<int> sizes = {5, 1, 2, 1, 3, 2, 1, 8};
+    Decoder cpu(m, c.max_position_embeddings);
+    GpuDecoder gpu(m, 1);
+    size_t at = 0;
+    for (int n : sizes) {
+      const std::vector<int> chunk(tokens.begin() + at, tokens.begin() + at + n);
+      const std::vector<float>& want = cpu.feed(chunk);
+      const float* got = gpu.feed(chunk, n, n);
+      EXPECT_CLOSE(compare(std::vector<float>(got, got + size_t(n) * V), want, kReductionTol),
+                   "logits of the chunk at " + std::to_string(at));
+      at += n;
+      const int next = tokens[at % tokens.size()];
+      const std::vector<float>& dw = cpu.draft(next);
+      const int d = gpu.draft(next);
+      EXPECT_CLOSE(compare(gpu.draft_logits(), dw, kReductionTol), "draft logits at " + std::to_string(at));
+      EXPECT_EQ(d, int(std::max_element(dw.begin(), dw.end()) - dw.begin()));
+    }
+    EXPECT_EQ(gpu.pos(), cpu.pos());
+  }
+}
+
+// The exactness speculative decoding rests on: a chunk of two gives bitwise the logits of two single steps, with
+// CUDA graphs (replayed at every position) and without, and graphs equal plain launches bitwise.
+TEST(CudaSamplerDecoder, ChunkOfTwoIsBitwiseTwoSingleStepsWithAndWithoutGraphs) {
+  DSV3_REQUIRE_GPU();
+  for (const ModelConfig& c : {config_preset("tiny"), tiny_variant()}) {
+    const Model<float> m(c, 9);
+    const int V = c.vocab_size;
+    const std::vector<int> tokens = random_tokens(31, V, 10);
+    std::vector<std::vector<float>> runs;
+    for (bool graphs : {true, false})
+      for (int chunk : {1, 2}) {
+        GpuDecoder dec(m, 1, graphs);
+        std::vector<float> all;
+        const float* l = dec.feed({tokens[0]}, 1, 1);
+        all.insert(all.end(), l, l + V);
+        for (size_t at = 1; at < tokens.size(); at += chunk) {
+          l = dec.feed(std::vector<int>(tokens.begin() + at, tokens.begin() + at + chunk), chunk, chunk);
+          all.insert(all.end(), l, l + size_t(chunk) * V);
+        }
+        EXPECT_EQ(dec.graph_captures(), graphs ? (chunk == 1 ? 1 : 2) : 0);
+        runs.push_back(all);
+      }
+    for (size_t i = 1; i < runs.size(); ++i)
+      EXPECT_TRUE(runs[i].size() == runs[0].size() && bitwise_equal(runs[i].data(), runs[0].data(), runs[0].size()))
+          << "run " << i << " (graphs " << (i < 2) << ", chunk " << (i % 2 + 1) << ") differs from single steps";
+  }
+}
+
+// GPU speculative decoding is plain GPU decoding, token for token, greedy and sampled (temperature 0.8), on a
+// random model (drafts mostly rejected) and the cyclic one (mostly accepted).
+TEST(CudaSamplerSpeculative, IdenticalToPlainGreedyAndSampled) {
+  DSV3_REQUIRE_GPU();
+  const Model<float> random(config_preset("tiny"), 11);
+  for (const Model<float>* m : {&random, &cyclic_model()}) {
+    GpuDecoder dec(*m, 1);
+    for (const SampleOptions& o : {greedy(40), sampled(5, 40), sampled(6, 40)}) {
+      const SampleResult plain = gpu_samples(dec, *m, {3, 17, 42}, o, -1, false).front();
+      const SampleResult spec = gpu_samples(dec, *m, {3, 17, 42}, o, -1, true).front();
+      EXPECT_EQ(plain.tokens, spec.tokens) << "temperature " << o.temperature;
+      EXPECT_GT(spec.drafted, 0);
+      if (m != &random && o.temperature == 0) {
+        EXPECT_GT(spec.accepted * 2, spec.drafted);
+      }
+    }
+    EXPECT_LE(dec.graph_captures(), 4);
+  }
+}
+
+// GPU and CPU decoding agree: the cyclic model's greedy continuation token for token (its logits have clear
+// winners, so fp32 rounding cannot flip a choice), plain and speculative.
+TEST(CudaSamplerSpeculative, GreedyContinuationEqualsTheCpuSampler) {
+  DSV3_REQUIRE_GPU();
+  const Model<float>& m = cyclic_model();
+  GpuDecoder dec(m, 1);
+  for (bool speculative : {false, true}) {
+    const SampleResult cpu = generate_ids(m, {3, 17, 42}, greedy(30), -1, speculative);
+    const SampleResult gpu = gpu_samples(dec, m, {3, 17, 42}, greedy(30), -1, speculative).front();
+    EXPECT_EQ(gpu.tokens, cpu.tokens);
+    EXPECT_EQ(gpu.accepted, cpu.accepted);
+  }
+}
+
+// --num-samples: a batch of N samples is bitwise N single runs (sample i alone with its stream), an ended sample
+// (eos) included; sample 0 uses the seed itself.
+TEST(CudaSamplerBatch, BatchOfNEqualsNSingleRuns) {
+  DSV3_REQUIRE_GPU();
+  const Model<float> m(config_preset("tiny"), 13);
+  const int N = 9, eos = 7;  // >= 8: the host draws with several threads
+  GpuDecoder batch(m, N), one(m, 1);
+  const SampleOptions o = sampled(21, 50);
+  const std::vector<SampleResult> all = gpu_samples(batch, m, {3, 17, 42, 8}, o, eos, false);
+  ASSERT_EQ(int(all.size()), N);
+  int ended = 0;
+  for (int i = 0; i < N; ++i) {
+    const SampleResult alone = gpu_samples(one, m, {3, 17, 42, 8}, o, eos, false, i).front();
+    EXPECT_EQ(all[i].tokens, alone.tokens) << "sample " << i;
+    ended += all[i].tokens.back() == eos;
+  }
+  SampleOptions o0 = o;
+  o0.seed = sample_seed(o.seed, 3);
+  EXPECT_EQ(gpu_samples(one, m, {3, 17, 42, 8}, o0, eos, false).front().tokens, all[3].tokens)
+      << "sample i is sample 0 of the seed sample_seed(seed, i)";
+  RecordProperty("samples_ended_by_eos", ended);
+}
+
+// Past the model's positions on the GPU: every token comes out, the re-fills are the CPU sampler's, speculative
+// equals plain across them, and the cyclic model's greedy text equals the CPU's.
+TEST(CudaSamplerWindow, GenerationPastTheWindowRefillsAsTheCpuSampler) {
+  DSV3_REQUIRE_GPU();
+  ModelConfig c = config_preset("tiny");
+  c.max_position_embeddings = 37;
+  c.validate();
+  const Model<float> m37(c, 32);
+  for (const Model<float>* m : {&m37, &cyclic_model()}) {
+    GpuDecoder dec(*m, 1);
+    for (const SampleOptions& o : {greedy(150), sampled(4, 150)}) {
+      const SampleResult plain = gpu_samples(dec, *m, {3, 17, 42, 8, 55}, o, -1, false).front();
+      const SampleResult spec = gpu_samples(dec, *m, {3, 17, 42, 8, 55}, o, -1, true).front();
+      const SampleResult cpu = generate_ids(*m, {3, 17, 42, 8, 55}, o, -1, false);
+      EXPECT_EQ(int(plain.tokens.size()), 150);
+      EXPECT_EQ(plain.refills, cpu.refills);
+      EXPECT_GT(plain.refills, 0);
+      EXPECT_EQ(spec.tokens, plain.tokens);
+      if (m == &cyclic_model() && o.temperature == 0) {
+        EXPECT_EQ(plain.tokens, cpu.tokens);
+      }
+    }
+  }
+  // a prompt longer than the window is cropped to its last P tokens, as on the CPU
+  GpuDecoder dec(m37, 1);
+  const std::vector<int> long_prompt = random_tokens(50, c.vocab_size, 3);
+  const SampleResult r = gpu_samples(dec, m37, long_prompt, greedy(5), -1, false).front();
+  EXPECT_EQ(r.prompt_cropped, 13);
+  EXPECT_EQ(r.prompt_tokens, 37);
+}
+
+TEST(CudaSamplerErrors, BadCallsAreUserErrors) {
+  DSV3_REQUIRE_GPU();
+  const Model<float> m(config_preset("tiny"), 15);
+  GpuDecoder dec(m, 2);
+  EXPECT_THROW(dec.feed({1, 2, 3}, 2, 2), UserError);  // 3 tokens for 2 sequences of 2
+  EXPECT_THROW(dec.feed({1, 61}, 1, 1), UserError);    // outside the vocabulary
+  EXPECT_THROW(dec.draft(1), UserError);            // batch 2 has no draft
+  EXPECT_THROW(gpu_samples(dec, m, {1, 2}, greedy(4), -1, true), UserError);  // speculative needs batch 1
+  ModelConfig c = config_preset("tiny");
+  c.num_nextn_predict_layers = 0;
+  c.validate();
+  const Model<float> no_mtp(c, 16);
+  GpuDecoder one(no_mtp, 1);
+  one.feed({1}, 1, 1);
+  EXPECT_THROW(one.draft(2), UserError);
+}
+#else
+TEST(CudaSampler, BuiltWithoutCuda) { GTEST_SKIP() << "built without CUDA"; }
+#endif
