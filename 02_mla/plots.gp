@@ -82,3 +82,27 @@ plot outdir."/decode_time.csv" using 1:2 with linespoints lc 1 title "CPU naive"
      "" using 1:3 with linespoints lc 2 title "CPU absorbed", \
      for [g=1:gpu] outdir."/decode_time.csv" using 1:4 with linespoints lc 3 title "GPU naive", \
      for [g=1:gpu] outdir."/decode_time.csv" using 1:5 with linespoints lc 4 title "GPU absorbed"
+
+# ---- attention of the training form: materialised vs fused (written only with a GPU) ----
+if (system("test -f ".outdir."/attention_time.csv && echo 1") eq "1") {
+  set terminal pngcairo size 1000,450 font ",10"
+  set output outdir."/attention_time.png"
+  set multiplot layout 1,2 title "Training-form attention, \"small\" heads (H=8, S=96, Dv=64), B*T = 16384, bf16"
+  set title "forward + backward time"
+  set xlabel "sequence length T"
+  set ylabel "ms"
+  set logscale xy
+  set key top left
+  plot outdir."/attention_time.csv" using 1:($3+$4) with linespoints lw 2 title "materialised (version 1)", \
+       "" using 1:($5+$6) with linespoints lw 2 title "fused"
+  set title "useful (causal) TFLOP/s"
+  set ylabel "TFLOP/s"
+  unset logscale y
+  set logscale x
+  set yrange [0:*]
+  plot outdir."/attention_time.csv" using 1:7 with linespoints lw 2 title "materialised (version 1)", \
+       "" using 1:8 with linespoints lw 2 title "fused"
+  unset multiplot
+  unset logscale xy
+  set yrange [*:*]
+}

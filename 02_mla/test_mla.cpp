@@ -773,11 +773,17 @@ TEST(CudaFusedAttention, MlaLayerMatchesCpu) {
   const auto as_double = [](const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); };
   expect_fused_close(out.download(), as_double(pb.out), "out");
   expect_fused_close(dinp.download(), as_double(dx), "dinp");
+  // Parameter gradients sum N = B*T rows, each off by ~1e-2 of its unit-sized term with a random sign: elements
+  // within 2e-2 sqrt(N) (as the fp32 test's atol grows with sqrt(N)), the whole tensor within kFusedNorm.
   MlaParams<float> got = mla_zero_params<float>(c);
   dg.download(got);
   auto want = g.tensors(), have = got.tensors();
-  for (size_t i = 0; i < want.size(); ++i)
-    expect_fused_close(*have[i].second, as_double(*want[i].second), "d" + want[i].first);
+  const Tolerance param_tol{2e-2 * std::sqrt(double(B * T)), kFusedTol.rtol};
+  for (size_t i = 0; i < want.size(); ++i) {
+    const CompareResult r = compare(*have[i].second, as_double(*want[i].second), param_tol);
+    EXPECT_CLOSE(r, "d" + want[i].first);
+    EXPECT_LE(r.norm_err, kFusedNorm) << "d" << want[i].first << ": " << r.summary();
+  }
   // the CPU reference refuses a layout carved for the fused attention
   EXPECT_THROW(cpu::mla_forward(pb.out.data(), mla_saved_layout(pb.saved_buf.data(), c, B, T), pb.x.data(),
                                 pb.p.weights(), c, B, T, 0, pb.rope()),
