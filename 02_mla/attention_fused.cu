@@ -2,21 +2,26 @@
 // fused_attention_backward; the README's "Fused attention" derives it). Kernels, then launchers, then the entry
 // points.
 //
-// One block of 4 warps takes a tile of 64 rows (queries in the forward and in the dq kernel, keys in the dk/dv
-// kernel); each warp owns 16 of them and multiplies with the tensor cores' mma.sync m16n8k16 (bf16 operands, fp32
-// accumulators). Tiles of the other operand (64 keys, or 64 queries) stream through shared memory, rounded from
-// fp32 to bf16 on the way in and zero-filled past the sequence's end and past the head dims (padding the inner
-// dimension with zeros leaves every product unchanged).
+// First a packing pass rounds the operands to bf16, one (sequence, head) after another: q, k = [k_nope | k_pe]
+// (the shared rope key copied into every head), v and, for the backward, dy, each row zero-padded to SP or DVP
+// elements (the head dims rounded up to what the kernels were compiled for; zeros in the inner dimension leave
+// every product unchanged). Then one block of 4 warps takes a tile of 64 rows (queries in the forward and in the
+// dq kernel, keys in the dk/dv kernel); each warp owns 16 of them and multiplies with the tensor cores' mma.sync
+// m16n8k16 (bf16 operands, fp32 accumulators). Tiles of the other operand (64 keys, or 64 queries) stream through
+// shared memory by cp.async, two buffers deep: the next tile is in flight while the warps work on the current one;
+// rows past the sequence's end are zero-filled by the copy itself.
 //
 // Fragment layouts of mma.m16n8k16 (PTX ISA), lane = 4 g + t (g = lane / 4, t = lane % 4):
 //   A (16 x 16, row major): a[0] = (g, 2t..2t+1), a[1] = (g+8, 2t..), a[2] = (g, 8+2t..), a[3] = (g+8, 8+2t..)
 //   B (16 x 8, k x n):      b[0] = (k = 2t..2t+1, n = g), b[1] = (k = 8+2t.., n = g)
 //   C (16 x 8):             c[0..1] = (g, 2t..2t+1), c[2..3] = (g+8, 2t..2t+1)
 // So the accumulators of two adjacent n-tiles of a product are, packed to bf16, exactly the A fragment of the next
-// product over those 16 columns (scores -> probabilities -> P V without a trip through shared memory). Shared
-// tiles are stored so that every fragment is one 32-bit load of two neighbours along k: A operands row-major
-// [m][k], B operands as [n][k] (a transposed copy where the product needs one); rows are padded by 8 elements so
-// that the 8 rows a fragment load touches fall in different banks.
+// product over those 16 columns (scores -> probabilities -> P V without a trip through shared memory). Every tile
+// sits in shared memory as it sits in the packed tensor, row major ([row][dim]). A fragments and the B fragments
+// of a product whose n runs along the tile's rows (S = Q K^T: n = key) are 32-bit loads of two neighbours along
+// the row; the B fragments of a product whose k runs along the tile's rows (P V: k = key) come from ldmatrix.trans,
+// which hands each thread the transposed pair. Rows are padded by 8 elements so that the 8 rows a fragment load
+// touches fall in different banks.
 //
 // Softmax in base 2: with s = scale q.k, the kernels work with s2 = s log2(e), so e^s = 2^s2 (exp2f is one
 // instruction). lse (B, H, T) holds log2 sum_k 2^(s2_k) of each row; the backward's p = 2^(s2 - lse) needs no
@@ -31,38 +36,90 @@
 namespace dsv3::cuda {
 namespace {
 
+using bf16 = __nv_bfloat16;
+
 constexpr int kTile = 64;                 // rows of a block's tile and of every streamed tile
 constexpr int kWarps = 4, kThreads = 32 * kWarps;
 constexpr int kPad = 8;                   // elements added to every shared row (bank spread)
-constexpr int kLdT = kTile + kPad;        // row length of a transposed tile ([dim][64 rows])
 constexpr float kLog2e = 1.4426950408889634f;
 
-// The operands of one (sequence, head): element addresses of q, k, v rows, as MlaSaved lays them out.
+// The fp32 operands of one call, as MlaSaved lays them out, and the packing of one row element.
 struct Heads {
   const float* q;     // (N, H, S)
   const float* kv;    // (N, H, KS): [k_nope | v] per head
   const float* k_pe;  // (N, Dr): shared by the heads
-  int T, H, Dn, Dr, Dv;
-  float scale_log2;   // scale * log2(e)
+  const float* dy;    // (N, H, Dv) or null
+  int B, T, H, Dn, Dr, Dv;
   __device__ int S() const { return Dn + Dr; }
   __device__ int KS() const { return Dn + Dv; }
-  // element d of query / key / value row t of head h of sequence b (0 past the head's dims)
-  __device__ float qv(int b, int h, int t, int d) const {
-    return d < S() ? q[(size_t(b) * T + t) * H * S() + size_t(h) * S() + d] : 0.f;
+  // element d of row t of head h of sequence b of operand `which` (0 q, 1 k, 2 v, 3 dy), 0 past the head's dims
+  __device__ float get(int which, int b, int h, int t, int d) const {
+    const size_t row = size_t(b) * T + t;
+    switch (which) {
+      case 0: return d < S() ? q[(row * H + h) * S() + d] : 0.f;
+      case 1:
+        if (d < Dn) return kv[(row * H + h) * KS() + d];
+        return d < S() ? k_pe[row * Dr + (d - Dn)] : 0.f;
+      case 2: return d < Dv ? kv[(row * H + h) * KS() + Dn + d] : 0.f;
+      default: return d < Dv ? dy[(row * H + h) * Dv + d] : 0.f;
+    }
   }
-  __device__ float kvv(int b, int h, int t, int d) const {
-    if (d < Dn) return kv[(size_t(b) * T + t) * H * KS() + size_t(h) * KS() + d];
-    if (d < S()) return k_pe[(size_t(b) * T + t) * Dr + (d - Dn)];
-    return 0.f;
-  }
-  __device__ float vv(int b, int h, int t, int j) const {
-    return j < Dv ? kv[(size_t(b) * T + t) * H * KS() + size_t(h) * KS() + Dn + j] : 0.f;
-  }
+};
+
+// What the attention kernels read: bf16 rows of W elements, row ((b H + h) T + t) for (b, h, t).
+struct Packed {
+  const bf16* q;   // rows of SP
+  const bf16* k;   // rows of SP
+  const bf16* v;   // rows of DVP
+  const bf16* dy;  // rows of DVP (backward)
+  int T, H, Dn, Dr, Dv;
+  float scale_log2;  // scale * log2(e)
 };
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
   return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// dst row ((b H + h) T + t), elements 8c .. 8c+7 of operand `which`: one thread per 8 elements (16 bytes).
+__global__ void pack_kernel(bf16* dst, const Heads a, int which, int W) {
+  const size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int chunks = W / 8;
+  if (i >= size_t(a.B) * a.H * a.T * chunks) return;
+  const int c = int(i % chunks);
+  const size_t row = i / chunks;  // (b H + h) T + t
+  const int t = int(row % a.T), bh = int(row / a.T), h = bh % a.H, b = bh / a.H;
+  uint32_t w[4];
+  for (int j = 0; j < 4; ++j)
+    w[j] = pack_bf16(a.get(which, b, h, t, 8 * c + 2 * j), a.get(which, b, h, t, 8 * c + 2 * j + 1));
+  *reinterpret_cast<uint4*>(dst + row * W + 8 * c) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// ---- shared-memory staging and fragments ------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// 16 bytes from global to shared, or 16 zero bytes when !valid (src is then not read).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Queues rows r0 .. r0+63 of one (sequence, head) of a packed operand (rows of W bf16) into a shared tile of row
+// length W + kPad; rows >= T become zeros.
+template <int W>
+__device__ __forceinline__ void load_tile(bf16* dst, const bf16* src_bh, int r0, int T) {
+  constexpr int kChunks = W / 8;
+  for (int i = threadIdx.x; i < kTile * kChunks; i += kThreads) {
+    const int r = i / kChunks, c = i % kChunks, t = r0 + r;
+    cp_async16(dst + r * (W + kPad) + 8 * c, src_bh + size_t(t < T ? t : 0) * W + 8 * c, t < T);
+  }
 }
 
 // c += a b over one 16 x 8 x 16 step.
@@ -74,23 +131,32 @@ __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint3
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ uint32_t ld32(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+__device__ __forceinline__ uint32_t ld32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
 // A fragment of rows m0.., columns k0.. of a row-major shared tile of row length ld.
-__device__ __forceinline__ void load_a(uint32_t (&a)[4], const __nv_bfloat16* s, int ld, int m0, int k0) {
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const bf16* s, int ld, int m0, int k0) {
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const __nv_bfloat16* p = s + (m0 + g) * ld + k0 + 2 * t;
+  const bf16* p = s + (m0 + g) * ld + k0 + 2 * t;
   a[0] = ld32(p);
   a[1] = ld32(p + 8 * ld);
   a[2] = ld32(p + 8);
   a[3] = ld32(p + 8 * ld + 8);
 }
-// B fragment (k0.., n0..) of a shared tile stored as [n][k] with row length ld.
-__device__ __forceinline__ void load_b(uint32_t& b0, uint32_t& b1, const __nv_bfloat16* s, int ld, int n0, int k0) {
+// B fragment (k0.., n0..) of a tile whose rows are n: s[n][k], row length ld.
+__device__ __forceinline__ void load_b(uint32_t& b0, uint32_t& b1, const bf16* s, int ld, int n0, int k0) {
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const __nv_bfloat16* p = s + (n0 + g) * ld + k0 + 2 * t;
+  const bf16* p = s + (n0 + g) * ld + k0 + 2 * t;
   b0 = ld32(p);
   b1 = ld32(p + 8);
+}
+// B fragment (k0.., n0..) of a tile whose rows are k: s[k][n], row length ld. ldmatrix .x2 .trans: lanes 0-7 name
+// rows k0..k0+7, lanes 8-15 rows k0+8..k0+15 (column n0); each thread receives the transposed pairs b[0], b[1].
+__device__ __forceinline__ void load_b_trans(uint32_t& b0, uint32_t& b1, const bf16* s, int ld, int n0, int k0) {
+  const int lane = threadIdx.x % 32;
+  const bf16* p = s + (k0 + lane % 16) * ld + n0;
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(b0), "=r"(b1)
+               : "r"(smem_addr(p)));
 }
 // The A fragment over columns 16 kc .. 16 kc + 15 of a warp's 16 x 64 accumulator tile (8 n-tiles of 4).
 __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&c)[8][4], int kc) {
@@ -100,59 +166,81 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&c)[8][4
   a[3] = pack_bf16(c[2 * kc + 1][2], c[2 * kc + 1][3]);
 }
 
-// Tile loaders: rows r0 .. r0+63 of one (b, h), element (r, d) from get(b, h, t, d), bf16 into shared memory,
-// 0 for t >= T. Row major: dst[r * ld + d], d < width; transposed: dst[d * kLdT + r].
-template <int W, typename Get>
-__device__ void load_rows(__nv_bfloat16* dst, int ld, int r0, int T, Get get) {
-  for (int i = threadIdx.x; i < kTile * W; i += kThreads) {
-    const int r = i / W, d = i % W, t = r0 + r;
-    dst[r * ld + d] = __float2bfloat16_rn(t < T ? get(t, d) : 0.f);
+template <int N>
+__device__ __forceinline__ void zero(float (&c)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.f;
+}
+// c (16 x 64) += rows m0.. of A (row-major, ld_a) times the tile B^T, B's rows the n index (ld_b), inner dim K.
+template <int K>
+__device__ __forceinline__ void mma_abt(float (&c)[8][4], const bf16* A, int ld_a, int m0, const bf16* Bn, int ld_b) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t fa[4];
+    load_a(fa, A, ld_a, m0, kk * 16);
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      uint32_t b0, b1;
+      load_b(b0, b1, Bn, ld_b, nt * 8, kk * 16);
+      mma(c[nt], fa, b0, b1);
+    }
   }
 }
-template <int W, typename Get>
-__device__ void load_rows_t(__nv_bfloat16* dst, int r0, int T, Get get) {
-  for (int i = threadIdx.x; i < kTile * W; i += kThreads) {
-    const int r = i / W, d = i % W, t = r0 + r;
-    dst[d * kLdT + r] = __float2bfloat16_rn(t < T ? get(t, d) : 0.f);
+// c (16 x NW) += P (16 x 64, accumulator layout) times the tile B (64 rows = k, NW columns), B row length ld_b.
+template <int NW>
+__device__ __forceinline__ void mma_pb(float (&c)[NW / 8][4], const float (&p)[8][4], const bf16* Bk, int ld_b) {
+#pragma unroll
+  for (int kc = 0; kc < 4; ++kc) {
+    uint32_t fa[4];
+    acc_to_a(fa, p, kc);
+#pragma unroll
+    for (int nt = 0; nt < NW / 8; ++nt) {
+      uint32_t b0, b1;
+      load_b_trans(b0, b1, Bk, ld_b, nt * 8, kc * 16);
+      mma(c[nt], fa, b0, b1);
+    }
   }
 }
 
 // ---- forward: one block per (query tile, head, sequence) -------------------------------------------
 // SP, DVP: S and Dv rounded up to what the kernel was compiled for (multiples of 16).
 template <int SP, int DVP>
-__global__ void __launch_bounds__(kThreads) attention_forward_kernel(float* y, float* lse, const Heads a) {
-  constexpr int LDQ = SP + kPad;
+__global__ void __launch_bounds__(kThreads) attention_forward_kernel(float* y, float* lse, const Packed a) {
+  constexpr int LDQ = SP + kPad, LDV = DVP + kPad;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [64][LDQ]   A of S = Q K^T
-  __nv_bfloat16* Ks = Qs + kTile * LDQ;                              // [64][LDQ]   B of S (n = key, k = dim)
-  __nv_bfloat16* Vt = Ks + kTile * LDQ;                              // [DVP][kLdT] B of O = P V (n = dim, k = key)
+  bf16* Qs = reinterpret_cast<bf16*>(smem_raw);  // [64][LDQ]
+  bf16* const K0 = Qs + kTile * LDQ;      // two buffers [64][LDQ]: buffer i at K0 + i * kTile * LDQ
+  bf16* const V0 = Qs + 3 * kTile * LDQ;  // two buffers [64][LDV]
   const int qt = gridDim.x - 1 - blockIdx.x;  // the longest rows first
-  const int h = blockIdx.y, b = blockIdx.z, q0 = qt * kTile;
+  const int h = blockIdx.y, b = blockIdx.z, q0 = qt * kTile, bh = b * a.H + h;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
-  load_rows<SP>(Qs, LDQ, q0, a.T, [&](int t, int d) { return a.qv(b, h, t, d); });
+  const bf16* qb = a.q + size_t(bh) * a.T * SP;
+  const bf16* kb = a.k + size_t(bh) * a.T * SP;
+  const bf16* vb = a.v + size_t(bh) * a.T * DVP;
+  load_tile<SP>(Qs, qb, q0, a.T);
+  load_tile<SP>(K0, kb, 0, a.T);
+  load_tile<DVP>(V0, vb, 0, a.T);
+  cp_async_commit();
   const int row0 = q0 + warp * 16 + g, row1 = row0 + 8;  // this thread's two rows
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   float o[DVP / 8][4];
-  for (auto& x : o) x[0] = x[1] = x[2] = x[3] = 0.f;
+  zero(o);
   for (int kt = 0; kt <= qt; ++kt) {
-    const int k0 = kt * kTile;
-    __syncthreads();  // the previous tile is read by every warp
-    load_rows<SP>(Ks, LDQ, k0, a.T, [&](int t, int d) { return a.kvv(b, h, t, d); });
-    load_rows_t<DVP>(Vt, k0, a.T, [&](int t, int j) { return a.vv(b, h, t, j); });
+    const int k0 = kt * kTile, cur = kt & 1;
+    const bf16* Kc = K0 + cur * kTile * LDQ;
+    const bf16* Vc = V0 + cur * kTile * LDV;
+    if (kt < qt) {  // the next tile flies while this one is used
+      load_tile<SP>(K0 + (cur ^ 1) * kTile * LDQ, kb, k0 + kTile, a.T);
+      load_tile<DVP>(V0 + (cur ^ 1) * kTile * LDV, vb, k0 + kTile, a.T);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
     __syncthreads();
     float s[8][4];
-    for (auto& x : s) x[0] = x[1] = x[2] = x[3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < SP / 16; ++kk) {
-      uint32_t fa[4];
-      load_a(fa, Qs, LDQ, warp * 16, kk * 16);
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        uint32_t b0, b1;
-        load_b(b0, b1, Ks, LDQ, nt * 8, kk * 16);
-        mma(s[nt], fa, b0, b1);
-      }
-    }
+    zero(s);
+    mma_abt<SP>(s, Qs, LDQ, warp * 16, Kc, LDQ);
     // scale to base 2, mask the future and the keys past T, running maximum of each row
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -189,17 +277,8 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(float* y, f
       o[nt][2] *= alpha[1];
       o[nt][3] *= alpha[1];
     }
-#pragma unroll
-    for (int kc = 0; kc < 4; ++kc) {
-      uint32_t fa[4];
-      acc_to_a(fa, s, kc);
-#pragma unroll
-      for (int nt = 0; nt < DVP / 8; ++nt) {
-        uint32_t b0, b1;
-        load_b(b0, b1, Vt, kLdT, nt * 8, kc * 16);
-        mma(o[nt], fa, b0, b1);
-      }
-    }
+    mma_pb<DVP>(o, s, Vc, LDV);
+    __syncthreads();  // every warp is done with this buffer before the next iteration refills it
   }
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -216,7 +295,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(float* y, f
     }
   if (t4 == 0)
     for (int i = 0; i < 2; ++i)
-      if (rows[i] < a.T) lse[(size_t(b) * a.H + h) * a.T + rows[i]] = m[i] + log2f(l[i]);
+      if (rows[i] < a.T) lse[size_t(bh) * a.T + rows[i]] = m[i] + log2f(l[i]);
 }
 
 // ---- backward ---------------------------------------------------------------------------------------
@@ -239,99 +318,78 @@ __global__ void attention_row_dot_kernel(float* dsum, const float* dy, const flo
 // Per warp (16 keys x 64 queries): S^T = K Q^T, P^T = 2^(S2^T - lse), dV += P^T dO, dP^T = V dO^T,
 // dS^T = P^T (dP^T - Dsum), dK += dS^T Q. dk's rope part goes to dk_pe_h (B, T, H, Dr), summed over heads later.
 template <int SP, int DVP>
-__global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(float* dkv, float* dk_pe_h, const float* dy,
-                                                                  const float* lse, const float* dsum, const Heads a) {
+__global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(float* dkv, float* dk_pe_h, const float* lse,
+                                                                  const float* dsum, const Packed a) {
   constexpr int LDQ = SP + kPad, LDV = DVP + kPad;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __nv_bfloat16* Ks = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [64][LDQ]  A of S^T (m = key, k = dim)
-  __nv_bfloat16* Vs = Ks + kTile * LDQ;                             // [64][LDV]  A of dP^T (m = key, k = vdim)
-  __nv_bfloat16* Qs = Vs + kTile * LDV;                             // [64][LDQ]  B of S^T (n = query, k = dim)
-  __nv_bfloat16* Qt = Qs + kTile * LDQ;                             // [SP][kLdT] B of dK (n = dim, k = query)
-  __nv_bfloat16* dOs = Qt + SP * kLdT;                              // [64][LDV]  B of dP^T (n = query, k = vdim)
-  __nv_bfloat16* dOt = dOs + kTile * LDV;                           // [DVP][kLdT] B of dV (n = vdim, k = query)
-  float* lse_s = reinterpret_cast<float*>(dOt + DVP * kLdT);        // [64]
-  float* dsum_s = lse_s + kTile;                                    // [64]
+  bf16* Ks = reinterpret_cast<bf16*>(smem_raw);  // [64][LDQ]  A of S^T (m = key, k = dim)
+  bf16* Vs = Ks + kTile * LDQ;                   // [64][LDV]  A of dP^T (m = key, k = vdim)
+  bf16* const Q0 = Vs + kTile * LDV;         // two buffers [64][LDQ]: B of S^T (rows n) and of dK (rows k)
+  bf16* const dO0 = Q0 + 2 * kTile * LDQ;    // two buffers [64][LDV]: B of dP^T (rows n) and of dV (rows k)
+  float* lse_s = reinterpret_cast<float*>(dO0 + 2 * kTile * LDV);  // [2][64]
+  float* dsum_s = lse_s + 2 * kTile;                               // [2][64]
   const int kt = blockIdx.x;  // the longest columns (first keys) first
-  const int h = blockIdx.y, b = blockIdx.z, k0 = kt * kTile;
+  const int h = blockIdx.y, b = blockIdx.z, k0 = kt * kTile, bh = b * a.H + h;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
-  const auto dyv = [&](int t, int j) { return j < a.Dv ? dy[(size_t(b) * a.T + t) * a.H * a.Dv + size_t(h) * a.Dv + j] : 0.f; };
-  load_rows<SP>(Ks, LDQ, k0, a.T, [&](int t, int d) { return a.kvv(b, h, t, d); });
-  load_rows<DVP>(Vs, LDV, k0, a.T, [&](int t, int j) { return a.vv(b, h, t, j); });
-  const int key0 = k0 + warp * 16 + g, key1 = key0 + 8;
-  float dk[SP / 8][4], dv[DVP / 8][4];
-  for (auto& x : dk) x[0] = x[1] = x[2] = x[3] = 0.f;
-  for (auto& x : dv) x[0] = x[1] = x[2] = x[3] = 0.f;
+  const bf16* qb = a.q + size_t(bh) * a.T * SP;
+  const bf16* dyb = a.dy + size_t(bh) * a.T * DVP;
+  const float* lse_b = lse + size_t(bh) * a.T;
+  const float* dsum_b = dsum + size_t(bh) * a.T;
   const int n_tiles = (a.T + kTile - 1) / kTile;
-  for (int qt = kt; qt < n_tiles; ++qt) {
+  auto stage = [&](int qt, int buf) {
     const int q0 = qt * kTile;
-    __syncthreads();
-    load_rows<SP>(Qs, LDQ, q0, a.T, [&](int t, int d) { return a.qv(b, h, t, d); });
-    load_rows_t<SP>(Qt, q0, a.T, [&](int t, int d) { return a.qv(b, h, t, d); });
-    load_rows<DVP>(dOs, LDV, q0, a.T, dyv);
-    load_rows_t<DVP>(dOt, q0, a.T, dyv);
+    load_tile<SP>(Q0 + buf * kTile * LDQ, qb, q0, a.T);
+    load_tile<DVP>(dO0 + buf * kTile * LDV, dyb, q0, a.T);
     for (int i = threadIdx.x; i < kTile; i += kThreads) {
       const bool in = q0 + i < a.T;
-      lse_s[i] = in ? lse[(size_t(b) * a.H + h) * a.T + q0 + i] : 0.f;
-      dsum_s[i] = in ? dsum[(size_t(b) * a.H + h) * a.T + q0 + i] : 0.f;
+      lse_s[buf * kTile + i] = in ? lse_b[q0 + i] : 0.f;
+      dsum_s[buf * kTile + i] = in ? dsum_b[q0 + i] : 0.f;
+    }
+  };
+  load_tile<SP>(Ks, a.k + size_t(bh) * a.T * SP, k0, a.T);
+  load_tile<DVP>(Vs, a.v + size_t(bh) * a.T * DVP, k0, a.T);
+  stage(kt, 0);
+  cp_async_commit();
+  const int key0 = k0 + warp * 16 + g, key1 = key0 + 8;
+  float dk[SP / 8][4], dv[DVP / 8][4];
+  zero(dk);
+  zero(dv);
+  for (int qt = kt; qt < n_tiles; ++qt) {
+    const int q0 = qt * kTile, cur = (qt - kt) & 1;
+    if (qt + 1 < n_tiles) {
+      stage(qt + 1, cur ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
     }
     __syncthreads();
     float p[8][4], dp[8][4];
-    for (auto& x : p) x[0] = x[1] = x[2] = x[3] = 0.f;
-    for (auto& x : dp) x[0] = x[1] = x[2] = x[3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < SP / 16; ++kk) {
-      uint32_t fa[4];
-      load_a(fa, Ks, LDQ, warp * 16, kk * 16);
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        uint32_t b0, b1;
-        load_b(b0, b1, Qs, LDQ, nt * 8, kk * 16);
-        mma(p[nt], fa, b0, b1);
-      }
-    }
-#pragma unroll
-    for (int kk = 0; kk < DVP / 16; ++kk) {
-      uint32_t fa[4];
-      load_a(fa, Vs, LDV, warp * 16, kk * 16);
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        uint32_t b0, b1;
-        load_b(b0, b1, dOs, LDV, nt * 8, kk * 16);
-        mma(dp[nt], fa, b0, b1);
-      }
-    }
+    zero(p);
+    zero(dp);
+    const bf16* Qc = Q0 + cur * kTile * LDQ;
+    const bf16* dOc = dO0 + cur * kTile * LDV;
+    mma_abt<SP>(p, Ks, LDQ, warp * 16, Qc, LDQ);
+    mma_abt<DVP>(dp, Vs, LDV, warp * 16, dOc, LDV);
     // P^T = 2^(s2 - lse) where query >= key (and both < T), else 0;  dS^T = P^T (dP^T - Dsum)
+    const float* ls = lse_s + cur * kTile;
+    const float* ds = dsum_s + cur * kTile;
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int ql = nt * 8 + 2 * t4 + (e & 1), query = q0 + ql, key = e < 2 ? key0 : key1;
         const bool live = query >= key && query < a.T && key < a.T;
-        const float pv = live ? exp2f(p[nt][e] * a.scale_log2 - lse_s[ql]) : 0.f;
+        const float pv = live ? exp2f(p[nt][e] * a.scale_log2 - ls[ql]) : 0.f;
         p[nt][e] = pv;
-        dp[nt][e] = pv * (dp[nt][e] - dsum_s[ql]);
+        dp[nt][e] = pv * (dp[nt][e] - ds[ql]);
       }
-#pragma unroll
-    for (int kc = 0; kc < 4; ++kc) {
-      uint32_t fp[4], fs[4];
-      acc_to_a(fp, p, kc);
-      acc_to_a(fs, dp, kc);
-#pragma unroll
-      for (int nt = 0; nt < DVP / 8; ++nt) {
-        uint32_t b0, b1;
-        load_b(b0, b1, dOt, kLdT, nt * 8, kc * 16);
-        mma(dv[nt], fp, b0, b1);
-      }
-#pragma unroll
-      for (int nt = 0; nt < SP / 8; ++nt) {
-        uint32_t b0, b1;
-        load_b(b0, b1, Qt, kLdT, nt * 8, kc * 16);
-        mma(dk[nt], fs, b0, b1);
-      }
-    }
+    mma_pb<DVP>(dv, p, dOc, LDV);
+    mma_pb<SP>(dk, dp, Qc, LDQ);
+    __syncthreads();
   }
   const float scale = a.scale_log2 / kLog2e;
-  const int keys[2] = {key0, key1}, S = a.S(), KS = a.KS();
+  const int keys[2] = {key0, key1}, S = a.Dn + a.Dr, KS = a.Dn + a.Dv;
 #pragma unroll
   for (int nt = 0; nt < SP / 8; ++nt)
 #pragma unroll
@@ -355,63 +413,51 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(float* dkv, fl
 // dq: one block per (query tile, head, sequence); the key tiles up to the diagonal stream through.
 // Per warp (16 queries x 64 keys): S = Q K^T, P = 2^(S2 - lse), dP = dO V^T, dS = P (dP - Dsum), dQ += dS K.
 template <int SP, int DVP>
-__global__ void __launch_bounds__(kThreads) attention_dq_kernel(float* dq, const float* dy, const float* lse,
-                                                                const float* dsum, const Heads a) {
+__global__ void __launch_bounds__(kThreads) attention_dq_kernel(float* dq, const float* lse, const float* dsum,
+                                                                const Packed a) {
   constexpr int LDQ = SP + kPad, LDV = DVP + kPad;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [64][LDQ]  A of S
-  __nv_bfloat16* dOs = Qs + kTile * LDQ;                            // [64][LDV]  A of dP (k = vdim)
-  __nv_bfloat16* Ks = dOs + kTile * LDV;                            // [64][LDQ]  B of S (n = key, k = dim)
-  __nv_bfloat16* Vs = Ks + kTile * LDQ;                             // [64][LDV]  B of dP (n = key, k = vdim)
-  __nv_bfloat16* Kt = Vs + kTile * LDV;                             // [SP][kLdT] B of dQ (n = dim, k = key)
+  bf16* Qs = reinterpret_cast<bf16*>(smem_raw);                      // [64][LDQ]  A of S
+  bf16* dOs = Qs + kTile * LDQ;                                      // [64][LDV]  A of dP (k = vdim)
+  bf16* const K0 = dOs + kTile * LDV;       // two buffers [64][LDQ]: B of S (rows n) and of dQ (rows k)
+  bf16* const V0 = K0 + 2 * kTile * LDQ;    // two buffers [64][LDV]: B of dP (rows n = key)
   const int qt = gridDim.x - 1 - blockIdx.x;
-  const int h = blockIdx.y, b = blockIdx.z, q0 = qt * kTile;
+  const int h = blockIdx.y, b = blockIdx.z, q0 = qt * kTile, bh = b * a.H + h;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
-  load_rows<SP>(Qs, LDQ, q0, a.T, [&](int t, int d) { return a.qv(b, h, t, d); });
-  load_rows<DVP>(dOs, LDV, q0, a.T, [&](int t, int j) {
-    return j < a.Dv ? dy[(size_t(b) * a.T + t) * a.H * a.Dv + size_t(h) * a.Dv + j] : 0.f;
-  });
+  const bf16* kb = a.k + size_t(bh) * a.T * SP;
+  const bf16* vb = a.v + size_t(bh) * a.T * DVP;
+  load_tile<SP>(Qs, a.q + size_t(bh) * a.T * SP, q0, a.T);
+  load_tile<DVP>(dOs, a.dy + size_t(bh) * a.T * DVP, q0, a.T);
+  load_tile<SP>(K0, kb, 0, a.T);
+  load_tile<DVP>(V0, vb, 0, a.T);
+  cp_async_commit();
   const int rows[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
   float row_lse[2], row_dsum[2];
   for (int i = 0; i < 2; ++i) {
     const bool in = rows[i] < a.T;
-    row_lse[i] = in ? lse[(size_t(b) * a.H + h) * a.T + rows[i]] : 0.f;
-    row_dsum[i] = in ? dsum[(size_t(b) * a.H + h) * a.T + rows[i]] : 0.f;
+    row_lse[i] = in ? lse[size_t(bh) * a.T + rows[i]] : 0.f;
+    row_dsum[i] = in ? dsum[size_t(bh) * a.T + rows[i]] : 0.f;
   }
   float acc[SP / 8][4];
-  for (auto& x : acc) x[0] = x[1] = x[2] = x[3] = 0.f;
+  zero(acc);
   for (int kt = 0; kt <= qt; ++kt) {
-    const int k0 = kt * kTile;
-    __syncthreads();
-    load_rows<SP>(Ks, LDQ, k0, a.T, [&](int t, int d) { return a.kvv(b, h, t, d); });
-    load_rows<DVP>(Vs, LDV, k0, a.T, [&](int t, int j) { return a.vv(b, h, t, j); });
-    load_rows_t<SP>(Kt, k0, a.T, [&](int t, int d) { return a.kvv(b, h, t, d); });
+    const int k0 = kt * kTile, cur = kt & 1;
+    const bf16* Kc = K0 + cur * kTile * LDQ;
+    const bf16* Vc = V0 + cur * kTile * LDV;
+    if (kt < qt) {
+      load_tile<SP>(K0 + (cur ^ 1) * kTile * LDQ, kb, k0 + kTile, a.T);
+      load_tile<DVP>(V0 + (cur ^ 1) * kTile * LDV, vb, k0 + kTile, a.T);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
     __syncthreads();
     float p[8][4], dp[8][4];
-    for (auto& x : p) x[0] = x[1] = x[2] = x[3] = 0.f;
-    for (auto& x : dp) x[0] = x[1] = x[2] = x[3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < SP / 16; ++kk) {
-      uint32_t fa[4];
-      load_a(fa, Qs, LDQ, warp * 16, kk * 16);
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        uint32_t b0, b1;
-        load_b(b0, b1, Ks, LDQ, nt * 8, kk * 16);
-        mma(p[nt], fa, b0, b1);
-      }
-    }
-#pragma unroll
-    for (int kk = 0; kk < DVP / 16; ++kk) {
-      uint32_t fa[4];
-      load_a(fa, dOs, LDV, warp * 16, kk * 16);
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        uint32_t b0, b1;
-        load_b(b0, b1, Vs, LDV, nt * 8, kk * 16);
-        mma(dp[nt], fa, b0, b1);
-      }
-    }
+    zero(p);
+    zero(dp);
+    mma_abt<SP>(p, Qs, LDQ, warp * 16, Kc, LDQ);
+    mma_abt<DVP>(dp, dOs, LDV, warp * 16, Vc, LDV);
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
@@ -421,20 +467,11 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(float* dq, const
         const float pv = live ? exp2f(p[nt][e] * a.scale_log2 - row_lse[i]) : 0.f;
         dp[nt][e] = pv * (dp[nt][e] - row_dsum[i]);
       }
-#pragma unroll
-    for (int kc = 0; kc < 4; ++kc) {
-      uint32_t fs[4];
-      acc_to_a(fs, dp, kc);
-#pragma unroll
-      for (int nt = 0; nt < SP / 8; ++nt) {
-        uint32_t b0, b1;
-        load_b(b0, b1, Kt, kLdT, nt * 8, kc * 16);
-        mma(acc[nt], fs, b0, b1);
-      }
-    }
+    mma_pb<SP>(acc, dp, Kc, LDQ);
+    __syncthreads();
   }
   const float scale = a.scale_log2 / kLog2e;
-  const int S = a.S();
+  const int S = a.Dn + a.Dr;
 #pragma unroll
   for (int nt = 0; nt < SP / 8; ++nt)
 #pragma unroll
@@ -457,24 +494,45 @@ __global__ void sum_heads_kernel(float* dk_pe, const float* dk_pe_h, size_t rows
 
 // ---- launchers ----------------------------------------------------------------------------------
 
-Heads heads_of(const float* q, const float* kv, const float* k_pe, const MlaConfig& c, int seq) {
-  return {q, kv, k_pe, seq, c.n_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim,
-          static_cast<float>(c.softmax_scale()) * kLog2e};
+Heads heads_of(const float* q, const float* kv, const float* k_pe, const float* dy, const MlaConfig& c, int B,
+               int seq) {
+  return {q, kv, k_pe, dy, B, seq, c.n_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim};
 }
 
+// The bf16 packs of one call (stream-ordered scratch).
+struct Packs {
+  ScratchBuffer<bf16> q, k, v, dy;
+  Packed view;
+  Packs(const Heads& h, const MlaConfig& c, int SP, int DVP, bool backward)
+      : q(size_t(h.B) * h.H * h.T * SP), k(q.size()), v(size_t(h.B) * h.H * h.T * DVP),
+        dy(backward ? v.size() : 0) {
+    const int which_n = backward ? 4 : 3;
+    bf16* dst[4] = {q.get(), k.get(), v.get(), dy.get()};
+    const int width[4] = {SP, SP, DVP, DVP};
+    for (int w = 0; w < which_n; ++w) {
+      const size_t n = size_t(h.B) * h.H * h.T * (width[w] / 8);
+      pack_kernel<<<blocks_for(n, 256), 256>>>(dst[w], h, w, width[w]);
+      CUDA_CHECK_LAST();
+    }
+    view = {q.get(), k.get(), v.get(), dy.get(), h.T, h.H, h.Dn, h.Dr, h.Dv,
+            static_cast<float>(c.softmax_scale()) * kLog2e};
+  }
+};
+
 template <int SP, int DVP>
-constexpr size_t forward_smem() { return sizeof(__nv_bfloat16) * (2 * kTile * (SP + kPad) + DVP * kLdT); }
+constexpr size_t forward_smem() {
+  return sizeof(bf16) * (3 * kTile * (SP + kPad) + 2 * kTile * (DVP + kPad));
+}
 template <int SP, int DVP>
 constexpr size_t dkdv_smem() {
-  return sizeof(__nv_bfloat16) * (2 * kTile * (SP + kPad) + 2 * kTile * (DVP + kPad) + (SP + DVP) * kLdT) +
-         2 * kTile * sizeof(float);
+  return sizeof(bf16) * (3 * kTile * (SP + kPad) + 3 * kTile * (DVP + kPad)) + 4 * kTile * sizeof(float);
 }
 template <int SP, int DVP>
 constexpr size_t dq_smem() {
-  return sizeof(__nv_bfloat16) * (2 * kTile * (SP + kPad) + 2 * kTile * (DVP + kPad) + SP * kLdT);
+  return sizeof(bf16) * (3 * kTile * (SP + kPad) + 3 * kTile * (DVP + kPad));
 }
 
-// Shared memory past the default 48 KiB needs the kernel's consent, once.
+// Shared memory past the default 48 KiB needs the kernel's consent.
 template <typename K>
 void allow_smem(K kernel, size_t bytes) {
   if (bytes > 48 * 1024)
@@ -482,22 +540,24 @@ void allow_smem(K kernel, size_t bytes) {
 }
 
 template <int SP, int DVP>
-void forward_t(float* y, float* lse, const Heads& a, int B) {
-  const dim3 grid((a.T + kTile - 1) / kTile, a.H, B);
+void forward_t(float* y, float* lse, const Heads& h, const MlaConfig& c) {
+  const Packs p(h, c, SP, DVP, false);
+  const dim3 grid((h.T + kTile - 1) / kTile, h.H, h.B);
   allow_smem(attention_forward_kernel<SP, DVP>, forward_smem<SP, DVP>());
-  attention_forward_kernel<SP, DVP><<<grid, kThreads, forward_smem<SP, DVP>()>>>(y, lse, a);
+  attention_forward_kernel<SP, DVP><<<grid, kThreads, forward_smem<SP, DVP>()>>>(y, lse, p.view);
   CUDA_CHECK_LAST();
 }
 
 template <int SP, int DVP>
-void backward_t(float* dq, float* dkv, float* dk_pe_h, const float* dy, const float* lse, const float* dsum,
-                const Heads& a, int B) {
-  const dim3 grid((a.T + kTile - 1) / kTile, a.H, B);
+void backward_t(float* dq, float* dkv, float* dk_pe_h, const float* lse, const float* dsum, const Heads& h,
+                const MlaConfig& c) {
+  const Packs p(h, c, SP, DVP, true);
+  const dim3 grid((h.T + kTile - 1) / kTile, h.H, h.B);
   allow_smem(attention_dkdv_kernel<SP, DVP>, dkdv_smem<SP, DVP>());
-  attention_dkdv_kernel<SP, DVP><<<grid, kThreads, dkdv_smem<SP, DVP>()>>>(dkv, dk_pe_h, dy, lse, dsum, a);
+  attention_dkdv_kernel<SP, DVP><<<grid, kThreads, dkdv_smem<SP, DVP>()>>>(dkv, dk_pe_h, lse, dsum, p.view);
   CUDA_CHECK_LAST();
   allow_smem(attention_dq_kernel<SP, DVP>, dq_smem<SP, DVP>());
-  attention_dq_kernel<SP, DVP><<<grid, kThreads, dq_smem<SP, DVP>()>>>(dq, dy, lse, dsum, a);
+  attention_dq_kernel<SP, DVP><<<grid, kThreads, dq_smem<SP, DVP>()>>>(dq, lse, dsum, p.view);
   CUDA_CHECK_LAST();
 }
 
@@ -520,27 +580,27 @@ Dims dims_of(const MlaConfig& c) {
 void fused_attention_forward(float* y, float* lse, const float* q, const float* kv, const float* k_pe,
                              const MlaConfig& c, int B, int seq) {
   require(B > 0 && seq > 0, "fused attention: B and T must be positive, got B={} T={}", B, seq);
-  const Heads a = heads_of(q, kv, k_pe, c, seq);
+  const Heads h = heads_of(q, kv, k_pe, nullptr, c, B, seq);
   switch (dims_of(c)) {
-    case Dims::D32: forward_t<32, 32>(y, lse, a, B); break;
-    case Dims::D64: forward_t<64, 64>(y, lse, a, B); break;
-    case Dims::D96: forward_t<96, 64>(y, lse, a, B); break;
+    case Dims::D32: forward_t<32, 32>(y, lse, h, c); break;
+    case Dims::D64: forward_t<64, 64>(y, lse, h, c); break;
+    case Dims::D96: forward_t<96, 64>(y, lse, h, c); break;
   }
 }
 
 void fused_attention_backward(float* dq, float* dkv, float* dk_pe, const float* dy, const float* y, const float* lse,
                               const float* q, const float* kv, const float* k_pe, const MlaConfig& c, int B, int seq) {
   require(B > 0 && seq > 0, "fused attention: B and T must be positive, got B={} T={}", B, seq);
-  const Heads a = heads_of(q, kv, k_pe, c, seq);
+  const Heads h = heads_of(q, kv, k_pe, dy, c, B, seq);
   const int H = c.n_heads, Dr = c.qk_rope_head_dim, Dv = c.v_head_dim;
   const size_t N = size_t(B) * seq;
   ScratchBuffer<float> dsum(N * H), dk_pe_h(N * H * Dr);
   attention_row_dot_kernel<<<blocks_for(N * H * 32, 256), 256>>>(dsum.get(), dy, y, B, seq, H, Dv);
   CUDA_CHECK_LAST();
   switch (dims_of(c)) {
-    case Dims::D32: backward_t<32, 32>(dq, dkv, dk_pe_h.get(), dy, lse, dsum.get(), a, B); break;
-    case Dims::D64: backward_t<64, 64>(dq, dkv, dk_pe_h.get(), dy, lse, dsum.get(), a, B); break;
-    case Dims::D96: backward_t<96, 64>(dq, dkv, dk_pe_h.get(), dy, lse, dsum.get(), a, B); break;
+    case Dims::D32: backward_t<32, 32>(dq, dkv, dk_pe_h.get(), lse, dsum.get(), h, c); break;
+    case Dims::D64: backward_t<64, 64>(dq, dkv, dk_pe_h.get(), lse, dsum.get(), h, c); break;
+    case Dims::D96: backward_t<96, 64>(dq, dkv, dk_pe_h.get(), lse, dsum.get(), h, c); break;
   }
   sum_heads_kernel<<<blocks_for(N * Dr, 256), 256>>>(dk_pe, dk_pe_h.get(), N, H, Dr);
   CUDA_CHECK_LAST();
