@@ -40,20 +40,21 @@ struct MlaConfig {
   RopeConfig rope;
   Matmul matmul = Matmul::FP32;  // the CUDA path's products (common/gemm.h); the CPU reference ignores it
   // The CUDA path's causal attention in the training form (the decode forms and the CPU reference have their own):
-  //   Materialized  version 1 and the default: the T x T scores of every (sequence, head) in memory, cuBLAS
-  //                 products at `matmul`, a softmax pass; the probabilities are saved for the backward.
+  //   Auto          Fused when matmul = BF16 and the head dims fit fused_attention_fits(), else Materialized.
+  //   Materialized  version 1: the T x T scores of every (sequence, head) in memory, cuBLAS products at `matmul`,
+  //                 a softmax pass; the probabilities are saved for the backward. The fp32 path, checked
+  //                 against the CPU.
   //   Fused         flash-style kernels (attention_fused.cu): bf16 operands, fp32 accumulation, an online
   //                 softmax over key tiles; only each row's log-sum-exp is saved and the backward recomputes the
-  //                 probabilities. UserError when the head dims do not fit fused_attention_fits(). Correct, and
-  //                 16 % lighter on memory at stage 07's bench, but slower than Materialized so far (README).
-  enum class Attention { Materialized, Fused };
-  Attention attention = Attention::Materialized;
+  //                 probabilities. UserError when the head dims do not fit fused_attention_fits().
+  enum class Attention { Auto, Materialized, Fused };
+  Attention attention = Attention::Auto;
 
   int qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }  // S
   int kv_head_dim() const { return qk_nope_head_dim + v_head_dim; }        // KS
   // The fused kernels are compiled for S <= 96 with Dv <= 64, and S, Dv <= 32 (attention_fused.cu).
   bool fused_attention_fits() const;
-  // Whether the CUDA training form runs the fused attention (UserError for Fused with dims that do not fit).
+  // Whether the CUDA training form runs the fused attention (resolves Auto; UserError for Fused that does not fit).
   bool fused_attention() const;
   // (Dn+Dr)^-1/2, times mscale^2 when YaRN extends the context (model.py MLA.__init__).
   double softmax_scale() const;

@@ -44,10 +44,13 @@ bool MlaConfig::fused_attention_fits() const {
 }
 
 bool MlaConfig::fused_attention() const {
-  if (attention != Attention::Fused) return false;
-  require(fused_attention_fits(), "MlaConfig.attention = Fused: the fused kernels take qk head dims up to 96 with "
-          "v_head_dim up to 64, got {} and {}", qk_head_dim(), v_head_dim);
-  return true;
+  if (attention == Attention::Materialized) return false;
+  if (attention == Attention::Fused) {
+    require(fused_attention_fits(), "MlaConfig.attention = Fused: the fused kernels take qk head dims up to 96 with "
+            "v_head_dim up to 64, got {} and {}", qk_head_dim(), v_head_dim);
+    return true;
+  }
+  return matmul == Matmul::BF16 && fused_attention_fits();
 }
 
 void validate_mla_call(const MlaConfig& c, int B, int seq, int pos0, int table_positions) {
@@ -205,7 +208,7 @@ void mla_forward(T* out, const MlaSaved<T>& s, const T* inp, const MlaWeights<T>
                  int seq, int pos0, const MlaRope<T>& rope) {
   validate_mla_call(c, B, seq, pos0, rope.positions);
   require(!c.fused_attention(), "cpu::mla_forward materialises the probabilities: its config must not select the "
-          "fused attention (attention = Fused), whose saved layout has no room for them");
+          "fused attention (attention = Fused, or Auto with matmul = BF16), whose saved layout has no room for them");
   const int N = B * seq, H = c.n_heads, Dn = c.qk_nope_head_dim, Dr = c.qk_rope_head_dim, Dv = c.v_head_dim;
   const int Dc = c.kv_lora_rank, S = c.qk_head_dim(), KS = c.kv_head_dim();
   const T scale = static_cast<T>(c.softmax_scale());

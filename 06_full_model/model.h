@@ -70,7 +70,7 @@ void for_each_param(const ModelConfig& c, F&& f, S&&... s) {
 struct DeviceOptions {
   Matmul matmul = Matmul::FP32;
   MoeExperts experts = MoeExperts::Grouped;
-  MlaConfig::Attention attention = MlaConfig::Attention::Materialized;  // the attention layers' kernels (02_mla/mla.h)
+  MlaConfig::Attention attention = MlaConfig::Attention::Auto;  // the attention layers' kernels (02_mla/mla.h)
 };
 
 struct ModelLosses {

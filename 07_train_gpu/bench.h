@@ -26,7 +26,7 @@ struct BenchOptions {
   bool phases = false;         // also time each phase of forward and backward (adds events; runs without the graph)
   bool cuda_graph = true;      // let the backend replay the step as a CUDA graph (--no-graph: the plain calls)
   std::string write_config;    // when set: write the preset's config.json there and run nothing
-  std::string attention = "materialized";  // the attention kernels (02_mla/mla.h MlaConfig::Attention)
+  std::string attention = "auto";      // the attention kernels (02_mla/mla.h MlaConfig::Attention)
   std::string bf16_gemm = "fast16bf";  // how bf16 cuBLAS products run (common/gemm.h Bf16Gemm): fast16bf or copies
 };
 

@@ -858,6 +858,7 @@ int run_bench_command(BenchOptions b, const std::string& precision, const std::s
   }
   DeviceOptions o = device_options(prec, c);
   if (experts != "auto") o.experts = parse_moe_experts(experts);
+  if (b.attention == "materialized") o.attention = MlaConfig::Attention::Materialized;
   if (b.attention == "fused") o.attention = MlaConfig::Attention::Fused;
 #ifdef DSV3_HAVE_CUDA
   cuda::set_bf16_gemm(b.bf16_gemm == "fast16bf" ? cuda::Bf16Gemm::Fast16bf : cuda::Bf16Gemm::Bf16Copies);
@@ -1086,9 +1087,9 @@ int main(int argc, char** argv) {
                     "fp32 operands) or copies (bf16 copies of the operands first: slower, common/gemm.h)")
       ->check(CLI::IsMember({"copies", "fast16bf"}))
       ->capture_default_str();
-  bench->add_option("--attention", bopt.attention, "attention kernels: materialized (T x T scores in memory) or "
-                    "fused (02_mla/attention_fused.cu: less memory, slower so far)")
-      ->check(CLI::IsMember({"materialized", "fused"}))
+  bench->add_option("--attention", bopt.attention, "attention kernels: auto (fused under bf16 where the head dims "
+                    "fit), materialized (T x T scores in memory, version 1) or fused (02_mla/attention_fused.cu)")
+      ->check(CLI::IsMember({"auto", "materialized", "fused"}))
       ->capture_default_str();
 
   return run_main(app, argc, argv, [&] {
