@@ -31,31 +31,8 @@ using namespace dsv3;
 
 namespace {
 
-// No q compression, softmax scores without normalisation, one expert group, every layer MoE, and YaRN active
-// (original context 16 < 64 positions), so the softmax scale carries YaRN's mscale.
-ModelConfig tiny_variant() {
-  ModelConfig c = config_preset("tiny");
-  c.q_lora_rank = 0;
-  c.scoring_func = "softmax";
-  c.norm_topk_prob = false;
-  c.n_group = 1;
-  c.topk_group = 1;
-  c.first_k_dense_replace = 0;
-  RopeScaling y;
-  y.factor = 4;
-  y.original_max_position_embeddings = 16;
-  y.mscale = y.mscale_all_dim = 0.7;
-  c.rope_scaling = y;
-  c.validate();
-  return c;
-}
-
-std::vector<int> random_tokens(int n, int V, uint64_t seed) {
-  Rng rng(seed);
-  std::vector<int> t(n);
-  for (auto& x : t) x = int(rng.below(V));
-  return t;
-}
+using test::random_tokens;
+using test::tiny_variant;
 
 // Logits of feeding `tokens` in chunks of the given sizes (the sizes sum to tokens.size()), rows concatenated.
 std::vector<float> feed_in_chunks(Decoder& dec, const std::vector<int>& tokens, const std::vector<int>& sizes) {

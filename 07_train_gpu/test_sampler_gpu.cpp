@@ -17,6 +17,7 @@
 #include "common/compare.h"
 #include "common/rng.h"
 #include "common/testing.h"
+#include "07_train_gpu/test_support.h"
 #ifdef DSV3_HAVE_CUDA
 #include "07_train_gpu/sampler_gpu.h"
 #endif
@@ -26,29 +27,8 @@ using namespace dsv3;
 #ifdef DSV3_HAVE_CUDA
 namespace {
 
-ModelConfig tiny_variant() {
-  ModelConfig c = config_preset("tiny");
-  c.q_lora_rank = 0;
-  c.scoring_func = "softmax";
-  c.norm_topk_prob = false;
-  c.n_group = 1;
-  c.topk_group = 1;
-  c.first_k_dense_replace = 0;
-  RopeScaling y;
-  y.factor = 4;
-  y.original_max_position_embeddings = 16;
-  y.mscale = y.mscale_all_dim = 0.7;
-  c.rope_scaling = y;
-  c.validate();
-  return c;
-}
-
-std::vector<int> random_tokens(int n, int V, uint64_t seed) {
-  Rng rng(seed);
-  std::vector<int> t(n);
-  for (auto& x : t) x = int(rng.below(V));
-  return t;
-}
+using test::random_tokens;
+using test::tiny_variant;
 
 bool bitwise_equal(const float* a, const float* b, size_t n) { return std::memcmp(a, b, n * sizeof(float)) == 0; }
 

@@ -1,5 +1,5 @@
-// Stage 07's test helpers, shared by test_data.cpp, test_train.cpp and test_train_cuda.cpp: a temporary folder and
-// synthetic songs a small model can learn. Tests only (no library code includes this).
+// Stage 07's test helpers, shared by its test files: a temporary folder, synthetic songs a small model can learn, and
+// the sampler tests' model config and random tokens. Tests only (no library code includes this).
 #pragma once
 
 #include <fmt/format.h>
@@ -13,10 +13,39 @@
 #include <vector>
 
 #include "07_train_gpu/backend.h"
+#include "06_full_model/model_config.h"
 #include "07_train_gpu/data.h"
 #include "common/rng.h"
 
 namespace dsv3::test {
+
+// The sampler tests' model: the "tiny" preset with no q compression, softmax scores without normalisation, one
+// expert group, every layer MoE, and YaRN active (original context 16 < 64 positions), so the softmax scale
+// carries YaRN's mscale.
+inline ModelConfig tiny_variant() {
+  ModelConfig c = config_preset("tiny");
+  c.q_lora_rank = 0;
+  c.scoring_func = "softmax";
+  c.norm_topk_prob = false;
+  c.n_group = 1;
+  c.topk_group = 1;
+  c.first_k_dense_replace = 0;
+  RopeScaling y;
+  y.factor = 4;
+  y.original_max_position_embeddings = 16;
+  y.mscale = y.mscale_all_dim = 0.7;
+  c.rope_scaling = y;
+  c.validate();
+  return c;
+}
+
+// n token ids drawn uniformly from [0, V).
+inline std::vector<int> random_tokens(int n, int V, uint64_t seed) {
+  Rng rng(seed);
+  std::vector<int> t(n);
+  for (auto& x : t) x = int(rng.below(V));
+  return t;
+}
 
 // A Backend that hands every call to the one it wraps: tests derive from it and override only the calls they
 // watch or falsify (a NaN loss, a stop request after N updates, ...).
