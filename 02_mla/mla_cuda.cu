@@ -5,6 +5,7 @@
 #include "02_mla/mla.h"
 #include "common/cuda_kernels.cuh"
 #include "common/cuda_utils.h"
+#include "common/errors.h"
 #include "common/gemm.h"
 
 namespace dsv3::cuda {
@@ -198,6 +199,7 @@ void decode_attend(float* o, const float* q1, int q1_stride, DecodeOperand k1, i
 
 void materialized_attention_forward(float* y, float* att, const float* q, const float* kv, const float* k_pe,
                                     const MlaConfig& c, int B, int T) {
+  require(B > 0 && T > 0, "materialized attention: B and T must be positive, got B={} T={}", B, T);
   const int H = c.n_heads, Dn = c.qk_nope_head_dim, Dr = c.qk_rope_head_dim, Dv = c.v_head_dim;
   const int S = c.qk_head_dim(), KS = c.kv_head_dim();
   const float scale = static_cast<float>(c.softmax_scale());
@@ -214,6 +216,7 @@ void materialized_attention_forward(float* y, float* att, const float* q, const 
 void materialized_attention_backward(float* dq, float* dkv, float* dk_pe, const float* dy, const float* att,
                                      const float* q, const float* kv, const float* k_pe, const MlaConfig& c, int B,
                                      int T) {
+  require(B > 0 && T > 0, "materialized attention: B and T must be positive, got B={} T={}", B, T);
   const int H = c.n_heads, Dn = c.qk_nope_head_dim, Dr = c.qk_rope_head_dim, Dv = c.v_head_dim;
   const int S = c.qk_head_dim(), KS = c.kv_head_dim();
   const float scale = static_cast<float>(c.softmax_scale());
@@ -236,7 +239,6 @@ void materialized_attention_backward(float* dq, float* dkv, float* dk_pe, const 
     gemm_strided_batched(Op::T, Op::N, T, Dr, T, 1.f, dP + h * TT, T, H * TT, q + h * S + Dn, H * S,
                          int64_t(T) * H * S, h ? 1.f : 0.f, dk_pe, Dr, int64_t(T) * Dr, B, c.matmul);
 }
-
 
 void mla_forward(float* out, const MlaSaved<float>& s, const float* inp, const MlaWeights<float>& w,
                  const MlaConfig& c, int B, int T, int pos0, const MlaRope<float>& rope) {
