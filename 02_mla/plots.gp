@@ -92,6 +92,7 @@ if (system("test -f ".outdir."/attention_time.csv && echo 1") eq "1") {
   set xlabel "sequence length T"
   set ylabel "ms"
   set logscale xy
+  set xrange [100:3000]
   set key top left
   plot outdir."/attention_time.csv" using 1:($3+$4) with linespoints lw 2 title "materialised (version 1)", \
        "" using 1:($5+$6) with linespoints lw 2 title "fused"
@@ -104,5 +105,6 @@ if (system("test -f ".outdir."/attention_time.csv && echo 1") eq "1") {
        "" using 1:8 with linespoints lw 2 title "fused"
   unset multiplot
   unset logscale xy
+  set xrange [*:*]
   set yrange [*:*]
 }
