@@ -56,42 +56,9 @@ std::vector<double> softmax(const std::vector<float>& logits) {
   return p;
 }
 
-bool bitwise_equal(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
-}
-
-// The token cycle the trained model learns.
-const std::vector<int> kCycle = {3, 17, 42, 8, 55, 23, 30};
-
-// The tiny model after 150 AdamW steps on windows of a cyclic sequence (period 7, every phase): the main model
-// and the MTP module both learn to continue the cycle. Trained once per test run (well under a second).
-Model<float> train_cyclic_model() {
-  Model<float> m(config_preset("tiny"), 21);
-  const int B = 7, T = 12;
-  std::vector<int> window;
-  for (int b = 0; b < B; ++b)
-    for (int i = 0; i <= T; ++i) window.push_back(kCycle[(b + i) % kCycle.size()]);
-  auto tensors = m.tensors();
-  std::vector<std::vector<float>> mom(tensors.size()), var(tensors.size());
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    mom[i].assign(tensors[i].value->size(), 0.0f);
-    var[i].assign(tensors[i].value->size(), 0.0f);
-  }
-  AdamWConfig opt;
-  opt.lr = 1e-2f;
-  for (int step = 1; step <= 150; ++step) {
-    m.forward(window, B, T);
-    m.backward();
-    for (size_t i = 0; i < tensors.size(); ++i)
-      cpu::adamw_step(tensors[i].value->data(), tensors[i].grad->data(), mom[i].data(), var[i].data(),
-                      tensors[i].value->size(), step, opt, false);
-  }
-  return m;
-}
-const Model<float>& cyclic_model() {
-  static const Model<float> m = train_cyclic_model();
-  return m;
-}
+using test::bitwise_equal;
+using test::cyclic_model;
+using test::kCycle;
 
 // Short texts over ten words and a SentencePiece tokenizer trained on them (vocab_size pieces).
 std::vector<std::string> word_texts(int n, int offset = 0) {

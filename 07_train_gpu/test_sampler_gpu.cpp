@@ -30,37 +30,9 @@ namespace {
 using test::random_tokens;
 using test::tiny_variant;
 
-bool bitwise_equal(const float* a, const float* b, size_t n) { return std::memcmp(a, b, n * sizeof(float)) == 0; }
-
-// The tiny model trained for a moment on a cyclic sequence, so that the MTP drafts are mostly right (the accept
-// path of speculative decoding runs); as test_sampler.cpp's.
-const std::vector<int> kCycle = {3, 17, 42, 8, 55, 23, 30};
-const Model<float>& cyclic_model() {
-  static const Model<float> m = [] {
-    Model<float> m(config_preset("tiny"), 21);
-    const int B = 7, T = 12;
-    std::vector<int> window;
-    for (int b = 0; b < B; ++b)
-      for (int i = 0; i <= T; ++i) window.push_back(kCycle[(b + i) % kCycle.size()]);
-    auto tensors = m.tensors();
-    std::vector<std::vector<float>> mom(tensors.size()), var(tensors.size());
-    for (size_t i = 0; i < tensors.size(); ++i) {
-      mom[i].assign(tensors[i].value->size(), 0.0f);
-      var[i].assign(tensors[i].value->size(), 0.0f);
-    }
-    AdamWConfig opt;
-    opt.lr = 1e-2f;
-    for (int step = 1; step <= 150; ++step) {
-      m.forward(window, B, T);
-      m.backward();
-      for (size_t i = 0; i < tensors.size(); ++i)
-        cpu::adamw_step(tensors[i].value->data(), tensors[i].grad->data(), mom[i].data(), var[i].data(),
-                        tensors[i].value->size(), step, opt, false);
-    }
-    return m;
-  }();
-  return m;
-}
+using test::bitwise_equal;
+using test::cyclic_model;
+using test::kCycle;
 
 SampleOptions greedy(int max_new) {
   SampleOptions o;
@@ -139,7 +111,7 @@ TEST(CudaSamplerDecoder, ChunkOfTwoIsBitwiseTwoSingleStepsWithAndWithoutGraphs) 
         runs.push_back(all);
       }
     for (size_t i = 1; i < runs.size(); ++i)
-      EXPECT_TRUE(runs[i].size() == runs[0].size() && bitwise_equal(runs[i].data(), runs[0].data(), runs[0].size()))
+      EXPECT_TRUE(bitwise_equal(runs[i], runs[0]))
           << "run " << i << " (graphs " << (i < 2) << ", chunk " << (i % 2 + 1) << ") differs from single steps";
   }
 }

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -13,6 +14,8 @@
 #include <vector>
 
 #include "07_train_gpu/backend.h"
+#include "04_aux_loss/lm_parts.h"
+#include "06_full_model/model.h"
 #include "06_full_model/model_config.h"
 #include "07_train_gpu/data.h"
 #include "common/rng.h"
@@ -37,6 +40,45 @@ inline ModelConfig tiny_variant() {
   c.rope_scaling = y;
   c.validate();
   return c;
+}
+
+// The token cycle the sampler tests' trained model learns.
+inline const std::vector<int> kCycle = {3, 17, 42, 8, 55, 23, 30};
+
+// The tiny model after 150 AdamW steps on windows of a cyclic sequence (period 7, every phase): the main model
+// and the MTP module both learn to continue the cycle, so MTP drafts are mostly right (the accept path of
+// speculative decoding runs). Trained once per test binary (well under a second), shared by the CPU and GPU
+// sampler tests.
+inline const Model<float>& cyclic_model() {
+  static const Model<float> model = [] {
+    Model<float> m(config_preset("tiny"), 21);
+    const int B = 7, T = 12;
+    std::vector<int> window;
+    for (int b = 0; b < B; ++b)
+      for (int i = 0; i <= T; ++i) window.push_back(kCycle[(b + i) % kCycle.size()]);
+    auto tensors = m.tensors();
+    std::vector<std::vector<float>> mom(tensors.size()), var(tensors.size());
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      mom[i].assign(tensors[i].value->size(), 0.0f);
+      var[i].assign(tensors[i].value->size(), 0.0f);
+    }
+    AdamWConfig opt;
+    opt.lr = 1e-2f;
+    for (int step = 1; step <= 150; ++step) {
+      m.forward(window, B, T);
+      m.backward();
+      for (size_t i = 0; i < tensors.size(); ++i)
+        cpu::adamw_step(tensors[i].value->data(), tensors[i].grad->data(), mom[i].data(), var[i].data(),
+                        tensors[i].value->size(), step, opt, false);
+    }
+    return m;
+  }();
+  return model;
+}
+
+// Same length and the same bits.
+inline bool bitwise_equal(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
 
 // n token ids drawn uniformly from [0, V).
