@@ -1,5 +1,8 @@
 // Stage 03, CUDA: the decode forms of the dense MLP and the MoE (moe.h, cuda::mlp_rows / cuda::moe_rows), the GPU
 // twins of cpu::mlp_rows / moe_rows. Kernels, then launchers, then the entry points. Shapes: see the legend in moe.h.
+// Version 1: mlp_rows / moe_rows (route, up, down, combine; stream-ordered scratch). Version 2, the GPU sampler's
+// fused step: mlp_rows_fused / moe_rows_fused (the input norm and the residual add taken in, the combine taken into
+// the down projection, the caller's workspace), bitwise version 1's values (tests: CudaMoeRows).
 //
 // Every token is routed on its own and every expert product is a fixed-order row-wise dot
 // (common/rowwise_cuda.cuh), so a row's output is bitwise independent of how many rows share the launch: what the
@@ -7,6 +10,8 @@
 // work is laid out by "slots" whose count depends on the shapes only, so the launches can be captured in a graph.
 //   routed slot s = t*K + k   (s < NK):  token t through its k-th chosen expert, width F
 //   plain slot NK + t         (t < n):   token t through the shared experts (MoE, width Fs) or the MLP (width F)
+#include <algorithm>
+
 #include "03_moe/moe.h"
 #include "03_moe/moe_route.h"
 #include "common/cuda_kernels.cuh"
@@ -98,8 +103,86 @@ __global__ void combine_rows_kernel(float* out, bool accumulate, const float* y,
   if (i >= static_cast<size_t>(n) * D) return;
   const int t = static_cast<int>(i / D), d = static_cast<int>(i % D);
   float acc = shared ? y[(static_cast<size_t>(n) * K + t) * D + d] : 0.f;
-  for (int k = 0; k < K; ++k) acc += rw[static_cast<size_t>(t) * K + k] * y[(static_cast<size_t>(t) * K + k) * D + d];
+  for (int k = 0; k < K; ++k) acc = fmaf(rw[static_cast<size_t>(t) * K + k], y[(static_cast<size_t>(t) * K + k) * D + d], acc);
   out[i] = accumulate ? out[i] + acc : acc;
+}
+
+// ---- version 2: the fused kernels of the GPU sampler's step ------------------------------------------
+// The input norm is taken in (every warp normalises its token on the fly with rmsnorm_rows' factor) and the
+// combine is taken into the down projection: route, up, down + combine + residual add (a dense MLP: up, down).
+// Each value is bitwise version 1's (the same products, sums and order).
+
+// route_rows_kernel on rmsnorm(x) * g.
+__global__ void route_rows_normed_kernel(int* idx, float* rw, const float* x, const float* g, float eps,
+                                         const float* gate_w, const float* gate_b, int D, int E, int K, int G, int Lg,
+                                         float route_scale, bool softmax) {
+  extern __shared__ float sm[];
+  float* logits = sm;
+  float* score = sm + E;
+  float* sel = sm + 2 * E;
+  const int t = blockIdx.x, lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const float* xr = x + static_cast<size_t>(t) * D;
+  const float rstd = rowwise::row_rstd(xr, D, eps, lane);
+  for (int e = warp; e < E; e += kWarps) {
+    const float v = warp_sum(rowwise::lane_dot_normed(gate_w + static_cast<size_t>(e) * D, xr, g, rstd, D, lane));
+    if (lane == 0) logits[e] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  moe_route::scores_from_logits(score, logits, E, softmax);
+  moe_route::route_token(sel, idx + static_cast<size_t>(t) * K, rw + static_cast<size_t>(t) * K, score, gate_b, E,
+                         K, G, Lg, route_scale, !softmax);
+}
+
+// swiglu_up_kernel on rmsnorm(x) * g.
+__global__ void swiglu_up_normed_kernel(float* a, int Fmax, const float* x, const float* g, float eps, int D,
+                                        Slots s) {
+  const int f = blockIdx.x * kWarps + threadIdx.x / kWarpSize, slot = blockIdx.y;
+  const int lane = threadIdx.x % kWarpSize;
+  const bool routed = slot < s.NK;
+  const int width = routed ? s.F : s.Fp;
+  if (f >= width) return;
+  const int t = routed ? slot / s.K : slot - s.NK;
+  const size_t e = routed ? static_cast<size_t>(s.idx[slot]) : 0;
+  const float* w1 = routed ? s.w1 + e * s.F * D : s.p1;
+  const float* w3 = routed ? s.w3 + e * s.F * D : s.p3;
+  const float* xr = x + static_cast<size_t>(t) * D;
+  const float rstd = rowwise::row_rstd(xr, D, eps, lane);
+  const float h1 = warp_sum(rowwise::lane_dot_normed(w1 + static_cast<size_t>(f) * D, xr, g, rstd, D, lane));
+  const float h3 = warp_sum(rowwise::lane_dot_normed(w3 + static_cast<size_t>(f) * D, xr, g, rstd, D, lane));
+  if (lane == 0) a[static_cast<size_t>(slot) * Fmax + f] = h1 / (1.f + expf(-h1)) * h3;
+}
+
+// out (n, D) (=|+=) y_plain[t] + sum_k rw[t,k] y[t*K + k] with the y computed in place: one warp per (output d,
+// token t) runs swiglu_down_kernel's dots of the token's slots (the lane sums first, so their loads are in flight
+// together), then combine_rows_kernel's sum in k order. plain: the token has a plain slot (shared experts, or the
+// dense MLP with no routed slots).
+constexpr int kMaxFusedK = 16;
+__global__ void swiglu_down_combine_kernel(float* out, bool accumulate, const float* a, int Fmax, const float* rw,
+                                           int D, Slots s, bool plain) {
+  const int d = blockIdx.x * kWarps + threadIdx.x / kWarpSize, t = blockIdx.y;
+  const int lane = threadIdx.x % kWarpSize;
+  if (d >= D) return;
+  const float ps = plain ? rowwise::lane_dot(s.p2 + static_cast<size_t>(d) * s.Fp,
+                                            a + static_cast<size_t>(s.NK + t) * Fmax, s.Fp, lane)
+                         : 0.f;
+  float part[kMaxFusedK];
+#pragma unroll
+  for (int k = 0; k < kMaxFusedK; ++k) {
+    part[k] = 0.f;
+    if (k < s.K && s.NK > 0) {
+      const int slot = t * s.K + k;
+      const float* w2 = s.w2 + static_cast<size_t>(s.idx[slot]) * D * s.F + static_cast<size_t>(d) * s.F;
+      part[k] = rowwise::lane_dot(w2, a + static_cast<size_t>(slot) * Fmax, s.F, lane);
+    }
+  }
+  float acc = plain ? warp_sum(ps) : 0.f;
+#pragma unroll
+  for (int k = 0; k < kMaxFusedK; ++k)
+    if (k < s.K && s.NK > 0) acc = fmaf(rw[static_cast<size_t>(t) * s.K + k], warp_sum(part[k]), acc);
+  if (lane != 0) return;
+  float* dst = out + static_cast<size_t>(t) * D + d;
+  *dst = accumulate ? *dst + acc : acc;
 }
 
 // ---- launchers ----------------------------------------------------------------------------------
@@ -146,6 +229,56 @@ void moe_rows(float* out, const float* x, const MoeWeights<float>& w, const MoeC
   swiglu_slots(y.get(), nullptr, false, x, D, s, Fs > 0 ? n : 0);
   // 3) out = shared + sum_k w_k y_k in k order
   combine_rows_kernel<<<blocks_for(size_t(n) * D, 256), 256>>>(out, accumulate, y.get(), rw.get(), n, K, D, Fs > 0);
+  CUDA_CHECK_LAST();
+}
+
+// ---- version 2 entry points ---------------------------------------------------------------------------
+
+size_t mlp_rows_workspace_floats(const MlpConfig& c, int n) { return size_t(n) * c.inter_dim; }
+
+size_t moe_rows_workspace_floats(const MoeConfig& c, int n) {
+  const int K = c.n_activated_experts, Fs = c.shared_inter_dim();
+  const int Fmax = std::max(c.moe_inter_dim, Fs);
+  return size_t(n) * K * Fmax + (Fs > 0 ? size_t(n) * Fmax : 0) + size_t(n) * K;
+}
+
+void mlp_rows_fused(float* x, const float* in_norm, float eps, const MlpWeights<float>& w, const MlpConfig& c, int n,
+                    float* workspace) {
+  validate_mlp_call(c, n);
+  if (n == 0) return;
+  const int D = c.dim, F = c.inter_dim;
+  const Slots s{nullptr, nullptr, nullptr, nullptr, 0, 1, 0, w.w1, w.w2, w.w3, F};
+  swiglu_up_normed_kernel<<<dim3(blocks_for(F, kWarps), n), kThreads>>>(workspace, F, x, in_norm, eps, D, s);
+  CUDA_CHECK_LAST();
+  swiglu_down_combine_kernel<<<dim3(blocks_for(D, kWarps), n), kThreads>>>(x, true, workspace, F, nullptr, D, s,
+                                                                          true);
+  CUDA_CHECK_LAST();
+}
+
+void moe_rows_fused(float* x, const float* in_norm, float eps, const MoeWeights<float>& w, const MoeConfig& c, int n,
+                    float* workspace, int* iworkspace) {
+  validate_moe_call(c, n);
+  require(c.n_routed_experts <= 4096, "moe decode: at most 4096 routed experts (shared memory of the router), got {}",
+          c.n_routed_experts);
+  require(c.n_activated_experts <= kMaxFusedK, "moe decode: the fused form combines at most {} experts per token, "
+          "got {}", kMaxFusedK, c.n_activated_experts);
+  if (n == 0) return;
+  const int E = c.n_routed_experts, K = c.n_activated_experts, D = c.dim, NK = n * K, Fs = c.shared_inter_dim();
+  const int Fmax = std::max(c.moe_inter_dim, Fs), slots = NK + (Fs > 0 ? n : 0);
+  const bool softmax = c.score_func == ScoreFunc::Softmax;
+  float* a = workspace;                     // (slots, Fmax)
+  float* rw = a + size_t(slots) * Fmax;     // (n, K)
+  int* idx = iworkspace;                    // (n, K)
+  // 1) route every token on its own, on its normalised row
+  route_rows_normed_kernel<<<n, kThreads, 3 * sizeof(float) * E>>>(idx, rw, x, in_norm, eps, w.gate_weight,
+                                                                   w.gate_bias, D, E, K, c.n_expert_groups,
+                                                                   c.n_limited_groups, c.route_scale, softmax);
+  CUDA_CHECK_LAST();
+  // 2) every slot's up projection; 3) the down projections, combined in k order and added to x
+  const Slots s{w.w1, w.w2, w.w3, idx, NK, K, c.moe_inter_dim, w.shared_w1, w.shared_w2, w.shared_w3, Fs};
+  swiglu_up_normed_kernel<<<dim3(blocks_for(Fmax, kWarps), slots), kThreads>>>(a, Fmax, x, in_norm, eps, D, s);
+  CUDA_CHECK_LAST();
+  swiglu_down_combine_kernel<<<dim3(blocks_for(D, kWarps), n), kThreads>>>(x, true, a, Fmax, rw, D, s, Fs > 0);
   CUDA_CHECK_LAST();
 }
 

@@ -27,6 +27,7 @@
 #pragma once
 
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "06_full_model/model.h"
@@ -37,11 +38,28 @@ namespace dsv3 {
 // The largest chunk the GPU decoder runs as one set of launches (longer ones are fed in pieces).
 inline constexpr int kPrefillPiece = 64;
 
+// The GPU decoder's paths, oldest first; each adds to the one before, and all give the same tokens (tests). `sample
+// --gpu-decode` picks one; the README's speed table compares them.
+//   V1     the first version: stage 05's cuda::block_decode (13 launches a MoE block, 11 dense, with stream-ordered
+//          scratch: allocation nodes inside the graphs), the final norm and the hidden store, the head, the logits
+//          copied to the host, tokens chosen there; the MTP draft in its own graph (gather, two norms, eh_proj, the
+//          block, norm, head, argmax)
+//   Fused  version 2 of the kernels: cuda::block_decode_fused (7 launches, 6 dense; one preallocated workspace),
+//          the final norm with the hidden store, the MTP input in one launch and its norm in the head's; tokens
+//          still chosen on the host
+//   Full   Fused, and greedy tokens chosen on the device (greedy_on_device: an argmax launch, B*n ints copied back
+//          instead of B*n*V logits); greedy speculative decoding folds the next MTP draft into the verify's graph
+//          (for both outcomes, accepted or not: one launch and one synchronisation per speculative step)
+enum class GpuDecodePath { V1, Fused, Full };
+// "v1", "fused", "full"; UserError for another name.
+GpuDecodePath parse_gpu_decode_path(const std::string& name);
+const char* gpu_decode_path_name(GpuDecodePath p);
+
 class GpuDecoder : public TokenDecoder {
  public:
   // The model must outlive the decoder (its values are copied at construction). batch >= 1 sequences; graphs:
   // capture the decode shapes as CUDA graphs (false: plain launches every step, for tests and comparisons).
-  GpuDecoder(const Model<float>& model, int batch, bool graphs = true);
+  GpuDecoder(const Model<float>& model, int batch, bool graphs = true, GpuDecodePath path = GpuDecodePath::Full);
   ~GpuDecoder() override;
   GpuDecoder(const GpuDecoder&) = delete;
   GpuDecoder& operator=(const GpuDecoder&) = delete;
@@ -53,18 +71,25 @@ class GpuDecoder : public TokenDecoder {
   const float* feed(const std::vector<int>& tokens, int n, int last) override;
   void truncate(int new_pos) override;
   int draft(int next) override;
+  // Path Full only (else false): the greedy choices on the device, feed() then returns nullptr (TokenDecoder).
+  bool greedy_on_device(bool on) override;
+  const int* greedy_tokens() const override;
+  GpuDecodePath path() const;
 
   // MTP module 1's logits (V) of the last draft() (tests compare them with the CPU Decoder's).
   std::vector<float> draft_logits() const;
   // Host-timed calls (each up to its synchronisation): feeds of one token per sequence (plain steps), of two
   // (verifies of a draft) and drafts, with their milliseconds; what a speculative step costs next to a plain one.
+  // folded: drafts answered from a verify's graph (path Full, greedy), which cost no call of their own (their time
+  // is in verify_ms).
   struct Timing {
-    int steps = 0, verifies = 0, drafts = 0;
+    int steps = 0, verifies = 0, drafts = 0, folded = 0;
     double step_ms = 0, verify_ms = 0, draft_ms = 0;
   };
   Timing timing() const;
   void reset_timing();
-  // CUDA graphs captured so far (at most four: feed n = 1, 2 (the last one or two rows' logits); draft m = 1, 2).
+  // CUDA graphs captured so far, at most seven: feed n = 1, 2 (the last one or two rows' logits, or their greedy
+  // tokens, or (n = 2) their greedy tokens with the folded draft); draft m = 1, 2.
   int graph_captures() const;
 
  private:

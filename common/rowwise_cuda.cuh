@@ -33,6 +33,19 @@ __device__ __forceinline__ float warp_dot(const float* a, const float* b, int n,
   return warp_sum(lane_dot(a, b, n, lane));
 }
 
+// 1 / sqrt(mean(x^2) + eps) of a row of D, as rmsnorm_rows_kernel computes it: the fused kernels of version 2
+// normalise on the fly with bitwise this factor.
+__device__ __forceinline__ float row_rstd(const float* xr, int D, float eps, int lane) {
+  return 1.f / sqrtf(warp_dot(xr, xr, D, lane) / static_cast<float>(D) + eps);
+}
+// lane_dot of w with the normalised row x * rstd * g (rmsnorm_rows' value of every element, not stored).
+__device__ __forceinline__ float lane_dot_normed(const float* w, const float* x, const float* g, float rstd, int n,
+                                                 int lane) {
+  float acc = 0.f;
+  for (int j = lane; j < n; j += kWarpSize) acc = fmaf(w[j], x[j] * rstd * g[j], acc);
+  return acc;
+}
+
 // Rows per warp of linear_rows_kernel: each weight element is loaded once for this many rows.
 inline constexpr int kRows = 8;
 inline constexpr int kWarpsPerBlock = 8;
@@ -79,9 +92,53 @@ __global__ void rmsnorm_rows_kernel(float* out, float* x, const float* residual,
     for (int j = lane; j < D; j += kWarpSize) xr[j] += rr[j];
     __syncwarp();
   }
-  const float rstd = 1.f / sqrtf(warp_dot(xr, xr, D, lane) / static_cast<float>(D) + eps);
+  const float rstd = row_rstd(xr, D, eps, lane);
   float* y = out + static_cast<size_t>(row) * ld;
   for (int j = lane; j < D; j += kWarpSize) y[j] = xr[j] * rstd * weight[j];
+}
+
+// Version 2 of linear_rows_kernel, the GPU sampler's fused form (stage 07): y (n, out) = or += norm(x) [W0 ; W1]^T.
+//   g != null   row r of x enters as rmsnorm(x_r) * g, computed on the fly with rmsnorm_rows_kernel's factor (no
+//               normalised copy in memory, no launch for it)
+//   out0 < out  output features o < out0 come from W0 (out0, in), the others from W1 (out - out0, in): two
+//               projections of one input in one launch
+//   accumulate  y += the product (a residual add, fused)
+// Each output is the value rmsnorm_rows, linear_rows and an add give, bitwise: the same factor, the same products
+// in the same order.
+__global__ void linear_rows_v2_kernel(float* y, int ldy, const float* x, int ldx, const float* g, float eps,
+                                      const float* W0, int out0, const float* W1, int n, int in, int out,
+                                      bool accumulate) {
+  const int o = blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int r0 = blockIdx.y * kRows;
+  if (o >= out) return;
+  const int nr = min(kRows, n - r0);
+  const float* w = o < out0 ? W0 + static_cast<size_t>(o) * in : W1 + static_cast<size_t>(o - out0) * in;
+  const float* xr = x + static_cast<size_t>(r0) * ldx;
+  float rstd[kRows], acc[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    rstd[r] = g && r < nr ? row_rstd(xr + static_cast<size_t>(r) * ldx, in, eps, lane) : 1.f;
+    acc[r] = 0.f;
+  }
+  for (int j = lane; j < in; j += kWarpSize) {
+    const float wj = w[j], gj = g ? g[j] : 1.f;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r)
+      if (r < nr) {
+        float xv = xr[static_cast<size_t>(r) * ldx + j];
+        if (g) xv = xv * rstd[r] * gj;
+        acc[r] = fmaf(wj, xv, acc[r]);
+      }
+  }
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const float v = warp_sum(acc[r]);
+    if (r < nr && lane == 0) {
+      float* dst = y + static_cast<size_t>(r0 + r) * ldy + o;
+      *dst = accumulate ? *dst + v : v;
+    }
+  }
 }
 
 }  // namespace
@@ -95,6 +152,26 @@ inline void linear_rows(float* y, const float* x, const float* W, int n, int in,
   const dim3 grid(blocks_for(out, rowwise::kWarpsPerBlock), blocks_for(n, rowwise::kRows));
   rowwise::linear_rows_kernel<<<grid, rowwise::kWarpsPerBlock * kWarpSize>>>(y, ldy ? ldy : out, x, ldx ? ldx : in,
                                                                               W, n, in, out);
+  CUDA_CHECK_LAST();
+}
+
+// Version 2 (linear_rows_v2_kernel): y (n, out) = or += (rmsnorm(x) * g) [W0 ; W1]^T. g null: no norm (eps unused);
+// W1 null: out0 = out, one weight. Rows of stride ldx / ldy (0: in / out). y must not overlap x.
+struct LinearRowsV2 {
+  const float* g = nullptr;
+  float eps = 0.f;
+  const float* W1 = nullptr;
+  int out0 = 0;  // with W1: the features from W0
+  bool accumulate = false;
+  int ldx = 0, ldy = 0;
+};
+inline void linear_rows_v2(float* y, const float* x, const float* W0, int n, int in, int out,
+                           const LinearRowsV2& o = {}) {
+  if (n <= 0 || out <= 0) return;
+  const dim3 grid(blocks_for(out, rowwise::kWarpsPerBlock), blocks_for(n, rowwise::kRows));
+  rowwise::linear_rows_v2_kernel<<<grid, rowwise::kWarpsPerBlock * kWarpSize>>>(
+      y, o.ldy ? o.ldy : out, x, o.ldx ? o.ldx : in, o.g, o.eps, W0, o.W1 ? o.out0 : out, o.W1, n, in, out,
+      o.accumulate);
   CUDA_CHECK_LAST();
 }
 
