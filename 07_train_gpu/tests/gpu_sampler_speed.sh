@@ -6,7 +6,7 @@
 # Usage (from the repository root of a checkout whose out/07_train_gpu/data holds prepared data):
 #   bash 07_train_gpu/tests/gpu_sampler_speed.sh LOGDIR
 # Everything is logged under LOGDIR; a summary is printed last. PATHS (default "v1 fused full"), TRAIN=0 (use
-# CHECKPOINT instead of training), NCU=0 (no profile).
+# CHECKPOINT instead of training), NCU=0 (no profile), NCU_PATHS (default PATHS).
 set -u
 LOG=${1:?log folder}
 mkdir -p "$LOG"
@@ -51,7 +51,7 @@ timeout 120 "${S[@]}" --device cpu --temperature 0 --max-new-tokens 100 --print-
 if [ "${NCU:-1}" = 1 ] && command -v ncu > /dev/null; then
   stamp ncu
   # the first 240 kernels of a greedy run: the warm-up's first steps, replayed from the graph of a plain step
-  for p in $PATHS; do
+  for p in ${NCU_PATHS:-$PATHS}; do
     timeout 150 ncu --clock-control none --metrics gpu__time_duration.sum --csv --launch-count 240 \
       "${S[@]}" --device cuda --gpu-decode $p --temperature 0 --max-new-tokens 2 --prompt "Love is" \
       > "$LOG/ncu_$p.csv" 2> "$LOG/ncu_$p.err"
@@ -70,7 +70,7 @@ stamp summary
     diff <(grep '^ids:' "$LOG/greedy_gpu_$p.txt") <(grep '^ids:' "$LOG/greedy_cpu.txt") > /dev/null \
       && echo "  greedy ids: GPU ($p) == CPU (3 prompts x 100)" || echo "  greedy ids: GPU ($p) and CPU DIFFER"
   done
-  for p in $PATHS; do
+  for p in ${NCU_PATHS:-$PATHS}; do
     [ -s "$LOG/ncu_$p.csv" ] && python3 "$SRC/07_train_gpu/tests/ncu_step.py" "$LOG/ncu_$p.csv" --label $p
   done
 } | tee "$LOG/summary.txt"
