@@ -172,8 +172,20 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
   const float* wk = wkv_b + static_cast<size_t>(h) * KS * Dc;
   for (int j = tid; j < Dc; j += kAttnThreads) {
     float acc = 0.f;
+    if (kFused) {  // version 2: the same sum, its loads issued in batches (ILP, not a new order)
+      for (int i0 = 0; i0 < Dn; i0 += rowwise::kIlp) {
+        float wv[rowwise::kIlp];
+#pragma unroll
+        for (int u = 0; u < rowwise::kIlp; ++u)
+          wv[u] = i0 + u < Dn ? wk[static_cast<size_t>(i0 + u) * Dc + j] : 0.f;
+#pragma unroll
+        for (int u = 0; u < rowwise::kIlp; ++u)
+          if (i0 + u < Dn) acc = fmaf(qn[i0 + u], wv[u], acc);
+      }
+    } else {
 #pragma unroll 8
-    for (int i = 0; i < Dn; ++i) acc = fmaf(qn[i], wk[static_cast<size_t>(i) * Dc + j], acc);
+      for (int i = 0; i < Dn; ++i) acc = fmaf(qn[i], wk[static_cast<size_t>(i) * Dc + j], acc);
+    }
     q_abs[j] = acc;
   }
   __syncthreads();
@@ -182,10 +194,29 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
     const float* ck = ck_row(l);
     const float* kp = kp_row(l);
     float a = 0.f, e = 0.f;
+    if (kFused) {
+      for (int j0 = 0; j0 < Dc; j0 += 2 * rowwise::kIlp) {
+        float cv[2 * rowwise::kIlp];
+#pragma unroll
+        for (int u = 0; u < 2 * rowwise::kIlp; ++u) cv[u] = j0 + u < Dc ? ck[j0 + u] : 0.f;
+#pragma unroll
+        for (int u = 0; u < 2 * rowwise::kIlp; ++u)
+          if (j0 + u < Dc) a = fmaf(q_abs[j0 + u], cv[u], a);
+      }
+      for (int k0 = 0; k0 < Dr; k0 += rowwise::kIlp) {
+        float kv_[rowwise::kIlp];
+#pragma unroll
+        for (int u = 0; u < rowwise::kIlp; ++u) kv_[u] = k0 + u < Dr ? kp[k0 + u] : 0.f;
+#pragma unroll
+        for (int u = 0; u < rowwise::kIlp; ++u)
+          if (k0 + u < Dr) e = fmaf(qp[k0 + u], kv_[u], e);
+      }
+    } else {
 #pragma unroll 8
-    for (int j = 0; j < Dc; ++j) a = fmaf(q_abs[j], ck[j], a);
+      for (int j = 0; j < Dc; ++j) a = fmaf(q_abs[j], ck[j], a);
 #pragma unroll 8
-    for (int k = 0; k < Dr; ++k) e = fmaf(qp[k], kp[k], e);
+      for (int k = 0; k < Dr; ++k) e = fmaf(qp[k], kp[k], e);
+    }
     p[l] = scale * (a + e);
   }
   __syncthreads();
@@ -201,8 +232,7 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
   float acc[kMaxLatChunks];
 #pragma unroll
   for (int c = 0; c < kMaxLatChunks; ++c) acc[c] = 0.f;
-#pragma unroll 2
-  for (int l = warp; l < L; l += kAttnWarps) {
+  auto add_position = [&](int l) {
     const float pl = p[l];
     const float* ck = ck_row(l);
 #pragma unroll
@@ -210,6 +240,34 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
       const int j = c * kWarpSize + lane;
       if (j < Dc) acc[c] = fmaf(pl, ck[j], acc[c]);
     }
+  };
+  if (kFused) {  // positions in batches of kPos per warp, their loads first; each acc[c] still adds them in order
+    constexpr int kPos = 2;
+    const int chunks = (Dc + kWarpSize - 1) / kWarpSize;
+    for (int l0 = warp; l0 < L; l0 += kPos * kAttnWarps) {
+      float pl[kPos], v[kPos][kMaxLatChunks];
+#pragma unroll
+      for (int u = 0; u < kPos; ++u) {
+        const int l = l0 + u * kAttnWarps;
+        pl[u] = l < L ? p[l] : 0.f;
+        const float* ck = l < L ? ck_row(l) : nullptr;
+#pragma unroll
+        for (int c = 0; c < kMaxLatChunks; ++c) {
+          const int j = c * kWarpSize + lane;
+          v[u][c] = l < L && c < chunks && j < Dc ? ck[j] : 0.f;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kPos; ++u)
+        if (l0 + u * kAttnWarps < L) {
+#pragma unroll
+          for (int c = 0; c < kMaxLatChunks; ++c)
+            if (c * kWarpSize + lane < Dc) acc[c] = fmaf(pl[u], v[u][c], acc[c]);
+        }
+    }
+  } else {
+#pragma unroll 2
+    for (int l = warp; l < L; l += kAttnWarps) add_position(l);
   }
 #pragma unroll
   for (int c = 0; c < kMaxLatChunks; ++c) {
@@ -225,7 +283,25 @@ __global__ void __launch_bounds__(kAttnThreads) decode_attention_kernel(
   __syncthreads();
   // o_h = W_uv_h o_lat, W_uv_h = wkv_b[h*KS + Dn + v, :]
   float* orow = o + (static_cast<size_t>(r) * H + h) * Dv;
-  for (int v = warp; v < Dv; v += kAttnWarps) {
+  int v0 = 0;
+  if (kFused) {  // version 2: the lane sums of a warp's first kOutsPerWarp outputs first (their loads in flight
+                 // together), then the warp sums: the same values
+    constexpr int kOutsPerWarp = 8;
+    float part[kOutsPerWarp];
+#pragma unroll
+    for (int i = 0; i < kOutsPerWarp; ++i) {
+      const int v = warp + i * kAttnWarps;
+      part[i] = v < Dv ? rowwise::lane_dot_ilp(wk + static_cast<size_t>(Dn + v) * Dc, o_lat, Dc, lane) : 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < kOutsPerWarp; ++i) {
+      const int v = warp + i * kAttnWarps;
+      const float s = warp_sum(part[i]);
+      if (v < Dv && lane == 0) orow[v] = s;
+    }
+    v0 = kOutsPerWarp * kAttnWarps;
+  }
+  for (int v = v0 + warp; v < Dv; v += kAttnWarps) {
     const float s = rowwise::warp_dot(wk + static_cast<size_t>(Dn + v) * Dc, o_lat, Dc, lane);
     if (lane == 0) orow[v] = s;
   }

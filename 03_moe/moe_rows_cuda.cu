@@ -112,26 +112,99 @@ __global__ void combine_rows_kernel(float* out, bool accumulate, const float* y,
 // combine is taken into the down projection: route, up, down + combine + residual add (a dense MLP: up, down).
 // Each value is bitwise version 1's (the same products, sums and order).
 
-// route_rows_kernel on rmsnorm(x) * g.
+// route_rows_kernel on rmsnorm(x) * g, with moe_route.h's rule spread over warp 0's lanes instead of run by one
+// thread (route_token's loops, whose serial chain of shared-memory reads was a fifth of a decode step): the score
+// and the biased score of each expert on its lane, each group's top-2 sum on its lane (next_best, as route_token),
+// the kept groups on lane 0, then each of the K picks a warp reduction under ranks_before. ranks_before is a strict
+// total order, so the warp's pick is the one the sequential scan makes, and the weights are summed on lane 0 in k
+// order: idx and rw are bitwise route_token's. The softmax score function (sums in expert order) stays on lane 0.
+// Dynamic shared memory: 3 E + G floats.
 __global__ void route_rows_normed_kernel(int* idx, float* rw, const float* x, const float* g, float eps,
                                          const float* gate_w, const float* gate_b, int D, int E, int K, int G, int Lg,
                                          float route_scale, bool softmax) {
   extern __shared__ float sm[];
+  __shared__ int kept[64];  // kMaxExpertGroups (moe.h)
   float* logits = sm;
   float* score = sm + E;
   float* sel = sm + 2 * E;
+  float* gscore = sm + 3 * E;
   const int t = blockIdx.x, lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const float* xr = x + static_cast<size_t>(t) * D;
-  const float rstd = rowwise::row_rstd(xr, D, eps, lane);
+  const float rstd = rowwise::row_rstd_ilp(xr, D, eps, lane);
   for (int e = warp; e < E; e += kWarps) {
     const float v = warp_sum(rowwise::lane_dot_normed(gate_w + static_cast<size_t>(e) * D, xr, g, rstd, D, lane));
     if (lane == 0) logits[e] = v;
   }
   __syncthreads();
-  if (threadIdx.x != 0) return;
-  moe_route::scores_from_logits(score, logits, E, softmax);
-  moe_route::route_token(sel, idx + static_cast<size_t>(t) * K, rw + static_cast<size_t>(t) * K, score, gate_b, E,
-                         K, G, Lg, route_scale, !softmax);
+  if (warp != 0) return;
+  // 1) scores, and the biased scores that choose
+  if (softmax) {
+    if (lane == 0) moe_route::scores_from_logits(score, logits, E, true);
+    __syncwarp();
+  } else {
+    for (int e = lane; e < E; e += kWarpSize) score[e] = moe_route::sigmoid_score(logits[e]);
+  }
+  for (int e = lane; e < E; e += kWarpSize) sel[e] = score[e] + (gate_b ? gate_b[e] : 0.f);
+  __syncwarp();
+  // 2) group-limited: each group's score is its top-2 sum; the best Lg groups stay, the others' experts get -inf
+  if (G > 1) {
+    const int Eg = E / G;
+    for (int gi = lane; gi < G; gi += kWarpSize) {
+      const float* sg = sel + gi * Eg;
+      const int a = moe_route::next_best(sg, Eg, 1, 0.f, -1);
+      const int c = moe_route::next_best(sg, Eg, 1, sg[a], a);
+      gscore[gi] = sg[a] + sg[c];
+      kept[gi] = 0;
+    }
+    __syncwarp();
+    if (lane == 0)
+      for (int l = 0, prev = -1; l < Lg; ++l) {
+        const int gi = moe_route::next_best(gscore, G, 1, prev >= 0 ? gscore[prev] : 0.f, prev);
+        kept[gi] = 1;
+        prev = gi;
+      }
+    __syncwarp();
+    for (int e = lane; e < E; e += kWarpSize)
+      if (!kept[e / Eg]) sel[e] = -INFINITY;
+    __syncwarp();
+  }
+  // 3) the top K in rank order: pick k is the best expert ranking after pick k-1
+  int* ti = idx + static_cast<size_t>(t) * K;
+  float* tw = rw + static_cast<size_t>(t) * K;
+  int prev = -1;
+  float prev_v = 0.f;
+  for (int k = 0; k < K; ++k) {
+    int best = -1;
+    float bv = 0.f;
+    for (int e = lane; e < E; e += kWarpSize) {
+      const float v = sel[e];
+      if (prev >= 0 && !moe_route::ranks_before(prev_v, prev, v, e)) continue;
+      if (best < 0 || moe_route::ranks_before(v, e, bv, best)) {
+        best = e;
+        bv = v;
+      }
+    }
+    for (int o = kWarpSize / 2; o > 0; o /= 2) {
+      const int ob = __shfl_xor_sync(0xffffffffu, best, o);
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      if (ob >= 0 && (best < 0 || moe_route::ranks_before(ov, ob, bv, best))) {
+        best = ob;
+        bv = ov;
+      }
+    }
+    if (lane == 0) ti[k] = best;
+    prev = best;
+    prev_v = bv;
+  }
+  // 4) the weights: the unbiased scores of the picks, normalised (sigmoid) in k order, times route_scale
+  if (lane != 0) return;
+  float sum = 0.f;
+  for (int k = 0; k < K; ++k) {
+    tw[k] = score[ti[k]];
+    sum += score[ti[k]];
+  }
+  const float f = softmax ? route_scale : route_scale / sum;
+  for (int k = 0; k < K; ++k) tw[k] *= f;
 }
 
 // swiglu_up_kernel on rmsnorm(x) * g.
@@ -147,7 +220,7 @@ __global__ void swiglu_up_normed_kernel(float* a, int Fmax, const float* x, cons
   const float* w1 = routed ? s.w1 + e * s.F * D : s.p1;
   const float* w3 = routed ? s.w3 + e * s.F * D : s.p3;
   const float* xr = x + static_cast<size_t>(t) * D;
-  const float rstd = rowwise::row_rstd(xr, D, eps, lane);
+  const float rstd = rowwise::row_rstd_ilp(xr, D, eps, lane);
   const float h1 = warp_sum(rowwise::lane_dot_normed(w1 + static_cast<size_t>(f) * D, xr, g, rstd, D, lane));
   const float h3 = warp_sum(rowwise::lane_dot_normed(w3 + static_cast<size_t>(f) * D, xr, g, rstd, D, lane));
   if (lane == 0) a[static_cast<size_t>(slot) * Fmax + f] = h1 / (1.f + expf(-h1)) * h3;
@@ -163,7 +236,7 @@ __global__ void swiglu_down_combine_kernel(float* out, bool accumulate, const fl
   const int d = blockIdx.x * kWarps + threadIdx.x / kWarpSize, t = blockIdx.y;
   const int lane = threadIdx.x % kWarpSize;
   if (d >= D) return;
-  const float ps = plain ? rowwise::lane_dot(s.p2 + static_cast<size_t>(d) * s.Fp,
+  const float ps = plain ? rowwise::lane_dot_ilp(s.p2 + static_cast<size_t>(d) * s.Fp,
                                             a + static_cast<size_t>(s.NK + t) * Fmax, s.Fp, lane)
                          : 0.f;
   float part[kMaxFusedK];
@@ -173,7 +246,7 @@ __global__ void swiglu_down_combine_kernel(float* out, bool accumulate, const fl
     if (k < s.K && s.NK > 0) {
       const int slot = t * s.K + k;
       const float* w2 = s.w2 + static_cast<size_t>(s.idx[slot]) * D * s.F + static_cast<size_t>(d) * s.F;
-      part[k] = rowwise::lane_dot(w2, a + static_cast<size_t>(slot) * Fmax, s.F, lane);
+      part[k] = rowwise::lane_dot_ilp(w2, a + static_cast<size_t>(slot) * Fmax, s.F, lane);
     }
   }
   float acc = plain ? warp_sum(ps) : 0.f;
@@ -270,7 +343,7 @@ void moe_rows_fused(float* x, const float* in_norm, float eps, const MoeWeights<
   float* rw = a + size_t(slots) * Fmax;     // (n, K)
   int* idx = iworkspace;                    // (n, K)
   // 1) route every token on its own, on its normalised row
-  route_rows_normed_kernel<<<n, kThreads, 3 * sizeof(float) * E>>>(idx, rw, x, in_norm, eps, w.gate_weight,
+  route_rows_normed_kernel<<<n, kThreads, sizeof(float) * (3 * E + c.n_expert_groups)>>>(idx, rw, x, in_norm, eps, w.gate_weight,
                                                                    w.gate_bias, D, E, K, c.n_expert_groups,
                                                                    c.n_limited_groups, c.route_scale, softmax);
   CUDA_CHECK_LAST();

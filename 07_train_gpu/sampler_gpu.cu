@@ -91,7 +91,7 @@ __global__ void final_norm_store_kernel(float* z, float* hidden, const float* x,
   const int lane = threadIdx.x % cuda::kWarpSize;
   if (row >= R) return;
   const float* xr = x + static_cast<size_t>(row) * D;
-  const float rstd = cuda::rowwise::row_rstd(xr, D, eps, lane);
+  const float rstd = cuda::rowwise::row_rstd_ilp(xr, D, eps, lane);
   const int b = row / n, p = *pos0 + row % n;
   float* zr = z + static_cast<size_t>(row) * D;
   float* hr = p < Lmax ? hidden + (static_cast<size_t>(b) * Lmax + p) * D : nullptr;
@@ -111,7 +111,7 @@ __global__ void mtp_input_kernel(float* cat, const float* embed, const float* hi
   if (r >= m) return;
   const float* e = embed + static_cast<size_t>(tokens[r]) * D;
   const float* h = hidden + static_cast<size_t>(*j0 + r) * D;
-  const float re = cuda::rowwise::row_rstd(e, D, eps, lane), rh = cuda::rowwise::row_rstd(h, D, eps, lane);
+  const float re = cuda::rowwise::row_rstd_ilp(e, D, eps, lane), rh = cuda::rowwise::row_rstd_ilp(h, D, eps, lane);
   float* out = cat + static_cast<size_t>(r) * 2 * D;
   for (int k = lane; k < D; k += cuda::kWarpSize) {
     out[k] = e[k] * re * enorm[k];

@@ -33,16 +33,55 @@ __device__ __forceinline__ float warp_dot(const float* a, const float* b, int n,
   return warp_sum(lane_dot(a, b, n, lane));
 }
 
-// 1 / sqrt(mean(x^2) + eps) of a row of D, as rmsnorm_rows_kernel computes it: the fused kernels of version 2
-// normalise on the fly with bitwise this factor.
+// 1 / sqrt(mean(x^2) + eps) of a row of D, as rmsnorm_rows_kernel computes it.
 __device__ __forceinline__ float row_rstd(const float* xr, int D, float eps, int lane) {
   return 1.f / sqrtf(warp_dot(xr, xr, D, lane) / static_cast<float>(D) + eps);
 }
-// lane_dot of w with the normalised row x * rstd * g (rmsnorm_rows' value of every element, not stored).
+
+// ---- version 2's forms: the same additions in the same order (bitwise the values above), written so that a lane
+// issues a batch of kIlp loads (predicated, fully unrolled) before the first product needs one. A decode step is
+// bound by the latency of its loads (weights from memory, a few per lane per row), not by their bytes: a loop that
+// waits for each load in turn pays a memory round trip per 32 elements. (A `#pragma unroll` on the strided loop
+// does not do it: its trip count is a runtime value, and the few iterations of a decode row all fall to the
+// remainder loop.)
+inline constexpr int kIlp = 16;
+__device__ __forceinline__ float lane_dot_ilp(const float* a, const float* b, int n, int lane) {
+  float acc = 0.f;
+  for (int j0 = lane; j0 < n; j0 += kIlp * kWarpSize) {
+    float va[kIlp], vb[kIlp];
+#pragma unroll
+    for (int i = 0; i < kIlp; ++i) {
+      const int j = j0 + i * kWarpSize;
+      va[i] = j < n ? a[j] : 0.f;
+      vb[i] = j < n ? b[j] : 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < kIlp; ++i)
+      if (j0 + i * kWarpSize < n) acc = fmaf(va[i], vb[i], acc);
+  }
+  return acc;
+}
+__device__ __forceinline__ float row_rstd_ilp(const float* xr, int D, float eps, int lane) {
+  return 1.f / sqrtf(warp_sum(lane_dot_ilp(xr, xr, D, lane)) / static_cast<float>(D) + eps);
+}
+// lane_dot of w with the normalised row x * rstd * g (rmsnorm_rows' value of every element, not stored): the fused
+// kernels of version 2 normalise on the fly with bitwise row_rstd's factor.
 __device__ __forceinline__ float lane_dot_normed(const float* w, const float* x, const float* g, float rstd, int n,
                                                  int lane) {
   float acc = 0.f;
-  for (int j = lane; j < n; j += kWarpSize) acc = fmaf(w[j], x[j] * rstd * g[j], acc);
+  for (int j0 = lane; j0 < n; j0 += kIlp * kWarpSize) {
+    float vw[kIlp], vx[kIlp], vg[kIlp];
+#pragma unroll
+    for (int i = 0; i < kIlp; ++i) {
+      const int j = j0 + i * kWarpSize;
+      vw[i] = j < n ? w[j] : 0.f;
+      vx[i] = j < n ? x[j] : 0.f;
+      vg[i] = j < n ? g[j] : 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < kIlp; ++i)
+      if (j0 + i * kWarpSize < n) acc = fmaf(vw[i], vx[i] * rstd * vg[i], acc);
+  }
   return acc;
 }
 
@@ -118,18 +157,33 @@ __global__ void linear_rows_v2_kernel(float* y, int ldy, const float* x, int ldx
   float rstd[kRows], acc[kRows];
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
-    rstd[r] = g && r < nr ? row_rstd(xr + static_cast<size_t>(r) * ldx, in, eps, lane) : 1.f;
+    rstd[r] = g && r < nr ? row_rstd_ilp(xr + static_cast<size_t>(r) * ldx, in, eps, lane) : 1.f;
     acc[r] = 0.f;
   }
-  for (int j = lane; j < in; j += kWarpSize) {
-    const float wj = w[j], gj = g ? g[j] : 1.f;
+  // batches of kBatch elements per lane: every load of a batch (weights, gains, each row's x) issued first
+  constexpr int kBatch = 4;
+  for (int j0 = lane; j0 < in; j0 += kBatch * kWarpSize) {
+    float wv[kBatch], gv[kBatch], xv[kBatch][kRows];
 #pragma unroll
-    for (int r = 0; r < kRows; ++r)
-      if (r < nr) {
-        float xv = xr[static_cast<size_t>(r) * ldx + j];
-        if (g) xv = xv * rstd[r] * gj;
-        acc[r] = fmaf(wj, xv, acc[r]);
-      }
+    for (int i = 0; i < kBatch; ++i) {
+      const int j = j0 + i * kWarpSize;
+      const bool in_row = j < in;
+      wv[i] = in_row ? w[j] : 0.f;
+      gv[i] = in_row && g ? g[j] : 1.f;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) xv[i][r] = in_row && r < nr ? xr[static_cast<size_t>(r) * ldx + j] : 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      if (j0 + i * kWarpSize >= in) break;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+        if (r < nr) {
+          float x = xv[i][r];
+          if (g) x = x * rstd[r] * gv[i];
+          acc[r] = fmaf(wv[i], x, acc[r]);
+        }
+    }
   }
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {

@@ -6,7 +6,8 @@
 # Usage (from the repository root of a checkout whose out/07_train_gpu/data holds prepared data):
 #   bash 07_train_gpu/tests/gpu_sampler_speed.sh LOGDIR
 # Everything is logged under LOGDIR; a summary is printed last. PATHS (default "v1 fused full"), TRAIN=0 (use
-# CHECKPOINT instead of training), NCU=0 (no profile), NCU_PATHS (default PATHS).
+# CHECKPOINT instead of training), TRAIN_ARGS (extra train flags, e.g. --steps 250), TEMPS (default "0 0.8"), NCU=0
+# (no profile), NCU_PATHS (default PATHS).
 set -u
 LOG=${1:?log folder}
 mkdir -p "$LOG"
@@ -30,7 +31,7 @@ T07=$B/07_train_gpu/07_train_gpu
 RUN=/tmp/o07/run
 if [ "${TRAIN:-1}" = 1 ]; then
   stamp train
-  timeout 240 $T07 --out /tmp/o07 train --data "$DATA" --run $RUN > "$LOG/train.log" 2>&1 \
+  timeout 240 $T07 --out /tmp/o07 train --data "$DATA" --run $RUN ${TRAIN_ARGS:-} > "$LOG/train.log" 2>&1 \
     || { stamp "TRAIN FAILED"; tail -20 "$LOG/train.log"; }
   tail -2 "$LOG/train.log"
 fi
@@ -38,7 +39,7 @@ CK=${CHECKPOINT:-$RUN/checkpoints/best}
 S=("$T07" --out /tmp/o07 sample --checkpoint $CK)
 stamp samples
 for p in $PATHS; do
-  for temp in 0 0.8; do
+  for temp in ${TEMPS:-0 0.8}; do
     timeout 120 "${S[@]}" --device cuda --gpu-decode $p --temperature $temp --max-new-tokens 300 --speculative \
       > "$LOG/spec_${p}_t$temp.txt" 2>&1
     timeout 60 "${S[@]}" --device cuda --gpu-decode $p --temperature $temp --max-new-tokens 300 --num-samples 16 \
@@ -62,10 +63,10 @@ stamp summary
   echo "== tests"; grep -E "tests passed|tests failed" "$LOG/tests.log"
   for p in $PATHS; do
     echo "== $p"
-    for temp in 0 0.8; do
+    for temp in ${TEMPS:-0 0.8}; do
       echo "-- temperature $temp"
       grep -E "speculative overall|GPU calls|identical" "$LOG/spec_${p}_t$temp.txt" | sed 's/^/  /'
-      grep -E "samples \(|tokens/s" "$LOG/batch16_${p}_t$temp.txt" | head -3 | sed 's/^/  batch16: /'
+      grep -E "samples \(" "$LOG/batch16_${p}_t$temp.txt" | sed 's/^/  batch16: /'
     done
     diff <(grep '^ids:' "$LOG/greedy_gpu_$p.txt") <(grep '^ids:' "$LOG/greedy_cpu.txt") > /dev/null \
       && echo "  greedy ids: GPU ($p) == CPU (3 prompts x 100)" || echo "  greedy ids: GPU ($p) and CPU DIFFER"
