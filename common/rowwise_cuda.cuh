@@ -143,50 +143,52 @@ __global__ void rmsnorm_rows_kernel(float* out, float* x, const float* residual,
 //               projections of one input in one launch
 //   accumulate  y += the product (a residual add, fused)
 // Each output is the value rmsnorm_rows, linear_rows and an add give, bitwise: the same factor, the same products
-// in the same order.
+// in the same order. A warp computes feature o of kR rows, its loads in batches of kB elements per lane (all rows'
+// x, the weights and gains of a batch issued before its products); kR = 1 with kB = 16 (one batch for rows up to 512
+// wide) serves the one-row launches of a plain step, kR = kRows with kB = 4 the others. A row's value does not
+// depend on kR or kB: each row keeps its own accumulator and order.
+template <int kR, int kB>
 __global__ void linear_rows_v2_kernel(float* y, int ldy, const float* x, int ldx, const float* g, float eps,
                                       const float* W0, int out0, const float* W1, int n, int in, int out,
                                       bool accumulate) {
   const int o = blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
-  const int r0 = blockIdx.y * kRows;
+  const int r0 = blockIdx.y * kR;
   if (o >= out) return;
-  const int nr = min(kRows, n - r0);
+  const int nr = min(kR, n - r0);
   const float* w = o < out0 ? W0 + static_cast<size_t>(o) * in : W1 + static_cast<size_t>(o - out0) * in;
   const float* xr = x + static_cast<size_t>(r0) * ldx;
-  float rstd[kRows], acc[kRows];
+  float rstd[kR], acc[kR];
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
+  for (int r = 0; r < kR; ++r) {
     rstd[r] = g && r < nr ? row_rstd_ilp(xr + static_cast<size_t>(r) * ldx, in, eps, lane) : 1.f;
     acc[r] = 0.f;
   }
-  // batches of kBatch elements per lane: every load of a batch (weights, gains, each row's x) issued first
-  constexpr int kBatch = 4;
-  for (int j0 = lane; j0 < in; j0 += kBatch * kWarpSize) {
-    float wv[kBatch], gv[kBatch], xv[kBatch][kRows];
+  for (int j0 = lane; j0 < in; j0 += kB * kWarpSize) {
+    float wv[kB], gv[kB], xv[kB][kR];
 #pragma unroll
-    for (int i = 0; i < kBatch; ++i) {
+    for (int i = 0; i < kB; ++i) {
       const int j = j0 + i * kWarpSize;
       const bool in_row = j < in;
       wv[i] = in_row ? w[j] : 0.f;
       gv[i] = in_row && g ? g[j] : 1.f;
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) xv[i][r] = in_row && r < nr ? xr[static_cast<size_t>(r) * ldx + j] : 0.f;
+      for (int r = 0; r < kR; ++r) xv[i][r] = in_row && r < nr ? xr[static_cast<size_t>(r) * ldx + j] : 0.f;
     }
 #pragma unroll
-    for (int i = 0; i < kBatch; ++i) {
+    for (int i = 0; i < kB; ++i) {
       if (j0 + i * kWarpSize >= in) break;
 #pragma unroll
-      for (int r = 0; r < kRows; ++r)
+      for (int r = 0; r < kR; ++r)
         if (r < nr) {
-          float x = xv[i][r];
-          if (g) x = x * rstd[r] * gv[i];
-          acc[r] = fmaf(wv[i], x, acc[r]);
+          float xe = xv[i][r];
+          if (g) xe = xe * rstd[r] * gv[i];
+          acc[r] = fmaf(wv[i], xe, acc[r]);
         }
     }
   }
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
+  for (int r = 0; r < kR; ++r) {
     const float v = warp_sum(acc[r]);
     if (r < nr && lane == 0) {
       float* dst = y + static_cast<size_t>(r0 + r) * ldy + o;
@@ -222,10 +224,14 @@ struct LinearRowsV2 {
 inline void linear_rows_v2(float* y, const float* x, const float* W0, int n, int in, int out,
                            const LinearRowsV2& o = {}) {
   if (n <= 0 || out <= 0) return;
-  const dim3 grid(blocks_for(out, rowwise::kWarpsPerBlock), blocks_for(n, rowwise::kRows));
-  rowwise::linear_rows_v2_kernel<<<grid, rowwise::kWarpsPerBlock * kWarpSize>>>(
-      y, o.ldy ? o.ldy : out, x, o.ldx ? o.ldx : in, o.g, o.eps, W0, o.W1 ? o.out0 : out, o.W1, n, in, out,
-      o.accumulate);
+  const int ldy = o.ldy ? o.ldy : out, ldx = o.ldx ? o.ldx : in, out0 = o.W1 ? o.out0 : out;
+  const int threads = rowwise::kWarpsPerBlock * kWarpSize, bx = blocks_for(out, rowwise::kWarpsPerBlock);
+  if (n == 1)
+    rowwise::linear_rows_v2_kernel<1, 16><<<dim3(bx, 1), threads>>>(y, ldy, x, ldx, o.g, o.eps, W0, out0, o.W1, n,
+                                                                      in, out, o.accumulate);
+  else
+    rowwise::linear_rows_v2_kernel<rowwise::kRows, 4><<<dim3(bx, blocks_for(n, rowwise::kRows)), threads>>>(
+        y, ldy, x, ldx, o.g, o.eps, W0, out0, o.W1, n, in, out, o.accumulate);
   CUDA_CHECK_LAST();
 }
 
