@@ -4,7 +4,8 @@
 //   version 1  mla_decode_chunk_absorbed: seven launches (q_a, q_norm, q_b, kv_a, the prologue, the attention, wo)
 //              with stream-ordered scratch
 //   version 2  mla_decode_chunk_absorbed_fused (the GPU sampler's step): the block's norm and residual add taken in,
-//              four launches, the caller's workspace; bitwise version 1's values (tests: CudaMlaDecode)
+//              four launches, the caller's workspace; bitwise version 1's values (tests: CudaMlaDecode against the
+//              CPU and for chunk and batch invariance; stage 07's CudaSamplerPaths bitwise against version 1)
 //
 // Two properties the GPU sampler (stage 07) rests on:
 //   - the position is read from device memory (pos0), so one captured CUDA graph replays at every position;

@@ -2,7 +2,8 @@
 // twins of cpu::mlp_rows / moe_rows. Kernels, then launchers, then the entry points. Shapes: see the legend in moe.h.
 // Version 1: mlp_rows / moe_rows (route, up, down, combine; stream-ordered scratch). Version 2, the GPU sampler's
 // fused step: mlp_rows_fused / moe_rows_fused (the input norm and the residual add taken in, the combine taken into
-// the down projection, the caller's workspace), bitwise version 1's values (tests: CudaMoeRows).
+// the down projection, the caller's workspace), bitwise version 1's values (tests: CudaMoeRows against the CPU and
+// for row invariance; stage 07's CudaSamplerPaths bitwise against version 1 through the whole model).
 //
 // Every token is routed on its own and every expert product is a fixed-order row-wise dot
 // (common/rowwise_cuda.cuh), so a row's output is bitwise independent of how many rows share the launch: what the

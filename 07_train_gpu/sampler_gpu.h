@@ -3,15 +3,17 @@
 //
 //   weights      a copy of the host Model<float> (fp32), uploaded by the model's one list of parameters
 //   caches       per layer (and for MTP module 1) c_kv (B, Lmax, Dc) and k_pe (B, Lmax, Dr) in device memory
-//   a step       embedding -> every block through stage 05's cuda::block_decode (stage 02's
-//                cuda::mla_decode_chunk_absorbed, stage 03's cuda::mlp_rows / moe_rows) -> final norm -> head ->
-//                the logits the loop samples from (each sequence's last one or two) copied to pinned host memory. The position and the tokens live in device memory, written
+//   a step       embedding -> every block through stage 05's cuda::block_decode_fused (stage 02's
+//                cuda::mla_decode_chunk_absorbed_fused, stage 03's cuda::mlp_rows_fused / moe_rows_fused; path V1:
+//                version 1, cuda::block_decode) -> final norm -> head -> the logits the loop samples from (each
+//                sequence's last one or two) copied to pinned host memory, or (path Full, greedy) their argmax. The position and the tokens live in device memory, written
 //                by one small async copy before the step, so each decode shape (n = 1 and n = 2 tokens per
 //                sequence; the MTP draft over m = 1 and m = 2 positions) is captured ONCE as a CUDA graph and
 //                replayed at every position. Other chunk sizes (the prompt, a re-fill) run as plain launches, in
 //                pieces of at most kPrefillPiece tokens (bitwise the same, by chunk invariance).
 //   sampling     on the host: sample_token() on the logits copied back (one copy of B*n*V floats per step), so
-//                the GPU and CPU paths share one sampling rule and one RNG stream per sample.
+//                the GPU and CPU paths share one sampling rule and one RNG stream per sample; greedy on path Full:
+//                an argmax launch with sample_token's rule, B*n ids copied back (greedy_on_device).
 //
 // Exactness. Every per-token map is a fixed-order row-wise kernel (common/rowwise_cuda.cuh), never cuBLAS, so on
 // the GPU too a chunk of n tokens gives logits BITWISE equal to n single steps, and sample b of a batch bitwise
