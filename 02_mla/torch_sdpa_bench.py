@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Stage 02: PyTorch's fused attention at the shapes of `02_mla --attention-bench`, the yardstick of our kernels.
 
-    python3 02_mla/torch_sdpa_bench.py [--seq 128,256,512,1024,2048] [--reps 20]
+    python3 02_mla/torch_sdpa_bench.py [--seq 128,256,512,1024,2048] [--reps 20] [--csv FILE]
 
 Times torch.nn.functional.scaled_dot_product_attention (causal, bf16, q/k head dim S = 96, v head dim Dv = 64,
 8 heads, B*T = 16384: the "small" preset's attention), forward and forward + backward, under each backend that
@@ -9,17 +9,21 @@ accepts the shape (cuDNN, flash, memory-efficient; the math backend materialises
 --reps CUDA-event-timed calls after 3 warm-up calls. Useful work is counted as `02_mla --attention-bench` counts it:
 forward 2 B H T(T+1)/2 (S + Dv) FLOPs, backward 2.5 times that. The operands are contiguous (B, H, T, dim) bf16
 tensors made beforehand, so, unlike ours, no packing pass is timed. Needs a GPU and PyTorch 2.x; never part of the
-build or the CPU tests. Exit status 0, or 2 without a GPU.
+build or the CPU tests. --csv writes the rows (T, backend, fwd_ms, bwd_ms, tflops) for 02_mla/plots.gp, which draws
+the cuDNN row beside ours when the file sits next to attention_time.csv. Exit status 0, or 2 without a GPU.
 """
 import argparse
 import sys
+import warnings
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seq", default="128,256,512,1024,2048", help="sequence lengths, comma separated")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--csv", help="also write the rows to this CSV file")
     a = ap.parse_args()
+    warnings.filterwarnings("ignore")  # each refused backend warns why; the table says it once
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -48,6 +52,7 @@ def main():
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}; causal SDPA, bf16, H={H}, S={S}, Dv={Dv}, "
           f"B*T={tokens}")
     print(f"{'backend':10s} {'T':>5s} {'B':>4s} {'fwd ms':>8s} {'bwd ms':>8s} {'TFLOP/s':>8s}")
+    rows = []
     for T in [int(t) for t in a.seq.split(",")]:
         B = tokens // T
         g = torch.Generator(device="cuda").manual_seed(T)
@@ -70,7 +75,12 @@ def main():
             except RuntimeError as e:  # the backend refuses the shape (e.g. unequal head dims)
                 print(f"{name:10s} {T:5d} {B:4d}   not available: {str(e).splitlines()[0][:70]}")
                 continue
-            print(f"{name:10s} {T:5d} {B:4d} {fwd:8.4f} {both - fwd:8.4f} {flops / (both * 1e-3) * 1e-12:8.0f}")
+            tflops = flops / (both * 1e-3) * 1e-12
+            rows.append(f"{T},{name},{fwd:.6f},{both - fwd:.6f},{tflops:.3f}")
+            print(f"{name:10s} {T:5d} {B:4d} {fwd:8.4f} {both - fwd:8.4f} {tflops:8.0f}")
+    if a.csv:
+        with open(a.csv, "w") as f:
+            f.write("T,backend,fwd_ms,bwd_ms,tflops\n" + "".join(r + "\n" for r in rows))
     return 0
 
 
