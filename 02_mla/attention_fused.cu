@@ -17,13 +17,14 @@
 //   C (16 x 8):             c[0..1] = (g, 2t..2t+1), c[2..3] = (g+8, 2t..2t+1)
 // So the accumulators of two adjacent n-tiles of a product are, packed to bf16, exactly the A fragment of the next
 // product over those 16 columns (scores -> probabilities -> P V without a trip through shared memory). Every tile
-// sits in shared memory as it sits in the packed tensor, row major ([row][dim]). A fragments and the B fragments
-// of a product whose n runs along the tile's rows (S = Q K^T: n = key) are 32-bit loads of two neighbours along
-// the row; the B fragments of a product whose k runs along the tile's rows (P V: k = key) come from ldmatrix.trans,
-// which hands each thread the transposed pair. Rows are padded by 8 elements so that the 8 rows a fragment load
-// touches fall in different banks.
+// sits in shared memory as it sits in the packed tensor, row major ([row][dim]); every fragment comes from it by
+// ldmatrix (four 8 x 8 matrices an instruction: an A fragment, or the B fragments of two n-tiles), .trans for the
+// B operand of a product whose k runs along the tile's rows (P V: k = key). The operand that stays for the whole
+// block (the forward's and the dq kernel's query rows) is loaded into registers once. Rows are padded by 8
+// elements so that the 8 rows of a matrix fall in different banks. Only tiles that cross the diagonal (or T) are
+// masked.
 //
-// Softmax in base 2: with s = scale q.k, the kernels work with s2 = s log2(e), so e^s = 2^s2 (exp2f is one
+// Softmax in base 2: with s = scale q.k, the kernels work with s2 = s log2(e), so e^s = 2^s2 (ex2 is one
 // instruction). lse (B, H, T) holds log2 sum_k 2^(s2_k) of each row; the backward's p = 2^(s2 - lse) needs no
 // running maximum.
 #include <cuda_bf16.h>
@@ -52,7 +53,7 @@ struct Heads {
   int B, T, H, Dn, Dr, Dv;
   __device__ int S() const { return Dn + Dr; }
   __device__ int KS() const { return Dn + Dv; }
-  // element d of row t of head h of sequence b of operand `which` (0 q, 1 k, 2 v, 3 dy), 0 past the head's dims
+  // element d of row t of head h of sequence b of operand `which` (0 q, 1 k, 2 v), 0 past the head's dims
   __device__ float get(int which, int b, int h, int t, int d) const {
     const size_t row = size_t(b) * T + t;
     switch (which) {
@@ -60,8 +61,7 @@ struct Heads {
       case 1:
         if (d < Dn) return kv[(row * H + h) * KS() + d];
         return d < S() ? k_pe[row * Dr + (d - Dn)] : 0.f;
-      case 2: return d < Dv ? kv[(row * H + h) * KS() + Dn + d] : 0.f;
-      default: return d < Dv ? dy[(row * H + h) * Dv + d] : 0.f;
+      default: return d < Dv ? kv[(row * H + h) * KS() + Dn + d] : 0.f;
     }
   }
 };
@@ -131,33 +131,35 @@ __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint3
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ uint32_t ld32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
-
-// A fragment of rows m0.., columns k0.. of a row-major shared tile of row length ld.
-__device__ __forceinline__ void load_a(uint32_t (&a)[4], const bf16* s, int ld, int m0, int k0) {
-  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const bf16* p = s + (m0 + g) * ld + k0 + 2 * t;
-  a[0] = ld32(p);
-  a[1] = ld32(p + 8 * ld);
-  a[2] = ld32(p + 8);
-  a[3] = ld32(p + 8 * ld + 8);
+// Fragments come from shared memory by ldmatrix: one instruction hands every lane its share of four 8 x 8 bf16
+// matrices, the matrix i from the 8 row addresses of lanes 8i .. 8i+7. Without .trans a lane (g, t) receives
+// (row g, columns 2t, 2t+1) of each matrix, which is the A or B fragment's layout when the tile's rows are the
+// fragment's m or n; with .trans it receives (rows 2t, 2t+1, column g): the B fragment of a tile whose rows are k.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
 }
-// B fragment (k0.., n0..) of a tile whose rows are n: s[n][k], row length ld.
-__device__ __forceinline__ void load_b(uint32_t& b0, uint32_t& b1, const bf16* s, int ld, int n0, int k0) {
-  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const bf16* p = s + (n0 + g) * ld + k0 + 2 * t;
-  b0 = ld32(p);
-  b1 = ld32(p + 8);
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
 }
-// B fragment (k0.., n0..) of a tile whose rows are k: s[k][n], row length ld. ldmatrix .x2 .trans: lanes 0-7 name
-// rows k0..k0+7, lanes 8-15 rows k0+8..k0+15 (column n0); each thread receives the transposed pairs b[0], b[1].
-__device__ __forceinline__ void load_b_trans(uint32_t& b0, uint32_t& b1, const bf16* s, int ld, int n0, int k0) {
+// Byte offsets of this lane's row address inside a row-major shared tile of row length ld (elements):
+//   a_lane: the A fragment (rows m0 + lane % 16, column k0 + 8 (lane / 16)) -> a[0..3];
+//   bn_lane: B fragments of two n-tiles from a tile whose rows are n (rows n0 + lane % 8 + 8 (lane / 16), column
+//            k0 + 8 ((lane / 8) % 2)) -> b0, b1 of n-tile n0, then of n0 + 8;
+//   bk_lane: the same from a tile whose rows are k, by .trans (rows k0 + lane % 16, column n0 + 8 (lane / 16)).
+__device__ __forceinline__ uint32_t a_lane(int ld) {
   const int lane = threadIdx.x % 32;
-  const bf16* p = s + (k0 + lane % 16) * ld + n0;
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
-               : "=r"(b0), "=r"(b1)
-               : "r"(smem_addr(p)));
+  return uint32_t(((lane % 16) * ld + (lane / 16) * 8) * 2);
 }
+__device__ __forceinline__ uint32_t bn_lane(int ld) {
+  const int lane = threadIdx.x % 32;
+  return uint32_t(((lane % 8 + (lane / 16) * 8) * ld + ((lane / 8) % 2) * 8) * 2);
+}
+__device__ __forceinline__ uint32_t bk_lane(int ld) { return a_lane(ld); }
+
 // The A fragment over columns 16 kc .. 16 kc + 15 of a warp's 16 x 64 accumulator tile (8 n-tiles of 4).
 __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&c)[8][4], int kc) {
   a[0] = pack_bf16(c[2 * kc][0], c[2 * kc][1]);
@@ -171,35 +173,68 @@ __device__ __forceinline__ void zero(float (&c)[N][4]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.f;
 }
-// c (16 x 64) += rows m0.. of A (row-major, ld_a) times the tile B^T, B's rows the n index (ld_b), inner dim K.
+// The A fragments of a warp's 16 rows (from row m0) over K columns of a shared tile, loaded once and kept in
+// registers (the operand that stays while the other streams).
 template <int K>
-__device__ __forceinline__ void mma_abt(float (&c)[8][4], const bf16* A, int ld_a, int m0, const bf16* Bn, int ld_b) {
+__device__ __forceinline__ void load_a_rows(uint32_t (&a)[K / 16][4], const bf16* A, int ld, int m0) {
+  const uint32_t base = smem_addr(A + m0 * ld) + a_lane(ld);
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) ldsm_x4(a[kk], base + kk * 32);
+}
+// c (16 x 64) += A (16 x K, fragments in registers) times the 64-row tile B^T (B's rows the n index, ld_b).
+template <int K>
+__device__ __forceinline__ void mma_abt(float (&c)[8][4], const uint32_t (&a)[K / 16][4], const bf16* Bn, int ld_b) {
+  const uint32_t base = smem_addr(Bn) + bn_lane(ld_b);
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk)
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+      uint32_t b[4];
+      ldsm_x4(b, base + (np * 16 * ld_b + kk * 16) * 2);
+      mma(c[2 * np], a[kk], b[0], b[1]);
+      mma(c[2 * np + 1], a[kk], b[2], b[3]);
+    }
+}
+// The same with A's fragments read from shared memory (rows m0.. of a row-major tile, ld_a) as they are used.
+template <int K>
+__device__ __forceinline__ void mma_abt_s(float (&c)[8][4], const bf16* A, int ld_a, int m0, const bf16* Bn,
+                                          int ld_b) {
+  const uint32_t abase = smem_addr(A + m0 * ld_a) + a_lane(ld_a), base = smem_addr(Bn) + bn_lane(ld_b);
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) {
-    uint32_t fa[4];
-    load_a(fa, A, ld_a, m0, kk * 16);
+    uint32_t a[4];
+    ldsm_x4(a, abase + kk * 32);
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      uint32_t b0, b1;
-      load_b(b0, b1, Bn, ld_b, nt * 8, kk * 16);
-      mma(c[nt], fa, b0, b1);
+    for (int np = 0; np < 4; ++np) {
+      uint32_t b[4];
+      ldsm_x4(b, base + (np * 16 * ld_b + kk * 16) * 2);
+      mma(c[2 * np], a, b[0], b[1]);
+      mma(c[2 * np + 1], a, b[2], b[3]);
     }
   }
 }
 // c (16 x NW) += P (16 x 64, accumulator layout) times the tile B (64 rows = k, NW columns), B row length ld_b.
 template <int NW>
 __device__ __forceinline__ void mma_pb(float (&c)[NW / 8][4], const float (&p)[8][4], const bf16* Bk, int ld_b) {
+  const uint32_t base = smem_addr(Bk) + bk_lane(ld_b);
 #pragma unroll
   for (int kc = 0; kc < 4; ++kc) {
     uint32_t fa[4];
     acc_to_a(fa, p, kc);
 #pragma unroll
-    for (int nt = 0; nt < NW / 8; ++nt) {
-      uint32_t b0, b1;
-      load_b_trans(b0, b1, Bk, ld_b, nt * 8, kc * 16);
-      mma(c[nt], fa, b0, b1);
+    for (int np = 0; np < NW / 16; ++np) {
+      uint32_t b[4];
+      ldsm_x4_trans(b, base + (kc * 16 * ld_b + np * 16) * 2);
+      mma(c[2 * np], fa, b[0], b[1]);
+      mma(c[2 * np + 1], fa, b[2], b[3]);
     }
   }
+}
+// 2^x by the special-function unit (ex2.approx, relative error ~2^-22, subnormal results flushed to 0; 2^-inf = 0).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 
 // ---- forward: one block per (query tile, head, sequence) -------------------------------------------
@@ -222,9 +257,11 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(float* y, f
   load_tile<DVP>(V0, vb, 0, a.T);
   cp_async_commit();
   const int row0 = q0 + warp * 16 + g, row1 = row0 + 8;  // this thread's two rows
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  const float sc = a.scale_log2;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // m: the running maximum of s2 = sc * (q . k)
   float o[DVP / 8][4];
   zero(o);
+  uint32_t qf[SP / 16][4];  // this warp's 16 query rows as A fragments, loaded with the first tile
   for (int kt = 0; kt <= qt; ++kt) {
     const int k0 = kt * kTile, cur = kt & 1;
     const bf16* Kc = K0 + cur * kTile * LDQ;
@@ -238,35 +275,43 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(float* y, f
       cp_async_wait<0>();
     }
     __syncthreads();
+    if (kt == 0) load_a_rows<SP>(qf, Qs, LDQ, warp * 16);
     float s[8][4];
     zero(s);
-    mma_abt<SP>(s, Qs, LDQ, warp * 16, Kc, LDQ);
-    // scale to base 2, mask the future and the keys past T, running maximum of each row
+    mma_abt<SP>(s, qf, Kc, LDQ);
+    // Only the diagonal tile holds keys after a row (and keys past T, which come after every row < T): mask it.
+    if (kt == qt) {
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = k0 + nt * 8 + 2 * t4 + (e & 1), row = e < 2 ? row0 : row1;
+          if (key > row || key >= a.T) s[nt][e] = -INFINITY;
+        }
+    }
+    // running maximum of each row (of the unscaled scores: sc > 0), then p = 2^(sc s - m) as one fma and ex2
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = k0 + nt * 8 + 2 * t4 + (e & 1), row = e < 2 ? row0 : row1;
-        const float v = (key > row || key >= a.T) ? -INFINITY : s[nt][e] * a.scale_log2;
-        s[nt][e] = v;
-        mx[e / 2] = fmaxf(mx[e / 2], v);
-      }
-    float alpha[2];
+    for (int nt = 0; nt < 8; ++nt) {
+      mx[0] = fmaxf(mx[0], fmaxf(s[nt][0], s[nt][1]));
+      mx[1] = fmaxf(mx[1], fmaxf(s[nt][2], s[nt][3]));
+    }
+    float alpha[2], neg_m[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
       mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-      const float m_new = fmaxf(m[i], mx[i]);  // finite: key 0 is in every row's past, and tile 0 comes first
-      alpha[i] = exp2f(m[i] - m_new);           // 0 on the first tile (m = -inf)
+      const float m_new = fmaxf(m[i], mx[i] * sc);  // finite: key 0 is in every row's past, and tile 0 comes first
+      alpha[i] = fast_exp2(m[i] - m_new);            // 0 on the first tile (m = -inf)
       m[i] = m_new;
+      neg_m[i] = -m_new;
       l[i] *= alpha[i];
     }
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float p = exp2f(s[nt][e] - m[e / 2]);
+        const float p = fast_exp2(fmaf(s[nt][e], sc, neg_m[e / 2]));  // masked: 2^-inf = 0
         s[nt][e] = p;
         l[e / 2] += p;  // this thread's share of the row sum; the quad's are added at the end
       }
@@ -300,16 +345,24 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(float* y, f
 
 // ---- backward ---------------------------------------------------------------------------------------
 
-// Dsum (B, H, T): sum_j dy y of each row (the softmax backward's row term). One warp per (b, t, h).
-__global__ void attention_row_dot_kernel(float* dsum, const float* dy, const float* y, int B, int T, int H, int Dv) {
+// dy packed as bf16 rows of W like the other operands (row ((b H + h) T + t)), and Dsum (B, H, T) = sum_j dy y of
+// each row (the softmax backward's row term) from the same read of dy. One warp per (b, t, h).
+__global__ void pack_dy_kernel(bf16* dst, float* dsum, const float* dy, const float* y, int B, int T, int H, int Dv,
+                               int W) {
   const size_t w = (size_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (w >= size_t(B) * T * H) return;
   const int h = int(w % H), bt = int(w / H), b = bt / T, t = bt % T;
   const float* p = dy + w * Dv;
   const float* q = y + w * Dv;
+  bf16* out = dst + ((size_t(b) * H + h) * T + t) * W;
   float acc = 0.f;
-  for (int j = lane; j < Dv; j += 32) acc += p[j] * q[j];
+  for (int j = 2 * lane; j < W; j += 64) {
+    const float d0 = j < Dv ? p[j] : 0.f, d1 = j + 1 < Dv ? p[j + 1] : 0.f;
+    if (j < Dv) acc = fmaf(d0, q[j], acc);
+    if (j + 1 < Dv) acc = fmaf(d1, q[j + 1], acc);
+    *reinterpret_cast<uint32_t*>(out + j) = pack_bf16(d0, d1);
+  }
   acc = warp_sum(acc);
   if (lane == 0) dsum[(size_t(b) * H + h) * T + t] = acc;
 }
@@ -369,18 +422,20 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(float* dkv, fl
     zero(dp);
     const bf16* Qc = Q0 + cur * kTile * LDQ;
     const bf16* dOc = dO0 + cur * kTile * LDV;
-    mma_abt<SP>(p, Ks, LDQ, warp * 16, Qc, LDQ);
-    mma_abt<DVP>(dp, Vs, LDV, warp * 16, dOc, LDV);
-    // P^T = 2^(s2 - lse) where query >= key (and both < T), else 0;  dS^T = P^T (dP^T - Dsum)
+    mma_abt_s<SP>(p, Ks, LDQ, warp * 16, Qc, LDQ);
+    mma_abt_s<DVP>(dp, Vs, LDV, warp * 16, dOc, LDV);
+    // P^T = 2^(s2 - lse) where query >= key (and both < T), else 0;  dS^T = P^T (dP^T - Dsum). Masks are needed
+    // on the diagonal tile and on a query tile that runs past T (its rows are zeros with lse = 0).
     const float* ls = lse_s + cur * kTile;
     const float* ds = dsum_s + cur * kTile;
+    const bool edge = qt == kt || q0 + kTile > a.T;
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int ql = nt * 8 + 2 * t4 + (e & 1), query = q0 + ql, key = e < 2 ? key0 : key1;
-        const bool live = query >= key && query < a.T && key < a.T;
-        const float pv = live ? exp2f(p[nt][e] * a.scale_log2 - ls[ql]) : 0.f;
+        float pv = fast_exp2(fmaf(p[nt][e], a.scale_log2, -ls[ql]));
+        if (edge && !(query >= key && query < a.T && key < a.T)) pv = 0.f;
         p[nt][e] = pv;
         dp[nt][e] = pv * (dp[nt][e] - ds[ql]);
       }
@@ -456,15 +511,17 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(float* dq, const
     float p[8][4], dp[8][4];
     zero(p);
     zero(dp);
-    mma_abt<SP>(p, Qs, LDQ, warp * 16, Kc, LDQ);
-    mma_abt<DVP>(dp, dOs, LDV, warp * 16, Vc, LDV);
+    mma_abt_s<SP>(p, Qs, LDQ, warp * 16, Kc, LDQ);
+    mma_abt_s<DVP>(dp, dOs, LDV, warp * 16, Vc, LDV);
+    // Only the diagonal tile holds keys after a row (and keys past T); rows past T are not stored.
+    const bool diag = kt == qt;
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int key = k0 + nt * 8 + 2 * t4 + (e & 1), i = e / 2;
-        const bool live = key <= rows[i] && key < a.T && rows[i] < a.T;
-        const float pv = live ? exp2f(p[nt][e] * a.scale_log2 - row_lse[i]) : 0.f;
+        float pv = fast_exp2(fmaf(p[nt][e], a.scale_log2, -row_lse[i]));
+        if (diag && (key > rows[i] || key >= a.T)) pv = 0.f;
         dp[nt][e] = pv * (dp[nt][e] - row_dsum[i]);
       }
     mma_pb<SP>(acc, dp, Kc, LDQ);
@@ -499,17 +556,16 @@ Heads heads_of(const float* q, const float* kv, const float* k_pe, const float* 
   return {q, kv, k_pe, dy, B, seq, c.n_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim};
 }
 
-// The bf16 packs of one call (stream-ordered scratch).
+// The bf16 packs of one call (stream-ordered scratch): q, k, v here; the backward's dy by pack_dy_kernel.
 struct Packs {
   ScratchBuffer<bf16> q, k, v, dy;
   Packed view;
   Packs(const Heads& h, const MlaConfig& c, int SP, int DVP, bool backward)
       : q(size_t(h.B) * h.H * h.T * SP), k(q.size()), v(size_t(h.B) * h.H * h.T * DVP),
         dy(backward ? v.size() : 0) {
-    const int which_n = backward ? 4 : 3;
-    bf16* dst[4] = {q.get(), k.get(), v.get(), dy.get()};
-    const int width[4] = {SP, SP, DVP, DVP};
-    for (int w = 0; w < which_n; ++w) {
+    bf16* dst[3] = {q.get(), k.get(), v.get()};
+    const int width[3] = {SP, SP, DVP};
+    for (int w = 0; w < 3; ++w) {
       const size_t n = size_t(h.B) * h.H * h.T * (width[w] / 8);
       pack_kernel<<<blocks_for(n, 256), 256>>>(dst[w], h, w, width[w]);
       CUDA_CHECK_LAST();
@@ -549,9 +605,12 @@ void forward_t(float* y, float* lse, const Heads& h, const MlaConfig& c) {
 }
 
 template <int SP, int DVP>
-void backward_t(float* dq, float* dkv, float* dk_pe_h, const float* lse, const float* dsum, const Heads& h,
+void backward_t(float* dq, float* dkv, float* dk_pe_h, const float* lse, float* dsum, const float* y, const Heads& h,
                 const MlaConfig& c) {
-  const Packs p(h, c, SP, DVP, true);
+  Packs p(h, c, SP, DVP, true);
+  const size_t rows = size_t(h.B) * h.T * h.H;
+  pack_dy_kernel<<<blocks_for(rows * 32, 256), 256>>>(p.dy.get(), dsum, h.dy, y, h.B, h.T, h.H, h.Dv, DVP);
+  CUDA_CHECK_LAST();
   const dim3 grid((h.T + kTile - 1) / kTile, h.H, h.B);
   allow_smem(attention_dkdv_kernel<SP, DVP>, dkdv_smem<SP, DVP>());
   attention_dkdv_kernel<SP, DVP><<<grid, kThreads, dkdv_smem<SP, DVP>()>>>(dkv, dk_pe_h, lse, dsum, p.view);
@@ -592,15 +651,13 @@ void fused_attention_backward(float* dq, float* dkv, float* dk_pe, const float* 
                               const float* q, const float* kv, const float* k_pe, const MlaConfig& c, int B, int seq) {
   require(B > 0 && seq > 0, "fused attention: B and T must be positive, got B={} T={}", B, seq);
   const Heads h = heads_of(q, kv, k_pe, dy, c, B, seq);
-  const int H = c.n_heads, Dr = c.qk_rope_head_dim, Dv = c.v_head_dim;
+  const int H = c.n_heads, Dr = c.qk_rope_head_dim;
   const size_t N = size_t(B) * seq;
   ScratchBuffer<float> dsum(N * H), dk_pe_h(N * H * Dr);
-  attention_row_dot_kernel<<<blocks_for(N * H * 32, 256), 256>>>(dsum.get(), dy, y, B, seq, H, Dv);
-  CUDA_CHECK_LAST();
   switch (dims_of(c)) {
-    case Dims::D32: backward_t<32, 32>(dq, dkv, dk_pe_h.get(), lse, dsum.get(), h, c); break;
-    case Dims::D64: backward_t<64, 64>(dq, dkv, dk_pe_h.get(), lse, dsum.get(), h, c); break;
-    case Dims::D96: backward_t<96, 64>(dq, dkv, dk_pe_h.get(), lse, dsum.get(), h, c); break;
+    case Dims::D32: backward_t<32, 32>(dq, dkv, dk_pe_h.get(), lse, dsum.get(), y, h, c); break;
+    case Dims::D64: backward_t<64, 64>(dq, dkv, dk_pe_h.get(), lse, dsum.get(), y, h, c); break;
+    case Dims::D96: backward_t<96, 64>(dq, dkv, dk_pe_h.get(), lse, dsum.get(), y, h, c); break;
   }
   sum_heads_kernel<<<blocks_for(N * Dr, 256), 256>>>(dk_pe, dk_pe_h.get(), N, H, Dr);
   CUDA_CHECK_LAST();

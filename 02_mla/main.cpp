@@ -335,7 +335,7 @@ void write_decode_times(const std::string& dir, uint64_t seed, int max_ctx) {
 // "small" preset's heads (H = 8, S = 96, Dv = 64) and B*T = 16384 tokens for T = 128 .. 2048, bf16 products.
 // Useful work counts the causal half: forward 2 B H T(T+1)/2 (S + Dv) FLOPs (the two products), backward 2.5 times
 // that (five products; the recomputed scores are not counted). Writes attention_time.csv; needs a GPU.
-void write_attention_times(const std::string& dir, uint64_t seed) {
+void write_attention_times(const std::string& dir, uint64_t seed, int only_T) {
 #ifdef DSV3_HAVE_CUDA
   if (!gpu_available()) return;
   MlaConfig c = small_preset();
@@ -344,8 +344,10 @@ void write_attention_times(const std::string& dir, uint64_t seed) {
   CsvWriter csv(dir + "/attention_time.csv", {"T", "B", "materialized_fwd_ms", "materialized_bwd_ms", "fused_fwd_ms",
                                               "fused_bwd_ms", "materialized_tflops", "fused_tflops"});
   Table t({"T", "B", "materialised fwd ms", "bwd ms", "TFLOP/s", "fused fwd ms", "bwd ms", "TFLOP/s", "speed-up"});
+  keep_freed_scratch();  // as the trainer does: otherwise every call maps its scratch (the packs) again
   Rng rng(seed);
   for (int T = 128; T <= 2048; T *= 2) {
+    if (only_T > 0 && T != only_T) continue;
     const int B = 16384 / T;
     const size_t N = size_t(B) * T;
     DeviceBuffer<float> q(rng.normal_vec<float>(N * H * S)), kv(rng.normal_vec<float>(N * H * KS)),
@@ -376,6 +378,7 @@ void write_attention_times(const std::string& dir, uint64_t seed) {
 #else
   (void)dir;
   (void)seed;
+  (void)only_T;
 #endif
 }
 
@@ -390,12 +393,15 @@ int main(int argc, char** argv) {
   bool attention_only = false;
   app.add_flag("--attention-bench", attention_only, "time the attention alone (materialised vs fused, a GPU needed), "
                "write attention_time.csv and stop");
+  int attention_seq = 0;
+  app.add_option("--attention-seq", attention_seq, "with --attention-bench: time only this sequence length (128, 256, "
+                 "512, 1024 or 2048; e.g. under a profiler)")->check(CLI::IsMember({128, 256, 512, 1024, 2048}));
   return run_main(app, argc, argv, [&] {
     std::cout << fmt::format("{}\nseed {}; device: {}\n", command_line(argc, argv), opt.seed, gpu_description());
     if (attention_only) {
       require(gpu_available(), "--attention-bench needs a GPU: {}", gpu_description());
       ensure_dir(opt.out);
-      write_attention_times(opt.out, opt.seed);
+      write_attention_times(opt.out, opt.seed, attention_seq);
       return 0;
     }
     Checker check;
@@ -422,7 +428,7 @@ int main(int argc, char** argv) {
     print_cache_table(opt.out);
     write_attention(opt.out, opt.seed);
     write_decode_times(opt.out, opt.seed, max_ctx);
-    write_attention_times(opt.out, opt.seed);
+    write_attention_times(opt.out, opt.seed, 0);
     render_plots(DSV3_STAGE_DIR "/plots.gp", opt.out);
     return check.failures ? 1 : 0;
   });

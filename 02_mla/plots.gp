@@ -94,15 +94,23 @@ if (system("test -f ".outdir."/attention_time.csv && echo 1") eq "1") {
   set logscale xy
   set xrange [100:3000]
   set key top left
+  # PyTorch's SDPA on cuDNN at the same shapes, when 02_mla/torch_sdpa_bench.py --csv wrote it beside ours
+  sdpa_file = outdir."/torch_sdpa.csv"
+  has_sdpa = system("test -f ".sdpa_file." && echo 1") eq "1"
+  sdpa = "< awk -F, '$2 == \"cudnn\"' ".sdpa_file  # its cuDNN rows only
   plot outdir."/attention_time.csv" using 1:($3+$4) with linespoints lw 2 title "materialised (version 1)", \
-       "" using 1:($5+$6) with linespoints lw 2 title "fused"
+       "" using 1:($5+$6) with linespoints lw 2 title "fused (ours)", \
+       for [i=1:has_sdpa] sdpa using 1:($3+$4) with linespoints lw 2 dt 2 \
+         title "PyTorch SDPA, cuDNN (no packing pass)"
   set title "useful (causal) TFLOP/s"
   set ylabel "TFLOP/s"
   unset logscale y
   set logscale x
   set yrange [0:*]
   plot outdir."/attention_time.csv" using 1:7 with linespoints lw 2 title "materialised (version 1)", \
-       "" using 1:8 with linespoints lw 2 title "fused"
+       "" using 1:8 with linespoints lw 2 title "fused (ours)", \
+       for [i=1:has_sdpa] sdpa using 1:5 with linespoints lw 2 dt 2 \
+         title "PyTorch SDPA, cuDNN (no packing pass)"
   unset multiplot
   unset logscale xy
   set xrange [*:*]

@@ -202,8 +202,7 @@ void ffn_backward(float* dW1, float* dW2, float* dW3, float* dx, const float* dy
   launch_swiglu(s.a, h1, h3, n);
   gemm(Op::N, Op::N, rows, F, D, 1.f, dy, W2, 0.f, s.da, math);   // da = dy W2
   gemm(Op::T, Op::N, D, F, rows, 1.f, dy, s.a, 1.f, dW2, math);   // dW2 += dy^T a
-  swiglu_backward_kernel<<<blocks_for(n, kThreads), kThreads>>>(s.dh1, s.dh3, s.da, h1, h3, n);
-  CUDA_CHECK_LAST();
+  launch_swiglu_backward(s.dh1, s.dh3, s.da, h1, h3, n);
   gemm(Op::T, Op::N, F, D, rows, 1.f, s.dh1, x, 1.f, dW1, math);
   gemm(Op::T, Op::N, F, D, rows, 1.f, s.dh3, x, 1.f, dW3, math);
   gemm(Op::N, Op::N, rows, D, F, 1.f, s.dh1, W1, 0.f, dx, math);
@@ -264,8 +263,7 @@ void routed_ffn_backward(const MoeGrads<float>& grads, float* dxp, const float* 
   g.upload();
   launch_swiglu(s.a, h1, h3, n);
   g.run(ida, math);
-  swiglu_backward_kernel<<<blocks_for(n, kThreads), kThreads>>>(s.dh1, s.dh3, s.da, h1, h3, n);
-  CUDA_CHECK_LAST();
+  launch_swiglu_backward(s.dh1, s.dh3, s.da, h1, h3, n);
   // The weight gradients (small outputs, long inner dimension = the expert's token count) run as one cuBLAS
   // GEMM per expert, four streams side by side, overlapping the input-gradient products below: cuBLAS picks
   // split-K kernels for that shape, which its grouped call does not (measured on an H100, small preset: 6.5 ms

@@ -88,8 +88,7 @@ void routed_ffn_backward_segmented(const MoeGrads<float>& grads, float* dw, floa
   launch_swiglu(ab.get(), sv.h1, sv.h3, nf);
   const int* off = sv.offsets;
   segmented_gemm_rows(Op::N, 1.f, 0.f, {{0, F, D, bits(deo.get()), D, w2, F, da.get(), F, FD, 0}}, off, E, NK);
-  swiglu_backward_kernel<<<blocks_for(nf, kThreads), kThreads>>>(dh1.get(), dh3.get(), da.get(), sv.h1, sv.h3, nf);
-  CUDA_CHECK_LAST();
+  launch_swiglu_backward(dh1.get(), dh3.get(), da.get(), sv.h1, sv.h3, nf);
   segmented_gemm_tn(1.f, 1.f,
                     {{D, F, 0, bits(deo.get()), D, bits(ab.get()), F, grads.w2, F, 0, FD},   // dW2 += dy^T a
                      {F, D, 0, bits(dh1.get()), F, bits(xb.get()), D, grads.w1, D, 0, FD},   // dW1 += dh1^T x

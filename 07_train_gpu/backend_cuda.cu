@@ -132,10 +132,7 @@ class CudaBackend final : public Backend {
       : host_(c, seed), dev_(host_, opt), slots_(dev_.slots()) {
     // Keep freed scratch memory in the stream-ordered pool across steps instead of returning it at every
     // synchronisation (the default), so the per-step scratch allocations cost nothing after the first step.
-    cudaMemPool_t pool;
-    CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, 0));
-    uint64_t keep = std::numeric_limits<uint64_t>::max();
-    CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
+    keep_freed_scratch();
     std::vector<SlotDesc> table;
     for (const auto& s : slots_) {
       moments_.emplace_back(s.n);

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <utility>
 #include <vector>
 
@@ -112,7 +113,16 @@ class DeviceBuffer {
 };
 
 // Stream-ordered scratch memory on the default stream (cudaMallocAsync): freeing it does not synchronise
-// the device, so kernels can use temporary workspace without stalling the host.
+// the device, so kernels can use temporary workspace without stalling the host. By default the pool hands its
+// free memory back to the system at every synchronisation, and the next allocation maps it again (tens of us for
+// tens of MB, on the stream's timeline); keep_freed_scratch() makes the pool keep it, as a trainer or a benchmark
+// that allocates the same scratch every step wants.
+inline void keep_freed_scratch() {
+  cudaMemPool_t pool;
+  CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, 0));
+  uint64_t keep = ~uint64_t{0};
+  CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
+}
 template <typename T>
 class ScratchBuffer {
  public:

@@ -303,16 +303,41 @@ void segmented_gemm_tn(float alpha, float beta, const std::vector<SegmentGemm>& 
 }
 
 namespace {
+// Version 1: one element a thread (4 bytes in, 2 out: about 0.4-0.8 TB/s measured on an H200). Kept for the
+// unaligned case and the tail.
 __global__ void to_bf16_kernel(bf16* dst, const float* src, size_t n) {
   const size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) dst[i] = __float2bfloat16_rn(src[i]);
+}
+// Eight elements a thread: two 16-byte loads, one 16-byte store (the same rounding, bit for bit).
+__global__ void to_bf16_x8_kernel(uint4* dst, const float4* src, size_t n8) {
+  const size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n8) return;
+  const float4 a = src[2 * i], b = src[2 * i + 1];
+  const __nv_bfloat162 p0 = __floats2bfloat162_rn(a.x, a.y), p1 = __floats2bfloat162_rn(a.z, a.w),
+                       p2 = __floats2bfloat162_rn(b.x, b.y), p3 = __floats2bfloat162_rn(b.z, b.w);
+  dst[i] = make_uint4(*reinterpret_cast<const unsigned*>(&p0), *reinterpret_cast<const unsigned*>(&p1),
+                      *reinterpret_cast<const unsigned*>(&p2), *reinterpret_cast<const unsigned*>(&p3));
 }
 }  // namespace
 
 void to_bf16(uint16_t* dst, const float* src, size_t n) {
   if (n == 0) return;
-  to_bf16_kernel<<<blocks_for(n, kThreads), kThreads>>>(reinterpret_cast<bf16*>(dst), src, n);
-  CUDA_CHECK_LAST();
+  size_t done = 0;
+  if (reinterpret_cast<uintptr_t>(dst) % 16 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
+    const size_t n8 = n / 8;
+    if (n8) {
+      to_bf16_x8_kernel<<<blocks_for(n8, kThreads), kThreads>>>(reinterpret_cast<uint4*>(dst),
+                                                                 reinterpret_cast<const float4*>(src), n8);
+      CUDA_CHECK_LAST();
+    }
+    done = 8 * n8;
+  }
+  if (done < n) {
+    to_bf16_kernel<<<blocks_for(n - done, kThreads), kThreads>>>(reinterpret_cast<bf16*>(dst) + done, src + done,
+                                                                  n - done);
+    CUDA_CHECK_LAST();
+  }
 }
 
 }  // namespace dsv3::cuda

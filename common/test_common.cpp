@@ -441,6 +441,35 @@ Bf16Operand bf16_operand(const std::vector<float>& v) {
 const std::vector<int> kSegOffsets = {0, 0, 5, 6, 6, 135, 400, 417, 417};
 }  // namespace
 
+// to_bf16 (eight elements a thread where both pointers are 16-byte aligned, one a thread for the tail and for
+// unaligned pointers) rounds every element as the host's float_to_bf16 does, bit for bit: ties to even, infinities
+// and NaN kept, each length and offset covering the vector body, the tail and the fallback.
+TEST(CudaSegmentGemm, ToBf16RoundsAsTheHostBitForBit) {
+  DSV3_REQUIRE_GPU();
+  Rng rng(11);
+  std::vector<float> x = rng.normal_vec<float>(1000);
+  for (size_t i = 0; i < x.size(); i += 7) x[i] = 1.0f + std::ldexp(1.0f, -8) * float(i % 4);  // halfway cases
+  x[3] = INFINITY;
+  x[5] = -INFINITY;
+  x[9] = NAN;
+  x[12] = 0.0f;
+  x[13] = -0.0f;
+  const DeviceBuffer<float> src(x);
+  for (size_t offset : {size_t{0}, size_t{1}, size_t{4}, size_t{8}})
+    for (size_t n : {size_t{1}, size_t{7}, size_t{8}, size_t{9}, size_t{64}, size_t{991}}) {
+      DeviceBuffer<uint16_t> dst(n);
+      cuda::to_bf16(dst.get(), src.get() + offset, n);
+      const std::vector<uint16_t> got = dst.download();
+      for (size_t i = 0; i < n; ++i) {
+        const uint16_t want = float_to_bf16(x[offset + i]);
+        if (std::isnan(x[offset + i]))
+          EXPECT_TRUE(std::isnan(bf16_to_float(got[i]))) << "offset " << offset << " n " << n << " i " << i;
+        else
+          ASSERT_EQ(got[i], want) << "offset " << offset << " n " << n << " i " << i << " x " << x[offset + i];
+      }
+    }
+}
+
 TEST(CudaSegmentGemm, RowsMatchCpuForBothLayouts) {
   DSV3_REQUIRE_GPU();
   const int S = static_cast<int>(kSegOffsets.size()) - 1, rows = kSegOffsets.back(), N = 136, K = 40;
