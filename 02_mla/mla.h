@@ -219,6 +219,16 @@ void mla_decode_step_absorbed(float* out, const MlaCache<float>& cache, const fl
 // (rows past the cache are skipped, never written out of bounds); max_len must not exceed the RoPE table.
 void mla_decode_chunk_absorbed(float* out, const MlaCache<float>& cache, const float* inp, const MlaWeights<float>& w,
                                const MlaConfig& c, int B, int n, const int* pos0, const MlaRope<float>& rope);
+// Version 2, the GPU sampler's fused step: x (B, n, D) += MLA(rmsnorm(x) * in_norm), i.e. the block's attention norm
+// (eps in_eps) and residual add taken in, in four launches ([wq_a | wkv_a] with the norm; q_norm with wq_b; the
+// attention with kv_norm, RoPE and the cache append; wo with the add) and no allocation: `workspace` holds
+// mla_decode_workspace_floats(c, B*n) device floats. Bitwise what rmsnorm_rows, version 1 and the add give, so all
+// of version 1's properties (chunk and batch invariance, the device position) hold. The chunk's rows live in the
+// attention's shared memory: n (Dc + Dr) floats beside version 1's (UserError when the device cannot give them).
+size_t mla_decode_workspace_floats(const MlaConfig& c, int rows);
+void mla_decode_chunk_absorbed_fused(float* x, const MlaCache<float>& cache, const float* in_norm, float in_eps,
+                                     const MlaWeights<float>& w, const MlaConfig& c, int B, int n, const int* pos0,
+                                     const MlaRope<float>& rope, float* workspace);
 
 // The causal attention of the training form on its own, both versions (mla_forward / mla_backward run the fused
 // one when c.fused_attention(), else the materialised one; the micro-benchmark times them side by side).

@@ -577,6 +577,74 @@ TEST_P(CudaMlaDecode, ChunkAbsorbedMatchesCpuAndIsChunkAndBatchInvariant) {
       << "sequence 1 of a batch must be bitwise sequence 1 decoded alone";
 }
 
+// Version 2 (cuda::mla_decode_chunk_absorbed_fused): x += MLA(rmsnorm(x) g) against the CPU chunk decode of the
+// normalised rows plus x, with version 1's bitwise chunk and batch invariance. The cache rows it appends (computed in
+// the attention's shared memory) are read back by every later chunk, so a wrong append shows in the outputs. Its
+// bitwise equality with version 1 is checked end to end by stage 07 (CudaSamplerPaths).
+TEST_P(CudaMlaDecode, FusedMatchesCpuAndIsChunkAndBatchInvariant) {
+  DSV3_REQUIRE_GPU();
+  const CudaCase k{"fused", GetParam(), 4, 3, 23, 0};
+  Problem<float> pb(cuda_config(k), k.B, k.T, 221);
+  const auto rope = pb.rope();
+  const int Lmax = k.T + 2, Dc = pb.c.kv_lora_rank, Dr = pb.c.qk_rope_head_dim, D = pb.c.dim;
+  const float eps = 1e-6f;
+  const std::vector<int> chunks = {1, 2, 3, 1, 5, 2, 2, 7};  // sums to T = 23
+  Rng rng(222);
+  const std::vector<float> g = rng.normal_vec<float>(size_t(D));
+  // CPU reference: x + MLA(x * rstd * g), each sequence alone with the same chunk schedule
+  std::vector<float> xn(pb.x.size()), want(pb.x.size());
+  for (size_t r = 0; r < size_t(k.B) * k.T; ++r) {
+    double ss = 0;
+    for (int j = 0; j < D; ++j) ss += double(pb.x[r * D + j]) * pb.x[r * D + j];
+    const double rstd = 1 / std::sqrt(ss / D + eps);
+    for (int j = 0; j < D; ++j) xn[r * D + j] = float(pb.x[r * D + j] * rstd * g[j]);
+  }
+  for (int b = 0; b < k.B; ++b) {
+    std::vector<float> ckv(size_t(Lmax) * Dc), kpe(size_t(Lmax) * Dr);
+    const MlaCache<float> cache{ckv.data(), kpe.data(), Lmax};
+    for (int at = 0, i = 0; at < k.T; at += chunks[i++]) {
+      const size_t off = (size_t(b) * k.T + at) * D;
+      cpu::mla_decode_chunk_absorbed(want.data() + off, cache, xn.data() + off, pb.p.weights(), pb.c, chunks[i], at,
+                                     rope);
+    }
+  }
+  for (size_t i = 0; i < want.size(); ++i) want[i] += pb.x[i];
+  MlaDeviceParams dw(pb.p);
+  const MlaDeviceRope drope(pb.tab);
+  const DeviceBuffer<float> dg(g);
+  auto gpu = [&](int b0, int nb, const std::vector<int>& sizes) {
+    DeviceBuffer<float> ckv(size_t(nb) * Lmax * Dc), kpe(size_t(nb) * Lmax * Dr);
+    DeviceBuffer<float> ws(cuda::mla_decode_workspace_floats(pb.c, nb * *std::max_element(sizes.begin(), sizes.end())));
+    DeviceBuffer<int> pos(1);
+    ckv.poison();  // positions not yet written must never be read
+    kpe.poison();
+    const MlaCache<float> cache{ckv.get(), kpe.get(), Lmax};
+    std::vector<float> got(size_t(nb) * k.T * D);
+    for (int at = 0, i = 0; at < k.T; at += sizes[i++]) {
+      const int n = sizes[i];
+      std::vector<float> xh(size_t(nb) * n * D);
+      for (int b = 0; b < nb; ++b)
+        std::copy_n(&pb.x[(size_t(b0 + b) * k.T + at) * D], size_t(n) * D, &xh[size_t(b) * n * D]);
+      DeviceBuffer<float> xt(xh);
+      ws.poison();
+      pos.upload({at});
+      cuda::mla_decode_chunk_absorbed_fused(xt.get(), cache, dg.get(), eps, dw.weights(), pb.c, nb, n, pos.get(),
+                                            drope.view(), ws.get());
+      const auto oh = xt.download();
+      for (int b = 0; b < nb; ++b)
+        std::copy_n(&oh[size_t(b) * n * D], size_t(n) * D, &got[(size_t(b) * k.T + at) * D]);
+    }
+    return got;
+  };
+  const auto chunked = gpu(0, k.B, chunks);
+  EXPECT_CLOSE(compare(chunked, want, kReductionTol), "cuda fused chunk decode vs cpu chunk decode");
+  const auto single = gpu(0, k.B, std::vector<int>(k.T, 1));
+  EXPECT_TRUE(chunked == single) << "a chunk must give bitwise the values of single steps";
+  const auto alone = gpu(1, 1, chunks);
+  EXPECT_TRUE(std::equal(alone.begin(), alone.end(), chunked.begin() + size_t(k.T) * D))
+      << "sequence 1 of a batch must be bitwise sequence 1 decoded alone";
+}
+
 TEST(CudaMlaErrors, RejectsPositionPastCache) {
   DSV3_REQUIRE_GPU();
   const CudaCase k{"err", 13, 2, 1, 1, 0};

@@ -271,6 +271,16 @@ void mlp_rows(float* out, const float* x, const MlpWeights<float>& w, const MlpC
               bool accumulate = false);
 void moe_rows(float* out, const float* x, const MoeWeights<float>& w, const MoeConfig& c, int n,
               bool accumulate = false);
+// Version 2, the GPU sampler's fused step: x (n, D) += FFN(rmsnorm(x) * in_norm) (the block's FFN norm, eps, and
+// residual add taken in): a dense MLP in two launches (up, down), the MoE in three (route, up, down with the combine);
+// no allocation: workspace holds *_workspace_floats(c, n) device floats (the MoE also n K ints in iworkspace).
+// Bitwise what rmsnorm_rows then version 1 with accumulate give.
+size_t mlp_rows_workspace_floats(const MlpConfig& c, int n);
+size_t moe_rows_workspace_floats(const MoeConfig& c, int n);
+void mlp_rows_fused(float* x, const float* in_norm, float eps, const MlpWeights<float>& w, const MlpConfig& c, int n,
+                    float* workspace);
+void moe_rows_fused(float* x, const float* in_norm, float eps, const MoeWeights<float>& w, const MoeConfig& c, int n,
+                    float* workspace, int* iworkspace);
 
 }  // namespace cuda
 }  // namespace dsv3

@@ -38,11 +38,17 @@ DSV3_HD inline int next_best(const T* v, int n, int stride, T prev_v, int prev_i
   return best;
 }
 
+// The sigmoid score of one logit (scores_from_logits' expression; the GPU's warp router takes it per lane).
+template <typename T>
+DSV3_HD inline T sigmoid_score(T logit) {
+  return T(1) / (T(1) + exp(-logit));
+}
+
 // s (E) = sigmoid(logits) or softmax(logits) over the E experts.
 template <typename T>
 DSV3_HD inline void scores_from_logits(T* s, const T* logits, int E, bool softmax) {
   if (!softmax) {
-    for (int e = 0; e < E; ++e) s[e] = T(1) / (T(1) + exp(-logits[e]));
+    for (int e = 0; e < E; ++e) s[e] = sigmoid_score(logits[e]);
     return;
   }
   T m = logits[0];

@@ -584,6 +584,48 @@ TEST_P(CudaMoeRows, MatchCpuRowsAndAreRowInvariant) {
     }
     EXPECT_TRUE(rows == got) << (moe ? "moe_rows" : "mlp_rows") << ": N rows at once differ from N single rows";
   }
+  // version 2 (moe_rows_fused / mlp_rows_fused): x += FFN(x * rstd * g) against the CPU rows of the normalised x,
+  // and the same bitwise row invariance (bitwise version 1: stage 07's CudaSamplerPaths, end to end)
+  const float eps = 1e-6f;
+  const std::vector<float> g = rng.normal_vec<float>(size_t(D));
+  std::vector<float> xn(x.size());
+  for (int t = 0; t < N; ++t) {
+    double ss = 0;
+    for (int j = 0; j < D; ++j) ss += double(x[size_t(t) * D + j]) * x[size_t(t) * D + j];
+    const double rstd = 1 / std::sqrt(ss / D + eps);
+    for (int j = 0; j < D; ++j) xn[size_t(t) * D + j] = float(x[size_t(t) * D + j] * rstd * g[j]);
+  }
+  std::vector<float> want_f(x.size()), want_fm(x.size());
+  cpu::moe_rows(want_f.data(), xn.data(), p.weights(), c, N, scratch);
+  cpu::mlp_rows(want_fm.data(), xn.data(), mw, mc, N, scratch);
+  for (size_t i = 0; i < x.size(); ++i) {
+    want_f[i] += x[i];
+    want_fm[i] += x[i];
+  }
+  const DeviceBuffer<float> dg(g);
+  DeviceBuffer<float> ws(std::max(cuda::moe_rows_workspace_floats(c, N), cuda::mlp_rows_workspace_floats(mc, N)));
+  DeviceBuffer<int> iws(size_t(N) * c.n_activated_experts);
+  for (bool moe : {true, false}) {
+    auto run = [&](DeviceBuffer<float>& xb, int n) {
+      ws.poison();
+      if (moe)
+        cuda::moe_rows_fused(xb.get(), dg.get(), eps, dp.weights(), c, n, ws.get(), iws.get());
+      else
+        cuda::mlp_rows_fused(xb.get(), dg.get(), eps, dmw, mc, n, ws.get());
+    };
+    DeviceBuffer<float> xb(x);
+    run(xb, N);
+    const std::vector<float> got = xb.download();
+    EXPECT_CLOSE(compare(got, moe ? want_f : want_fm, kReductionTol), moe ? "moe_rows_fused" : "mlp_rows_fused");
+    std::vector<float> rows;
+    for (int t = 0; t < N; ++t) {
+      DeviceBuffer<float> xr(std::vector<float>(x.begin() + size_t(t) * D, x.begin() + size_t(t + 1) * D));
+      run(xr, 1);
+      const auto r = xr.download();
+      rows.insert(rows.end(), r.begin(), r.end());
+    }
+    EXPECT_TRUE(rows == got) << (moe ? "moe_rows_fused" : "mlp_rows_fused") << ": N rows differ from N single rows";
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(

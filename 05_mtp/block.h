@@ -165,6 +165,16 @@ void block_backward(const BlockGrads<float>& grads, float* dinp, const float* do
 // cuda::mla_decode_chunk_absorbed and cuda::mlp_rows / moe_rows. Every row bitwise independent of n and B; fp32.
 void block_decode(float* x, const MlaCache<float>& cache, const BlockWeights<float>& w, const BlockConfig& c, int B,
                   int n, const int* pos0, const MlaRope<float>& rope);
+// Version 2, the GPU sampler's fused step (block_decode_cuda.cu): the same block through stage 02's and stage 03's
+// fused forms, 7 launches for a MoE block (6 dense) instead of 13 (11), and no allocation: workspace / iworkspace hold
+// block_decode_workspace_size(c, B*n) device floats / ints (one workspace serves every layer in turn). Bitwise
+// version 1's values (test: stage 07's CudaSamplerPaths, through the whole model against version 1).
+struct BlockDecodeWorkspaceSize {
+  size_t floats = 0, ints = 0;
+};
+BlockDecodeWorkspaceSize block_decode_workspace_size(const BlockConfig& c, int rows);
+void block_decode_fused(float* x, const MlaCache<float>& cache, const BlockWeights<float>& w, const BlockConfig& c,
+                        int B, int n, const int* pos0, const MlaRope<float>& rope, float* workspace, int* iworkspace);
 
 }  // namespace cuda
 }  // namespace dsv3

@@ -404,7 +404,7 @@ int stopped_by_signal(const std::string& run) {
 }
 
 struct SampleArgs {
-  std::string checkpoint, tokenizer, prompt_file, device = "auto";
+  std::string checkpoint, tokenizer, prompt_file, device = "auto", gpu_decode = "full";
   std::vector<std::string> prompts;  // --prompt; none: prompt_file, interactive, or kPrompts
   SampleOptions opt;
   int num_samples = 1;
@@ -430,19 +430,26 @@ SampleTokenizer tokenizer_for(const SampleArgs& a, const Model<float>& model) {
 // prompt replays them.
 class Samplers {
  public:
-  Samplers(const Model<float>& m, bool gpu, int num_samples, bool speculative)
+  // path: the GPU decoder's (--gpu-decode: v1, fused or full; sampler_gpu.h).
+  Samplers(const Model<float>& m, bool gpu, int num_samples, bool speculative, const std::string& path)
       : model_(m), gpu_(gpu), n_(num_samples) {
 #ifdef DSV3_HAVE_CUDA
     if (!gpu_) return;
-    batch_ = std::make_unique<GpuDecoder>(m, n_);
-    if (n_ > 1 && speculative) one_ = std::make_unique<GpuDecoder>(m, 1);
+    const GpuDecodePath p = parse_gpu_decode_path(path);
+    batch_ = std::make_unique<GpuDecoder>(m, n_, true, p);
+    if (n_ > 1 && speculative) one_ = std::make_unique<GpuDecoder>(m, 1, true, p);
     const int V = m.config().vocab_size, P = m.config().max_position_embeddings;
-    SampleOptions w;
-    w.max_new_tokens = 8;
-    decode_samples(*batch_, V, P, {0}, w, -1, false);
-    if (speculative) decode_samples(single(), V, P, {0}, w, -1, true);
+    for (double temperature : {0.8, 0.0}) {  // both sampling modes' graphs (greedy ones differ on the path full)
+      SampleOptions w;
+      w.max_new_tokens = 8;
+      w.temperature = temperature;
+      decode_samples(*batch_, V, P, {0}, w, -1, false);
+      if (speculative) decode_samples(single(), V, P, {0}, w, -1, true);
+    }
+    single().reset_timing();
 #else
     (void)speculative;
+    (void)path;
 #endif
   }
   bool gpu() const { return gpu_; }
@@ -457,9 +464,13 @@ class Samplers {
     if (!t.steps || !t.verifies || !t.drafts) return "";
     const double step = 1e3 * t.step_ms / t.steps, verify = 1e3 * t.verify_ms / t.verifies;
     const double draft = 1e3 * t.draft_ms / t.drafts;
-    return fmt::format("GPU calls (mean): plain step {:.0f} us ({}x), verify of two {:.0f} us ({}x), MTP draft {:.0f} us "
-                       "({}x): a speculative step costs {:.2f} plain steps\n",
-                       step, t.steps, verify, t.verifies, draft, t.drafts, (verify + draft) / step);
+    // a speculative step: one verify, and a draft call unless the draft was folded into the verify before
+    const double spec = 1e3 * (t.verify_ms + t.draft_ms) / t.verifies;
+    return fmt::format("GPU calls (mean, --gpu-decode {}): plain step {:.0f} us ({}x), verify of two {:.0f} us ({}x), "
+                       "MTP draft {:.0f} us ({}x; {} more folded into the verify before): a speculative step costs "
+                       "{:.2f} plain steps\n",
+                       gpu_decode_path_name(d.path()), step, t.steps, verify, t.verifies, draft, t.drafts, t.folded,
+                       spec / step);
 #else
     return "";
 #endif
@@ -607,10 +618,12 @@ bool do_sample(const SampleArgs& a, std::istream& in = std::cin) {
   require(!a.speculative || model.config().num_nextn_predict_layers > 0,
           "sample: speculative decoding drafts with the MTP module, and this model has none "
           "(num_nextn_predict_layers = 0)");
-  Samplers sm(model, gpu, a.num_samples, a.speculative);
+  require(a.gpu_decode == "v1" || a.gpu_decode == "fused" || a.gpu_decode == "full",
+          "--gpu-decode must be v1, fused or full (got '{}')", a.gpu_decode);
+  Samplers sm(model, gpu, a.num_samples, a.speculative, a.gpu_decode);
   std::cout << fmt::format("sampling from {} ({}, latent KV cache, absorbed MLA) | temperature {:g}, top-k {}, "
                            "top-p {:g}, seed {}{}\ntokenizer: {} ({})\n",
-                           a.checkpoint, gpu ? "GPU: " + gpu_description() + ", fp32, CUDA graphs" : "CPU",
+                           a.checkpoint, gpu ? "GPU: " + gpu_description() + ", fp32, CUDA graphs, --gpu-decode " + a.gpu_decode : "CPU",
                            a.opt.temperature, a.opt.top_k, a.opt.top_p, a.opt.seed,
                            a.num_samples > 1 ? fmt::format(", {} samples per prompt", a.num_samples) : "", st.path,
                            st.source);
@@ -988,6 +1001,9 @@ void add_sample_options(CLI::App* cmd, SampleArgs& s) {
   cmd->add_flag("--speculative", s.speculative, "also decode the first prompt (with --interactive or on the GPU: "
                 "every prompt) with MTP drafts and compare (acceptance, tokens/s, speed-up)");
   cmd->add_option("--device", s.device, "auto (the GPU when there is one), cuda or cpu")->capture_default_str();
+  cmd->add_option("--gpu-decode", s.gpu_decode, "the GPU decoder's path: v1 (the first version), fused (version 2 "
+                  "of the kernels) or full (fused, greedy tokens chosen on the GPU, the MTP draft folded into the "
+                  "verify); all give the same tokens")->capture_default_str();
   cmd->add_flag("--print-ids", s.print_ids, "also print each prompt's token ids and the new ids (\"ids: PROMPT | NEW\"), "
                 "for 07_train_gpu/check_generate.py");
   cmd->add_option("--num-samples", s.num_samples, fmt::format("samples of each prompt, at most {}; sample i draws "

@@ -260,6 +260,15 @@ std::vector<SampleResult> decode_samples(TokenDecoder& dec, int V, int P, const 
   require(dec.max_len() >= std::min<int64_t>(P, int64_t(prompt.size()) + opt.max_new_tokens),
           "sample: the decoder holds {} positions, fewer than the window needs", dec.max_len());
   dec.reset();
+  // Greedy choices on the decoder's device when it can (feed() then returns no logits), for this call only.
+  const bool device_greedy = dec.greedy_on_device(opt.temperature == 0);
+  struct Restore {
+    TokenDecoder& d;
+    bool on;
+    ~Restore() {
+      if (on) d.greedy_on_device(false);
+    }
+  } restore{dec, device_greedy};
   // Appends a new token to sample b; true when that sample is over.
   auto emit = [&](int b, int t) {
     text[b].push_back(t);
@@ -272,11 +281,13 @@ std::vector<SampleResult> decode_samples(TokenDecoder& dec, int V, int P, const 
     for (int b = 0; b < B; ++b) std::copy(text[b].end() - n, text[b].end(), tokens.begin() + size_t(b) * n);
     return dec.feed(tokens, n, 1);
   };
-  // sample_token, its host time counted
+  // The token of row `row` of the last feed (logits (rows, V)) for sample b: the decoder's greedy choice, or
+  // sample_token, its host time counted.
   double sampling_ms = 0;
-  auto draw = [&](const float* logits, int b) {
+  auto draw = [&](const float* logits, int row, int b) {
+    if (device_greedy) return dec.greedy_tokens()[row];
     CpuTimer t;
-    const int x = sample_token(logits, V, opt, rng[b]);
+    const int x = sample_token(logits + size_t(row) * V, V, opt, rng[b]);
     sampling_ms += t.elapsed_ms();
     return x;
   };
@@ -288,10 +299,11 @@ std::vector<SampleResult> decode_samples(TokenDecoder& dec, int V, int P, const 
       if (done[b])
         text[b].push_back(text[b].back());
       else
-        done[b] = emit(b, sample_token(logits + size_t(b) * V, V, opt, rng[b]));
+        done[b] = emit(b, device_greedy ? dec.greedy_tokens()[b] : sample_token(logits + size_t(b) * V, V, opt, rng[b]));
     }
   };
   auto sample_all = [&](const float* logits) {
+    if (device_greedy) return sample_rows(logits, 0, B);
     CpuTimer t;
     const int threads = B >= 2 * kSamplingThreads ? kSamplingThreads : 1;
     std::vector<std::future<void>> work;
@@ -326,11 +338,11 @@ std::vector<SampleResult> decode_samples(TokenDecoder& dec, int V, int P, const 
     const int d = dec.draft(next);
     ++r.drafted;
     const float* two = dec.feed({next, d}, 2, 2);  // (2, V): after next, after d
-    const int x = draw(two, 0);
+    const int x = draw(two, 0, 0);
     done[0] = emit(0, x);
     if (x == d) {
       ++r.accepted;
-      if (!done[0]) done[0] = emit(0, draw(two + V, 0));
+      if (!done[0]) done[0] = emit(0, draw(two, 1, 0));
     } else {
       dec.truncate(dec.pos() - 1);  // d's position is not part of the text
     }

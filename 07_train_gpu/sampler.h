@@ -161,6 +161,13 @@ class TokenDecoder {
   // Batch 1: the MTP module's draft for the token after `next` (Decoder::draft's rule): the argmax of its logits,
   // the lowest id on ties.
   virtual int draft(int next) = 0;
+  // Greedy choices where the logits are (the GPU decoder: no logits copied to the host). A decoder that can choose
+  // every returned row's greedy token itself (sample_token at temperature 0: the argmax, the lowest id on ties;
+  // UserError for a non-finite logit) answers greedy_on_device(true) with true; from then on feed() returns nullptr
+  // and greedy_tokens() the choices (batch, last) of the last feed, until greedy_on_device(false). The default
+  // cannot (false): the loop samples from the logits.
+  virtual bool greedy_on_device(bool /*on*/) { return false; }
+  virtual const int* greedy_tokens() const { return nullptr; }
 };
 
 // The random stream of sample i of a prompt (--num-samples): Rng(sample_seed(seed, i)). Sample 0 uses the seed

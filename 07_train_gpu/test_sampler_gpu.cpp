@@ -8,6 +8,8 @@
 // (most drafts accepted).
 #include <algorithm>
 #include <cstring>
+#include <limits>
+#include <string>
 #include <vector>
 
 #include "06_full_model/model.h"
@@ -132,7 +134,8 @@ TEST(CudaSamplerSpeculative, IdenticalToPlainGreedyAndSampled) {
         EXPECT_GT(spec.accepted * 2, spec.drafted);
       }
     }
-    EXPECT_LE(dec.graph_captures(), 4);
+    EXPECT_LE(dec.graph_captures(), 7);  // feed n = 1, 2 for logits and for greedy tokens, n = 2 with the folded
+                                         // draft; draft m = 1, 2 (sampler_gpu.h)
   }
 }
 
@@ -202,6 +205,97 @@ TEST(CudaSamplerWindow, GenerationPastTheWindowRefillsAsTheCpuSampler) {
   const SampleResult r = gpu_samples(dec, m37, long_prompt, greedy(5), -1, false).front();
   EXPECT_EQ(r.prompt_cropped, 13);
   EXPECT_EQ(r.prompt_tokens, 37);
+}
+
+// The oracle of version 2 (sampler_gpu.h, GpuDecodePath): path Fused gives version 1's logits and MTP draft logits
+// BITWISE (every fused kernel keeps version 1's products in version 1's order), teacher-forced over chunks of several
+// sizes, one longer than a prefill piece and an MTP catch-up of more than one piece (after a reset), with graphs and
+// without. Path Full differs from Fused only in where greedy tokens are chosen (the next test).
+TEST(CudaSamplerPaths, FusedKernelsGiveVersion1LogitsBitwise) {
+  DSV3_REQUIRE_GPU();
+  ModelConfig longer = config_preset("tiny");
+  longer.max_position_embeddings = 160;  // room for a chunk of more than kPrefillPiece tokens
+  longer.validate();
+  for (const ModelConfig& c : {config_preset("tiny"), tiny_variant(), longer}) {
+    const Model<float> m(c, 7);
+    const int V = c.vocab_size, P = c.max_position_embeddings;
+    const std::vector<int> tokens = random_tokens(P, V, 8);
+    std::vector<int> sizes = {5, 1, 2, 1, 3, 2, 1, 8};
+    if (P > 2 * kPrefillPiece) sizes.push_back(kPrefillPiece + 9);
+    GpuDecoder v1(m, 1, true, GpuDecodePath::V1), fused(m, 1, true, GpuDecodePath::Fused),
+        plain(m, 1, false, GpuDecodePath::Fused);
+    auto check = [&](const std::vector<int>& schedule, const std::string& what) {
+      size_t at = 0;
+      for (int n : schedule) {
+        const std::vector<int> chunk(tokens.begin() + at, tokens.begin() + at + n);
+        const float* a = v1.feed(chunk, n, 1);
+        const std::vector<float> want(a, a + V);
+        for (GpuDecoder* d : {&fused, &plain}) {
+          const float* b = d->feed(chunk, n, 1);
+          EXPECT_TRUE(bitwise_equal(std::vector<float>(b, b + V), want))
+              << what << ": logits after the chunk at " << at << " (graphs " << (d == &fused) << ")";
+        }
+        at += n;
+        const int next = tokens[at % tokens.size()];
+        const int dv = v1.draft(next);
+        for (GpuDecoder* d : {&fused, &plain}) {
+          EXPECT_EQ(d->draft(next), dv) << what << ": draft at " << at;
+          EXPECT_TRUE(bitwise_equal(d->draft_logits(), v1.draft_logits())) << what << ": draft logits at " << at;
+        }
+      }
+    };
+    check(sizes, "first pass");
+    for (GpuDecoder* d : {&v1, &fused, &plain}) d->reset();  // the MTP stream catches up over everything at once
+    int total = 0;
+    for (int n : sizes) total += n;
+    check({total}, "after a reset");
+  }
+}
+
+// Every path gives the same tokens: plain, speculative and batched, greedy and sampled, on a random model and the
+// cyclic one; the path Full's greedy speculative decoding answers most drafts from the verify's graph (folded).
+TEST(CudaSamplerPaths, AllPathsGiveTheSameTokens) {
+  DSV3_REQUIRE_GPU();
+  const Model<float> random(config_preset("tiny"), 11);
+  for (const Model<float>* m : {&random, &cyclic_model()}) {
+    for (const SampleOptions& o : {greedy(40), sampled(5, 40)}) {
+      std::vector<int> want;
+      std::vector<std::vector<int>> want_batch;
+      for (GpuDecodePath path : {GpuDecodePath::V1, GpuDecodePath::Fused, GpuDecodePath::Full}) {
+        const std::string what = std::string(gpu_decode_path_name(path)) + ", temperature " +
+                                 std::to_string(o.temperature);
+        GpuDecoder one(*m, 1, true, path), batch(*m, 9, true, path);
+        const SampleResult plain = gpu_samples(one, *m, {3, 17, 42}, o, 7, false).front();
+        one.reset_timing();
+        const SampleResult spec = gpu_samples(one, *m, {3, 17, 42}, o, 7, true).front();
+        const std::vector<SampleResult> all = gpu_samples(batch, *m, {3, 17, 42}, o, 7, false);
+        if (want.empty()) {
+          want = plain.tokens;
+          for (const SampleResult& r : all) want_batch.push_back(r.tokens);
+        }
+        EXPECT_EQ(plain.tokens, want) << what;
+        EXPECT_EQ(spec.tokens, want) << what << ", speculative";
+        for (size_t i = 0; i < all.size(); ++i) EXPECT_EQ(all[i].tokens, want_batch[i]) << what << ", sample " << i;
+        const int folded = one.timing().folded;
+        if (path == GpuDecodePath::Full && o.temperature == 0) {
+          EXPECT_GT(folded, 0) << "greedy speculative decoding on the path full folds its drafts";
+        } else {
+          EXPECT_EQ(folded, 0) << what;
+        }
+        EXPECT_EQ(one.greedy_on_device(false), false);  // decode_samples gave the mode back
+      }
+    }
+  }
+}
+
+// The device's greedy choice reports a non-finite logit as sample_token does (a UserError), not a token.
+TEST(CudaSamplerPaths, DeviceGreedyRefusesNonFiniteLogits) {
+  DSV3_REQUIRE_GPU();
+  Model<float> m(config_preset("tiny"), 12);
+  for (Model<float>::Tensor& t : m.tensors())
+    if (t.name == "head") std::fill(t.value->begin(), t.value->end(), std::numeric_limits<float>::quiet_NaN());
+  GpuDecoder dec(m, 1, true, GpuDecodePath::Full);
+  EXPECT_THROW(gpu_samples(dec, m, {3, 17}, greedy(4), -1, false), UserError);
 }
 
 TEST(CudaSamplerErrors, BadCallsAreUserErrors) {

@@ -670,6 +670,8 @@ cat_flags() {
   expect2 flags num_samples_zero 'num.samples' -- "${S1[@]}" --num-samples 0 --max-new-tokens 4
   expect2 flags num_samples_huge 'num.samples' -- "${S1[@]}" --num-samples 100000 --max-new-tokens 4
   expect0 flags num_samples_three 'sample 2 of 3: random stream' '^3 samples' -- "${S1[@]}" --device cpu --num-samples 3 --max-new-tokens 4
+  # the GPU decoder's path (the speed work of issue 19): a name it does not know
+  expect2 flags gpu_decode_unknown 'gpu.decode must be v1, fused or full' -- "${S1[@]}" --gpu-decode v2 --max-new-tokens 4
   # --prompt-file and --interactive: one prompt per line, blank lines skipped; conflicting flags; bad lines
   SP=("$T07" --out "$O" sample --checkpoint "$RUN/checkpoints/best" --max-new-tokens 4)
   printf 'love\n\n  \nnight rain\r\n' >"$W/c/two_prompts.txt"
