@@ -315,6 +315,37 @@ TrainerState load_run_checkpoint(const std::string& dir, Backend& backend, const
   return load_folder(resolve_checkpoint(dir), backend, info);
 }
 
+namespace {
+// After a resume loaded `loaded`, one of base, base.tmp, base.old: finish the save that a kill interrupted, as
+// save_run_checkpoint's remaining steps would have, so that base is the loaded checkpoint and no .tmp or .old is
+// left. Without it a kill inside the run's last save left its .old (and .tmp) for good: the resumed run has no
+// step left to save again. A loaded .old (the newer copies are damaged) is left as it is. Returns the folder the
+// checkpoint now lives in.
+std::string finish_interrupted_save(const std::string& base, const std::string& loaded, std::vector<std::string>& notes) {
+  const std::string tmp = base + ".tmp", old = base + ".old";
+  std::error_code ec;
+  if (loaded == tmp) {
+    if (fs::exists(base, ec)) {
+      remove_or_throw(old);
+      rename_or_throw(base, old);
+    }
+    rename_or_throw(tmp, base);
+    fsync_path(fs::path(base).parent_path().string());
+    remove_or_throw(old);
+    notes.push_back(fmt::format("finished the interrupted save: {} is now {}", tmp, base));
+    return base;
+  }
+  if (loaded == base) {
+    for (const std::string& d : {tmp, old})
+      if (fs::exists(d, ec)) {
+        remove_or_throw(d);
+        notes.push_back(fmt::format("removed {} (an older or incomplete copy of {})", d, base));
+      }
+  }
+  return loaded;
+}
+}  // namespace
+
 Resumed resume_run_checkpoint(const std::string& run_dir, Backend& backend, const data::DataInfo& info) {
   Resumed r;
   for (const char* name : {"last", "best"}) {
@@ -342,7 +373,7 @@ Resumed resume_run_checkpoint(const std::string& run_dir, Backend& backend, cons
     for (const auto& [step, d] : copies) {
       try {
         r.state = load_folder(d, backend, info);
-        r.dir = d;
+        r.dir = finish_interrupted_save(base, d, r.notes);
         return r;
       } catch (const UserError& e) {
         if (newest_error.empty()) newest_error = e.what();

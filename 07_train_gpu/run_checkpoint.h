@@ -79,10 +79,12 @@ TrainerState load_run_checkpoint(const std::string& dir, Backend& backend, const
 // checkpoint was ever completed, of best. A copy whose trainer_state.json is unreadable is damage: UserError
 // naming it; a copy that fails to load gives way to the next (a note says which and why); UserError when none
 // loads or none exists.
+// Resuming also finishes a save that a kill interrupted: a loaded <dir>.tmp is renamed to <dir> and the older
+// copies are removed, as the save would have done (a loaded <dir>.old, whose newer copies are damaged, stays).
 struct Resumed {
   TrainerState state;
-  std::string dir;                 // the folder loaded
-  std::vector<std::string> notes;  // copies skipped, and why
+  std::string dir;                 // the folder loaded (its name after the interrupted save was finished)
+  std::vector<std::string> notes;  // copies skipped and why, the interrupted save finished
 };
 Resumed resume_run_checkpoint(const std::string& run_dir, Backend& backend, const data::DataInfo& info);
 

@@ -554,7 +554,7 @@ TEST(RunCheckpoint, EveryPointOfTheSwapResumesFromTheNewestCompleteCheckpoint) {
   std::ostringstream out;
   // one run of 6 steps with a last checkpoint every 2, copied at steps 2 and 4 (during the updates after them)
   const std::string last = checkpoint_dir(dir.sub("run"), "last");
-  const std::string at2 = dir.sub("at2"), at4 = dir.sub("at4");
+  const std::string at2 = dir.sub("at2"), at4 = dir.sub("at4"), at6 = dir.sub("at6");
   WrapBackend straight(15);
   straight.after_step = [&](int updates) {
     if (updates == 3) fs::copy(last, at2, fs::copy_options::recursive);
@@ -565,7 +565,9 @@ TEST(RunCheckpoint, EveryPointOfTheSwapResumesFromTheNewestCompleteCheckpoint) {
   train(straight, test_data(), cfg, dir.sub("run"), false, out);
   ASSERT_EQ(read_trainer_state(at2).step, 2);
   ASSERT_EQ(read_trainer_state(at4).step, 4);
-  // The folders a crash leaves at each point of save_run_checkpoint (the .tmp being written, then the renames).
+  fs::copy(last, at6, fs::copy_options::recursive);  // the run's final checkpoint
+  // The folders a crash leaves at each point of save_run_checkpoint (the .tmp being written, then the renames),
+  // also in the run's last save (no step is left after the resume to save again: the resume finishes the swap).
   struct Case {
     const char* when;
     std::vector<std::pair<std::string, std::string>> folders;  // (copy of, as) ; "partial" = .tmp without state
@@ -578,6 +580,9 @@ TEST(RunCheckpoint, EveryPointOfTheSwapResumesFromTheNewestCompleteCheckpoint) {
       {"the .tmp complete, before the first rename", {{at2, ""}, {at4, ".tmp"}}, ".tmp", 4},
       {"between the renames", {{at2, ".old"}, {at4, ".tmp"}}, ".tmp", 4},
       {"before removing .old", {{at4, ""}, {at2, ".old"}}, "", 4},
+      {"last save: the .tmp complete, before the first rename", {{at4, ""}, {at6, ".tmp"}}, ".tmp", 6},
+      {"last save: between the renames", {{at4, ".old"}, {at6, ".tmp"}}, ".tmp", 6},
+      {"last save: before removing .old", {{at6, ""}, {at4, ".old"}}, "", 6},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.when);
