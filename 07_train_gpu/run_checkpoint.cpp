@@ -196,8 +196,23 @@ std::optional<CheckpointTokenizer> checkpoint_tokenizer(const std::string& dir) 
   return std::nullopt;
 }
 
-bool save_run_checkpoint(const std::string& dir, const Backend& backend, const TrainerState& state) {
+namespace {
+// The swap that makes the complete <dir>.tmp the checkpoint: at every moment one of <dir>, <dir>.old, <dir>.tmp is a
+// complete checkpoint, and the newest complete one is the newest checkpoint (resolve_checkpoint).
+void swap_in(const std::string& dir) {
   const std::string tmp = dir + ".tmp", old = dir + ".old";
+  if (fs::exists(dir)) {
+    remove_or_throw(old);
+    rename_or_throw(dir, old);
+  }
+  rename_or_throw(tmp, dir);
+  fsync_path(fs::path(dir).parent_path().string());
+  remove_or_throw(old);
+}
+}  // namespace
+
+bool save_run_checkpoint(const std::string& dir, const Backend& backend, const TrainerState& state) {
+  const std::string tmp = dir + ".tmp";
   // 0) never write a checkpoint that holds a NaN or an infinity: the previous one stays
   const TensorMap weights = backend.weights(), moments = backend.optimizer_state();
   for (const TensorMap* m : {&weights, &moments})
@@ -217,15 +232,8 @@ bool save_run_checkpoint(const std::string& dir, const Backend& backend, const T
     write_file_atomic(tmp + "/" + kTokenizerFile, read_file(tok, "tokenizer model"));
   write_file_atomic(tmp + "/trainer_state.json", state_to_json(state));
   fsync_path(tmp);
-  // 2) the swap: at every moment one of <dir>, <dir>.old, <dir>.tmp is a complete checkpoint, and the newest
-  //    complete one is the newest checkpoint (resolve_checkpoint)
-  if (fs::exists(dir)) {
-    remove_or_throw(old);
-    rename_or_throw(dir, old);
-  }
-  rename_or_throw(tmp, dir);
-  fsync_path(fs::path(dir).parent_path().string());
-  remove_or_throw(old);
+  // 2) the swap
+  swap_in(dir);
   return true;
 }
 
@@ -316,8 +324,8 @@ TrainerState load_run_checkpoint(const std::string& dir, Backend& backend, const
 }
 
 namespace {
-// After a resume loaded `loaded`, one of base, base.tmp, base.old: finish the save that a kill interrupted, as
-// save_run_checkpoint's remaining steps would have, so that base is the loaded checkpoint and no .tmp or .old is
+// After a resume loaded `loaded`, one of base, base.tmp, base.old: finish the save that a kill interrupted (its
+// swap, repeated from wherever it stopped), so that base is the loaded checkpoint and no .tmp or .old is
 // left. Without it a kill inside the run's last save left its .old (and .tmp) for good: the resumed run has no
 // step left to save again. A loaded .old (the newer copies are damaged) is left as it is. Returns the folder the
 // checkpoint now lives in.
@@ -325,13 +333,7 @@ std::string finish_interrupted_save(const std::string& base, const std::string& 
   const std::string tmp = base + ".tmp", old = base + ".old";
   std::error_code ec;
   if (loaded == tmp) {
-    if (fs::exists(base, ec)) {
-      remove_or_throw(old);
-      rename_or_throw(base, old);
-    }
-    rename_or_throw(tmp, base);
-    fsync_path(fs::path(base).parent_path().string());
-    remove_or_throw(old);
+    swap_in(base);
     notes.push_back(fmt::format("finished the interrupted save: {} is now {}", tmp, base));
     return base;
   }
