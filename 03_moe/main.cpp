@@ -198,6 +198,124 @@ void write_timing(const std::string& dir, const MoeConfig& c, uint64_t seed) {
   }
 }
 
+
+// The MoE layer alone at stage 07's bench shape ("small" preset: 32 x 512 tokens, D 512, F 256, E 32, K 4, one
+// shared expert, 4 groups keep 2; bf16 products): forward and backward of every routed-expert path, then the
+// rows products alone (version 1 WMMA against version 2 wgmma, each tile). Writes moe_bench.csv.
+void write_moe_bench(const std::string& dir, uint64_t seed, bool once) {
+#ifdef DSV3_HAVE_CUDA
+  MoeConfig c;
+  c.dim = 512;
+  c.moe_inter_dim = 256;
+  c.n_routed_experts = 32;
+  c.n_shared_experts = 1;
+  c.n_activated_experts = 4;
+  c.n_expert_groups = 4;
+  c.n_limited_groups = 2;
+  c.route_scale = 1.f;
+  c.matmul = Matmul::BF16;
+  const int N = 32 * 512, D = c.dim, F = c.moe_inter_dim, E = c.n_routed_experts, K = c.n_activated_experts,
+            NK = N * K, Fs = c.shared_inter_dim();
+  keep_freed_scratch();  // as the trainer does
+  auto p = demo_params<float>(c, seed);
+  Rng rng(seed + 3);
+  const auto x = rng.normal_vec<float>(size_t(N) * D), dy = rng.normal_vec<float>(size_t(N) * D);
+  MoeDeviceParams dp(p), dg(moe_zero_params<float>(c));
+  MoeDeviceSaved ds(c, N);
+  DeviceBuffer<float> gx(x), gdy(dy), gy(x.size()), gdx(x.size());
+  // useful FLOPs: routed 3 products of NK x F x D, shared 3 of N x Fs x D, the router N x E x D; backward 2x
+  const double fwd_flops = 2.0 * (3.0 * NK * F * D + 3.0 * double(N) * Fs * D + double(N) * E * D);
+  CsvWriter csv(dir + "/moe_bench.csv", {"what", "fwd_ms", "bwd_ms", "fwd_tflops", "bwd_tflops"});
+  Table t({"MoE layer, N=16384 D=512 F=256 E=32 K=4 +1 shared, bf16", "fwd ms", "bwd ms", "fwd TFLOP/s",
+           "bwd TFLOP/s"});
+  const auto tf = [](double flops, double ms) { return flops / (ms * 1e-3) * 1e-12; };
+  if (once) {  // two untimed forward + backward calls of the fastest path here, e.g. under a profiler
+    c.experts = hopper_experts_available() ? MoeExperts::Hopper : MoeExperts::Segmented;
+    for (int i = 0; i < 2; ++i) {
+      cuda::moe_forward(gy.get(), ds.saved, gx.get(), dp.weights(), c, N);
+      cuda::moe_backward(dg.grads(), gdx.get(), gdy.get(), nullptr, ds.saved, gx.get(), dp.weights(), c, N);
+    }
+    device_sync();
+    return;
+  }
+  struct Variant {
+    std::string name;
+    MoeExperts experts;
+    cuda::WgmmaTile tile;
+  };
+  const cuda::WgmmaTile default_tile = cuda::wgmma_tile();
+  std::vector<Variant> variants{{"grouped (cuBLAS, TF32)", MoeExperts::Grouped, default_tile},
+                                {"segmented v1 (WMMA)", MoeExperts::Segmented, default_tile}};
+  if (hopper_experts_available())
+    for (auto [n, tl] : {std::pair{"hopper N256S4", cuda::WgmmaTile::N256S4}, {"hopper N256S3", cuda::WgmmaTile::N256S3},
+                         {"hopper N128S4", cuda::WgmmaTile::N128S4}, {"hopper N128S3", cuda::WgmmaTile::N128S3}})
+      variants.push_back({n, MoeExperts::Hopper, tl});
+  for (const Variant& v : variants) {
+    c.experts = v.experts;
+    cuda::set_wgmma_tile(v.tile);
+    const double f = median_device_ms([&] { cuda::moe_forward(gy.get(), ds.saved, gx.get(), dp.weights(), c, N); });
+    const double b = median_device_ms(
+        [&] { cuda::moe_backward(dg.grads(), gdx.get(), gdy.get(), nullptr, ds.saved, gx.get(), dp.weights(), c, N); });
+    csv.row_cells({v.name, fmt_num(f, 4), fmt_num(b, 4), fmt_num(tf(fwd_flops, f), 4), fmt_num(tf(2 * fwd_flops, b), 4)});
+    t.add_row({v.name, fmt_num(f), fmt_num(b), fmt::format("{:.0f}", tf(fwd_flops, f)),
+               fmt::format("{:.0f}", tf(2 * fwd_flops, b))});
+  }
+  cuda::set_wgmma_tile(default_tile);
+  std::cout << fmt::format("\nThe MoE layer alone ({}), median of 20:\n", gpu_description());
+  t.print();
+
+  // The rows products alone, balanced segments (NK / E rows an expert), random bf16 operands.
+  std::vector<int> off(E + 1);
+  for (int e = 0; e <= E; ++e) off[e] = static_cast<int>(int64_t(NK) * e / E);
+  DeviceBuffer<int> goff(off);
+  std::vector<uint16_t> hx(size_t(NK) * D), hw(size_t(E) * F * D);
+  for (auto& v : hx) v = static_cast<uint16_t>(0x3c00 + rng.next_u64() % 256);  // bf16 in [0.0078, 0.0156)
+  for (auto& v : hw) v = static_cast<uint16_t>(0x3c00 + rng.next_u64() % 256);
+  DeviceBuffer<uint16_t> gxb(hx), gw1(hw), gw3(hw), gab(std::vector<uint16_t>(hx.begin(), hx.begin() + size_t(NK) * F));
+  DeviceBuffer<float> h1(size_t(NK) * F), h3(size_t(NK) * F), eo(size_t(NK) * D);
+  const int64_t FD = int64_t(F) * D;
+  const std::vector<cuda::SegmentGemm> up{{0, F, D, gxb.get(), D, gw1.get(), D, h1.get(), F, FD, 0},
+                                          {0, F, D, gxb.get(), D, gw3.get(), D, h3.get(), F, FD, 0}};
+  const std::vector<cuda::SegmentGemm> down{{0, D, F, gab.get(), F, gw1.get(), F, eo.get(), D, FD, 0}};
+  const double up_flops = 2.0 * 2 * NK * F * D, down_flops = 2.0 * NK * F * D;
+  // the weight gradients (tn): dW1 and dW3 (F x D) from dh1, dh3 and x, one call; dW2 (D x F) from dy and a
+  DeviceBuffer<float> gw(3 * size_t(E) * F * D);
+  const std::vector<cuda::SegmentGemm> wg13{{F, D, 0, gab.get(), F, gxb.get(), D, gw.get(), D, 0, FD},
+                                            {F, D, 0, gab.get(), F, gxb.get(), D, gw.get() + E * FD, D, 0, FD}};
+  const std::vector<cuda::SegmentGemm> wg2{{D, F, 0, gxb.get(), D, gab.get(), F, gw.get() + 2 * E * FD, F, 0, FD}};
+  Table g({"segmented products", "up: x [W1|W3]^T ms", "TFLOP/s", "down: a W2^T ms", "TFLOP/s", "dW1, dW3 ms",
+           "TFLOP/s", "dW2 ms", "TFLOP/s"});
+  const auto row = [&](const std::string& name, auto&& rows, auto&& tn) {
+    const double u = median_device_ms([&] { rows(up); }), d = median_device_ms([&] { rows(down); });
+    const double w13 = median_device_ms([&] { tn(wg13); }), w2 = median_device_ms([&] { tn(wg2); });
+    g.add_row({name, fmt_num(u), fmt::format("{:.0f}", tf(up_flops, u)), fmt_num(d),
+               fmt::format("{:.0f}", tf(down_flops, d)), fmt_num(w13), fmt::format("{:.0f}", tf(up_flops, w13)),
+               fmt_num(w2), fmt::format("{:.0f}", tf(down_flops, w2))});
+    csv.row_cells({"gemm rows " + name, fmt_num(u, 4), fmt_num(d, 4), fmt_num(tf(up_flops, u), 4),
+                   fmt_num(tf(down_flops, d), 4)});
+    csv.row_cells({"gemm tn " + name, fmt_num(w13, 4), fmt_num(w2, 4), fmt_num(tf(up_flops, w13), 4),
+                   fmt_num(tf(down_flops, w2), 4)});
+  };
+  row("v1 WMMA", [&](const auto& pr) { cuda::segmented_gemm_rows(Op::T, 1.f, 0.f, pr, goff.get(), E, NK); },
+      [&](const auto& pr) { cuda::segmented_gemm_tn(1.f, 1.f, pr, goff.get(), E); });
+  const cuda::WgmmaTile keep = cuda::wgmma_tile();
+  if (cuda::segmented_gemm_wgmma_available())
+    for (auto [n, tl] : {std::pair{"v2 wgmma N256S4", cuda::WgmmaTile::N256S4}, {"v2 wgmma N256S3", cuda::WgmmaTile::N256S3},
+                         {"v2 wgmma N128S4", cuda::WgmmaTile::N128S4}, {"v2 wgmma N128S3", cuda::WgmmaTile::N128S3}}) {
+      cuda::set_wgmma_tile(tl);
+      row(n, [&](const auto& pr) { cuda::segmented_gemm_rows_wgmma(1.f, 0.f, pr, goff.get(), E, NK); },
+          [&](const auto& pr) { cuda::segmented_gemm_tn_wgmma(1.f, 1.f, pr, goff.get(), E); });
+    }
+  cuda::set_wgmma_tile(keep);
+  std::cout << "\n";
+  g.print();
+#else
+  (void)dir;
+  (void)seed;
+  (void)once;
+#endif
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -208,8 +326,19 @@ int main(int argc, char** argv) {
   app.add_option("--tokens", tokens, "tokens in the batch for the routing plots and the table")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  bool moe_bench = false, moe_once = false;
+  app.add_flag("--moe-bench", moe_bench, "time the MoE layer alone at stage 07's bench shape (every expert path; a "
+               "GPU needed), and its segmented products (version 1 against 2), write moe_bench.csv and stop");
+  app.add_flag("--moe-once", moe_once, "with --moe-bench: only two untimed forward + backward calls of the fastest "
+               "path (e.g. under a profiler)");
   return run_main(app, argc, argv, [&] {
     std::cout << fmt::format("{}\nseed {}; device: {}\n", command_line(argc, argv), opt.seed, gpu_description());
+    if (moe_bench) {
+      require(gpu_available(), "--moe-bench needs a GPU: {}", gpu_description());
+      ensure_dir(opt.out);
+      write_moe_bench(opt.out, opt.seed, moe_once);
+      return 0;
+    }
     int failures = self_checks(opt.seed);
     const MoeConfig c = opt.check ? check_config(ScoreFunc::Sigmoid) : demo_config();
     std::vector<Row> rows = compare_cpu_cuda(c, opt.check ? 37 : tokens, opt.seed, opt.check ? 1 : 3);

@@ -35,7 +35,9 @@ enum class ScoreFunc { Sigmoid, Softmax };
 //              dispatch offsets back (one wait per layer and pass). The path checked against the CPU in fp32.
 //   Segmented: the bf16 segmented GEMMs of common/gemm.h (moe_experts_bf16.cu), which read the offsets on the
 //              device; needs matmul = BF16 and dim, moe_inter_dim multiples of 8 (MoeConfig::validate says so).
-enum class MoeExperts { Grouped, Segmented };
+//   Hopper:    Segmented with the rows products on wgmma (moe_experts_hopper.cu, common/segment_gemm_hopper.cu);
+//              the same needs, plus a compute capability 9.0 GPU and a build for sm_90a (hopper_experts_available).
+enum class MoeExperts { Grouped, Segmented, Hopper };
 
 // Named as DeepSeek-V3's ModelArgs; defaults are a small teaching size (V3: D 7168, F 2048, E 256, Es 1,
 // K 8, G 8, Lg 4, route_scale 2.5, sigmoid).
@@ -60,6 +62,8 @@ struct MoeConfig {
 // Can this config run its routed experts as MoeExperts::Segmented (bf16, dim and moe_inter_dim multiples of 8)?
 // Trainers choose the path with it when they build the config; validate() refuses Segmented otherwise.
 bool segmented_experts_fit(const MoeConfig& c);
+// Can this process run MoeExperts::Hopper (a CUDA build with sm_90a code, on a compute capability 9.0 GPU)?
+bool hopper_experts_available();
 
 // The most expert groups a token's routing keeps state for (a fixed array in the routing kernel).
 inline constexpr int kMaxExpertGroups = 64;

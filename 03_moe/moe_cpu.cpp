@@ -33,11 +33,12 @@ void MoeConfig::validate() const {
           "n_activated_experts = {} exceeds the {} experts of the n_limited_groups = {} kept groups",
           n_activated_experts, group_size() * n_limited_groups, n_limited_groups);
   require(route_scale > 0.f && std::isfinite(route_scale), "route_scale must be positive, got {}", route_scale);
-  if (experts == MoeExperts::Segmented) {
-    require(matmul == Matmul::BF16, "experts = Segmented runs bf16 products only: it needs matmul = BF16, got {} "
-            "(use MoeExperts::Grouped)", matmul_name(matmul));
-    require(dim % 8 == 0 && moe_inter_dim % 8 == 0, "experts = Segmented needs dim and moe_inter_dim multiples of "
-            "8 (its tiles load 8 bf16 at a time), got {} and {} (use MoeExperts::Grouped)", dim, moe_inter_dim);
+  if (experts == MoeExperts::Segmented || experts == MoeExperts::Hopper) {
+    const char* name = experts == MoeExperts::Hopper ? "Hopper" : "Segmented";
+    require(matmul == Matmul::BF16, "experts = {} runs bf16 products only: it needs matmul = BF16, got {} "
+            "(use MoeExperts::Grouped)", name, matmul_name(matmul));
+    require(dim % 8 == 0 && moe_inter_dim % 8 == 0, "experts = {} needs dim and moe_inter_dim multiples of "
+            "8 (its tiles load 8 bf16 at a time), got {} and {} (use MoeExperts::Grouped)", name, dim, moe_inter_dim);
   }
 }
 
@@ -48,6 +49,14 @@ void validate_mlp_call(const MlpConfig& c, int N) {
 
 bool segmented_experts_fit(const MoeConfig& c) {
   return c.matmul == Matmul::BF16 && c.dim % 8 == 0 && c.moe_inter_dim % 8 == 0;
+}
+
+bool hopper_experts_available() {
+#ifdef DSV3_HAVE_CUDA
+  return cuda::segmented_gemm_wgmma_available();
+#else
+  return false;
+#endif
 }
 
 void validate_moe_call(const MoeConfig& c, int N) {

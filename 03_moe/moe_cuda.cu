@@ -10,7 +10,8 @@
 //   -> gather rows -> grouped cuBLAS GEMMs over the experts' contiguous slices (after one copy of the E+1
 //   offsets to the host) -> combine_kernel (per token, fixed k order: deterministic).
 // MoeExperts::Segmented replaces the gather and the grouped GEMMs by segmented bf16 GEMMs that read the
-// offsets on the device (no host copy): moe_experts_bf16.cu.
+// offsets on the device (no host copy): moe_experts_bf16.cu; MoeExperts::Hopper runs them on wgmma:
+// moe_experts_hopper.cu.
 #include <cstdint>
 #include <vector>
 
@@ -325,10 +326,12 @@ void moe_forward(float* out, const MoeSaved<float>& s, const float* inp, const M
   // 2) counts, offsets, permutation
   dispatch(s, NK, E);
   // 3) gathered tokens through each expert's FFN, one contiguous slice per expert
-  const bool seg = c.experts == MoeExperts::Segmented;
+  const bool seg = c.experts != MoeExperts::Grouped;
   ScratchBuffer<float> xp(seg ? 0 : static_cast<size_t>(NK) * D),
       a(std::max(seg ? 0 : static_cast<size_t>(NK) * F, static_cast<size_t>(N) * Fs));
-  if (seg) {
+  if (c.experts == MoeExperts::Hopper) {
+    routed_experts_forward_hopper(s, inp, w, c, N);
+  } else if (seg) {
     routed_experts_forward_bf16(s, inp, w, c, N);
   } else {
     launch_gather(xp.get(), inp, s.perm, NK, K, D);
@@ -350,7 +353,7 @@ void moe_backward(const MoeGrads<float>& g, float* dinp, const float* dout, cons
   const int E = c.n_routed_experts, K = c.n_activated_experts, D = c.dim, F = c.moe_inter_dim,
             Fs = c.shared_inter_dim(), NK = N * K;
   const bool softmax = c.score_func == ScoreFunc::Softmax;
-  const bool seg = c.experts == MoeExperts::Segmented;
+  const bool seg = c.experts != MoeExperts::Grouped;
   const size_t scratch_rows = std::max(seg ? 0 : static_cast<size_t>(NK) * F, static_cast<size_t>(N) * Fs);
   ScratchBuffer<float> a(scratch_rows), da(scratch_rows), dh1(scratch_rows), dh3(scratch_rows);
   const FfnScratch fs{a.get(), da.get(), dh1.get(), dh3.get()};
@@ -362,7 +365,9 @@ void moe_backward(const MoeGrads<float>& g, float* dinp, const float* dout, cons
     CUDA_CHECK(cudaMemsetAsync(dinp, 0, static_cast<size_t>(N) * D * sizeof(float)));
   // 2) combine backward and each routed expert on its slice: dw (N, K), dxp (NK, D) in dispatch order
   ScratchBuffer<float> dw(NK), dxp(static_cast<size_t>(NK) * D);
-  if (seg) {
+  if (c.experts == MoeExperts::Hopper) {
+    routed_experts_backward_hopper(g, dw.get(), dxp.get(), dout, s, inp, w, c, N);
+  } else if (seg) {
     routed_experts_backward_bf16(g, dw.get(), dxp.get(), dout, s, inp, w, c, N);
   } else {
     ScratchBuffer<float> deo(static_cast<size_t>(NK) * D), xp(static_cast<size_t>(NK) * D);

@@ -9,8 +9,13 @@
 
 #include <cuda_bf16.h>
 
+#include <initializer_list>
+
+#include "03_moe/moe.h"
 #include "common/cuda_kernels.cuh"
 #include "common/cuda_utils.h"
+#include "common/errors.h"
+#include "common/gemm.h"
 
 namespace dsv3::cuda {
 namespace {
@@ -137,6 +142,43 @@ void launch_swiglu_backward(T* dh1, T* dh3, const float* da, const float* h1, co
                                                                          h1 + done, h3 + done, n - done);
     CUDA_CHECK_LAST();
   }
+}
+
+// ---- the bf16 expert paths' operands (moe_experts_bf16.cu, moe_experts_hopper.cu) ----
+
+// xp (NK, D) in bf16 from fp32 inp: as gather_kernel, four elements (16 bytes in, 8 out) per thread; D4 = D / 4.
+__global__ void gather_bf16_kernel(uint2* xp, const float4* inp, const int* perm, int NK, int K, int D4) {
+  const size_t idx = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= static_cast<size_t>(NK) * D4) return;
+  const size_t r = idx / D4, d = idx % D4;
+  const float4 v = inp[static_cast<size_t>(perm[r] / K) * D4 + d];
+  const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
+  xp[idx] = make_uint2(*reinterpret_cast<const unsigned*>(&lo), *reinterpret_cast<const unsigned*>(&hi));
+}
+
+using bf16 = __nv_bfloat16;
+inline uint16_t* bits(bf16* p) { return reinterpret_cast<uint16_t*>(p); }
+
+// The fp32 buffers these paths read as float4 or write as rows of 16-byte aligned tiles must be 16-byte aligned.
+inline void require_aligned(std::initializer_list<const void*> pointers) {
+  for (const void* p : pointers)
+    require(reinterpret_cast<uintptr_t>(p) % 16 == 0, "moe (CUDA, bf16 experts): a buffer is not 16-byte aligned "
+            "(moe_saved_layout aligns its own; a caller's input or gradient must be too)");
+}
+
+// bf16 copies of an MoE's routed weights into wb (3 E F D): w1 at 0, w3 at E F D, w2 at 2 E F D.
+inline void expert_weights_bf16(bf16* wb, const MoeWeights<float>& w, int E, int D, int F) {
+  const size_t n = static_cast<size_t>(E) * F * D;
+  to_bf16(bits(wb), w.w1, n);
+  to_bf16(bits(wb + n), w.w3, n);
+  to_bf16(bits(wb + 2 * n), w.w2, n);
+}
+
+inline void gather_bf16(bf16* xp, const float* inp, const int* perm, int NK, int K, int D) {
+  const size_t n = static_cast<size_t>(NK) * (D / 4);
+  gather_bf16_kernel<<<blocks_for(n, kThreads), kThreads>>>(reinterpret_cast<uint2*>(xp),
+                                                            reinterpret_cast<const float4*>(inp), perm, NK, K, D / 4);
+  CUDA_CHECK_LAST();
 }
 
 }  // namespace

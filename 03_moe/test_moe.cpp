@@ -643,42 +643,33 @@ INSTANTIATE_TEST_SUITE_P(
 // significant bits, so each operand is off by up to 2^-9 ~ 2e-3 relative and a product of n terms by about that
 // much on average (the errors are independent): a normalised error of a few 1e-3; we require 1e-2 (and find
 // ~3e-3).
-TEST(CudaMoeExpertsBf16, MatchesTheFp32GroupedPath) {
-  DSV3_REQUIRE_GPU();
-  MoeConfig c32 = cuda_config(64, 48, 16, 4, 4, 2, 1);
-  MoeConfig cb = c32;
-  cb.matmul = Matmul::BF16;
-  cb.experts = MoeExperts::Segmented;
-  const int N = 301, D = c32.dim;
-  Rng rng(40);
-  auto p = params_with_bias<float>(c32, 41);
-  p.gate_bias[3] = -100.f;  // expert 3 never chosen: an empty segment
-  auto x = rng.normal_vec<float>(size_t(N) * D), dy = rng.normal_vec<float>(x.size());
-  make_routing_exact(x, p);
-  const auto g0 = params_with_bias<float>(c32, 42);  // nonzero starting gradients: checks +=
-  struct Run {
-    std::vector<float> y, dx;
-    std::vector<int> ints;
-    MoeParams<float> g;
-  };
-  auto run = [&](const MoeConfig& c) {
-    MoeDeviceParams dp(p), dg(g0);
-    MoeDeviceSaved ds(c, N);
-    ds.f.poison();
-    DeviceBuffer<float> gx(x), gdy(dy), gy(x.size()), gdx(x.size());
-    gy.poison();
-    gdx.poison();
-    cuda::moe_forward(gy.get(), ds.saved, gx.get(), dp.weights(), c, N);
-    cuda::moe_backward(dg.grads(), gdx.get(), gdy.get(), nullptr, ds.saved, gx.get(), dp.weights(), c, N);
-    Run r{gy.download(), gdx.download(), ds.i.download(), g0};
-    dg.download(r.g);
-    return r;
-  };
-  const Run ref = run(c32), got = run(cb);
-  EXPECT_EQ(got.ints, ref.ints) << "routing or dispatch differs";
-  auto close = [](const std::vector<float>& a, const std::vector<float>& b, const std::string& what) {
-    const CompareResult r = compare(a, b, {1e30, 1e30});  // the element bounds off: normalised error only
-    EXPECT_LT(r.norm_err, 1e-2) << what << ": " << r.summary();
+// Runs one forward and backward of the layer (routing made exact) for the expert-path tests below.
+struct ExpertPathRun {
+  std::vector<float> y, dx;
+  std::vector<int> ints;
+  MoeParams<float> g;
+};
+ExpertPathRun run_expert_path(const MoeConfig& c, const MoeParams<float>& p, const MoeParams<float>& g0,
+                              const std::vector<float>& x, const std::vector<float>& dy, int N) {
+  MoeDeviceParams dp(p), dg(g0);
+  MoeDeviceSaved ds(c, N);
+  ds.f.poison();
+  DeviceBuffer<float> gx(x), gdy(dy), gy(x.size()), gdx(x.size());
+  gy.poison();
+  gdx.poison();
+  cuda::moe_forward(gy.get(), ds.saved, gx.get(), dp.weights(), c, N);
+  cuda::moe_backward(dg.grads(), gdx.get(), gdy.get(), nullptr, ds.saved, gx.get(), dp.weights(), c, N);
+  ExpertPathRun r{gy.download(), gdx.download(), ds.i.download(), g0};
+  dg.download(r.g);
+  return r;
+}
+
+// Every output and gradient of two runs within a normalised error (the element bounds off).
+void expect_runs_close(const ExpertPathRun& got, const ExpertPathRun& ref, double tol, const std::string& what) {
+  EXPECT_EQ(got.ints, ref.ints) << what << ": routing or dispatch differs";
+  auto close = [&](const std::vector<float>& a, const std::vector<float>& b, const std::string& name) {
+    const CompareResult r = compare(a, b, {1e30, 1e30});
+    EXPECT_LT(r.norm_err, tol) << what << ", " << name << ": " << r.summary();
   };
   close(got.y, ref.y, "out");
   close(got.dx, ref.dx, "dinp");
@@ -686,6 +677,52 @@ TEST(CudaMoeExpertsBf16, MatchesTheFp32GroupedPath) {
   auto tg = gg.tensors(), tr = gr.tensors();
   ASSERT_EQ(tg.size(), tr.size());
   for (size_t i = 0; i < tg.size(); ++i) close(*tg[i].second, *tr[i].second, tg[i].first);
+}
+
+// The layer of the two tests below: an odd token count and an idle expert (empty segments, unaligned starts).
+struct ExpertPathCase {
+  MoeConfig c32 = cuda_config(64, 48, 16, 4, 4, 2, 1);
+  int N = 301;
+  MoeParams<float> p, g0;
+  std::vector<float> x, dy;
+  ExpertPathCase() : p(params_with_bias<float>(c32, 41)), g0(params_with_bias<float>(c32, 42)) {
+    Rng rng(40);
+    p.gate_bias[3] = -100.f;  // expert 3 never chosen: an empty segment
+    x = rng.normal_vec<float>(size_t(N) * c32.dim);
+    dy = rng.normal_vec<float>(x.size());
+    make_routing_exact(x, p);  // g0 nonzero: checks +=
+  }
+  MoeConfig bf16(MoeExperts e) const {
+    MoeConfig c = c32;
+    c.matmul = Matmul::BF16;
+    c.experts = e;
+    return c;
+  }
+  ExpertPathRun run(const MoeConfig& c) const { return run_expert_path(c, p, g0, x, dy, N); }
+};
+
+// The segmented bf16 expert path (moe_experts_bf16.cu) against the fp32 grouped path it replaces, on the same
+// weights and tokens (routing made exact, so both choose the same experts: the router is fp32 in both).
+// Tolerance: bf16 keeps 8 significant bits, so each operand is off by up to 2^-9 ~ 2e-3 relative and a product of
+// n terms by about that much on average (the errors are independent): a normalised error of a few 1e-3; we
+// require 1e-2 (and find ~3e-3).
+TEST(CudaMoeExpertsBf16, MatchesTheFp32GroupedPath) {
+  DSV3_REQUIRE_GPU();
+  const ExpertPathCase t;
+  expect_runs_close(t.run(t.bf16(MoeExperts::Segmented)), t.run(t.c32), 1e-2, "segmented vs fp32");
+}
+
+// The Hopper path (moe_experts_hopper.cu: wgmma rows products, transposed weight copies) against the fp32 grouped
+// path (as above) and against the segmented path, version 1: the same bf16 operands, only the order of the fp32
+// sums differs, so the two agree to ~1e-6 (we require 1e-5).
+TEST(CudaMoeExpertsHopper, MatchesTheFp32GroupedPathAndVersion1) {
+  DSV3_REQUIRE_GPU();
+  if (!hopper_experts_available())
+    GTEST_SKIP() << "no wgmma here (needs a compute capability 9.0 GPU and a build for sm_90a)";
+  const ExpertPathCase t;
+  const ExpertPathRun got = t.run(t.bf16(MoeExperts::Hopper));
+  expect_runs_close(got, t.run(t.c32), 1e-2, "hopper vs fp32");
+  expect_runs_close(got, t.run(t.bf16(MoeExperts::Segmented)), 1e-5, "hopper vs segmented");
 }
 
 TEST(CudaMoeErrors, RejectsBadConfig) {

@@ -39,16 +39,21 @@ DeviceOptions device_options(Precision p, const ModelConfig& c) {
   o.matmul = Matmul::BF16;
   MoeConfig m = c.moe();
   m.matmul = o.matmul;
-  o.experts = segmented_experts_fit(m) ? MoeExperts::Segmented : MoeExperts::Grouped;
+  o.experts = !segmented_experts_fit(m) ? MoeExperts::Grouped
+              : hopper_experts_available() ? MoeExperts::Hopper
+                                           : MoeExperts::Segmented;
   return o;
 }
 
-std::string moe_experts_name(MoeExperts e) { return e == MoeExperts::Segmented ? "segmented" : "grouped"; }
+std::string moe_experts_name(MoeExperts e) {
+  return e == MoeExperts::Hopper ? "hopper" : e == MoeExperts::Segmented ? "segmented" : "grouped";
+}
 
 MoeExperts parse_moe_experts(const std::string& s) {
   if (s == "grouped") return MoeExperts::Grouped;
   if (s == "segmented") return MoeExperts::Segmented;
-  throw UserError(fmt::format("unknown expert path '{}': use grouped or segmented", s));
+  if (s == "hopper") return MoeExperts::Hopper;
+  throw UserError(fmt::format("unknown expert path '{}': use grouped, segmented or hopper", s));
 }
 
 std::unique_ptr<Backend> make_cuda_backend(const ModelConfig& c, uint64_t seed, Precision p) {

@@ -192,7 +192,7 @@ class CudaBackend final : public Backend {
   }
 
   StepResult train_step(const std::vector<int>& tokens, int B, int T, const StepPlan& plan) override {
-    if (!graph_enabled_ || timing_ || dev_.options().experts != MoeExperts::Segmented)
+    if (!graph_enabled_ || timing_ || dev_.options().experts == MoeExperts::Grouped)
       return Backend::train_step(tokens, B, T, plan);
     require(plan.update >= 1, "AdamW step counts from 1, got {}", plan.update);
     dev_.stage(tokens, B, T);

@@ -1097,8 +1097,8 @@ int main(int argc, char** argv) {
   bool no_graph = false;
   bench->add_flag("--no-graph", no_graph, "run each step as plain calls instead of replaying one captured CUDA graph");
   std::string bench_experts = "auto";
-  bench->add_option("--moe-experts", bench_experts, "routed experts' path: auto (bf16: segmented where the shapes "
-                    "allow), grouped or segmented")->capture_default_str();
+  bench->add_option("--moe-experts", bench_experts, "routed experts' path: auto (bf16: hopper on a 9.0 GPU, else "
+                    "segmented, where the shapes allow), grouped, segmented or hopper")->capture_default_str();
   bench->add_option("--bf16-gemm", bopt.bf16_gemm, "how bf16 cuBLAS products run: fast16bf (cuBLAS reads the "
                     "fp32 operands) or copies (bf16 copies of the operands first: slower, common/gemm.h)")
       ->check(CLI::IsMember({"copies", "fast16bf"}))

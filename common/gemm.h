@@ -144,6 +144,24 @@ void segmented_gemm_rows(Op opB, float alpha, float beta, const std::vector<Segm
                          const int* offsets, int segments, int total_rows);
 void segmented_gemm_tn(float alpha, float beta, const std::vector<SegmentGemm>& products, const int* offsets,
                        int segments);
+// Version 2 of segmented_gemm_rows (opB = T only) and segmented_gemm_tn on Hopper (segment_gemm_hopper.cu:
+// wgmma, 128-byte swizzled tiles): the same products and arguments (up to 3 a call, offsets on the device).
+// Needs a compute capability 9.0 GPU and a build with sm_90a code (CMAKE_CUDA_ARCHITECTURES=90a, the default for
+// an H100/H200 or no GPU at configure time): segmented_gemm_wgmma_available() says; the calls refuse otherwise
+// (UserError). Needs A, B, C 16-byte aligned, lda, ldb and N multiples of 8, ldc even; rows: K and strideB
+// multiples of 8; tn: M a multiple of 8, strideC even. Results equal version 1's up to the order of the fp32 sums.
+bool segmented_gemm_wgmma_available();
+void segmented_gemm_rows_wgmma(float alpha, float beta, const std::vector<SegmentGemm>& products,
+                               const int* offsets, int segments, int total_rows);
+void segmented_gemm_tn_wgmma(float alpha, float beta, const std::vector<SegmentGemm>& products, const int* offsets,
+                             int segments);
+// The tile of a block (128 rows x 256 or 128 columns) and the pipeline's shared-memory stages: S4, four stages,
+// two tiles loading ahead while one wgmma group stays in flight (one block an SM); S3, three stages, two tiles
+// ahead, each group waited for (N128S3: two blocks an SM, registers capped at 128). Process-wide, for the
+// micro-benchmark (default N128S3, the fastest there); set it before a step is captured in a CUDA graph.
+enum class WgmmaTile { N256S4, N256S3, N128S4, N128S3 };
+void set_wgmma_tile(WgmmaTile t);
+WgmmaTile wgmma_tile();
 // dst[i] = src[i] rounded to bf16 (nearest even), n elements.
 void to_bf16(uint16_t* dst, const float* src, size_t n);
 

@@ -512,6 +512,61 @@ TEST(CudaSegmentGemm, RowsMatchCpuForBothLayouts) {
   }
 }
 
+// Version 2 of the rows products (wgmma, segment_gemm_hopper.cu) against the CPU on the same bf16 operands, for
+// every tile: the segments of kSegOffsets (empty, one row, past a tile), N = 136 (a partial column tile for 128
+// and 256), K = 72 (a partial 64-wide inner tile) and K = 520 (more inner tiles than pipeline stages), padded
+// leading dimensions, two products in one call, beta = 0 over poisoned C and beta = 0.5. Tolerance: the two sum
+// the same K exact products in different orders; each of the K additions rounds (2^-24 relative) a partial sum
+// of magnitude up to ~|terms| sqrt(K) (~1 here), so atol grows with K: 2e-6 K (1.4e-4 at K = 72, 1e-3 at 520; a
+// run measured 1.5e-4 at 520).
+TEST(CudaSegmentGemm, WgmmaRowsMatchCpuForEveryTile) {
+  DSV3_REQUIRE_GPU();
+  if (!cuda::segmented_gemm_wgmma_available())
+    GTEST_SKIP() << "no wgmma here (needs a compute capability 9.0 GPU and a build for sm_90a)";
+  const int S = static_cast<int>(kSegOffsets.size()) - 1, rows = kSegOffsets.back(), N = 136;
+  DeviceBuffer<int> doff(kSegOffsets);
+  Rng rng(23);
+  for (int K : {72, 520}) {
+    const int lda = K + 8, ldb = K + 16, ldc = N + 4;
+    const int64_t sb = static_cast<int64_t>(N) * ldb;
+    const auto A = bf16_operand(rng.normal_vec<float>(static_cast<size_t>(rows) * lda));
+    const auto B1 = bf16_operand(rng.normal_vec<float>(S * sb)), B2 = bf16_operand(rng.normal_vec<float>(S * sb));
+    std::vector<float> ref1(static_cast<size_t>(rows) * ldc, 0.f), ref2 = ref1;
+    for (int s = 0; s < S; ++s) {
+      const int r0 = kSegOffsets[s], n = kSegOffsets[s + 1] - r0;
+      if (n == 0) continue;
+      const float* a = A.values.data() + r0 * lda;
+      cpu::gemm(Op::N, Op::T, n, N, K, 1.5f, a, lda, B1.values.data() + s * sb, ldb, 0.f, ref1.data() + r0 * ldc, ldc);
+      cpu::gemm(Op::N, Op::T, n, N, K, 1.5f, a, lda, B2.values.data() + s * sb, ldb, 0.f, ref2.data() + r0 * ldc, ldc);
+      cpu::gemm(Op::N, Op::T, n, N, K, -1.f, a, lda, B1.values.data() + s * sb, ldb, 0.5f, ref2.data() + r0 * ldc,
+                ldc);
+    }
+    const auto strip = [&](const std::vector<float>& c) {
+      std::vector<float> out;
+      for (int r = 0; r < rows; ++r) out.insert(out.end(), c.begin() + r * ldc, c.begin() + r * ldc + N);
+      return out;
+    };
+    DeviceBuffer<uint16_t> dA(A.bits), dB1(B1.bits), dB2(B2.bits);
+    for (cuda::WgmmaTile tile : {cuda::WgmmaTile::N256S4, cuda::WgmmaTile::N256S3, cuda::WgmmaTile::N128S4,
+                                 cuda::WgmmaTile::N128S3}) {
+      cuda::set_wgmma_tile(tile);
+      DeviceBuffer<float> dC1(ref1.size()), dC2(ref2.size());
+      dC1.poison();
+      dC2.poison();
+      cuda::SegmentGemm p1{0, N, K, dA.get(), lda, dB1.get(), ldb, dC1.get(), ldc, sb, 0};
+      cuda::SegmentGemm p2{0, N, K, dA.get(), lda, dB2.get(), ldb, dC2.get(), ldc, sb, 0};
+      cuda::segmented_gemm_rows_wgmma(1.5f, 0.f, {p1, p2}, doff.get(), S, rows);
+      p2.B = dB1.get();
+      cuda::segmented_gemm_rows_wgmma(-1.f, 0.5f, {p2}, doff.get(), S, rows);
+      const std::string name = fmt::format("K {} tile {}", K, static_cast<int>(tile));
+      const Tolerance tol{2e-6 * K, 1e-4};
+      EXPECT_CLOSE(compare(strip(dC1.download()), strip(ref1), tol), name + ", beta 0");
+      EXPECT_CLOSE(compare(strip(dC2.download()), strip(ref2), tol), name + ", beta 0.5");
+    }
+  }
+  cuda::set_wgmma_tile(cuda::WgmmaTile::N128S3);
+}
+
 TEST(CudaSegmentGemm, TnMatchesCpu) {
   DSV3_REQUIRE_GPU();
   const int S = static_cast<int>(kSegOffsets.size()) - 1, rows = kSegOffsets.back();
@@ -544,6 +599,62 @@ TEST(CudaSegmentGemm, TnMatchesCpu) {
                           off.get(), S);
   EXPECT_CLOSE(compare(dCa.download(), refa, kReductionTol), "tn, 136 x 72");
   EXPECT_CLOSE(compare(dCb.download(), refb, kReductionTol), "tn, 72 x 136");
+}
+
+// Version 2 of the tn products (wgmma, MN-major operands) against the CPU, for every tile: three products in one
+// call (136 x 72, 72 x 136 and 136 x 136: partial and whole tiles of 128 rows and 128/256 columns), segments
+// empty (C = beta C), of one row, and of 683 rows (11 inner tiles, more than the pipeline's stages), beta = 0.5
+// over a nonzero C. Tolerance as above, with K the longest segment.
+TEST(CudaSegmentGemm, WgmmaTnMatchesCpuForEveryTile) {
+  DSV3_REQUIRE_GPU();
+  if (!cuda::segmented_gemm_wgmma_available())
+    GTEST_SKIP() << "no wgmma here (needs a compute capability 9.0 GPU and a build for sm_90a)";
+  std::vector<int> offsets = kSegOffsets;
+  offsets.push_back(1100);
+  const int S = static_cast<int>(offsets.size()) - 1, rows = offsets.back();
+  const int Ma = 136, Na = 72;
+  const int64_t sc = Ma * Ma;  // every product's C_s takes the largest size's stride
+  Rng rng(24);
+  const auto X = bf16_operand(rng.normal_vec<float>(static_cast<size_t>(rows) * Ma));  // rows x 136
+  const auto Y = bf16_operand(rng.normal_vec<float>(static_cast<size_t>(rows) * Na));  // rows x 72
+  const auto C0 = rng.normal_vec<float>(S * sc);
+  struct P {
+    int M, N;
+    const Bf16Operand *a, *b;
+    int lda, ldb;
+  };
+  const std::vector<P> ps{{Ma, Na, &X, &Y, Ma, Na}, {Na, Ma, &Y, &X, Na, Ma}, {Ma, Ma, &X, &X, Ma, Ma}};
+  std::vector<std::vector<float>> ref(ps.size(), C0);
+  for (size_t i = 0; i < ps.size(); ++i)
+    for (int s = 0; s < S; ++s) {
+      const int r0 = offsets[s], n = offsets[s + 1] - r0;
+      const P& q = ps[i];
+      if (n == 0) {
+        for (int64_t j = 0; j < int64_t(q.M) * q.N; ++j) ref[i][s * sc + j] *= 0.5f;
+        continue;
+      }
+      cpu::gemm(Op::T, Op::N, q.M, q.N, n, 2.f, q.a->values.data() + int64_t(r0) * q.lda, q.lda,
+                q.b->values.data() + int64_t(r0) * q.ldb, q.ldb, 0.5f, ref[i].data() + s * sc, q.N);
+    }
+  DeviceBuffer<uint16_t> dX(X.bits), dY(Y.bits);
+  DeviceBuffer<int> off(offsets);
+  for (cuda::WgmmaTile tile : {cuda::WgmmaTile::N256S4, cuda::WgmmaTile::N256S3, cuda::WgmmaTile::N128S4,
+                               cuda::WgmmaTile::N128S3}) {
+    cuda::set_wgmma_tile(tile);
+    std::vector<DeviceBuffer<float>> dC;
+    for (size_t i = 0; i < ps.size(); ++i) dC.emplace_back(C0);
+    std::vector<cuda::SegmentGemm> prods;
+    for (size_t i = 0; i < ps.size(); ++i) {
+      const P& q = ps[i];
+      prods.push_back({q.M, q.N, 0, q.a == &X ? dX.get() : dY.get(), q.lda, q.b == &X ? dX.get() : dY.get(), q.ldb,
+                       dC[i].get(), q.N, 0, sc});
+    }
+    cuda::segmented_gemm_tn_wgmma(2.f, 0.5f, prods, off.get(), S);
+    for (size_t i = 0; i < ps.size(); ++i)
+      EXPECT_CLOSE(compare(dC[i].download(), ref[i], Tolerance{2e-6 * 683, 1e-4}),
+                   fmt::format("tn {} x {}, tile {}", ps[i].M, ps[i].N, static_cast<int>(tile)));
+  }
+  cuda::set_wgmma_tile(cuda::WgmmaTile::N128S3);
 }
 
 TEST(CudaSegmentGemm, ToBf16RoundsToNearestEven) {
