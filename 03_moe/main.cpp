@@ -9,6 +9,7 @@
 #include <cmath>
 #include <iostream>
 #include <numeric>
+#include <tuple>
 
 #include "03_moe/moe.h"
 #include "common/cli.h"
@@ -20,6 +21,7 @@
 #include "common/timer.h"
 #ifdef DSV3_HAVE_CUDA
 #include "03_moe/moe_device.h"
+#include "03_moe/moe_experts_bf16.h"
 #include "common/cuda_utils.h"
 #endif
 
@@ -242,17 +244,27 @@ void write_moe_bench(const std::string& dir, uint64_t seed, bool once) {
     std::string name;
     MoeExperts experts;
     cuda::WgmmaTile tile;
+    cuda::HopperMoeOptions options;
   };
   const cuda::WgmmaTile default_tile = cuda::wgmma_tile();
-  std::vector<Variant> variants{{"grouped (cuBLAS, TF32)", MoeExperts::Grouped, default_tile},
-                                {"segmented v1 (WMMA)", MoeExperts::Segmented, default_tile}};
-  if (hopper_experts_available())
+  const cuda::HopperMoeOptions default_options = cuda::hopper_moe_options();
+  std::vector<Variant> variants{{"grouped (cuBLAS, TF32)", MoeExperts::Grouped, default_tile, default_options},
+                                {"segmented v1 (WMMA)", MoeExperts::Segmented, default_tile, default_options}};
+  if (hopper_experts_available()) {
     for (auto [n, tl] : {std::pair{"hopper N256S4", cuda::WgmmaTile::N256S4}, {"hopper N256S3", cuda::WgmmaTile::N256S3},
                          {"hopper N128S4", cuda::WgmmaTile::N128S4}, {"hopper N128S3", cuda::WgmmaTile::N128S3}})
-      variants.push_back({n, MoeExperts::Hopper, tl});
+      variants.push_back({n, MoeExperts::Hopper, tl, default_options});
+    // the tokens read through perm (in products) or from a gathered copy, forward / backward; the shared experts
+    for (auto [fwd, bwd, shared] : {std::tuple{true, false, true}, {true, true, true}, {false, false, true},
+                                    {true, false, false}, {false, false, false}})
+      variants.push_back({fmt::format("hopper, gather fwd {} bwd {}, shared {}", fwd ? "in products" : "copy",
+                                      bwd ? "in products" : "copy", shared ? "wgmma" : "cuBLAS"),
+                          MoeExperts::Hopper, default_tile, {fwd, bwd, shared}});
+  }
   for (const Variant& v : variants) {
     c.experts = v.experts;
     cuda::set_wgmma_tile(v.tile);
+    cuda::set_hopper_moe_options(v.options);
     const double f = median_device_ms([&] { cuda::moe_forward(gy.get(), ds.saved, gx.get(), dp.weights(), c, N); });
     const double b = median_device_ms(
         [&] { cuda::moe_backward(dg.grads(), gdx.get(), gdy.get(), nullptr, ds.saved, gx.get(), dp.weights(), c, N); });
@@ -261,6 +273,7 @@ void write_moe_bench(const std::string& dir, uint64_t seed, bool once) {
                fmt::format("{:.0f}", tf(2 * fwd_flops, b))});
   }
   cuda::set_wgmma_tile(default_tile);
+  cuda::set_hopper_moe_options(default_options);
   std::cout << fmt::format("\nThe MoE layer alone ({}), median of 20:\n", gpu_description());
   t.print();
 

@@ -326,14 +326,18 @@ void moe_forward(float* out, const MoeSaved<float>& s, const float* inp, const M
   // 2) counts, offsets, permutation
   dispatch(s, NK, E);
   // 3) gathered tokens through each expert's FFN, one contiguous slice per expert
+  const bool hopper = c.experts == MoeExperts::Hopper, hopper_shared = hopper && hopper_moe_options().shared_on_wgmma;
+  if (hopper) moe_experts_forward_hopper(out, s, inp, w, c, N);  // routed, and shared experts: out = shared(x)
+  if (hopper_shared) {
+    launch_combine(out, s.eo, s.weights, s.slot_row, N, K, D);
+    return;
+  }
   const bool seg = c.experts != MoeExperts::Grouped;
   ScratchBuffer<float> xp(seg ? 0 : static_cast<size_t>(NK) * D),
       a(std::max(seg ? 0 : static_cast<size_t>(NK) * F, static_cast<size_t>(N) * Fs));
-  if (c.experts == MoeExperts::Hopper) {
-    routed_experts_forward_hopper(s, inp, w, c, N);
-  } else if (seg) {
+  if (seg && !hopper) {
     routed_experts_forward_bf16(s, inp, w, c, N);
-  } else {
+  } else if (!seg) {
     launch_gather(xp.get(), inp, s.perm, NK, K, D);
     routed_ffn_forward(s.eo, s.h1, s.h3, a.get(), xp.get(), w, host_offsets(s.offsets, E), D, F, c.matmul);
   }
@@ -353,20 +357,22 @@ void moe_backward(const MoeGrads<float>& g, float* dinp, const float* dout, cons
   const int E = c.n_routed_experts, K = c.n_activated_experts, D = c.dim, F = c.moe_inter_dim,
             Fs = c.shared_inter_dim(), NK = N * K;
   const bool softmax = c.score_func == ScoreFunc::Softmax;
-  const bool seg = c.experts != MoeExperts::Grouped;
-  const size_t scratch_rows = std::max(seg ? 0 : static_cast<size_t>(NK) * F, static_cast<size_t>(N) * Fs);
+  const bool seg = c.experts != MoeExperts::Grouped, hopper = c.experts == MoeExperts::Hopper;
+  const bool hopper_shared = hopper && hopper_moe_options().shared_on_wgmma;
+  const size_t scratch_rows =
+      hopper_shared ? 0 : std::max(seg ? 0 : static_cast<size_t>(NK) * F, static_cast<size_t>(N) * Fs);
   ScratchBuffer<float> a(scratch_rows), da(scratch_rows), dh1(scratch_rows), dh3(scratch_rows);
   const FfnScratch fs{a.get(), da.get(), dh1.get(), dh3.get()};
-  // 1) shared experts: dinp = their input gradient (overwrite)
-  if (Fs > 0)
+  // 1) shared experts: dinp = their input gradient (overwrite); on the Hopper path, inside step 2
+  if (!hopper_shared && Fs > 0)
     ffn_backward(g.shared_w1, g.shared_w2, g.shared_w3, dinp, dout, s.sh1, s.sh3, inp, w.shared_w1, w.shared_w2,
                  w.shared_w3, N, D, Fs, fs, c.matmul);
-  else
+  else if (!hopper_shared)
     CUDA_CHECK(cudaMemsetAsync(dinp, 0, static_cast<size_t>(N) * D * sizeof(float)));
   // 2) combine backward and each routed expert on its slice: dw (N, K), dxp (NK, D) in dispatch order
   ScratchBuffer<float> dw(NK), dxp(static_cast<size_t>(NK) * D);
-  if (c.experts == MoeExperts::Hopper) {
-    routed_experts_backward_hopper(g, dw.get(), dxp.get(), dout, s, inp, w, c, N);
+  if (hopper) {
+    moe_experts_backward_hopper(g, dinp, dw.get(), dxp.get(), dout, s, inp, w, c, N);
   } else if (seg) {
     routed_experts_backward_bf16(g, dw.get(), dxp.get(), dout, s, inp, w, c, N);
   } else {

@@ -129,6 +129,9 @@ class GroupedGemms {
 //     C_s = C + s * strideC: the segment's rows are the inner dimension (a weight gradient). K and strideB unused.
 // Needs A, B, C 16-byte aligned, lda, ldb, strideB and M, N, K (those used) multiples of 8, ldc and strideC
 // multiples of 4: segmented_gemm_supported says; the calls refuse others with a UserError.
+// Gathered rows (version 2 only, segment_gemm_hopper.cu): with a_rows set, the row of A that stands at sorted row
+// g (rows: the output row; tn: the inner index) is A's row a_rows[g] / rows_div, not g (the MoE's tokens read
+// through its dispatch permutation, without a gathered copy); b_rows likewise for B (tn only).
 struct SegmentGemm {
   int M, N, K;
   const uint16_t* A;
@@ -138,6 +141,9 @@ struct SegmentGemm {
   float* C;
   int ldc;
   int64_t strideB, strideC;
+  const int* a_rows = nullptr;
+  const int* b_rows = nullptr;
+  int rows_div = 1;
 };
 bool segmented_gemm_supported(const std::vector<SegmentGemm>& products, bool tn);
 void segmented_gemm_rows(Op opB, float alpha, float beta, const std::vector<SegmentGemm>& products,

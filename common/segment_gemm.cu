@@ -260,6 +260,7 @@ Args make_args(const std::vector<SegmentGemm>& products, const int* offsets, int
 
 bool segmented_gemm_supported(const std::vector<SegmentGemm>& products, bool tn) {
   for (const SegmentGemm& q : products) {
+    if (q.a_rows || q.b_rows) return false;  // gathered rows: version 2 only
     if (!(aligned16(q.A) && aligned16(q.B) && aligned16(q.C))) return false;
     if (q.lda % 8 || q.ldb % 8 || q.ldc % 4 || q.strideB % 8 || q.strideC % 4 || q.N % 8) return false;
     // the contiguous extent of each operand tile: whole 16-byte chunks
@@ -271,7 +272,7 @@ bool segmented_gemm_supported(const std::vector<SegmentGemm>& products, bool tn)
 void segmented_gemm_rows(Op opB, float alpha, float beta, const std::vector<SegmentGemm>& products,
                          const int* offsets, int segments, int total_rows) {
   require(segmented_gemm_supported(products, false),
-          "segmented_gemm_rows: operands off 16 bytes, or N or K not a multiple of 8");
+          "segmented_gemm_rows: operands off 16 bytes, N or K not a multiple of 8, or gathered rows (version 2 only)");
   if (segments == 0 || total_rows == 0) return;
   const Args a = make_args(products, offsets, segments, alpha, beta);
   int n_tiles = 0;
@@ -291,7 +292,7 @@ void segmented_gemm_rows(Op opB, float alpha, float beta, const std::vector<Segm
 void segmented_gemm_tn(float alpha, float beta, const std::vector<SegmentGemm>& products, const int* offsets,
                        int segments) {
   require(segmented_gemm_supported(products, true),
-          "segmented_gemm_tn: operands off 16 bytes, or M or N not a multiple of 8");
+          "segmented_gemm_tn: operands off 16 bytes, M or N not a multiple of 8, or gathered rows (version 2 only)");
   if (segments == 0) return;
   const Args a = make_args(products, offsets, segments, alpha, beta);
   int tiles = 0;

@@ -50,6 +50,9 @@ struct Product {
   int lda, ldb, ldc;
   int M, N, K;  // rows mode: N, K (M = the segment's rows); tn mode: M, N (K = the segment's rows)
   int64_t strideB, strideC;
+  const int* a_rows;  // gathered rows (gemm.h), or null
+  const int* b_rows;
+  int rows_div;
 };
 struct Args {
   Product p[kMaxProducts];
@@ -190,36 +193,68 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// R rows x 64 inner elements of a K-major operand into a swizzled tile at shared address s: element (r, k) is
-// base[(row0 + r) * ld + k0 + k], zero where row0 + r >= rows or k0 + k >= K (K % 8 == 0).
+// The row of an operand that stands at sorted row g: map[g] / div when the operand's rows are gathered, else g.
+__device__ __forceinline__ int source_row(const int* map, int div, int g) { return map ? map[g] / div : g; }
+
+// The loaders below take each thread's tile rows as source rows worked out beforehand (-1: past the operand's
+// extent, zero-filled), so that a gathered operand's lookups (map loads) are never waited for in the middle of a
+// tile's copies: in the rows layout a block's rows are the same for every tile, looked up once; in the tn layout
+// each tile has new rows (the inner index), looked up one iteration ahead of their copies.
+
+// K-major, R rows: thread i-th chunk's row is (threadIdx.x + i kThreads) / 8; row[i] its source row.
 template <int R>
-__device__ __forceinline__ void load_k_major(uint32_t s, const bf16* base, int ld, int row0, int rows, int k0, int K) {
-  constexpr int kChunks = R * 8, kPer = kChunks / kThreads;
-  static_assert(kChunks % kThreads == 0, "tile must split evenly over the block");
+__device__ __forceinline__ void k_major_rows(int (&row)[R * 8 / kThreads], int row0, int rows, const int* map,
+                                             int div) {
+#pragma unroll
+  for (int i = 0; i < R * 8 / kThreads; ++i) {
+    const int r = (threadIdx.x + i * kThreads) / 8;
+    row[i] = row0 + r < rows ? source_row(map, div, row0 + r) : -1;
+  }
+}
+
+// R rows x 64 inner elements of a K-major operand into a swizzled tile at shared address s: element (r, k) is
+// base[row[r] * ld + k0 + k], zero where the row is -1 or k0 + k >= K (K % 8 == 0).
+template <int R>
+__device__ __forceinline__ void load_k_major(uint32_t s, const bf16* base, int ld, const int (&row)[R * 8 / kThreads],
+                                             int k0, int K) {
+  constexpr int kPer = R * 8 / kThreads;
+  static_assert(R * 8 % kThreads == 0, "tile must split evenly over the block");
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
     const int idx = threadIdx.x + i * kThreads, r = idx / 8, c = idx % 8;
-    const bool in = row0 + r < rows && k0 + 8 * c < K;
-    const bf16* src = in ? base + static_cast<int64_t>(row0 + r) * ld + k0 + 8 * c : base;
+    const bool in = row[i] >= 0 && k0 + 8 * c < K;
+    const bf16* src = in ? base + static_cast<int64_t>(row[i]) * ld + k0 + 8 * c : base;
     const uint32_t dst = s + r * kRowBytes + ((c ^ (r % 8)) << 4);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 16 : 0));
   }
 }
 
-// 64 inner indices x C elements of an MN-major operand into swizzled atoms at shared address s: element (k, j) is
-// base[(k0 + k) * ld + j0 + j], zero where k0 + k >= K or j0 + j >= J (J % 8 == 0). Atom a (elements 64 a ..
-// 64 a + 63) starts at s + a * kAtomBytes.
+// MN-major, C elements a tile row: thread i-th chunk's inner index is k0 + (threadIdx.x + i kThreads) / (C / 8).
 constexpr int kAtomBytes = kBK * kRowBytes;
 template <int C>
-__device__ __forceinline__ void load_mn_major(uint32_t s, const bf16* base, int ld, int k0, int K, int j0, int J) {
-  constexpr int kRowChunks = C / 8, kChunks = kBK * kRowChunks, kPer = kChunks / kThreads;
-  static_assert(kChunks % kThreads == 0, "tile must split evenly over the block");
+__device__ __forceinline__ void mn_major_rows(int (&row)[kBK * C / 8 / kThreads], int k0, int K, const int* map,
+                                              int div) {
+#pragma unroll
+  for (int i = 0; i < kBK * C / 8 / kThreads; ++i) {
+    const int k = (threadIdx.x + i * kThreads) / (C / 8);
+    row[i] = k0 + k < K ? source_row(map, div, k0 + k) : -1;
+  }
+}
+
+// 64 inner indices x C elements of an MN-major operand into swizzled atoms at shared address s: element (k, j) is
+// base[row[k] * ld + j0 + j], zero where the row is -1 or j0 + j >= J (J % 8 == 0). Atom a (elements 64 a ..
+// 64 a + 63) starts at s + a * kAtomBytes.
+template <int C>
+__device__ __forceinline__ void load_mn_major(uint32_t s, const bf16* base, int ld,
+                                              const int (&row)[kBK * C / 8 / kThreads], int j0, int J) {
+  constexpr int kRowChunks = C / 8, kPer = kBK * kRowChunks / kThreads;
+  static_assert(kBK * kRowChunks % kThreads == 0, "tile must split evenly over the block");
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
     const int idx = threadIdx.x + i * kThreads, k = idx / kRowChunks, cj = idx % kRowChunks;
     const int atom = cj / 8, c = cj % 8;
-    const bool in = k0 + k < K && j0 + 8 * cj < J;
-    const bf16* src = in ? base + static_cast<int64_t>(k0 + k) * ld + j0 + 8 * cj : base;
+    const bool in = row[i] >= 0 && j0 + 8 * cj < J;
+    const bf16* src = in ? base + static_cast<int64_t>(row[i]) * ld + j0 + 8 * cj : base;
     const uint32_t dst = s + atom * kAtomBytes + k * kRowBytes + ((c ^ (k % 8)) << 4);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 16 : 0));
   }
@@ -251,6 +286,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) segment_gemm_wgmma_kerne
   static_assert(kAhead >= 1, "at least one tile in flight");
   const Product& p = args.p[blockIdx.z];
   const bf16 *A, *B;
+  const int *a_map = nullptr, *b_map = nullptr;  // gathered rows of this segment, or null
   float* C;
   int M, K, m0, n0;
   if (kTn) {
@@ -259,8 +295,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) segment_gemm_wgmma_kerne
     n0 = blockIdx.x % n_tiles * kBN;
     if (m0 >= p.M) return;
     const int64_t beg = args.off[s];
-    A = p.A + beg * p.lda;
-    B = p.B + beg * p.ldb;
+    A = p.a_rows ? p.A : p.A + beg * p.lda;
+    B = p.b_rows ? p.B : p.B + beg * p.ldb;
+    a_map = p.a_rows ? p.a_rows + beg : nullptr;
+    b_map = p.b_rows ? p.b_rows + beg : nullptr;
     C = p.C + s * p.strideC;
     M = p.M;
     K = args.off[s + 1] - args.off[s];
@@ -276,7 +314,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) segment_gemm_wgmma_kerne
     }
     if (s == args.segments) return;
     const int64_t beg = args.off[s];
-    A = p.A + beg * p.lda;
+    A = p.a_rows ? p.A : p.A + beg * p.lda;
+    a_map = p.a_rows ? p.a_rows + beg : nullptr;
     B = p.B + s * p.strideB;
     C = p.C + beg * p.ldc;
     M = rows;
@@ -288,13 +327,25 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) segment_gemm_wgmma_kerne
   const uint32_t base = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
   const auto a_stage = [&](int st) { return base + st * Cfg::kStageBytes; };
   const auto b_stage = [&](int st) { return base + st * Cfg::kStageBytes + Cfg::kABytes; };
+  // each thread's source rows of the tiles it copies (see the loaders): rows layout, fixed; tn, per tile
+  constexpr int kPerA = kBM * 8 / kThreads, kPerB = kBN * 8 / kThreads;
+  static_assert(kBK * kBM / 8 == kBM * 8 && kBK * kBN / 8 == kBN * 8, "both layouts split a tile alike");
+  int a_row[kPerA], b_row[kPerB];
+  const auto tn_rows = [&](int k0) {
+    mn_major_rows<kBM>(a_row, k0, K, a_map, p.rows_div);
+    mn_major_rows<kBN>(b_row, k0, K, b_map, p.rows_div);
+  };
+  if (!kTn) {
+    k_major_rows<kBM>(a_row, m0, M, a_map, p.rows_div);
+    k_major_rows<kBN>(b_row, n0, p.N, nullptr, 1);
+  }
   const auto load = [&](int st, int k0) {
     if (kTn) {
-      load_mn_major<kBM>(a_stage(st), A, p.lda, k0, K, m0, M);
-      load_mn_major<kBN>(b_stage(st), B, p.ldb, k0, K, n0, p.N);
+      load_mn_major<kBM>(a_stage(st), A, p.lda, a_row, m0, M);
+      load_mn_major<kBN>(b_stage(st), B, p.ldb, b_row, n0, p.N);
     } else {
-      load_k_major<kBM>(a_stage(st), A, p.lda, m0, M, k0, K);
-      load_k_major<kBN>(b_stage(st), B, p.ldb, n0, p.N, k0, K);
+      load_k_major<kBM>(a_stage(st), A, p.lda, a_row, k0, K);
+      load_k_major<kBN>(b_stage(st), B, p.ldb, b_row, k0, K);
     }
   };
 
@@ -306,9 +357,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) segment_gemm_wgmma_kerne
   const int k_tiles = (K + kBK - 1) / kBK;
 #pragma unroll
   for (int t = 0; t < kAhead; ++t) {
-    if (t < k_tiles) load(t, t * kBK);
+    if (t < k_tiles) {
+      if (kTn) tn_rows(t * kBK);
+      load(t, t * kBK);
+    }
     cp_async_commit();
   }
+  if (kTn) tn_rows(kAhead * kBK);  // the rows of the first tile the loop copies
   for (int kt = 0; kt < k_tiles; ++kt) {
     cp_async_wait<kAhead - 1>();
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // this thread's copies, to the async proxy
@@ -316,6 +371,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) segment_gemm_wgmma_kerne
     const int next = kt + kAhead;
     if (next < k_tiles) load(next % kStages, next * kBK);
     cp_async_commit();
+    if (kTn && next + 1 < k_tiles) tn_rows((next + 1) * kBK);  // looked up while this tile's products run
     const int st = kt % kStages;
     // this warpgroup's 64 rows: K-major, rows 64 wg.. of the A tile; MN-major, A's atom wg
     const uint64_t da = tile_descriptor(a_stage(st) + wg * (kTn ? kAtomBytes : 64 * kRowBytes), kTn ? kAtomBytes : 16),
@@ -435,8 +491,10 @@ Args make_args(const char* who, bool tn, float alpha, float beta, const std::vec
   Args a{};
   for (size_t i = 0; i < products.size(); ++i) {
     const SegmentGemm& q = products[i];
+    require(tn || !q.b_rows, "{}: gathered rows of B only in the tn form (B is the segment's own matrix here)", who);
+    require(q.rows_div >= 1, "{}: rows_div must be >= 1, got {}", who, q.rows_div);
     a.p[i] = {reinterpret_cast<const bf16*>(q.A), reinterpret_cast<const bf16*>(q.B), q.C, q.lda, q.ldb, q.ldc,
-              q.M, q.N, q.K, q.strideB, q.strideC};
+              q.M, q.N, q.K, q.strideB, q.strideC, q.a_rows, q.b_rows, q.rows_div};
   }
   a.off = offsets;
   a.segments = segments;
