@@ -102,13 +102,7 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 }
 // 16 bytes from global to shared, or 16 zero bytes when !valid (src is then not read).
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  cuda::cp_async16(smem_addr(dst), src, valid);
 }
 
 // Queues rows r0 .. r0+63 of one (sequence, head) of a packed operand (rows of W bf16) into a shared tile of row

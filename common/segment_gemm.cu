@@ -63,14 +63,8 @@ __device__ void copy_tile(bf16* s, const bf16* base, int ld, int row0, int rows,
     const int idx = threadIdx.x + i * kT, r = idx / kC8, c = (idx % kC8) * 8;
     const bool in = row0 + r < rows && col0 + c < cols;
     const bf16* src = in ? base + static_cast<int64_t>(row0 + r) * ld + col0 + c : base;
-    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(s + r * (C + kPad) + c));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 16 : 0));
+    cp_async16(static_cast<uint32_t>(__cvta_generic_to_shared(s + r * (C + kPad) + c)), src, in);
   }
-}
-__device__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
 // Shared-memory sizes of one pipeline stage. kAK: A's inner index is contiguous (rows mode) else its output-row
