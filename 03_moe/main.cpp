@@ -16,6 +16,7 @@
 #include "common/compare.h"
 #include "common/device.h"
 #include "common/diag.h"
+#include "common/errors.h"
 #include "common/gradcheck.h"
 #include "common/rng.h"
 #include "common/timer.h"
