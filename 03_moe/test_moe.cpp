@@ -114,17 +114,19 @@ TEST(MoeConfig, SegmentedExpertsNeedBf16AndMultiplesOf8) {
       EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
     }
   };
-  MoeConfig c = small_config(16, 4, 4, 2);
-  c.dim = 64;
-  c.moe_inter_dim = 48;
-  c.experts = MoeExperts::Segmented;
-  expect_moe_error(c, "matmul = BF16");
-  c.matmul = Matmul::BF16;
-  EXPECT_NO_THROW(c.validate());
-  EXPECT_TRUE(segmented_experts_fit(c));
-  c.moe_inter_dim = 44;
-  expect_moe_error(c, "multiples of 8");
-  EXPECT_FALSE(segmented_experts_fit(c));
+  for (MoeExperts e : {MoeExperts::Segmented, MoeExperts::Hopper}) {  // the Hopper path has the same needs
+    MoeConfig c = small_config(16, 4, 4, 2);
+    c.dim = 64;
+    c.moe_inter_dim = 48;
+    c.experts = e;
+    expect_moe_error(c, "matmul = BF16");
+    c.matmul = Matmul::BF16;
+    EXPECT_NO_THROW(c.validate());
+    EXPECT_TRUE(segmented_experts_fit(c));
+    c.moe_inter_dim = 44;
+    expect_moe_error(c, "multiples of 8");
+    EXPECT_FALSE(segmented_experts_fit(c));
+  }
 }
 
 TEST(MoeConfig, RejectsInvalidConfigsNamingTheField) {

@@ -21,14 +21,15 @@ namespace dsv3 {
 // BF16: mixed precision with fp32 master weights and fp32 AdamW moments: the operands of the matrix products
 //       (projections, attention scores and values, experts, head) are rounded to bf16 and multiplied on tensor
 //       cores with fp32 accumulation; the router (gate logits, scores, bias), the norms, softmax, the loss and
-//       the optimizer stay fp32. The routed experts run on the segmented bf16 path when the model's shapes
+//       the optimizer stay fp32. The routed experts run on the Hopper products on a 9.0 GPU (sm_90a build), else
+//       on the segmented bf16 path when the model's shapes
 //       allow it (moe_inter_dim and hidden_size multiples of 8), else on the grouped cuBLAS path.
 enum class Precision { FP32, BF16 };
 std::string precision_name(Precision p);
 Precision parse_precision(const std::string& s);  // "fp32" | "bf16"; UserError otherwise
 // The CUDA model's options for a precision and model (the choice of expert path above).
 DeviceOptions device_options(Precision p, const ModelConfig& c);
-// "grouped" | "segmented"; UserError otherwise.
+// "grouped" | "segmented" | "hopper"; UserError otherwise.
 MoeExperts parse_moe_experts(const std::string& s);
 std::string moe_experts_name(MoeExperts e);
 

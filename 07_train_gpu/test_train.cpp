@@ -317,6 +317,14 @@ TEST(CpuBackend, StepIsStage04AdamWOnTheClippedGradientThenTheBiasUpdate) {
 TEST(CpuBackend, PrecisionNamesAndNoCudaIsAUserError) {
   for (Precision p : {Precision::FP32, Precision::BF16}) EXPECT_EQ(parse_precision(precision_name(p)), p);
   expect_user_error([] { parse_precision("fp16"); }, "fp16");
+  for (MoeExperts e : {MoeExperts::Grouped, MoeExperts::Segmented, MoeExperts::Hopper})
+    EXPECT_EQ(parse_moe_experts(moe_experts_name(e)), e);
+  expect_user_error([] { parse_moe_experts("wgmma"); }, "wgmma");
+  // bf16 picks Hopper only where this process can run it (a 9.0 GPU and sm_90a code), else Segmented (tiny's
+  // dims are multiples of 8, so one of the two)
+  const MoeExperts chosen = device_options(Precision::BF16, tiny()).experts;
+  EXPECT_EQ(chosen == MoeExperts::Hopper, hopper_experts_available()) << moe_experts_name(chosen);
+  EXPECT_EQ(device_options(Precision::FP32, tiny()).experts, MoeExperts::Grouped);
   EXPECT_EQ(make_cpu_backend(tiny(), 1)->describe(), "cpu fp32");
   if (gpu_available()) GTEST_SKIP() << "a GPU is present: make_cuda_backend succeeds here";
   EXPECT_THROW(make_cuda_backend(tiny(), 1, Precision::FP32), UserError);  // no CUDA built in, or no GPU
