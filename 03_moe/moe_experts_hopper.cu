@@ -3,10 +3,12 @@
 // experts runs on version 2 of the segmented product, wgmma on 128-byte swizzled tiles
 // (common/segment_gemm_hopper.cu): the rows form (tokens the rows) reads both operands K-major, so the backward
 // multiplies by transposed bf16 copies of the weights (written by one pass that also rounds them); the weight
-// gradients (tokens the inner dimension) run on its tn form. The tokens are rounded to bf16 once (N x D) and the
-// routed products read them through the dispatch permutation, no gathered copy (NK x D). The shared experts are
-// the same products over one segment of N rows. Oracle: CudaMoeExpertsHopper in
-// test_moe.cpp, against the fp32 grouped path and bit-near version 1.
+// gradients (tokens the inner dimension) run on its tn form. The tokens are rounded to bf16 once (N x D); the
+// forward's up-projections read them through the dispatch permutation (no gathered N K x D copy), the backward's
+// weight gradients from a gathered copy (faster there: their rows change every tile). The shared experts are the
+// same products over one segment of N rows, their weight gradients over 16 row slices. Each of these choices was
+// measured (03 README, "Speed on Hopper"); HopperMoeOptions switches them for the micro-benchmark. Oracle:
+// CudaMoeExpertsHopper in test_moe.cpp, against the fp32 grouped path and version 1 (to the order of the sums).
 #include <cstdint>
 
 #include <cuda_bf16.h>
@@ -178,7 +180,8 @@ void moe_experts_backward_hopper(const MoeGrads<float>& g, float* dinp, float* d
                                  const MoeSaved<float>& s, const float* inp, const MoeWeights<float>& w,
                                  const MoeConfig& c, int N) {
   require_hopper();
-  require_aligned({inp, dinp, dout, g.w1, g.w2, g.w3, s.h1, s.h3, s.eo, s.sh1, s.sh3});
+  require_aligned({inp, dinp, dout, g.w1, g.w2, g.w3, g.shared_w1, g.shared_w2, g.shared_w3, s.h1, s.h3, s.eo,
+                   s.sh1, s.sh3});
   const int E = c.n_routed_experts, K = c.n_activated_experts, NK = N * K, D = c.dim, F = c.moe_inter_dim,
             Fs = c.shared_inter_dim();
   const int64_t FD = static_cast<int64_t>(F) * D, n = static_cast<int64_t>(E) * FD;

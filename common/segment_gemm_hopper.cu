@@ -21,6 +21,10 @@
 // barrier. The epilogue writes fp32 pairs from the accumulators straight to C, rows past the segment's end (rows
 // mode) or past M skipped.
 //
+// Gathered rows (SegmentGemm::a_rows / b_rows): an operand's row at sorted position g is read from row
+// map[g] / rows_div; each thread works out its rows before its copies (once per block in the rows form, whose rows
+// are the same for every tile; one tile ahead in the tn form), so no lookup is waited for among the copies.
+//
 // Pipeline (kPending wgmma groups left in flight): loads run kAhead = kStages - 1 - kPending tiles ahead; tile
 // kt + kAhead goes to the stage of tile kt - 1 - kPending, whose products every warpgroup has waited for before
 // the barrier of iteration kt.
