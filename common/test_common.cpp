@@ -439,6 +439,56 @@ Bf16Operand bf16_operand(const std::vector<float>& v) {
   return o;
 }
 const std::vector<int> kSegOffsets = {0, 0, 5, 6, 6, 135, 400, 417, 417};
+
+// A rows-form case over kSegOffsets: A (rows x lda) and S matrices B1, B2 (stride sb; N x K for opB = T, K x N
+// for opB = N) in bf16, and the CPU's results on the same values: ref1 = 1.5 A B1 and ref2 = -A B1 + 0.5 (1.5 A B2).
+// expect_matches(run) makes the GPU compute them the same way: run(alpha, beta, products) with two products at
+// beta = 0 over poisoned C, then product 2's C again with B1, alpha -1 and beta 0.5.
+struct RowsCase {
+  Op ob;
+  int N, K, lda, ldb, ldc;
+  int64_t sb;
+  int S = static_cast<int>(kSegOffsets.size()) - 1, rows = kSegOffsets.back();
+  Bf16Operand A, B1, B2;
+  std::vector<float> ref1, ref2;
+
+  RowsCase(Rng& rng, Op ob_, int N_, int K_, int lda_, int ldb_, int ldc_, int64_t sb_)
+      : ob(ob_), N(N_), K(K_), lda(lda_), ldb(ldb_), ldc(ldc_), sb(sb_) {
+    A = bf16_operand(rng.normal_vec<float>(static_cast<size_t>(rows) * lda));
+    B1 = bf16_operand(rng.normal_vec<float>(S * sb));
+    B2 = bf16_operand(rng.normal_vec<float>(S * sb));
+    ref1.assign(static_cast<size_t>(rows) * ldc, 0.f);
+    ref2 = ref1;
+    for (int s = 0; s < S; ++s) {
+      const int r0 = kSegOffsets[s], n = kSegOffsets[s + 1] - r0;
+      if (n == 0) continue;
+      const float* a = A.values.data() + r0 * lda;
+      cpu::gemm(Op::N, ob, n, N, K, 1.5f, a, lda, B1.values.data() + s * sb, ldb, 0.f, ref1.data() + r0 * ldc, ldc);
+      cpu::gemm(Op::N, ob, n, N, K, 1.5f, a, lda, B2.values.data() + s * sb, ldb, 0.f, ref2.data() + r0 * ldc, ldc);
+      cpu::gemm(Op::N, ob, n, N, K, -1.f, a, lda, B1.values.data() + s * sb, ldb, 0.5f, ref2.data() + r0 * ldc, ldc);
+    }
+  }
+  // the N columns of each row: the padding columns of C are never written
+  std::vector<float> strip(const std::vector<float>& c) const {
+    std::vector<float> out;
+    for (int r = 0; r < rows; ++r) out.insert(out.end(), c.begin() + r * ldc, c.begin() + r * ldc + N);
+    return out;
+  }
+  template <typename Run>
+  void expect_matches(Run&& run, const Tolerance& tol, const std::string& name) const {
+    DeviceBuffer<uint16_t> dA(A.bits), dB1(B1.bits), dB2(B2.bits);
+    DeviceBuffer<float> dC1(ref1.size()), dC2(ref2.size());
+    dC1.poison();
+    dC2.poison();
+    cuda::SegmentGemm p1{0, N, K, dA.get(), lda, dB1.get(), ldb, dC1.get(), ldc, sb, 0};
+    cuda::SegmentGemm p2{0, N, K, dA.get(), lda, dB2.get(), ldb, dC2.get(), ldc, sb, 0};
+    run(1.5f, 0.f, std::vector<cuda::SegmentGemm>{p1, p2});
+    p2.B = dB1.get();
+    run(-1.f, 0.5f, std::vector<cuda::SegmentGemm>{p2});
+    EXPECT_CLOSE(compare(strip(dC1.download()), strip(ref1), tol), name + ", beta 0");
+    EXPECT_CLOSE(compare(strip(dC2.download()), strip(ref2), tol), name + ", beta 0.5");
+  }
+};
 }  // namespace
 
 // to_bf16 (eight elements a thread where both pointers are 16-byte aligned, one a thread for the tail and for
@@ -472,43 +522,14 @@ TEST(CudaSegmentGemm, ToBf16RoundsAsTheHostBitForBit) {
 
 TEST(CudaSegmentGemm, RowsMatchCpuForBothLayouts) {
   DSV3_REQUIRE_GPU();
-  const int S = static_cast<int>(kSegOffsets.size()) - 1, rows = kSegOffsets.back(), N = 136, K = 40;
-  const int lda = K + 8, ldc = N + 4;
+  const int N = 136, K = 40, lda = K + 8, ldc = N + 4;
   Rng rng(21);
   DeviceBuffer<int> doff(kSegOffsets);
   for (Op ob : {Op::T, Op::N}) {
-    const int ldb = ob == Op::T ? K : N;
-    const int64_t sb = static_cast<int64_t>(N) * K;
-    const auto A = bf16_operand(rng.normal_vec<float>(static_cast<size_t>(rows) * lda));
-    const auto B1 = bf16_operand(rng.normal_vec<float>(S * sb)), B2 = bf16_operand(rng.normal_vec<float>(S * sb));
-    // call 1: two products, beta = 0 over poisoned C; call 2: product 2's C again with beta = 0.5
-    std::vector<float> ref1(static_cast<size_t>(rows) * ldc, 0.f), ref2 = ref1;
-    for (int s = 0; s < S; ++s) {
-      const int r0 = kSegOffsets[s], n = kSegOffsets[s + 1] - r0;
-      if (n == 0) continue;
-      const float* a = A.values.data() + r0 * lda;
-      cpu::gemm(Op::N, ob, n, N, K, 1.5f, a, lda, B1.values.data() + s * sb, ldb, 0.f, ref1.data() + r0 * ldc, ldc);
-      cpu::gemm(Op::N, ob, n, N, K, 1.5f, a, lda, B2.values.data() + s * sb, ldb, 0.f, ref2.data() + r0 * ldc, ldc);
-      cpu::gemm(Op::N, ob, n, N, K, -1.f, a, lda, B1.values.data() + s * sb, ldb, 0.5f, ref2.data() + r0 * ldc, ldc);
-    }
-    DeviceBuffer<uint16_t> dA(A.bits), dB1(B1.bits), dB2(B2.bits);
-    DeviceBuffer<float> dC1(ref1.size()), dC2(ref2.size());
-    dC1.poison();
-    dC2.poison();
-    cuda::SegmentGemm p1{0, N, K, dA.get(), lda, dB1.get(), ldb, dC1.get(), ldc, sb, 0};
-    cuda::SegmentGemm p2{0, N, K, dA.get(), lda, dB2.get(), ldb, dC2.get(), ldc, sb, 0};
-    cuda::segmented_gemm_rows(ob, 1.5f, 0.f, {p1, p2}, doff.get(), S, rows);
-    p2.B = dB1.get();
-    cuda::segmented_gemm_rows(ob, -1.f, 0.5f, {p2}, doff.get(), S, rows);
-    // the padding columns of C are never written: compare the N columns of each row
-    const auto strip = [&](const std::vector<float>& c) {
-      std::vector<float> out;
-      for (int r = 0; r < rows; ++r) out.insert(out.end(), c.begin() + r * ldc, c.begin() + r * ldc + N);
-      return out;
-    };
-    const char* name = ob == Op::T ? "opB = T" : "opB = N";
-    EXPECT_CLOSE(compare(strip(dC1.download()), strip(ref1), kReductionTol), fmt::format("rows, {}, beta 0", name));
-    EXPECT_CLOSE(compare(strip(dC2.download()), strip(ref2), kReductionTol), fmt::format("rows, {}, beta 0.5", name));
+    const RowsCase t(rng, ob, N, K, lda, ob == Op::T ? K : N, ldc, static_cast<int64_t>(N) * K);
+    t.expect_matches([&](float alpha, float beta, const std::vector<cuda::SegmentGemm>& products) {
+      cuda::segmented_gemm_rows(ob, alpha, beta, products, doff.get(), t.S, t.rows);
+    }, kReductionTol, fmt::format("rows, {}", ob == Op::T ? "opB = T" : "opB = N"));
   }
 }
 
@@ -523,45 +544,18 @@ TEST(CudaSegmentGemm, WgmmaRowsMatchCpuForEveryTile) {
   DSV3_REQUIRE_GPU();
   if (!cuda::segmented_gemm_wgmma_available())
     GTEST_SKIP() << "no wgmma here (needs a compute capability 9.0 GPU and a build for sm_90a)";
-  const int S = static_cast<int>(kSegOffsets.size()) - 1, rows = kSegOffsets.back(), N = 136;
+  const int N = 136;
   DeviceBuffer<int> doff(kSegOffsets);
   Rng rng(23);
   for (int K : {72, 520}) {
-    const int lda = K + 8, ldb = K + 16, ldc = N + 4;
-    const int64_t sb = static_cast<int64_t>(N) * ldb;
-    const auto A = bf16_operand(rng.normal_vec<float>(static_cast<size_t>(rows) * lda));
-    const auto B1 = bf16_operand(rng.normal_vec<float>(S * sb)), B2 = bf16_operand(rng.normal_vec<float>(S * sb));
-    std::vector<float> ref1(static_cast<size_t>(rows) * ldc, 0.f), ref2 = ref1;
-    for (int s = 0; s < S; ++s) {
-      const int r0 = kSegOffsets[s], n = kSegOffsets[s + 1] - r0;
-      if (n == 0) continue;
-      const float* a = A.values.data() + r0 * lda;
-      cpu::gemm(Op::N, Op::T, n, N, K, 1.5f, a, lda, B1.values.data() + s * sb, ldb, 0.f, ref1.data() + r0 * ldc, ldc);
-      cpu::gemm(Op::N, Op::T, n, N, K, 1.5f, a, lda, B2.values.data() + s * sb, ldb, 0.f, ref2.data() + r0 * ldc, ldc);
-      cpu::gemm(Op::N, Op::T, n, N, K, -1.f, a, lda, B1.values.data() + s * sb, ldb, 0.5f, ref2.data() + r0 * ldc,
-                ldc);
-    }
-    const auto strip = [&](const std::vector<float>& c) {
-      std::vector<float> out;
-      for (int r = 0; r < rows; ++r) out.insert(out.end(), c.begin() + r * ldc, c.begin() + r * ldc + N);
-      return out;
-    };
-    DeviceBuffer<uint16_t> dA(A.bits), dB1(B1.bits), dB2(B2.bits);
+    const int ldb = K + 16;
+    const RowsCase t(rng, Op::T, N, K, K + 8, ldb, N + 4, static_cast<int64_t>(N) * ldb);
     for (cuda::WgmmaTile tile : {cuda::WgmmaTile::N256S4, cuda::WgmmaTile::N256S3, cuda::WgmmaTile::N128S4,
                                  cuda::WgmmaTile::N128S3}) {
       cuda::set_wgmma_tile(tile);
-      DeviceBuffer<float> dC1(ref1.size()), dC2(ref2.size());
-      dC1.poison();
-      dC2.poison();
-      cuda::SegmentGemm p1{0, N, K, dA.get(), lda, dB1.get(), ldb, dC1.get(), ldc, sb, 0};
-      cuda::SegmentGemm p2{0, N, K, dA.get(), lda, dB2.get(), ldb, dC2.get(), ldc, sb, 0};
-      cuda::segmented_gemm_rows_wgmma(1.5f, 0.f, {p1, p2}, doff.get(), S, rows);
-      p2.B = dB1.get();
-      cuda::segmented_gemm_rows_wgmma(-1.f, 0.5f, {p2}, doff.get(), S, rows);
-      const std::string name = fmt::format("K {} tile {}", K, static_cast<int>(tile));
-      const Tolerance tol{2e-6 * K, 1e-4};
-      EXPECT_CLOSE(compare(strip(dC1.download()), strip(ref1), tol), name + ", beta 0");
-      EXPECT_CLOSE(compare(strip(dC2.download()), strip(ref2), tol), name + ", beta 0.5");
+      t.expect_matches([&](float alpha, float beta, const std::vector<cuda::SegmentGemm>& products) {
+        cuda::segmented_gemm_rows_wgmma(alpha, beta, products, doff.get(), t.S, t.rows);
+      }, Tolerance{2e-6 * K, 1e-4}, fmt::format("K {} tile {}", K, static_cast<int>(tile)));
     }
   }
   cuda::set_wgmma_tile(cuda::WgmmaTile::N128S3);
