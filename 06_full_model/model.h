@@ -92,8 +92,9 @@ class Model {
   // Gradients of the last forward's total loss (zeroed first).
   void backward();
   // gamma * sign(mean load - load) on every MoE layer's bias (the MTP modules' blocks included), from the last
-  // forward's loads.
-  void update_bias();
+  // forward's loads. ranks: the data-parallel group's size, when expert_counts_data() holds the group's summed
+  // counts (the mean load is then over ranks * B * T tokens); 1 alone.
+  void update_bias(int ranks = 1);
 
   const ModelLosses& losses() const { return losses_; }
   const std::vector<T>& logits() const { return logits_; }
@@ -114,6 +115,9 @@ class Model {
   // Tokens routed to each expert (E) by MoE layer l in the last forward (empty for a dense layer); l in
   // [0, L + depth): L + k is MTP module k's block.
   std::vector<int> expert_counts(int l) const;
+  // The same counts in place (E ints; nullptr for a dense layer or before a forward): data parallelism sums them
+  // over ranks before update_bias(ranks).
+  int* expert_counts_data(int l);
 
   struct Tensor {
     std::string name;  // model.py-style name (embed, layers.3.attn.wq_a, mtp.0.eh_proj, ...)

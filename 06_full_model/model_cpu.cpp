@@ -189,14 +189,14 @@ void Model<T>::backward() {
 }
 
 template <typename T>
-void Model<T>::update_bias() {
+void Model<T>::update_bias(int ranks) {
   const float gamma = float(cfg_.training.bias_update_speed);
   if (gamma <= 0) return;
   // every MoE layer, the MTP modules' blocks included (paper §2.1.2: the bias of every routed expert)
   for (int l = 0; l < cfg_.num_hidden_layers + int(p_.mtp.size()); ++l)
     if (cfg_.is_moe_layer(l))
-      cpu::bias_update(moe_params(l).gate_bias.data(), moe_saved(l).counts, cfg_.n_routed_experts, B_ * seq_,
-                       cfg_.num_experts_per_tok, gamma);
+      cpu::bias_update(moe_params(l).gate_bias.data(), moe_saved(l).counts, cfg_.n_routed_experts,
+                       B_ * seq_ * ranks, cfg_.num_experts_per_tok, gamma);
 }
 
 template <typename T>
@@ -237,6 +237,12 @@ std::vector<int> Model<T>::expert_counts(int l) const {
   if (l < 0 || l >= cfg_.num_hidden_layers + int(p_.mtp.size()) || !cfg_.is_moe_layer(l) || B_ == 0) return {};
   const int* c = moe_saved(l).counts;
   return std::vector<int>(c, c + cfg_.n_routed_experts);
+}
+
+template <typename T>
+int* Model<T>::expert_counts_data(int l) {
+  if (l < 0 || l >= cfg_.num_hidden_layers + int(p_.mtp.size()) || !cfg_.is_moe_layer(l) || B_ == 0) return nullptr;
+  return moe_saved(l).counts;
 }
 
 template <typename T>

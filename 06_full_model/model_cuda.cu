@@ -213,7 +213,7 @@ bool DeviceModel::balance_backward(float* dscores, int layer, const MoeSaved<flo
   return true;
 }
 
-void DeviceModel::update_bias(const int* skip) {
+void DeviceModel::update_bias(const int* skip, int ranks) {
   const float gamma = float(cfg_.training.bias_update_speed);
   if (gamma <= 0) return;
   // every MoE layer, the MTP modules' blocks included (paper §2.1.2: the bias of every routed expert)
@@ -221,7 +221,7 @@ void DeviceModel::update_bias(const int* skip) {
   for (int l = 0; l < L + int(p_.mtp.size()); ++l) {
     if (!cfg_.is_moe_layer(l)) continue;
     auto& moe = l < L ? p_.layers[size_t(l)].moe : p_.mtp[size_t(l - L)].block.moe;
-    cuda::bias_update(moe.gate_bias.get(), moe_saved(l).counts, cfg_.n_routed_experts, B_ * seq_,
+    cuda::bias_update(moe.gate_bias.get(), moe_saved(l).counts, cfg_.n_routed_experts, B_ * seq_ * ranks,
                       cfg_.num_experts_per_tok, gamma, skip);
   }
 }
@@ -277,6 +277,12 @@ std::vector<int> DeviceModel::expert_counts(int layer) const {
   std::vector<int> counts(cfg_.n_routed_experts);  // only the E counts, not the layer's whole int buffer
   CUDA_CHECK(cudaMemcpy(counts.data(), moe_saved(layer).counts, counts.size() * sizeof(int), cudaMemcpyDeviceToHost));
   return counts;
+}
+
+int* DeviceModel::expert_counts_data(int layer) {
+  if (layer < 0 || layer >= cfg_.num_hidden_layers + int(p_.mtp.size()) || !cfg_.is_moe_layer(layer) || B_ == 0)
+    return nullptr;
+  return moe_saved(layer).counts;
 }
 
 std::vector<int> DeviceModel::routing(int layer) const {

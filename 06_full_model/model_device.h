@@ -24,8 +24,9 @@ class DeviceModel {
   // As Model::forward / backward / update_bias, on the device. Tokens (B, T+1) on the host.
   float forward(const std::vector<int>& tokens, int B, int Tn);
   void backward();
-  // skip: nullptr, or a device int that, when non-zero, leaves the update out (a step skipped on the device)
-  void update_bias(const int* skip = nullptr);
+  // skip: nullptr, or a device int that, when non-zero, leaves the update out (a step skipped on the device);
+  // ranks: as Model::update_bias.
+  void update_bias(const int* skip = nullptr, int ranks = 1);
   // forward() in three parts, for a caller that captures the device work in a CUDA graph (stage 07's step):
   // stage() checks the tokens on the host, (re)allocates the saved activations when (B, T) changes and uploads
   // the tokens; forward_on_device() queues the forward without a host synchronisation (losses stay on the
@@ -54,6 +55,11 @@ class DeviceModel {
   // Tokens routed to each expert (E) by MoE layer l in the last forward (empty for a dense layer); l in
   // [0, L + depth): L + k is MTP module k's block (model.h's numbering).
   std::vector<int> expert_counts(int layer) const;
+  // The same counts in place on the device (E ints; nullptr for a dense layer or before a forward), and the loss
+  // parts' device copies, writable: data parallelism reduces them over ranks (stage 07's CUDA backend).
+  int* expert_counts_data(int layer);
+  float* ce_device() { return ce_.get(); }
+  float* balance_device() { return bal_loss_.get(); }
 
   // Every trained parameter on the device with its gradient, named and ordered as Model::tensors() (the
   // model's one list); what an optimizer walks.

@@ -14,6 +14,7 @@
 
 #include "04_aux_loss/lm_parts.h"
 #include "06_full_model/model.h"
+#include "common/comm.h"
 
 namespace dsv3 {
 
@@ -55,7 +56,8 @@ class Backend {
   // on matrices only (not norms), then the bias update (gamma) of every MoE layer from the last forward.
   virtual void step(const AdamWConfig& opt, float grad_scale, int64_t step) = 0;
 
-  // One training step as train() makes it: forward + backward on tokens, the global gradient norm, then, when the
+  // One training step as train() makes it: forward + backward on tokens (with a communicator: all_reduce over its
+  // group), the global gradient norm, then, when the
   // total loss and the norm are finite, AdamW (plan.opt, Adam's count plan.update) on the gradient scaled to at
   // most plan.grad_clip in norm (0: no clipping) and the bias update; a non-finite step changes no parameter.
   // This implementation composes the calls above; the CUDA backend replays the whole step as one CUDA graph.
@@ -70,6 +72,19 @@ class Backend {
     bool skipped = false;  // the loss or the norm was not finite: nothing was updated
   };
   virtual StepResult train_step(const std::vector<int>& tokens, int B, int T, const StepPlan& plan);
+
+  // Data parallel (README "Several GPUs"): with a communicator set, train_step averages the loss parts and every
+  // gradient over the group's ranks and sums the expert counts, after the backward and before the norm and the
+  // update; the bias update then uses the group's counts and token count. Ranks that start from the same weights
+  // and train on equal shards of a batch so take, each, the step one rank takes on the whole batch, and stay equal.
+  // nullptr (the default): this rank alone, nothing reduced. The communicator must outlive its use here, and its
+  // buffers must live where the backend's do (Communicator::on_device(): NCCL for CUDA, a host group for the CPU).
+  virtual void set_communicator(Communicator* c) { comm_ = c; }
+  Communicator* communicator() const { return comm_; }
+  // train_step's reduction, exposed for tests: after forward_backward, the group's mean gradients and loss parts
+  // and summed expert counts in place of this rank's. Returns the group's loss parts; mtp_losses() and
+  // expert_counts() give the group's values after it, and the next step()'s bias update counts the group's tokens.
+  virtual ModelLosses all_reduce(Communicator& c) = 0;
 
   // Whether train_step may capture and replay CUDA graphs (CUDA only; on by default; `bench --no-graph` turns it
   // off to measure what the graph saves), and how many captures it has made so far.
@@ -97,6 +112,9 @@ class Backend {
   // AdamW moments: "<model.py name>.exp_avg" / ".exp_avg_sq" for every tensor of Model::tensors().
   virtual TensorMap optimizer_state() const = 0;
   virtual void load_optimizer_state(const TensorMap& m) = 0;  // UserError naming a missing or mis-sized tensor
+
+ protected:
+  Communicator* comm_ = nullptr;
 };
 
 

@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include <cmath>
+#include <optional>
 
 #include "07_train_gpu/backend.h"
 #include "common/errors.h"
@@ -19,6 +20,7 @@ float clip_scale(double grad_clip, double grad_norm) {
 Backend::StepResult Backend::train_step(const std::vector<int>& tokens, int B, int T, const StepPlan& plan) {
   StepResult r;
   r.losses = forward_backward(tokens, B, T);
+  if (comm_) r.losses = all_reduce(*comm_);
   r.grad_norm = grad_norm();
   r.skipped = !(std::isfinite(r.losses.total()) && std::isfinite(r.grad_norm));
   if (!r.skipped) step(plan.opt, clip_scale(plan.grad_clip, r.grad_norm), plan.update);
@@ -78,15 +80,41 @@ class CpuBackend final : public Backend {
   ModelLosses forward_backward(const std::vector<int>& tokens, int B, int T) override {
     model_.forward(tokens, B, T);
     model_.backward();
+    group_.reset();
     return model_.losses();
   }
   ModelLosses evaluate(const std::vector<int>& tokens, int B, int T) override {
     model_.forward(tokens, B, T);
+    group_.reset();
     return model_.losses();
   }
   std::vector<double> mtp_losses() const override {
+    if (group_) return group_->mtp;
     const auto& ce = model_.mtp_losses();
     return std::vector<double>(ce.begin(), ce.end());
+  }
+
+  // The gradients as the host group's mean (a sum in rank order, times 1/size), the counts summed, the loss parts
+  // and MTP losses averaged in double.
+  ModelLosses all_reduce(Communicator& c) override {
+    require(!c.on_device(), "the CPU backend's buffers are on the host: {} reduces device buffers", c.describe());
+    for (const auto& t : model_.tensors()) c.all_reduce_mean(t.grad->data(), t.grad->size());
+    const ModelConfig& mc = model_.config();
+    for (int l = 0; l < mc.num_hidden_layers + mc.num_nextn_predict_layers; ++l)
+      if (int* counts = model_.expert_counts_data(l)) c.all_reduce_sum(counts, size_t(mc.n_routed_experts));
+    const ModelLosses& own = model_.losses();
+    std::vector<double> v = {own.ce, own.mtp, own.balance};
+    for (float x : model_.mtp_losses()) v.push_back(x);
+    c.all_reduce_host(v.data(), v.size());
+    for (double& x : v) x /= c.size();
+    Group g;
+    g.losses.ce = v[0];
+    g.losses.mtp = v[1];
+    g.losses.balance = v[2];
+    g.mtp.assign(v.begin() + 3, v.end());
+    g.ranks = c.size();
+    group_ = g;
+    return g.losses;
   }
   std::vector<std::vector<int>> expert_counts() const override {
     const ModelConfig& c = model_.config();
@@ -115,7 +143,7 @@ class CpuBackend final : public Backend {
       cpu::adamw_step(tensors[i].value->data(), g, exp_avg_[i].data(), exp_avg_sq_[i].data(), grad.size(), step, opt,
                       decays(tensors[i].kind));
     }
-    model_.update_bias();
+    model_.update_bias(group_ ? group_->ranks : 1);
   }
 
   TensorMap weights() const override { return model_.to_tensor_map(); }
@@ -155,6 +183,12 @@ class CpuBackend final : public Backend {
   std::vector<std::string> names_;                         // Model::tensors() names, in its order
   std::vector<std::vector<float>> exp_avg_, exp_avg_sq_;  // per tensor of Model::tensors(), same order
   std::vector<float> scaled_;                             // scratch: gradient * grad_scale
+  struct Group {  // the last all_reduce's results (until the next forward)
+    ModelLosses losses;
+    std::vector<double> mtp;
+    int ranks = 1;
+  };
+  std::optional<Group> group_;
 };
 
 }  // namespace

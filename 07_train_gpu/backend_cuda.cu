@@ -39,6 +39,12 @@ struct SlotDesc {  // one tensor of the optimizer's table
   float decay;  // 1: AdamW's weight decay applies (matrices); 0: it does not (norms)
 };
 
+int current_device() {
+  int dev = 0;
+  CUDA_CHECK(cudaGetDevice(&dev));
+  return dev;
+}
+
 constexpr int kThreads = 256;
 constexpr int kMaxBlocksPerTensor = 240;
 
@@ -157,11 +163,13 @@ class CudaBackend final : public Backend {
   const ModelConfig& config() const override { return host_.config(); }
 
   ModelLosses forward_backward(const std::vector<int>& tokens, int B, int T) override {
+    reduced_ranks_ = 1;
     dev_.forward(tokens, B, T);
     dev_.backward();
     return dev_.losses();
   }
   ModelLosses evaluate(const std::vector<int>& tokens, int B, int T) override {
+    reduced_ranks_ = 1;
     dev_.forward(tokens, B, T);
     return dev_.losses();
   }
@@ -188,7 +196,22 @@ class CudaBackend final : public Backend {
     adamw_multi_kernel<<<dim3(blocks(), unsigned(slots_.size())), kThreads>>>(
         table(), grad_scale, adamw_scalars<float>(opt, step, true));
     CUDA_CHECK_LAST();
-    dev_.update_bias();
+    dev_.update_bias(nullptr, reduced_ranks_);
+  }
+
+  // Every gradient, the loss parts' device copies and the expert counts in one NCCL group (one launch), queued on
+  // the model's stream; then the losses read back.
+  ModelLosses all_reduce(Communicator& c) override {
+    enqueue_all_reduce(c);
+    dev_.read_losses();
+    return dev_.losses();
+  }
+  void set_communicator(Communicator* c) override {
+    require(!c || c->on_device(), "the CUDA backend's buffers are on the device: {} reduces host buffers",
+            c ? c->describe() : "");
+    comm_ = c;
+    graph_.reset();  // a captured step holds the old group's calls (or none)
+    warm_layout_ = -1;
   }
 
   StepResult train_step(const std::vector<int>& tokens, int B, int T, const StepPlan& plan) override {
@@ -292,6 +315,7 @@ class CudaBackend final : public Backend {
     StepOut* out = step_out_.get();
     dev_.forward_on_device();
     dev_.backward();
+    if (comm_) enqueue_all_reduce(*comm_);
     enqueue_sumsq(&out->sumsq);
     const LossShape ls{host_.config().num_nextn_predict_layers, dev_.seq(), int(dev_.balance_layers()),
                        dev_.mtp_lambda()};
@@ -301,12 +325,24 @@ class CudaBackend final : public Backend {
     adamw_multi_step_kernel<<<dim3(blocks(), unsigned(slots_.size())), kThreads, 0, cudaStreamPerThread>>>(
         table(), step_in_.get(), out);
     CUDA_CHECK_LAST();
-    dev_.update_bias(&out->skip);
+    dev_.update_bias(&out->skip, reduced_ranks_);
+  }
+
+  void enqueue_all_reduce(Communicator& c) {
+    const ModelConfig& mc = host_.config();
+    c.group_begin();
+    for (const auto& s : slots_) c.all_reduce_mean(s.grad, s.n);
+    c.all_reduce_mean(dev_.ce_device(), size_t(1 + mc.num_nextn_predict_layers));
+    if (dev_.balance_layers()) c.all_reduce_mean(dev_.balance_device(), dev_.balance_layers());
+    for (int l = 0; l < mc.num_hidden_layers + mc.num_nextn_predict_layers; ++l)
+      if (int* counts = dev_.expert_counts_data(l)) c.all_reduce_sum(counts, size_t(mc.n_routed_experts));
+    c.group_end();
+    reduced_ranks_ = c.size();
   }
 
   static size_t used_with_pool_high(size_t used) {
     cudaMemPool_t pool;
-    CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, 0));
+    CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, current_device()));
     uint64_t reserved = 0, high = 0;
     CUDA_CHECK(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReservedMemCurrent, &reserved));
     CUDA_CHECK(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReservedMemHigh, &high));
@@ -340,7 +376,7 @@ class CudaBackend final : public Backend {
     if (captures_ > 1) return;
     CUDA_CHECK(cudaStreamSynchronize(cudaStreamPerThread));
     cudaMemPool_t pool;
-    CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, 0));
+    CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, current_device()));
     CUDA_CHECK(cudaMemPoolTrimTo(pool, 0));
     uint64_t zero = 0;
     CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReservedMemHigh, &zero));
@@ -362,6 +398,7 @@ class CudaBackend final : public Backend {
   int64_t graph_layout_ = -1, warm_layout_ = -1;  // DeviceModel::layout() the graph was captured on / warmed up on
   bool graph_enabled_ = true, timing_ = false;
   int captures_ = 0;
+  int reduced_ranks_ = 1;  // the group size of the last all-reduce since the last forward (the bias update's)
   size_t peak_before_ = 0;  // memory().peak when the last capture began
 };
 

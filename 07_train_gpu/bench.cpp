@@ -53,12 +53,12 @@ double flops_per_token(const ModelConfig& c, int seq_len) {
 
 std::string BenchResult::json() const {
   return fmt::format(
-      "{{\"bench\": \"07_train_gpu\", \"device\": \"{}\", \"precision\": \"{}\", \"preset\": \"{}\", \"batch\": {}, "
+      "{{\"bench\": \"07_train_gpu\", \"device\": \"{}\", \"precision\": \"{}\", \"preset\": \"{}\", \"gpus\": {}, \"batch\": {}, "
       "\"seq_len\": {}, \"steps\": {}, \"cuda_graph\": {}, \"bf16_gemm\": \"{}\", \"attention\": \"{}\", \"tokens_per_s\": {:.0f}, "
       "\"step_ms\": {:.3f}, "
       "\"flops_per_token\": {:.4g}, \"mfu\": {:.4f}, \"peak_mem_gib\": {:.3f}, \"params_active\": {:.4g}, "
       "\"loss_first\": {:.4f}, \"loss_last\": {:.4f}}}",
-      device, precision, preset, batch, seq_len, steps, cuda_graph ? "true" : "false", bf16_gemm, attention, tokens_per_s, step_ms,
+      device, precision, preset, gpus, batch, seq_len, steps, cuda_graph ? "true" : "false", bf16_gemm, attention, tokens_per_s, step_ms,
       flops_per_token, mfu, peak_mem_gib, params_active, loss_first, loss_last);
 }
 

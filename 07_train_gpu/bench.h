@@ -33,6 +33,7 @@ struct BenchOptions {
 struct BenchResult {
   std::string device, precision, preset;
   int batch = 0, seq_len = 0, steps = 0;
+  int gpus = 1;        // data parallel ranks (--gpus); batch is each GPU's, tokens_per_s the group's, mfu per GPU
   double step_ms = 0;  // median
   bool cuda_graph = false;  // the steps were replays of one captured CUDA graph
   std::string bf16_gemm;    // BenchOptions::bf16_gemm of the run

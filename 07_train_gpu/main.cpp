@@ -25,6 +25,7 @@
 #include <sstream>
 
 #include "07_train_gpu/bench.h"
+#include "07_train_gpu/launch.h"
 #include "07_train_gpu/corpus.h"
 #include "07_train_gpu/data.h"
 #include "07_train_gpu/run_checkpoint.h"
@@ -50,6 +51,10 @@ namespace {
 std::atomic<bool> g_stop{false};
 volatile std::sig_atomic_t g_signal = 0;
 constexpr int kStopSignals[] = {SIGINT, SIGTERM, SIGHUP};
+
+// Several GPUs (launch.h): this process's place in a launched group (rank 0 of 1 when not launched).
+Launch g_launch;
+bool leader() { return g_launch.rank == 0; }
 extern "C" void on_stop_signal(int sig) {
   g_signal = sig;
   g_stop = true;
@@ -361,31 +366,40 @@ TrainResult do_train(const TrainArgs& a, const Prepared& data, std::ostream& out
             "this machine has {:.2f} GiB available: reduce --batch or --seq-len", double(need) / (1 << 30),
             a.cfg.batch, a.cfg.seq_len, c.vocab_size, double(have) / (1 << 30));
   }
+  std::unique_ptr<Communicator> comm;  // a launched rank's group (declared first: it outlives the backend)
+  if (g_launch.launched()) {
+    require(gpu, "--gpus: several GPUs train on the GPU (--device {} was given)", a.device);
+    comm = rank_communicator(g_launch);
+  }
   auto backend = make_backend(a, c);
   if (init) backend->load_weights(init->tensors);
   const auto names = config_preset_names();
   const std::string model = init ? "from " + a.init_from
                             : std::find(names.begin(), names.end(), a.preset) != names.end() ? "preset " + a.preset
                                                                                               : "config " + a.preset;
-  out << fmt::format("model: {} | {:.2f} M parameters ({:.2f} M active per token, {:.2f} M in MTP) | {}\n", model,
+  out << fmt::format("model: {} | {:.2f} M parameters ({:.2f} M active per token, {:.2f} M in MTP) | {}{}\n", model,
                      (pb.main_total + pb.mtp_total) / 1e6, pb.main_active / 1e6, pb.mtp_total / 1e6,
-                     backend->describe());
+                     backend->describe(),
+                     comm ? fmt::format(" | data parallel on {} GPUs ({})", comm->size(), comm->describe()) : "");
   out << fmt::format("data: {} train / {} val tokens, vocab {} | batch {} x {} | {} steps, lr {:g}, warm-up {}\n",
                      data.info.train.tokens, data.info.val.tokens, data.info.vocab_size, a.cfg.batch, a.cfg.seq_len,
                      a.cfg.max_steps, a.cfg.lr, a.cfg.warmup_steps);
-  fs::create_directories(a.run);
   // the run folder is self-contained: the tokenizer travels with the checkpoints
   // (never replaced: a folder that already holds a run keeps its own, and the trainer refuses other data)
   // load_prepared has checked the data's tokenizer; a run folder's own copy must be the same file
   const std::string data_tok = a.data + "/" + data.info.tokenizer, run_tok = a.run + "/tokenizer.model";
-  if (fs::exists(run_tok))
-    require(read_file(run_tok, "tokenizer model") == read_file(data_tok, "tokenizer model"), "{} differs from the "
-            "data's tokenizer {}: this run was prepared with other data", run_tok, data_tok);
-  else
-    fs::copy_file(data_tok, run_tok);
+  if (leader()) {  // several GPUs: rank 0 alone writes into the run folder
+    fs::create_directories(a.run);
+    if (fs::exists(run_tok))
+      require(read_file(run_tok, "tokenizer model") == read_file(data_tok, "tokenizer model"), "{} differs from the "
+              "data's tokenizer {}: this run was prepared with other data", run_tok, data_tok);
+    else
+      fs::copy_file(data_tok, run_tok);
+  }
   TrainHooks hooks;
   hooks.plots_script = std::string(DSV3_STAGE_DIR) + "/plots.gp";
   hooks.stop = &g_stop;
+  hooks.comm = comm.get();
   for (const int s : kStopSignals) std::signal(s, on_stop_signal);
   const TrainResult r = train(*backend, data, a.cfg, a.run, a.resume, out, hooks);
   for (const int s : kStopSignals) std::signal(s, SIG_DFL);
@@ -843,7 +857,7 @@ int run_prepare_command(const PrepareArgs& pa, const std::string& data_dir, cons
 }
 
 // train: the preset defaults to lyrics on a GPU, cpu (with its schedule) without one; a short run fits its warm-up.
-int run_train_command(TrainArgs ta, const CLI::App* cmd) {
+int run_train_command(TrainArgs ta, const CLI::App* cmd, int gpus, char** argv) {
   const bool gpu = ta.device == "cuda" || (ta.device == "auto" && gpu_available());
   if (ta.device == "auto" && !gpu) std::cout << fmt::format("{}: training on the CPU\n", gpu_description());
   if (ta.resume) continue_with_run_settings(ta, cmd);
@@ -851,6 +865,12 @@ int run_train_command(TrainArgs ta, const CLI::App* cmd) {
   if (!ta.resume) {
     if (ta.preset == "cpu") take_schedule(ta.cfg, kCpuSchedule, cmd);  // the cpu preset brings its schedule
     fit_warmup(ta, cmd, std::cout);
+  }
+  if (gpus > 0 && !g_launch.launched()) {  // several GPUs (or --nccl): this process launches the ranks and waits
+    require(ta.device != "cpu", "--gpus {}: several GPUs train on the GPU, not with --device cpu", gpus);
+    require(ta.cfg.batch % gpus == 0, "--batch {} is not a multiple of --gpus {}: every GPU takes batch / GPUs "
+            "windows of each batch", ta.cfg.batch, gpus);
+    return launch_ranks(gpus, argv);
   }
   do_train(ta, load_prepared(ta.data), std::cout);
   return stopped_by_signal(ta.run);
@@ -860,8 +880,9 @@ int run_train_command(TrainArgs ta, const CLI::App* cmd) {
 // appended to <out>/bench.jsonl.
 // experts: "auto" (the precision's choice, device_options()), "grouped" or "segmented": compares the two paths.
 int run_bench_command(BenchOptions b, const std::string& precision, const std::string& experts,
-                      const DemoOptions& opt) {
+                      const DemoOptions& opt, int gpus, char** argv) {
   b.seed = opt.seed;
+  if (gpus > 0 && !g_launch.launched() && b.write_config.empty()) return launch_ranks(gpus, argv);
   const Precision prec = parse_precision(precision);
   const ModelConfig c = config_preset(b.preset);
   if (!b.write_config.empty()) {  // the peer's input (scripts/bench_vs_torch.sh): the preset's config.json, nothing else
@@ -876,16 +897,24 @@ int run_bench_command(BenchOptions b, const std::string& precision, const std::s
 #ifdef DSV3_HAVE_CUDA
   cuda::set_bf16_gemm(b.bf16_gemm == "fast16bf" ? cuda::Bf16Gemm::Fast16bf : cuda::Bf16Gemm::Bf16Copies);
 #endif
+  std::unique_ptr<Communicator> comm;  // a launched rank: data parallel, every GPU at the bench's batch
+  if (g_launch.launched()) comm = rank_communicator(g_launch);
   auto backend = make_cuda_backend(c, opt.seed, o);
-  std::cout << backend->describe() << "\n";
+  std::cout << backend->describe() << (comm ? " | " + comm->describe() : "") << "\n";
+  backend->set_communicator(comm.get());
+  b.seed += uint64_t(g_launch.rank);  // each rank its own random tokens
   BenchResult r = run_bench(*backend, b);
+  backend->set_communicator(nullptr);
+  r.gpus = g_launch.ranks;
+  r.tokens_per_s *= g_launch.ranks;  // the group's tokens: every rank trains b.batch windows a step (MFU: per GPU)
   r.precision = precision_name(prec);
   MlaConfig attn = c.mla();
   attn.matmul = o.matmul;
   attn.attention = o.attention;
   r.attention = attn.fused_attention() ? "fused" : "materialized";
-  Table t({"preset", "precision", "batch x T", "CUDA graph", "attention", "step ms", "tokens/s", "MFU", "peak GiB"});
-  t.add_row({r.preset, r.precision, fmt::format("{} x {}", r.batch, r.seq_len), r.cuda_graph ? "yes" : "no", r.attention,
+  Table t({"preset", "precision", "GPUs", "batch x T", "CUDA graph", "attention", "step ms", "tokens/s", "MFU",
+           "peak GiB"});
+  t.add_row({r.preset, r.precision, std::to_string(r.gpus), fmt::format("{} x {}", r.batch, r.seq_len), r.cuda_graph ? "yes" : "no", r.attention,
              fmt::format("{:.2f}", r.step_ms), fmt::format("{:.0f}", r.tokens_per_s), fmt::format("{:.2f}%", 100 * r.mfu),
              fmt::format("{:.2f}", r.peak_mem_gib)});
   t.print();
@@ -897,6 +926,7 @@ int run_bench_command(BenchOptions b, const std::string& precision, const std::s
     ph.print();
   }
   std::cout << r.json() << "\n";
+  if (!leader()) return 0;
   ensure_dir(opt.out);
   std::ofstream(opt.out + "/bench.jsonl", std::ios::app) << r.json() << "\n";  // one line per run, appended
   return 0;
@@ -904,7 +934,13 @@ int run_bench_command(BenchOptions b, const std::string& precision, const std::s
 
 // The main job (no subcommand): data (once), the default run (the GPU lyrics run, else the CPU fallback), samples
 // from its best checkpoint and a speculative-decoding comparison.
-int run_main_job(TrainArgs ta, const PrepareArgs& pa, const SampleArgs& sa, const std::string& data_dir) {
+int run_main_job(TrainArgs ta, const PrepareArgs& pa, const SampleArgs& sa, const std::string& data_dir, int gpus,
+                 char** argv) {
+  if (g_launch.launched()) {  // a rank of the launch below: the training run only (the launcher prepared the data)
+    ta.preset = "lyrics";
+    do_train(ta, load_prepared(data_dir), std::cout);
+    return stopped_by_signal(ta.run);
+  }
   if (!fs::exists(data_dir + "/data.json")) {
     const int failures = do_prepare(pa, data_dir, false);
     require(failures == 0, "data preparation failed its checks");
@@ -926,8 +962,14 @@ int run_main_job(TrainArgs ta, const PrepareArgs& pa, const SampleArgs& sa, cons
         gpu_description());
   }
   keep_previous_run(ta.run);
-  do_train(ta, data, std::cout);
-  if (const int code = stopped_by_signal(ta.run)) return code;
+  if (gpus > 0) {  // several GPUs (or --nccl): the ranks train, then this process samples
+    require(ta.device != "cpu", "--gpus {}: several GPUs train on the GPU (the main job found none)", gpus);
+    require(ta.cfg.batch % gpus == 0, "the lyrics run's batch {} is not a multiple of --gpus {}", ta.cfg.batch, gpus);
+    if (const int code = launch_ranks(gpus, argv)) return code;
+  } else {
+    do_train(ta, data, std::cout);
+    if (const int code = stopped_by_signal(ta.run)) return code;
+  }
   const bool sampled = do_sample(sa);
   // speculative decoding against plain decoding, greedy on a fixed prompt: the acceptance rate of the MTP draft
   SampleArgs spec = sa;
@@ -1020,6 +1062,11 @@ int main(int argc, char** argv) {
   add_demo_options(app, opt, "out/07_train_gpu");
   app.require_subcommand(0, 1);
   app.fallthrough();  // --out, --seed and --check work after the subcommand too (the subcommands inherit this)
+  int gpus_flag = 0;
+  bool nccl_flag = false;
+  app.add_option("--gpus", gpus_flag, "GPUs to train on, one process each (data parallel through NCCL; train, bench "
+                 "and the main job) [default: DSV3_GPUS, else 1]");
+  app.add_flag("--nccl", nccl_flag, "take the multi-GPU path (launcher, NCCL) even with one GPU: a check of that path");
 
   PrepareArgs pa;
   auto* prepare = app.add_subcommand("prepare", "build the corpus, train the tokenizer, write <out>/data");
@@ -1109,7 +1156,13 @@ int main(int argc, char** argv) {
       ->capture_default_str();
 
   return run_main(app, argc, argv, [&] {
-    std::cout << fmt::format("{}\nseed {}\n", command_line(argc, argv), opt.seed);
+    g_launch = launch_from_env();
+    if (g_launch.launched()) enter_rank(g_launch);  // its GPU, before any other CUDA call
+    else std::cout << fmt::format("{}\nseed {}\n", command_line(argc, argv), opt.seed);
+    const int gpus = requested_gpus(gpus_flag);
+    const int launch = gpus > 1 || nccl_flag ? gpus : 0;  // > 0: ranks to launch (or, in a rank, that were)
+    require(launch == 0 || *bench || *train_cmd || !(opt.check || *prepare || *sample || *eval || *grads),
+            "--gpus {} / --nccl: several GPUs serve train, bench and the main job, not this command", gpus);
     const std::string data_dir = opt.out + "/data";
     if (ta.data.empty()) ta.data = data_dir;
     if (ta.run.empty()) ta.run = opt.out + "/run";
@@ -1124,7 +1177,7 @@ int main(int argc, char** argv) {
     if (*prepare) return run_prepare_command(pa, prepare_folder(pa, opt.out), opt.out);
     if (*bench) {
       bopt.cuda_graph = !no_graph;
-      return run_bench_command(bopt, bench_precision, bench_experts, opt);
+      return run_bench_command(bopt, bench_precision, bench_experts, opt, launch, argv);
     }
     if (*grads) {
       if (ga.checkpoint.empty()) ga.checkpoint = checkpoint_dir(opt.out + "/run", "best");
@@ -1136,7 +1189,7 @@ int main(int argc, char** argv) {
       do_eval(ea);
       return 0;
     }
-    if (*train_cmd) return run_train_command(ta, train_cmd);
-    return run_main_job(ta, pa, sa, data_dir);
+    if (*train_cmd) return run_train_command(ta, train_cmd, launch, argv);
+    return run_main_job(ta, pa, sa, data_dir, launch, argv);
   });
 }

@@ -109,6 +109,7 @@ class ForwardingBackend : public Backend {
   void load_weights(const TensorMap& m) override { in_->load_weights(m); }
   TensorMap optimizer_state() const override { return in_->optimizer_state(); }
   void load_optimizer_state(const TensorMap& m) override { in_->load_optimizer_state(m); }
+  ModelLosses all_reduce(Communicator& c) override { return in_->all_reduce(c); }
 
  protected:
   std::unique_ptr<Backend> in_;

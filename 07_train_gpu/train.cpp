@@ -142,7 +142,8 @@ std::vector<int> Batcher::next() {
 
 // ---- validation ---------------------------------------------------------------------------------------------
 
-ValResult evaluate(Backend& backend, const std::vector<uint16_t>& val, int B, int T, const data::DataInfo& info) {
+ValResult evaluate(Backend& backend, const std::vector<uint16_t>& val, int B, int T, const data::DataInfo& info,
+                   Communicator* comm) {
   require(B >= 1 && T >= 1, "evaluate: batch and seq_len must be >= 1, got {} and {}", B, T);
   const int64_t W = int64_t(val.size()) > T ? (int64_t(val.size()) - 1) / T : 0;
   require(W >= 1, "the validation split has {} tokens, fewer than one window of seq_len + 1 = {}: use a smaller "
@@ -151,17 +152,25 @@ ValResult evaluate(Backend& backend, const std::vector<uint16_t>& val, int B, in
           "byte needs both > 0", info.val.tokens, info.val.bytes);
   // Every window of a depth has the same number of targets (T for the main model, T-k for MTP depth k), so the
   // mean over all targets is the window-weighted mean of the batch means.
+  const int rank = comm ? comm->rank() : 0, ranks = comm ? comm->size() : 1;
   double ce_sum = 0;
-  std::vector<double> mtp_sum;
+  std::vector<double> mtp_sum(size_t(backend.config().num_nextn_predict_layers), 0.0);
   std::vector<int> tokens;
-  for (int64_t j0 = 0; j0 < W; j0 += B) {
+  for (int64_t j0 = 0, batch = 0; j0 < W; j0 += B, ++batch) {
+    if (batch % ranks != rank) continue;
     const int b = int(std::min<int64_t>(B, W - j0));
     tokens.clear();
     for (int64_t j = j0; j < j0 + b; ++j) tokens.insert(tokens.end(), val.begin() + j * T, val.begin() + j * T + T + 1);
     ce_sum += backend.evaluate(tokens, b, T).ce * b;
     const auto mtp = backend.mtp_losses();
-    mtp_sum.resize(mtp.size(), 0.0);
-    for (size_t k = 0; k < mtp.size(); ++k) mtp_sum[k] += mtp[k] * b;
+    for (size_t k = 0; k < mtp.size() && k < mtp_sum.size(); ++k) mtp_sum[k] += mtp[k] * b;
+  }
+  if (comm) {
+    std::vector<double> sums = {ce_sum};
+    sums.insert(sums.end(), mtp_sum.begin(), mtp_sum.end());
+    comm->all_reduce_host(sums.data(), sums.size());
+    ce_sum = sums[0];
+    std::copy(sums.begin() + 1, sums.end(), mtp_sum.begin());
   }
   ValResult r;
   r.ce = ce_sum / double(W);
@@ -280,11 +289,14 @@ class Run {
       : backend_(backend), data_(data), cfg_(cfg), mc_(backend.config()), out_(out), hooks_(hooks),
         last_dir_(checkpoint_dir(run_dir, "last")), best_dir_(checkpoint_dir(run_dir, "best")),
         batcher_(data.train, cfg.batch, cfg.seq_len, cfg.seed),
-        progress_(out, hooks.tty >= 0 ? hooks.tty == 1 : (&out == &std::cout && ::isatty(STDOUT_FILENO))) {
+        progress_(out, hooks.tty >= 0 ? hooks.tty == 1 : (&out == &std::cout && ::isatty(STDOUT_FILENO))),
+        rank_(hooks.comm ? hooks.comm->rank() : 0), ranks_(hooks.comm ? hooks.comm->size() : 1) {
     start_state(run_dir, resume);
     batcher_.set_state(st_.batcher);
-    ensure_dir(run_dir + "/checkpoints");
-    open_logs(run_dir, resume);
+    if (leader()) {
+      ensure_dir(run_dir + "/checkpoints");
+      open_logs(run_dir, resume);
+    }
     first_step_ = st_.step;
     elapsed_before_ = st_.elapsed_s;
     res_.stop_reason = "max_steps";
@@ -364,12 +376,17 @@ class Run {
   StepRecord train_step() {
     const int64_t step = st_.step + 1;
     lr_ = lr_at(cfg_, step);
-    const std::vector<int> tokens = batcher_.next();
+    std::vector<int> tokens = batcher_.next();
+    const int b = cfg_.batch / ranks_;  // this rank's share of the batch: rows [rank * b, rank * b + b)
+    if (ranks_ > 1) {
+      const size_t row = size_t(cfg_.seq_len) + 1;
+      tokens = std::vector<int>(tokens.begin() + std::ptrdiff_t(size_t(rank_) * b * row),
+                                tokens.begin() + std::ptrdiff_t(size_t(rank_ + 1) * b * row));
+    }
     const auto t0 = Clock::now();
     StepRecord rec;
     rec.step = step;
-    const Backend::StepResult r = backend_.train_step(tokens, cfg_.batch, cfg_.seq_len,
-                                                      plan_step(cfg_, step, st_.updates + 1));
+    const Backend::StepResult r = backend_.train_step(tokens, b, cfg_.seq_len, plan_step(cfg_, step, st_.updates + 1));
     rec.losses = r.losses;
     rec.grad_norm = r.grad_norm;
     rec.skipped = r.skipped;
@@ -398,7 +415,7 @@ class Run {
     row.insert(row.end(), {num(L.balance), num(rec.grad_norm), num(mean_maxvio(counts, 0, mc_.num_hidden_layers))});
     if (mtp_is_moe()) row.push_back(num(mean_maxvio(counts, mc_.num_hidden_layers, int(counts.size()))));
     row.insert(row.end(), {num(tokens_per_step() / step_times_.back()), num(elapsed())});
-    train_csv_->row(row);
+    if (train_csv_) train_csv_->row(row);
     if (!rec.skipped) return;
     progress_.line(fmt::format("step {}: non-finite loss ({}) or gradient norm ({}): update skipped ({} in a row, "
                                "{} in total)", rec.step, L.total(), rec.grad_norm, bad_in_a_row_, st_.skipped_steps));
@@ -409,12 +426,17 @@ class Run {
           bad_in_a_row_, rec.step, fs::exists(last_dir_) ? last_dir_ : "none saved yet", cfg_.lr));
   }
 
+  // With a group, every rank's wish is summed, so all stop at the same step (a rank that stopped alone would
+  // leave the others waiting in the next step's all-reduce).
   bool stop_requested() {
-    if (hooks_.stop && hooks_.stop->load()) {
+    double want[2] = {hooks_.stop && hooks_.stop->load() ? 1.0 : 0.0,
+                      cfg_.max_minutes > 0 && seconds_since(t_start_) >= cfg_.max_minutes * 60 ? 1.0 : 0.0};
+    if (hooks_.comm) hooks_.comm->all_reduce_host(want, 2);
+    if (want[0] > 0) {
       res_.stop_reason = "stopped";
       return true;
     }
-    if (cfg_.max_minutes > 0 && seconds_since(t_start_) >= cfg_.max_minutes * 60) {
+    if (want[1] > 0) {
       res_.stop_reason = "max_minutes";
       return true;
     }
@@ -439,7 +461,7 @@ class Run {
   void log_expert_load(int64_t step, const std::vector<std::vector<int>>& counts) {
     for (size_t l = 0; l < counts.size(); ++l) {
       const int64_t slots = std::accumulate(counts[l].begin(), counts[l].end(), int64_t(0));
-      for (size_t e = 0; e < counts[l].size(); ++e)
+      for (size_t e = 0; e < counts[l].size() && load_csv_; ++e)
         load_csv_->row({num(step), num(int64_t(l)), num(int64_t(e)),
                         num(double(counts[l][e]) / double(std::max<int64_t>(slots, 1)))});
     }
@@ -447,14 +469,14 @@ class Run {
 
   // 5) validation: val.csv, the eval line, the best checkpoint. Returns whether the val loss is finite.
   bool validate(int64_t step) {
-    const ValResult v = evaluate(backend_, data_.val, cfg_.batch, cfg_.seq_len, data_.info);
+    const ValResult v = evaluate(backend_, data_.val, cfg_.batch, cfg_.seq_len, data_.info, hooks_.comm);
     const bool finite = std::isfinite(v.ce);
     const double train_ce = st_.train_ce_count ? st_.train_ce_sum / double(st_.train_ce_count) : NAN;
     const bool best = finite && bad_in_a_row_ == 0 && v.ce < st_.best_val_ce;
     std::vector<std::string> row = {num(step), num(v.ce), num(v.bits_per_byte)};
     for (int k = 0; k < depth(); ++k) row.push_back(num(k < int(v.mtp.size()) ? v.mtp[size_t(k)] : NAN));
     row.insert(row.end(), {num(train_ce), num(int64_t(best))});
-    val_csv_->row(row);
+    if (val_csv_) val_csv_->row(row);
     std::string mtp_text;
     for (size_t k = 0; k < v.mtp.size(); ++k) mtp_text += fmt::format(" | mtp d{} {:.4f}", k + 1, v.mtp[k]);
     progress_.line(fmt::format("eval step {} | val ce {:.4f} | {:.4f} bpb{} | train ce {:.4f}{}", step, v.ce,
@@ -493,9 +515,11 @@ class Run {
       progress_.line(fmt::format("step {}: last checkpoint not updated (non-finite values)", st_.step));
   }
 
-  // Returns false, keeping the previous checkpoint, when the weights or moments hold a NaN or an infinity.
+  // Returns false, keeping the previous checkpoint, when the weights or moments hold a NaN or an infinity. Rank 0
+  // alone writes (every rank holds the same weights and moments).
   bool save(const std::string& dir) {
     st_.elapsed_s = elapsed();
+    if (!leader()) return true;
     if (save_run_checkpoint(dir, backend_, st_)) return true;
     progress_.line(fmt::format("step {}: checkpoint {} not written: the weights or moments hold a non-finite value "
                                "(the previous one is kept)", st_.step, dir));
@@ -527,6 +551,7 @@ class Run {
   }
 
   int depth() const { return mc_.num_nextn_predict_layers; }
+  bool leader() const { return rank_ == 0; }
   double tokens_per_step() const { return double(cfg_.batch) * cfg_.seq_len; }
   double elapsed() const { return elapsed_before_ + seconds_since(t_start_); }
   // Median over this call's steps after the first 3 (warm-up: allocations, caches), all of them when fewer.
@@ -555,7 +580,19 @@ class Run {
   double lr_ = 0;
   std::vector<double> step_times_;  // forward + backward + update of each step of this call, seconds
   std::string val_text_ = "-";
+  const int rank_, ranks_;  // data parallel: this rank and the group's size (0 and 1 alone)
 };
+
+// The run of one rank, the backend in the hooks' group for its length.
+TrainResult train_rank(Backend& backend, const data::Prepared& data, const TrainConfig& cfg, const std::string& run_dir,
+                       bool resume, std::ostream& out, const TrainHooks& hooks) {
+  struct Group {  // the backend leaves the group however the run ends
+    Backend& b;
+    ~Group() { b.set_communicator(nullptr); }
+  } group{backend};
+  backend.set_communicator(hooks.comm);
+  return Run(backend, data, cfg, run_dir, resume, out, hooks).run();
+}
 
 }  // namespace
 
@@ -567,8 +604,20 @@ TrainResult train(Backend& backend, const data::Prepared& data, const TrainConfi
           "{}: build the model config for this data (run_model_config)", data.info.vocab_size, mc.vocab_size);
   require(cfg.seq_len <= mc.max_position_embeddings, "seq_len {} exceeds the model's max_position_embeddings {}",
           cfg.seq_len, mc.max_position_embeddings);
+  Communicator* comm = hooks.comm;
+  if (comm) {
+    require(cfg.batch % comm->size() == 0, "--batch {} is not a multiple of the {} GPUs: every GPU takes batch / GPUs "
+            "windows of each batch", cfg.batch, comm->size());
+    if (comm->rank() != 0) {  // only rank 0 speaks and writes
+      std::ostream silent(nullptr);
+      TrainHooks quiet = hooks;
+      quiet.plots_script.clear();
+      quiet.tty = 0;
+      return train_rank(backend, data, cfg, run_dir, resume, silent, quiet);
+    }
+  }
   ensure_dir(run_dir);
-  TrainResult res = Run(backend, data, cfg, run_dir, resume, out, hooks).run();
+  TrainResult res = train_rank(backend, data, cfg, run_dir, resume, out, hooks);
   if (!hooks.plots_script.empty()) render_plots(hooks.plots_script, run_dir);
   return res;
 }

@@ -98,7 +98,11 @@ struct ValResult {
 // target once; the tail that does not fill a window is dropped), B windows per forward (the last batch smaller),
 // the loss averaged over every target. bits/byte uses data.json's counts: the eos tokens between songs count as
 // tokens but have no bytes (data.h's convention). Deterministic. UserError when val is shorter than one window.
-ValResult evaluate(Backend& backend, const std::vector<uint16_t>& val, int B, int T, const data::DataInfo& info);
+// comm (data parallel): the batches are dealt out to the group's ranks in turn (batch i to rank i mod size) and
+// the sums combined with all_reduce_host, so every rank returns the same result, equal to one rank's up to the
+// order of the double sums.
+ValResult evaluate(Backend& backend, const std::vector<uint16_t>& val, int B, int T, const data::DataInfo& info,
+                   Communicator* comm = nullptr);
 
 // ---- the run ----------------------------------------------------------------------------------------------
 struct StepRecord {
@@ -125,6 +129,13 @@ struct TrainHooks {
   std::string plots_script;                 // plots.gp to render into the run folder at the end ("": none)
   const std::atomic<bool>* stop = nullptr;  // when it becomes true (e.g. on SIGINT): stop after the step, saving
   int tty = -1;                             // progress line rewritten in place: 1 yes, 0 no, -1 when out is a terminal
+  // Data parallel (README "Several GPUs"): this process's rank of the group; nullptr: alone. Every rank calls
+  // train() with the same arguments: each takes its batch / size windows of every batch (rank r the r-th share),
+  // the backend averages the gradients (Backend::set_communicator), validation is dealt out (evaluate), and the
+  // decisions that end a run (signal, max_minutes) are agreed, so every rank takes the same steps. Rank 0 alone
+  // prints, writes the CSVs, the checkpoints and the plots; the others write nothing. --batch must be a multiple of
+  // the group's size. Resuming works with any group size (the batches are the whole batch's, as one rank takes them).
+  Communicator* comm = nullptr;
 };
 
 // Trains from step 1 (resume=false: the run folder must not hold a checkpoint yet) or from

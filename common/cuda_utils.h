@@ -118,8 +118,10 @@ class DeviceBuffer {
 // tens of MB, on the stream's timeline); keep_freed_scratch() makes the pool keep it, as a trainer or a benchmark
 // that allocates the same scratch every step wants.
 inline void keep_freed_scratch() {
+  int dev = 0;
+  CUDA_CHECK(cudaGetDevice(&dev));  // the calling thread's device (stage 07 runs one process per GPU)
   cudaMemPool_t pool;
-  CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, 0));
+  CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, dev));
   uint64_t keep = ~uint64_t{0};
   CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
 }

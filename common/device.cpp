@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <fstream>
+#include <stdexcept>
 #include <string>
 
 namespace dsv3 {
@@ -26,6 +27,21 @@ bool gpu_available() {
   const cudaError_t e = probe(&n);
   if (e != cudaSuccess) cudaGetLastError();  // clear the sticky "no device" error
   return e == cudaSuccess && n > 0;
+}
+
+int gpu_count() {
+  int n = 0;
+  const cudaError_t e = probe(&n);
+  if (e != cudaSuccess) cudaGetLastError();
+  return e == cudaSuccess ? n : 0;
+}
+
+void use_gpu(int index) {
+  const cudaError_t e = cudaSetDevice(index);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    throw std::runtime_error(fmt::format("cannot use GPU {}: {}", index, cudaGetErrorString(e)));
+  }
 }
 
 std::string gpu_description() {
@@ -51,6 +67,8 @@ std::string gpu_description() {
 #else
 bool cuda_built() { return false; }
 bool gpu_available() { return false; }
+int gpu_count() { return 0; }
+void use_gpu(int index) { throw std::runtime_error(fmt::format("cannot use GPU {}: built without CUDA", index)); }
 std::string gpu_description() { return "no GPU support (built without CUDA)"; }
 #endif
 

@@ -10,6 +10,10 @@ namespace dsv3 {
 bool cuda_built();
 // True when built with CUDA and a device can be used right now.
 bool gpu_available();
+// How many CUDA devices this process sees (0 without CUDA or a driver).
+int gpu_count();
+// Makes device `index` the calling thread's (cudaSetDevice); std::runtime_error when it cannot.
+void use_gpu(int index);
 // Why gpu_available() is false ("built without CUDA", "no CUDA device: ..."), or the device's name.
 std::string gpu_description();
 // Memory a new allocation can use on this machine: MemAvailable of /proc/meminfo, capped by the address-space
