@@ -84,7 +84,7 @@ std::unique_ptr<Communicator> rank_communicator(const Launch& l) {
 
 int requested_gpus(int flag) {
   if (flag > 0) return flag;
-  require(flag == 0, "--gpus must be >= 1, got {}", flag);
+  require(flag == -1, "--gpus must be >= 1, got {}", flag);
   const char* env = std::getenv("DSV3_GPUS");
   return env && *env ? parse_int(env, "DSV3_GPUS", 1, kMaxRanks) : 1;
 }

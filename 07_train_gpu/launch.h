@@ -39,7 +39,8 @@ void enter_rank(const Launch& l);
 // The rank's NCCL communicator (make_nccl_communicator with the environment's id).
 std::unique_ptr<Communicator> rank_communicator(const Launch& l);
 
-// How many GPUs the user asked for: --gpus when given (> 0), else DSV3_GPUS, else 1. UserError for a bad value.
+// How many GPUs the user asked for: --gpus when given (flag != -1), else DSV3_GPUS, else 1. UserError for a value
+// below 1.
 int requested_gpus(int flag);
 // Checks that `ranks` processes can run here: NCCL built in, that many GPUs visible. UserError naming what is missing.
 void check_can_launch(int ranks);

@@ -1062,7 +1062,7 @@ int main(int argc, char** argv) {
   add_demo_options(app, opt, "out/07_train_gpu");
   app.require_subcommand(0, 1);
   app.fallthrough();  // --out, --seed and --check work after the subcommand too (the subcommands inherit this)
-  int gpus_flag = 0;
+  int gpus_flag = -1;  // -1: not given
   bool nccl_flag = false;
   app.add_option("--gpus", gpus_flag, "GPUs to train on, one process each (data parallel through NCCL; train, bench "
                  "and the main job) [default: DSV3_GPUS, else 1]");

@@ -638,6 +638,13 @@ cat_flags() {
   expect2 flags patience_negative 'patience' -- "${TRAIN[@]}" --run "$(nr pa)" "${TF[@]}" --steps 2 --patience -1
   expect2 flags max_minutes_negative 'max.minutes' -- "${TRAIN[@]}" --run "$(nr m1)" "${TF[@]}" --steps 2 --max-minutes -1
   expect2 flags max_minutes_nan 'max.minutes' -- "${TRAIN[@]}" --run "$(nr m2)" "${TF[@]}" --steps 2 --max-minutes nan
+  # several GPUs (README "Several GPUs"): named before anything starts
+  expect2 flags gpus_zero 'gpus' -- "$T07" --out "$O" --gpus 0 train --data "$DATA" --run "$(nr g1)" "${TF[@]}" --steps 2
+  expect2 flags gpus_env_word 'DSV3_GPUS' -- env DSV3_GPUS=two "${TRAIN[@]}" --run "$(nr g2)" "${TF[@]}" --steps 2
+  expect2 flags gpus_sample 'gpus.*train, bench' -- "$T07" --out "$O" --gpus 2 sample --checkpoint "$RUN/checkpoints/best" --prompt love
+  expect2 flags gpus_cpu 'gpus.*cpu' -- "$T07" --out "$O" --gpus 2 train --data "$DATA" --run "$(nr g3)" "${TF[@]}" --steps 2
+  expect2 flags gpus_batch_odd 'not a multiple|GPU' -- "$T07" --out "$O" --gpus 2 train --data "$DATA" --run "$(nr g4)" --preset tiny --batch 3 --steps 2 --warmup 1
+  expect2 flags rank_env_partial 'DSV3_RANK' -- env DSV3_RANK=1 "${TRAIN[@]}" --run "$(nr g5)" "${TF[@]}" --steps 2
   expect2 flags preset_unknown 'nothing_such|preset' -- "${TRAIN[@]}" --run "$(nr u1)" "${TF[@]/tiny/nothing_such}" --steps 2
   expect2 flags resume_without_run 'checkpoint|resume' -- "${TRAIN[@]}" --run "$(nr r1)" "${TF[@]}" --steps 2 --resume
   r=$(mkrun flags.fresh_into_run)
