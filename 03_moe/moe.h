@@ -29,6 +29,7 @@
 namespace dsv3 {
 
 enum class ScoreFunc { Sigmoid, Softmax };
+class ExpertParallel;  // moe_expert_parallel.h
 
 // How the CUDA path runs the routed experts' products (the CPU reference has one way):
 //   Grouped:   cuBLAS grouped GEMMs over the experts' slices, any matmul precision; the host reads the
@@ -53,6 +54,9 @@ struct MoeConfig {
   ScoreFunc score_func = ScoreFunc::Sigmoid;
   Matmul matmul = Matmul::FP32;             // the CUDA path's expert products (the router's stay fp32)
   MoeExperts experts = MoeExperts::Grouped;  // the CUDA path's routed-expert products (below)
+  // Expert parallel (moe_expert_parallel.h): the group the routed experts are split across, and the layers' exchange
+  // state; null: every expert runs here. CPU (fp32) and the CUDA Grouped path.
+  ExpertParallel* expert_parallel = nullptr;
 
   int shared_inter_dim() const { return n_shared_experts * moe_inter_dim; }  // Fs
   int group_size() const { return n_routed_experts / n_expert_groups; }

@@ -2,8 +2,11 @@
 // Shapes: see the legend in moe.h. Matrix products through cpu::gemm (Eigen, row-major).
 #include <algorithm>
 #include <cmath>
+#include <numeric>
+#include <type_traits>
 
 #include "03_moe/moe.h"
+#include "03_moe/moe_expert_parallel.h"
 #include "03_moe/moe_route.h"
 #include "common/errors.h"
 #include "common/gemm_cpu.h"
@@ -167,6 +170,79 @@ void route(const MoeSaved<T>& s, const T* inp, const MoeWeights<T>& w, const Moe
   }
 }
 
+// ---- expert parallel (moe_expert_parallel.h) on host buffers -----------------------------------------------
+
+// What a layer's forward exchange keeps for its backward.
+struct HostEpState {
+  ExpertParallel::Plan plan;
+  std::vector<float> xg, h1, h3;  // the received token rows grouped by local expert, the experts' hiddens
+};
+
+// Rows of D floats in `order` (row i of out = row order[i] of in), or back (row order[i] of out = row i of in).
+void gather_rows(float* out, const float* in, const std::vector<int>& order, int64_t D) {
+  for (size_t i = 0; i < order.size(); ++i) std::copy_n(in + order[i] * D, D, out + int64_t(i) * D);
+}
+void scatter_rows(float* out, const float* in, const std::vector<int>& order, int64_t D) {
+  for (size_t i = 0; i < order.size(); ++i) std::copy_n(in + int64_t(i) * D, D, out + order[i] * D);
+}
+
+template <typename T>
+void require_fp32(const MoeConfig& c) {
+  require(std::is_same<T, float>::value, "moe: expert parallel runs in fp32 (the host group exchanges floats)");
+  require(!c.expert_parallel->comm().on_device(), "moe (CPU): expert parallel over {} needs a host group",
+          c.expert_parallel->comm().describe());
+}
+
+// eo (NK, D, dispatch order) = each slot's expert on xp's row, the experts run by their owner ranks.
+void ep_experts_forward(float* eo, const float* xp, const MoeSaved<float>& s, const MoeWeights<float>& w,
+                        const MoeConfig& c) {
+  ExpertParallel& ep = *c.expert_parallel;
+  Communicator& comm = ep.comm();
+  const int64_t D = c.dim, F = c.moe_inter_dim, FD = F * D;
+  const ExpertShard mine = ep.shard(c.n_routed_experts);
+  HostEpState& st = ep.state<HostEpState>(s.eo);
+  st.plan = ep.plan(s.offsets, c.n_routed_experts);
+  const auto& p = st.plan;
+  const int64_t recv = std::accumulate(p.recv_rows.begin(), p.recv_rows.end(), int64_t(0));
+  std::vector<float> xr(size_t(recv * D));
+  comm.all_to_all(xp, p.send_rows.data(), xr.data(), p.recv_rows.data(), D);
+  st.xg.assign(size_t(recv * D), 0.f);
+  gather_rows(st.xg.data(), xr.data(), p.local_order, D);
+  st.h1.assign(size_t(recv * F), 0.f);
+  st.h3.assign(size_t(recv * F), 0.f);
+  std::vector<float> yg(size_t(recv * D), 0.f);
+  for (int j = 0; j < mine.count; ++j) {
+    const int64_t o = p.local_offsets[size_t(j)], e = mine.first + j;
+    ffn_forward(yg.data() + o * D, st.h1.data() + o * F, st.h3.data() + o * F, st.xg.data() + o * D, w.w1 + e * FD,
+                w.w2 + e * FD, w.w3 + e * FD, p.local_offsets[size_t(j) + 1] - int(o), int(D), int(F));
+  }
+  scatter_rows(xr.data(), yg.data(), p.local_order, D);  // back in received order
+  comm.all_to_all(xr.data(), p.recv_rows.data(), eo, p.send_rows.data(), D);
+}
+
+// dxp (NK, D, dispatch order) from deo (the same order): the owners' experts' backward; their weight gradients +=.
+void ep_experts_backward(const MoeGrads<float>& g, float* dxp, const float* deo, const MoeSaved<float>& s,
+                         const MoeWeights<float>& w, const MoeConfig& c) {
+  ExpertParallel& ep = *c.expert_parallel;
+  Communicator& comm = ep.comm();
+  const int64_t D = c.dim, F = c.moe_inter_dim, FD = F * D;
+  const ExpertShard mine = ep.shard(c.n_routed_experts);
+  const HostEpState& st = ep.state<HostEpState>(s.eo);
+  const auto& p = st.plan;
+  const int64_t recv = int64_t(p.local_order.size());
+  std::vector<float> dr(size_t(recv * D)), dyg(size_t(recv * D)), dxg(size_t(recv * D), 0.f);
+  comm.all_to_all(deo, p.send_rows.data(), dr.data(), p.recv_rows.data(), D);
+  gather_rows(dyg.data(), dr.data(), p.local_order, D);
+  for (int j = 0; j < mine.count; ++j) {
+    const int64_t o = p.local_offsets[size_t(j)], e = mine.first + j;
+    ffn_backward(g.w1 + e * FD, g.w2 + e * FD, g.w3 + e * FD, dxg.data() + o * D, dyg.data() + o * D,
+                 st.h1.data() + o * F, st.h3.data() + o * F, st.xg.data() + o * D, w.w1 + e * FD, w.w2 + e * FD,
+                 w.w3 + e * FD, p.local_offsets[size_t(j) + 1] - int(o), int(D), int(F));
+  }
+  scatter_rows(dr.data(), dxg.data(), p.local_order, D);
+  comm.all_to_all(dr.data(), p.recv_rows.data(), dxp, p.send_rows.data(), D);
+}
+
 }  // namespace
 
 template <typename T>
@@ -191,7 +267,15 @@ void moe_forward(T* out, const MoeSaved<T>& s, const T* inp, const MoeWeights<T>
   std::vector<T> xp(size_t(NK) * D);
   for (int r = 0; r < NK; ++r)
     std::copy_n(inp + size_t(s.perm[r] / K) * D, D, xp.data() + size_t(r) * D);
-  for (int e = 0; e < E; ++e) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (c.expert_parallel) {  // every slot's expert on its owner rank (moe_expert_parallel.h)
+      require_fp32<T>(c);
+      ep_experts_forward(s.eo, xp.data(), s, w, c);
+    }
+  } else {
+    if (c.expert_parallel) require_fp32<T>(c);
+  }
+  for (int e = 0; e < E && !c.expert_parallel; ++e) {
     const size_t o = s.offsets[e];
     ffn_forward(s.eo + o * D, s.h1 + o * F, s.h3 + o * F, xp.data() + o * D, w.w1 + size_t(e) * F * D,
                 w.w2 + size_t(e) * D * F, w.w3 + size_t(e) * F * D, s.counts[e], D, F);
@@ -236,8 +320,11 @@ void moe_backward(const MoeGrads<T>& g, T* dinp, const T* dout, const NoDeduce<T
     dw[i] = acc;
     std::copy_n(inp + size_t(n) * D, D, xp.data() + size_t(r) * D);
   }
-  // 3) each routed expert on its slice
-  for (int e = 0; e < E; ++e) {
+  // 3) each routed expert on its slice (expert parallel: on its owner rank)
+  if constexpr (std::is_same<T, float>::value) {
+    if (c.expert_parallel) ep_experts_backward(g, dxp.data(), deo.data(), s, w, c);
+  }
+  for (int e = 0; e < E && !c.expert_parallel; ++e) {
     const size_t o = s.offsets[e];
     ffn_backward(g.w1 + size_t(e) * F * D, g.w2 + size_t(e) * D * F, g.w3 + size_t(e) * F * D, dxp.data() + o * D,
                  deo.data() + o * D, s.h1 + o * F, s.h3 + o * F, xp.data() + o * D, w.w1 + size_t(e) * F * D,

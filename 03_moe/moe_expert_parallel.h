@@ -1,26 +1,37 @@
-// Expert parallelism (DeepSeek-V3 paper §3.2, "expert parallelism across nodes"): the routed experts of an MoE
-// layer are split across the ranks of a group (common/comm.h), rank r holding experts [r E/R, (r+1) E/R); every
-// rank routes its own tokens with the replicated router, then
+// Expert parallelism (DeepSeek-V3 paper §3.2): the routed experts of every MoE layer split across the ranks of a
+// group (common/comm.h), rank r running experts [r E/R, (r+1) E/R). Each rank routes its own tokens with the
+// replicated router and dispatches them (moe.h's dispatch order: slots sorted by expert, hence by owner rank);
+// then, in place of "every expert on its slice" (step 3 of moe_forward):
 //
-//   dispatch  the (token, expert) slots are sorted by owner rank, then expert; the per-(peer, expert) row counts are
-//             exchanged first, then the token rows themselves (one all-to-all);
-//   compute   each rank runs its experts' SwiGLU FFNs on the rows it received (from every rank, its own included);
-//   combine   the expert outputs go back by the reverse all-to-all, and the source rank weighs and sums them into
-//             its tokens' outputs, in slot order.
+//     rank 0 tokens          rank 1 tokens                 rank 0 (experts 0-3)      rank 1 (experts 4-7)
+//   [e0 e0 e2 | e5 e7]     [e1 e3 | e4 e4 e6]   dispatch   [e0 e0 e2 | e1 e3]        [e5 e7 | e4 e4 e6]
+//    to r0      to r1       to r0    to r1     ---------->   from r0    from r1        from r0  from r1
+//                                              all-to-all   grouped by expert, FFNs   grouped by expert, FFNs
+//   eo in dispatch order   eo in dispatch order  <--------  outputs back in the order they came
+//                                                combine
 //
-// The backward runs the same way round: the weighted output gradient of each slot travels to the expert's owner,
-// which accumulates its experts' weight gradients and returns each row's input gradient. Routing weights' gradients
-// (<dout, expert output>) are formed on the source rank, from the expert outputs the combine brought back.
+//   1. the row counts per (peer, expert) are exchanged first (each rank learns what it will receive);
+//   2. the token rows go to their experts' owners (one all-to-all), which group them by expert and run the FFNs;
+//   3. the outputs come back by the reverse all-to-all, in the dispatch order they left in, and the layer's own
+//      combine weighs and sums them per token (moe_forward's step 4, unchanged).
+// The backward is the same trip with gradients: each slot's output gradient to the owner, which accumulates its
+// experts' weight gradients and returns the rows' input gradients.
 //
-// Here on the host (the CPU reference, run by N threads of a host group in the tests): the arithmetic and the
-// bookkeeping that a GPU version repeats with NCCL's all-to-all on device buffers. Not wired into stage 06's model
-// or stage 07's trainer (README "Several GPUs" says what is missing).
+// This project's expert parallelism splits the experts' work, not their memory: every rank keeps every expert's
+// weights and optimizer state (stage 07 all-reduces every gradient, and a rank that owns no token of an expert
+// contributes zeros to it, so the mean over ranks is the whole batch's gradient and the replicas stay equal). So
+// checkpoints, resuming on another count and the optimizer are data parallelism's. DeepSeek also shards the
+// weights (each GPU holds only its experts): that saves memory this small model does not need.
+//
+// Where: the CPU reference (cpu::moe_forward/backward, moe_cpu.cpp, host buffers: the emulation of R ranks by a
+// host group's threads) and the CUDA grouped expert path (MoeExperts::Grouped, moe_cuda.cu, NCCL on device
+// buffers). The exchange sizes are the host's (NCCL's all-to-all takes counts from the host), so an expert-parallel
+// layer synchronises with the host once per pass and a training step with it is not captured as a CUDA graph.
 #pragma once
 
-#include <cstdint>
-#include <vector>
+#include <map>
+#include <memory>
 
-#include "03_moe/moe.h"
 #include "common/comm.h"
 
 namespace dsv3 {
@@ -31,29 +42,35 @@ struct ExpertShard {
 };
 ExpertShard expert_shard(int E, int ranks, int rank);
 
-// What the forward keeps for the backward (host vectors).
-template <typename T>
-struct EpSaved {
-  std::vector<int64_t> send_rows, recv_rows;  // rows to / from each peer (dispatch direction)
-  std::vector<int> send_slot;                 // dispatch row -> this rank's slot n*K+k, sorted by (owner, expert, slot)
-  std::vector<int> local_order;               // received rows grouped by local expert: group row -> received row
-  std::vector<int> local_offsets;             // (count + 1) group rows of each local expert
-  std::vector<T> xg, h1, h3;                  // received token rows (grouped), and the SwiGLU hiddens (R, F)
-  std::vector<T> eo;                          // (NK, D) the expert outputs brought back, slot order (unweighted)
+// The group and, per MoE layer, what its forward's exchange left for the backward (keyed by the layer's saved
+// buffers, so one object serves every layer of a model). MoeConfig::expert_parallel points to one.
+class ExpertParallel {
+ public:
+  explicit ExpertParallel(Communicator& comm) : comm_(&comm) {}
+  Communicator& comm() const { return *comm_; }
+  ExpertShard shard(int E) const { return expert_shard(E, comm_->size(), comm_->rank()); }
+
+  // The exchange plan of one layer call, the same on host and device. Rows are D floats.
+  struct Plan {
+    std::vector<int64_t> send_rows, recv_rows;  // to / from each peer
+    std::vector<int> local_order;               // grouped row g (by local expert, then peer) -> received row
+    std::vector<int> local_offsets;             // (count + 1): local expert e owns grouped rows [off[e], off[e+1])
+  };
+  // From the E + 1 dispatch offsets of this rank's slots (host): exchanges the per-(peer, expert) counts and
+  // returns the plan. Every rank calls it together.
+  Plan plan(const int* offsets, int E);
+
+  // Per-layer state of the backend that runs the layer (host vectors or device buffers), created on first use.
+  template <typename S>
+  S& state(const void* key) {
+    auto& p = states_[key];
+    if (!p) p = std::make_shared<S>();
+    return *std::static_pointer_cast<S>(p);
+  }
+
+ private:
+  Communicator* comm_;
+  std::map<const void*, std::shared_ptr<void>> states_;
 };
-
-// out (N, D) = sum_k weights[n,k] * Expert_{indices[n,k]}(x_n), the experts run by their owner ranks. x (N, D),
-// indices and weights (N, K) this rank's tokens and routing; w1, w3 (count, F, D) and w2 (count, D, F) this
-// rank's experts (moe.h's stacked layout, rows first..first+count). Every rank of comm calls it together.
-template <typename T>
-void ep_routed_forward(T* out, EpSaved<T>& saved, const T* x, const int* indices, const T* weights, const T* w1,
-                       const T* w2, const T* w3, const MoeConfig& c, int N, Communicator& comm);
-
-// dx (N, D) = d loss / d x through the routed experts (overwritten); dweights (N, K) = d loss / d weights
-// (overwritten); dw1, dw2, dw3 += this rank's experts' weight gradients, from every rank's tokens.
-template <typename T>
-void ep_routed_backward(T* dx, T* dweights, T* dw1, T* dw2, T* dw3, const T* dout, const EpSaved<T>& saved,
-                        const int* indices, const T* weights, const T* w1, const T* w2, const T* w3, const MoeConfig& c,
-                        int N, Communicator& comm);
 
 }  // namespace dsv3

@@ -1,11 +1,11 @@
 // Expert parallelism (moe_expert_parallel.h) emulated on the host: R ranks as R threads of a host group
-// (common/comm.h), each with its own tokens and its share of the experts, against every expert run in one process
-// on all the tokens: the same outputs, input and routing-weight gradients, and expert weight gradients.
+// (common/comm.h), each routing its own tokens through the MoE layer with its share of the experts, against the
+// whole layer in one process on all the tokens (cpu::moe_forward / moe_backward without expert parallelism).
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <mutex>
 
+#include "03_moe/moe.h"
 #include "03_moe/moe_expert_parallel.h"
 #include "common/comm.h"
 #include "common/errors.h"
@@ -15,16 +15,16 @@ using namespace dsv3;
 
 namespace {
 
-std::vector<float> normal(size_t n, uint64_t seed, float scale) {
+std::vector<float> normal(size_t n, uint64_t seed) {
   Rng rng(seed);
   std::vector<float> v(n);
-  for (auto& x : v) x = scale * float(rng.normal());
+  for (auto& x : v) x = float(rng.normal());
   return v;
 }
 
-double max_rel(const std::vector<float>& a, const std::vector<float>& b) {
-  double worst = a.size() == b.size() ? 0 : INFINITY;
-  for (size_t i = 0; i < a.size() && i < b.size(); ++i)
+double max_rel(const float* a, const float* b, size_t n) {
+  double worst = 0;
+  for (size_t i = 0; i < n; ++i)
     worst = std::max(worst, std::abs(double(a[i]) - b[i]) / std::max(1.0, std::abs(double(b[i]))));
   return worst;
 }
@@ -37,97 +37,75 @@ TEST(ExpertParallel, ShardsSplitTheExpertsEvenly) {
   EXPECT_THROW(expert_shard(16, 3, 0), UserError);
 }
 
-// Uneven routing on purpose: rank r's tokens prefer the experts of rank (r + 1) mod R, some experts get no token.
-TEST(ExpertParallel, DispatchExpertsCombineEqualsEveryExpertInOneProcess) {
-  MoeConfig c;
-  c.dim = 12;
-  c.moe_inter_dim = 8;
-  c.n_routed_experts = 8;
-  c.n_activated_experts = 3;
-  const int E = c.n_routed_experts, K = c.n_activated_experts, D = c.dim, F = c.moe_inter_dim;
-  const std::vector<float> w1 = normal(size_t(E) * F * D, 1, 0.3f), w2 = normal(size_t(E) * D * F, 2, 0.3f),
-                           w3 = normal(size_t(E) * F * D, 3, 0.3f);
-  MlpConfig mc;
-  mc.dim = D;
-  mc.inter_dim = F;
+// Outputs and input gradients of each rank's tokens, the router's and shared experts' gradients summed over ranks,
+// and each expert's gradient on its owner (zeros elsewhere) equal the one-process layer's on all the tokens.
+TEST(ExpertParallel, RanksWithAShareOfTheExpertsEqualTheWholeLayer) {
+  MoeConfig c;  // dim 64, 16 experts in 4 groups (2 kept), 4 per token, one shared expert, sigmoid
+  const MoeParams<float> p = moe_init_params<float>(c, 3);
+  const int D = c.dim, N = 6;  // tokens per rank
   for (const int R : {1, 2, 4}) {
-    const int N = 5;  // tokens per rank
-    // every rank's tokens, routing and output gradient
-    std::vector<std::vector<float>> x(R), wts(R), dout(R);
-    std::vector<std::vector<int>> idx(R);
+    const std::vector<float> x = normal(size_t(R) * N * D, 10 + R), dout = normal(size_t(R) * N * D, 20 + R);
+    // the reference: every token, every expert, one process
+    std::vector<float> out_ref(x.size()), dinp_ref(x.size());
+    MoeParams<float> g_ref = moe_zero_params<float>(c);
+    MoeHostSaved<float> saved_ref(c, R * N);
+    cpu::moe_forward(out_ref.data(), saved_ref.saved, x.data(), p.weights(), c, R * N);
+    cpu::moe_backward(g_ref.grads(), dinp_ref.data(), dout.data(), nullptr, saved_ref.saved, x.data(), p.weights(),
+                      c, R * N);
+    // R ranks, N tokens each
+    std::vector<float> out(x.size()), dinp(x.size());
+    std::vector<MoeParams<float>> g(size_t(R), moe_zero_params<float>(c));
+    std::vector<int> routed_elsewhere(size_t(R), 0);
+    run_host_group(R, [&](int r, Communicator& comm) {
+      ExpertParallel ep(comm);
+      MoeConfig cr = c;
+      cr.expert_parallel = &ep;
+      MoeHostSaved<float> saved(cr, N);
+      const size_t at = size_t(r) * N * D;
+      cpu::moe_forward(out.data() + at, saved.saved, x.data() + at, p.weights(), cr, N);
+      cpu::moe_backward(g[size_t(r)].grads(), dinp.data() + at, dout.data() + at, nullptr, saved.saved,
+                        x.data() + at, p.weights(), cr, N);
+      const ExpertShard mine = ep.shard(c.n_routed_experts);
+      for (int i = 0; i < N * c.n_activated_experts; ++i)
+        routed_elsewhere[size_t(r)] += saved.saved.indices[i] < mine.first ||
+                                       saved.saved.indices[i] >= mine.first + mine.count;
+    });
+    EXPECT_LT(max_rel(out.data(), out_ref.data(), out.size()), 1e-5) << R << " ranks: outputs";
+    EXPECT_LT(max_rel(dinp.data(), dinp_ref.data(), dinp.size()), 1e-5) << R << " ranks: input gradients";
+    if (R > 1)
+      for (int r = 0; r < R; ++r) EXPECT_GT(routed_elsewhere[size_t(r)], 0) << "rank " << r << " sent no row away";
+    // parameter gradients: the sum over ranks; an expert's only on its owner
+    MoeParams<float> sum = moe_zero_params<float>(c);
+    auto st = sum.tensors();
     for (int r = 0; r < R; ++r) {
-      x[r] = normal(size_t(N) * D, 10 + r, 1.f);
-      dout[r] = normal(size_t(N) * D, 20 + r, 1.f);
-      Rng rng(30 + r);
-      for (int n = 0; n < N; ++n) {
-        std::vector<int> chosen;
-        while (int(chosen.size()) < K) {
-          int e = rng.uniform() < 0.7 ? ((r + 1) % R) * (E / R) + int(rng.below(uint64_t(E / R))) : int(rng.below(E));
-          if (e == E - 1) e = 0;  // the last expert never gets a token
-          if (std::find(chosen.begin(), chosen.end(), e) == chosen.end()) chosen.push_back(e);
-        }
-        for (int k = 0; k < K; ++k) {
-          idx[r].push_back(chosen[size_t(k)]);
-          wts[r].push_back(0.2f + 0.3f * float(rng.uniform()));
-        }
+      auto gt = g[size_t(r)].tensors();
+      for (size_t t = 0; t < st.size(); ++t)
+        for (size_t i = 0; i < st[t].second->size(); ++i) (*st[t].second)[i] += (*gt[t].second)[i];
+      const ExpertShard mine = expert_shard(c.n_routed_experts, R, r);
+      const size_t per = size_t(c.moe_inter_dim) * D;
+      const auto& w1 = g[size_t(r)].w1;
+      for (int e = 0; e < c.n_routed_experts; ++e) {
+        if (e >= mine.first && e < mine.first + mine.count) continue;
+        EXPECT_TRUE(std::all_of(w1.begin() + e * per, w1.begin() + (e + 1) * per, [](float v) { return v == 0.f; }))
+            << R << " ranks: rank " << r << " touched expert " << e << " of another rank";
       }
     }
-    // the reference: one process, every expert, slot by slot
-    std::vector<std::vector<float>> out_ref(R), dx_ref(R), dwt_ref(R);
-    std::vector<float> dw1_ref(w1.size(), 0.f), dw2_ref(w2.size(), 0.f), dw3_ref(w3.size(), 0.f);
-    for (int r = 0; r < R; ++r) {
-      out_ref[r].assign(size_t(N) * D, 0.f);
-      dx_ref[r].assign(size_t(N) * D, 0.f);
-      dwt_ref[r].assign(size_t(N) * K, 0.f);
-      for (int n = 0; n < N; ++n)
-        for (int k = 0; k < K; ++k) {
-          const int e = idx[r][size_t(n * K + k)];
-          const float w = wts[r][size_t(n * K + k)];
-          const MlpWeights<float> we{w1.data() + size_t(e) * F * D, w2.data() + size_t(e) * D * F,
-                                     w3.data() + size_t(e) * F * D};
-          const MlpGrads<float> ge{dw1_ref.data() + size_t(e) * F * D, dw2_ref.data() + size_t(e) * D * F,
-                                   dw3_ref.data() + size_t(e) * F * D};
-          std::vector<float> y(D), h1(F), h3(F), dy(D), dxs(D);
-          cpu::mlp_forward(y.data(), h1.data(), h3.data(), x[r].data() + n * D, we, mc, 1);
-          float dot = 0;
-          for (int d = 0; d < D; ++d) {
-            out_ref[r][size_t(n * D + d)] += w * y[d];
-            dot += dout[r][size_t(n * D + d)] * y[d];
-            dy[d] = w * dout[r][size_t(n * D + d)];
-          }
-          dwt_ref[r][size_t(n * K + k)] = dot;
-          cpu::mlp_backward(ge, dxs.data(), dy.data(), h1.data(), h3.data(), x[r].data() + n * D, we, mc, 1);
-          for (int d = 0; d < D; ++d) dx_ref[r][size_t(n * D + d)] += dxs[d];
-        }
-    }
-    // R ranks, each with its tokens and its experts
-    std::vector<std::vector<float>> out(R), dx(R), dwt(R), dw1(R), dw2(R), dw3(R);
-    run_host_group(R, [&](int r, Communicator& comm) {
-      const ExpertShard sh = expert_shard(E, R, r);
-      const size_t a = size_t(sh.first) * F * D, n = size_t(sh.count) * F * D;
-      const std::vector<float> my1(w1.begin() + a, w1.begin() + a + n), my2(w2.begin() + a, w2.begin() + a + n),
-          my3(w3.begin() + a, w3.begin() + a + n);
-      EpSaved<float> saved;
-      out[r].assign(size_t(N) * D, 0.f);
-      ep_routed_forward(out[r].data(), saved, x[r].data(), idx[r].data(), wts[r].data(), my1.data(), my2.data(),
-                        my3.data(), c, N, comm);
-      dx[r].assign(size_t(N) * D, 0.f);
-      dwt[r].assign(size_t(N) * K, 0.f);
-      dw1[r].assign(n, 0.f);
-      dw2[r].assign(n, 0.f);
-      dw3[r].assign(n, 0.f);
-      ep_routed_backward(dx[r].data(), dwt[r].data(), dw1[r].data(), dw2[r].data(), dw3[r].data(), dout[r].data(),
-                         saved, idx[r].data(), wts[r].data(), my1.data(), my2.data(), my3.data(), c, N, comm);
-    });
-    for (int r = 0; r < R; ++r) {
-      EXPECT_LT(max_rel(out[r], out_ref[r]), 1e-5) << R << " ranks, rank " << r << ": output";
-      EXPECT_LT(max_rel(dx[r], dx_ref[r]), 1e-5) << R << " ranks, rank " << r << ": input gradient";
-      EXPECT_LT(max_rel(dwt[r], dwt_ref[r]), 1e-5) << R << " ranks, rank " << r << ": routing weights' gradient";
-      const ExpertShard sh = expert_shard(E, R, r);
-      const size_t a = size_t(sh.first) * F * D, n = size_t(sh.count) * F * D;
-      EXPECT_LT(max_rel(dw1[r], std::vector<float>(dw1_ref.begin() + a, dw1_ref.begin() + a + n)), 1e-5) << R << "/" << r;
-      EXPECT_LT(max_rel(dw2[r], std::vector<float>(dw2_ref.begin() + a, dw2_ref.begin() + a + n)), 1e-5) << R << "/" << r;
-      EXPECT_LT(max_rel(dw3[r], std::vector<float>(dw3_ref.begin() + a, dw3_ref.begin() + a + n)), 1e-5) << R << "/" << r;
-    }
+    auto rt = g_ref.tensors();
+    for (size_t t = 0; t < st.size(); ++t)
+      EXPECT_LT(max_rel(st[t].second->data(), rt[t].second->data(), rt[t].second->size()), 1e-5)
+          << R << " ranks: gradient of " << st[t].first;
   }
+}
+
+TEST(ExpertParallel, ExpertsThatDoNotSplitEvenlyAreAUserError) {
+  MoeConfig c;
+  const MoeParams<float> p = moe_init_params<float>(c, 3);
+  EXPECT_THROW(run_host_group(3, [&](int, Communicator& comm) {
+    ExpertParallel ep(comm);
+    MoeConfig cr = c;
+    cr.expert_parallel = &ep;
+    MoeHostSaved<float> saved(cr, 2);
+    std::vector<float> x(2 * size_t(c.dim), 0.5f), out(x.size());
+    cpu::moe_forward(out.data(), saved.saved, x.data(), p.weights(), cr, 2);
+  }), UserError);
 }

@@ -92,10 +92,11 @@ class HostMember final : public Communicator {
     }
     s_->barrier();  // the peers' send buffers stay valid until every rank has read them
   }
-  void all_to_all_counts(const int64_t* send, int64_t* recv) override {
+  void all_to_all_counts(const int64_t* send, int64_t* recv, int64_t width) override {
     s_->counts[size_t(rank_)] = send;
     s_->barrier();
-    for (int p = 0; p < s_->size; ++p) recv[p] = s_->counts[size_t(p)][rank_];
+    for (int p = 0; p < s_->size; ++p)
+      for (int64_t j = 0; j < width; ++j) recv[p * width + j] = s_->counts[size_t(p)][rank_ * width + j];
     s_->barrier();
   }
 

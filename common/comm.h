@@ -47,8 +47,9 @@ class Communicator {
   // exchange them first with all_to_all_counts.
   virtual void all_to_all(const float* send, const int64_t* send_counts, float* recv, const int64_t* recv_counts,
                           int64_t width) = 0;
-  // The counts' exchange (host values): recv[p] = what peer p's send[rank()] was. Blocking.
-  virtual void all_to_all_counts(const int64_t* send, int64_t* recv) = 0;
+  // The counts' exchange (host values, `width` per peer): recv[p * width + j] = what peer p's
+  // send[rank() * width + j] was. Blocking.
+  virtual void all_to_all_counts(const int64_t* send, int64_t* recv, int64_t width = 1) = 0;
 };
 
 // ---- the CPU emulation: N threads of one process --------------------------------------------------------------

@@ -71,22 +71,22 @@ class NcclMember final : public Communicator {
     }
     NCCL_CHECK(ncclGroupEnd());
   }
-  void all_to_all_counts(const int64_t* send, int64_t* recv) override {
-    const size_t n = size_t(size_);
+  void all_to_all_counts(const int64_t* send, int64_t* recv, int64_t width) override {
+    const size_t n = size_t(size_) * size_t(width);
     if (counts_.size() < 2 * n) counts_ = DeviceBuffer<int64_t>(2 * n);
     CUDA_CHECK(cudaMemcpyAsync(counts_.get(), send, n * sizeof(int64_t), cudaMemcpyHostToDevice, cudaStreamPerThread));
-    NCCL_CHECK(exchange_counts(counts_.get(), counts_.get() + n));
+    NCCL_CHECK(exchange_counts(counts_.get(), counts_.get() + n, width));
     CUDA_CHECK(cudaMemcpyAsync(recv, counts_.get() + n, n * sizeof(int64_t), cudaMemcpyDeviceToHost, cudaStreamPerThread));
     CUDA_CHECK(cudaStreamSynchronize(cudaStreamPerThread));
   }
 
  private:
-  // one int64 to and from every peer, as grouped sends and receives
-  ncclResult_t exchange_counts(const int64_t* send, int64_t* recv) {
+  // `width` int64 to and from every peer, as grouped sends and receives
+  ncclResult_t exchange_counts(const int64_t* send, int64_t* recv, int64_t width) {
     ncclResult_t r = ncclGroupStart();
     for (int p = 0; p < size_ && r == ncclSuccess; ++p) {
-      r = ncclSend(send + p, 1, ncclInt64, p, comm_, cudaStreamPerThread);
-      if (r == ncclSuccess) r = ncclRecv(recv + p, 1, ncclInt64, p, comm_, cudaStreamPerThread);
+      r = ncclSend(send + p * width, size_t(width), ncclInt64, p, comm_, cudaStreamPerThread);
+      if (r == ncclSuccess) r = ncclRecv(recv + p * width, size_t(width), ncclInt64, p, comm_, cudaStreamPerThread);
     }
     const ncclResult_t e = ncclGroupEnd();
     return r != ncclSuccess ? r : e;
