@@ -11,11 +11,15 @@
 //   offsets to the host) -> combine_kernel (per token, fixed k order: deterministic).
 // MoeExperts::Segmented replaces the gather and the grouped GEMMs by segmented bf16 GEMMs that read the
 // offsets on the device (no host copy): moe_experts_bf16.cu; MoeExperts::Hopper runs them on wgmma:
-// moe_experts_hopper.cu.
+// moe_experts_hopper.cu. Expert parallel (MoeConfig::expert_parallel, moe_expert_parallel.h) runs on the grouped
+// path: the gathered rows go to their experts' owners through NCCL and come back as eo (ep_experts_* below).
+#include <chrono>
 #include <cstdint>
+#include <numeric>
 #include <vector>
 
 #include "03_moe/moe.h"
+#include "03_moe/moe_expert_parallel.h"
 #include "03_moe/moe_experts_bf16.h"
 #include "03_moe/moe_kernels.cuh"
 #include "03_moe/moe_route.h"
@@ -305,6 +309,118 @@ void launch_gather(float* xp, const float* inp, const int* perm, int NK, int K, 
   CUDA_CHECK_LAST();
 }
 
+// ---- expert parallel (moe_expert_parallel.h) on device buffers ---------------------------------------------
+
+// out row order[i] = in row i (D floats).
+__global__ void scatter_rows_kernel(float* out, const float* in, const int* order, int rows, int D) {
+  const size_t idx = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= static_cast<size_t>(rows) * D) return;
+  const size_t r = idx / D, d = idx % D;
+  out[static_cast<size_t>(order[r]) * D + d] = in[idx];
+}
+
+// ExpertParallel::timing: the device's time since the last lap, added to the exchange or the compute total.
+class EpTimer {
+ public:
+  explicit EpTimer(ExpertParallel& ep) : ep_(ep) {
+    if (!ep_.timing) return;
+    CUDA_CHECK(cudaDeviceSynchronize());
+    t_ = std::chrono::steady_clock::now();
+  }
+  void lap(bool exchange) {
+    if (!ep_.timing) return;
+    CUDA_CHECK(cudaDeviceSynchronize());
+    const auto now = std::chrono::steady_clock::now();
+    (exchange ? ep_.times.exchange_ms : ep_.times.compute_ms) +=
+        std::chrono::duration<double, std::milli>(now - t_).count();
+    t_ = now;
+  }
+
+ private:
+  ExpertParallel& ep_;
+  std::chrono::steady_clock::time_point t_;
+};
+
+struct DeviceEpState {
+  ExpertParallel::Plan plan;
+  DeviceBuffer<int> order;         // plan.local_order
+  DeviceBuffer<float> xg, h1, h3;  // the received rows grouped by local expert, the experts' hiddens
+};
+
+// This rank's experts as a MoeWeights / MoeGrads of count experts (the stacked tensors offset to the shard).
+template <typename W>
+W shard_of(W w, int first, size_t FD) {
+  w.w1 += first * FD;
+  w.w2 += first * FD;
+  w.w3 += first * FD;
+  return w;
+}
+
+// eo (NK, D, dispatch order) = each slot's expert on xp's row, run on the expert's owner rank.
+void ep_experts_forward(float* eo, const float* xp, const MoeSaved<float>& s, const MoeWeights<float>& w,
+                        const MoeConfig& c, const std::vector<int>& off) {
+  ExpertParallel& ep = *c.expert_parallel;
+  Communicator& comm = ep.comm();
+  require(comm.on_device(), "moe (CUDA): expert parallel over {} needs NCCL (device buffers)", comm.describe());
+  const int D = c.dim, F = c.moe_inter_dim;
+  const ExpertShard mine = ep.shard(c.n_routed_experts);
+  DeviceEpState& st = ep.state<DeviceEpState>(s.eo);
+  st.plan = ep.plan(off.data(), c.n_routed_experts);
+  const auto& p = st.plan;
+  const int G = static_cast<int>(p.local_order.size());
+  ScratchBuffer<float> xr(static_cast<size_t>(G) * D), yg(static_cast<size_t>(G) * D), a(static_cast<size_t>(G) * F);
+  EpTimer timer(ep);
+  comm.all_to_all(xp, p.send_rows.data(), xr.get(), p.recv_rows.data(), D);
+  timer.lap(true);
+  st.order = DeviceBuffer<int>(p.local_order);
+  st.xg = DeviceBuffer<float>(static_cast<size_t>(G) * D);
+  st.h1 = DeviceBuffer<float>(static_cast<size_t>(G) * F);
+  st.h3 = DeviceBuffer<float>(static_cast<size_t>(G) * F);
+  if (G > 0) {
+    launch_gather(st.xg.get(), xr.get(), st.order.get(), G, 1, D);
+    routed_ffn_forward(yg.get(), st.h1.get(), st.h3.get(), a.get(), st.xg.get(),
+                       shard_of(w, mine.first, static_cast<size_t>(F) * D), p.local_offsets, D, F, c.matmul);
+    const size_t n = static_cast<size_t>(G) * D;
+    scatter_rows_kernel<<<blocks_for(n, kThreads), kThreads>>>(xr.get(), yg.get(), st.order.get(), G, D);
+    CUDA_CHECK_LAST();
+  }
+  timer.lap(false);
+  comm.all_to_all(xr.get(), p.recv_rows.data(), eo, p.send_rows.data(), D);
+  timer.lap(true);
+  if (ep.timing) ++ep.times.forwards;
+}
+
+// dxp (NK, D, dispatch order) from deo (the same order) through the owners' experts; their gradients +=.
+void ep_experts_backward(const MoeGrads<float>& g, float* dxp, const float* deo, const MoeSaved<float>& s,
+                         const MoeWeights<float>& w, const MoeConfig& c) {
+  ExpertParallel& ep = *c.expert_parallel;
+  Communicator& comm = ep.comm();
+  const int D = c.dim, F = c.moe_inter_dim;
+  const ExpertShard mine = ep.shard(c.n_routed_experts);
+  const DeviceEpState& st = ep.state<DeviceEpState>(s.eo);
+  const auto& p = st.plan;
+  const int G = static_cast<int>(p.local_order.size());
+  const size_t gf = static_cast<size_t>(G) * F;
+  ScratchBuffer<float> dr(static_cast<size_t>(G) * D), dyg(static_cast<size_t>(G) * D), dxg(static_cast<size_t>(G) * D),
+      scratch(4 * gf);
+  EpTimer timer(ep);
+  comm.all_to_all(deo, p.send_rows.data(), dr.get(), p.recv_rows.data(), D);
+  timer.lap(true);
+  if (G > 0) {
+    launch_gather(dyg.get(), dr.get(), st.order.get(), G, 1, D);
+    const FfnScratch fs{scratch.get(), scratch.get() + gf, scratch.get() + 2 * gf, scratch.get() + 3 * gf};
+    const size_t FD = static_cast<size_t>(F) * D;
+    routed_ffn_backward(shard_of(g, mine.first, FD), dxg.get(), dyg.get(), st.h1.get(), st.h3.get(), st.xg.get(),
+                        shard_of(w, mine.first, FD), p.local_offsets, D, F, fs, c.matmul);
+    const size_t n = static_cast<size_t>(G) * D;
+    scatter_rows_kernel<<<blocks_for(n, kThreads), kThreads>>>(dr.get(), dxg.get(), st.order.get(), G, D);
+    CUDA_CHECK_LAST();
+  }
+  timer.lap(false);
+  comm.all_to_all(dr.get(), p.recv_rows.data(), dxp, p.send_rows.data(), D);
+  timer.lap(true);
+}
+
 }  // namespace
 
 // ---- entry points -------------------------------------------------------------------------------
@@ -312,6 +428,8 @@ void launch_gather(float* xp, const float* inp, const int* perm, int NK, int K, 
 void moe_forward(float* out, const MoeSaved<float>& s, const float* inp, const MoeWeights<float>& w,
                  const MoeConfig& c, int N) {
   validate_moe_call(c, N);
+  require(!c.expert_parallel || c.experts == MoeExperts::Grouped, "moe (CUDA): expert parallel runs on the grouped "
+          "expert path (MoeExperts::Grouped)");
   if (N == 0) return;
   const int E = c.n_routed_experts, K = c.n_activated_experts, D = c.dim, F = c.moe_inter_dim,
             Fs = c.shared_inter_dim(), NK = N * K;
@@ -337,6 +455,9 @@ void moe_forward(float* out, const MoeSaved<float>& s, const float* inp, const M
       a(std::max(seg ? 0 : static_cast<size_t>(NK) * F, static_cast<size_t>(N) * Fs));
   if (seg && !hopper) {
     routed_experts_forward_bf16(s, inp, w, c, N);
+  } else if (!seg && c.expert_parallel) {
+    launch_gather(xp.get(), inp, s.perm, NK, K, D);
+    ep_experts_forward(s.eo, xp.get(), s, w, c, host_offsets(s.offsets, E));
   } else if (!seg) {
     launch_gather(xp.get(), inp, s.perm, NK, K, D);
     routed_ffn_forward(s.eo, s.h1, s.h3, a.get(), xp.get(), w, host_offsets(s.offsets, E), D, F, c.matmul);
@@ -380,9 +501,13 @@ void moe_backward(const MoeGrads<float>& g, float* dinp, const float* dout, cons
     combine_backward_kernel<<<blocks_for(NK, kWarpsPerBlock), kThreads>>>(dw.get(), deo.get(), dout, s.eo,
                                                                           s.weights, s.slot_row, NK, K, D);
     CUDA_CHECK_LAST();
-    launch_gather(xp.get(), inp, s.perm, NK, K, D);
-    routed_ffn_backward(g, dxp.get(), deo.get(), s.h1, s.h3, xp.get(), w, host_offsets(s.offsets, E), D, F, fs,
-                        c.matmul);  // joins its side streams before deo and xp are freed
+    if (c.expert_parallel) {
+      ep_experts_backward(g, dxp.get(), deo.get(), s, w, c);
+    } else {
+      launch_gather(xp.get(), inp, s.perm, NK, K, D);
+      routed_ffn_backward(g, dxp.get(), deo.get(), s.h1, s.h3, xp.get(), w, host_offsets(s.offsets, E), D, F, fs,
+                          c.matmul);  // joins its side streams before deo and xp are freed
+    }
   }
   // 3) router: dlogits, then dWg += dlogits^T x and dinp += dlogits Wg
   ScratchBuffer<float> dlogits(static_cast<size_t>(N) * E);

@@ -60,6 +60,16 @@ class ExpertParallel {
   // returns the plan. Every rank calls it together.
   Plan plan(const int* offsets, int E);
 
+  // Optional timing (the benchmark's): milliseconds of the row exchanges (the four all-to-alls of a forward and
+  // backward) and of the experts' products between them, summed over layer calls. CUDA only: it waits for the
+  // device after each exchange and compute, so it slows the step.
+  struct Times {
+    double exchange_ms = 0, compute_ms = 0;
+    int64_t forwards = 0;  // layer forwards timed
+  };
+  bool timing = false;
+  Times times;
+
   // Per-layer state of the backend that runs the layer (host vectors or device buffers), created on first use.
   template <typename S>
   S& state(const void* key) {

@@ -70,6 +70,7 @@ void for_each_param(const ModelConfig& c, F&& f, S&&... s) {
 struct DeviceOptions {
   Matmul matmul = Matmul::FP32;
   MoeExperts experts = MoeExperts::Grouped;
+  ExpertParallel* expert_parallel = nullptr;  // MoeConfig::expert_parallel of every MoE layer (Grouped experts only)
   MlaConfig::Attention attention = MlaConfig::Attention::Auto;  // the attention layers' kernels (02_mla/mla.h)
 };
 
@@ -139,8 +140,19 @@ class Model {
  private:
   friend class DeviceModel;  // model_device.h: the same model on the GPU, built from (and checked against) this one
  public:
-  BlockConfig block_config(int layer) const { return dsv3::block_config(cfg_, layer); }
-  MtpConfig mtp_config() const { return dsv3::mtp_config(cfg_); }
+  BlockConfig block_config(int layer) const {
+    BlockConfig b = dsv3::block_config(cfg_, layer);
+    b.moe.expert_parallel = ep_;
+    return b;
+  }
+  MtpConfig mtp_config() const {
+    MtpConfig m = dsv3::mtp_config(cfg_);
+    m.block.moe.expert_parallel = ep_;
+    return m;
+  }
+  // Expert parallel (03_moe/moe_expert_parallel.h): every MoE layer's routed experts split across ep's group (a
+  // host group: this is the CPU model); nullptr: all here (the default).
+  void set_expert_parallel(ExpertParallel* ep) { ep_ = ep; }
 
  private:
   // (HF name, tensor, offset, count) of every parameter, bias included (the model's list; a tensor stacked
@@ -174,6 +186,7 @@ class Model {
   std::vector<T> z_, zrstd_, probs_, logits_;
   std::vector<T> mtp_ce_;
   ModelLosses losses_;
+  ExpertParallel* ep_ = nullptr;
 };
 
 }  // namespace dsv3

@@ -39,10 +39,17 @@ DeviceModel::DeviceModel(const Model<float>& host, const DeviceOptions& opt)
   ce_ = DeviceBuffer<float>(1 + p_.mtp.size());
 }
 
+void DeviceModel::set_expert_parallel(ExpertParallel* ep) {
+  require(!ep || opt_.experts == MoeExperts::Grouped, "expert parallel runs on the grouped expert path (this model "
+          "runs its experts on another: build it with DeviceOptions::experts = Grouped)");
+  opt_.expert_parallel = ep;
+}
+
 BlockConfig DeviceModel::block_config(int layer) const {
   BlockConfig b = host_.block_config(layer);
   set_matmul(b, opt_.matmul, opt_.experts);
   b.attn.attention = opt_.attention;
+  b.moe.expert_parallel = opt_.expert_parallel;
   return b;
 }
 
@@ -51,6 +58,7 @@ MtpConfig DeviceModel::mtp_config() const {
   m.matmul = opt_.matmul;
   set_matmul(m.block, opt_.matmul, opt_.experts);
   m.block.attn.attention = opt_.attention;
+  m.block.moe.expert_parallel = opt_.expert_parallel;
   return m;
 }
 

@@ -21,6 +21,8 @@ class DeviceModel {
  public:
   DeviceModel(const Model<float>& host, const DeviceOptions& opt);
   const DeviceOptions& options() const { return opt_; }
+  // Expert parallel from now on (nullptr: off); UserError unless the experts run on the grouped path.
+  void set_expert_parallel(ExpertParallel* ep);
   // As Model::forward / backward / update_bias, on the device. Tokens (B, T+1) on the host.
   float forward(const std::vector<int>& tokens, int B, int Tn);
   void backward();

@@ -14,7 +14,9 @@
 
 #include "04_aux_loss/lm_parts.h"
 #include "06_full_model/model.h"
+#include "03_moe/moe_expert_parallel.h"
 #include "common/comm.h"
+#include "common/errors.h"
 
 namespace dsv3 {
 
@@ -79,7 +81,12 @@ class Backend {
   // and train on equal shards of a batch so take, each, the step one rank takes on the whole batch, and stay equal.
   // nullptr (the default): this rank alone, nothing reduced. The communicator must outlive its use here, and its
   // buffers must live where the backend's do (Communicator::on_device(): NCCL for CUDA, a host group for the CPU).
-  virtual void set_communicator(Communicator* c) { comm_ = c; }
+  // expert_parallel: also split every MoE layer's routed experts across the group (03_moe/moe_expert_parallel.h);
+  // CUDA: only a backend whose experts run on the grouped path (UserError otherwise).
+  virtual void set_communicator(Communicator* c, bool expert_parallel = false) {
+    require(c || !expert_parallel, "expert parallel needs a group");
+    comm_ = c;
+  }
   Communicator* communicator() const { return comm_; }
   // train_step's reduction, exposed for tests: after forward_backward, the group's mean gradients and loss parts
   // and summed expert counts in place of this rank's. Returns the group's loss parts; mtp_losses() and
@@ -94,6 +101,10 @@ class Backend {
   // Per-phase timing of forward and backward (the benchmark's breakdown; CUDA only, empty elsewhere).
   virtual void set_phase_timing(bool) {}
   virtual std::vector<std::pair<std::string, float>> phase_times() const { return {}; }
+  // Expert parallel's timing (03_moe/moe_expert_parallel.h ExpertParallel::Times): on with set_exchange_timing;
+  // zeros when the backend is not expert parallel.
+  virtual void set_exchange_timing(bool) {}
+  virtual ExpertParallel::Times exchange_times() const { return {}; }
   // Waits for queued device work (timing); no-op on the CPU.
   virtual void synchronize() {}
   // Device memory (bytes): in use now, peak (persistent buffers + the scratch pool's high-water mark), total;

@@ -75,6 +75,16 @@ class CpuBackend final : public Backend {
   }
 
   std::string describe() const override { return "cpu fp32"; }
+  void set_communicator(Communicator* c, bool expert_parallel) override {
+    Backend::set_communicator(c, expert_parallel);
+    model_.set_expert_parallel(nullptr);
+    ep_.reset();
+    if (!expert_parallel) return;
+    require(!c->on_device(), "the CPU backend's experts exchange host buffers: {} exchanges device buffers",
+            c->describe());
+    ep_ = std::make_unique<ExpertParallel>(*c);
+    model_.set_expert_parallel(ep_.get());
+  }
   const ModelConfig& config() const override { return model_.config(); }
 
   ModelLosses forward_backward(const std::vector<int>& tokens, int B, int T) override {
@@ -189,6 +199,7 @@ class CpuBackend final : public Backend {
     int ranks = 1;
   };
   std::optional<Group> group_;
+  std::unique_ptr<ExpertParallel> ep_;  // set_communicator(c, true)
 };
 
 }  // namespace

@@ -206,10 +206,16 @@ class CudaBackend final : public Backend {
     dev_.read_losses();
     return dev_.losses();
   }
-  void set_communicator(Communicator* c) override {
+  void set_communicator(Communicator* c, bool expert_parallel) override {
     require(!c || c->on_device(), "the CUDA backend's buffers are on the device: {} reduces host buffers",
             c ? c->describe() : "");
-    comm_ = c;
+    Backend::set_communicator(c, expert_parallel);
+    dev_.set_expert_parallel(nullptr);
+    ep_.reset();
+    if (expert_parallel) {
+      ep_ = std::make_unique<ExpertParallel>(*c);
+      dev_.set_expert_parallel(ep_.get());
+    }
     graph_.reset();  // a captured step holds the old group's calls (or none)
     warm_layout_ = -1;
   }
@@ -252,6 +258,12 @@ class CudaBackend final : public Backend {
     dev_.set_phase_timing(on);
   }
   std::vector<std::pair<std::string, float>> phase_times() const override { return dev_.phase_times(); }
+  void set_exchange_timing(bool on) override {
+    if (!ep_) return;
+    ep_->timing = on;
+    ep_->times = {};
+  }
+  ExpertParallel::Times exchange_times() const override { return ep_ ? ep_->times : ExpertParallel::Times{}; }
   void synchronize() override { CUDA_CHECK(cudaDeviceSynchronize()); }
   // Peak: the largest of (memory in use - the pool's reserve + the pool's high-water mark) seen at each capture and
   // now. The first capture moves the step's scratch memory from the default pool into the graph's own: the pool is
@@ -399,6 +411,7 @@ class CudaBackend final : public Backend {
   bool graph_enabled_ = true, timing_ = false;
   int captures_ = 0;
   int reduced_ranks_ = 1;  // the group size of the last all-reduce since the last forward (the bias update's)
+  std::unique_ptr<ExpertParallel> ep_;  // set_communicator(c, true)
   size_t peak_before_ = 0;  // memory().peak when the last capture began
 };
 

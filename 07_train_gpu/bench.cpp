@@ -57,9 +57,9 @@ std::string BenchResult::json() const {
       "\"seq_len\": {}, \"steps\": {}, \"cuda_graph\": {}, \"bf16_gemm\": \"{}\", \"attention\": \"{}\", \"tokens_per_s\": {:.0f}, "
       "\"step_ms\": {:.3f}, "
       "\"flops_per_token\": {:.4g}, \"mfu\": {:.4f}, \"peak_mem_gib\": {:.3f}, \"params_active\": {:.4g}, "
-      "\"loss_first\": {:.4f}, \"loss_last\": {:.4f}}}",
+      "\"loss_first\": {:.4f}, \"loss_last\": {:.4f}, \"ep_exchange_ms\": {:.4f}, \"ep_compute_ms\": {:.4f}}}",
       device, precision, preset, gpus, batch, seq_len, steps, cuda_graph ? "true" : "false", bf16_gemm, attention, tokens_per_s, step_ms,
-      flops_per_token, mfu, peak_mem_gib, params_active, loss_first, loss_last);
+      flops_per_token, mfu, peak_mem_gib, params_active, loss_first, loss_last, ep_exchange_ms, ep_compute_ms);
 }
 
 BenchResult run_bench(Backend& backend, const BenchOptions& o) {
@@ -81,6 +81,7 @@ BenchResult run_bench(Backend& backend, const BenchOptions& o) {
   for (int s = 1; s <= o.warmup + o.steps; ++s) {
     for (auto& t : tokens) t = int(rng.below(uint64_t(c.vocab_size)));
     plan.update = s;
+    if (s == o.warmup + 1 && o.exchange_timing) backend.set_exchange_timing(true);  // starts the sums afresh
     backend.synchronize();
     const auto t0 = clock::now();
     const Backend::StepResult res = backend.train_step(tokens, o.batch, o.seq_len, plan);  // reads the losses back
@@ -110,6 +111,14 @@ BenchResult run_bench(Backend& backend, const BenchOptions& o) {
   r.peak_mem_gib = double(backend.memory().peak) / double(1ull << 30);
   r.params_active = active_matmul_params(c);
   for (const auto& p : phases) r.phase_ms.push_back({p.first, median(p.second)});
+  if (o.exchange_timing) {
+    const ExpertParallel::Times t = backend.exchange_times();
+    if (t.forwards > 0) {
+      r.ep_exchange_ms = t.exchange_ms / double(t.forwards);
+      r.ep_compute_ms = t.compute_ms / double(t.forwards);
+    }
+    backend.set_exchange_timing(false);
+  }
   backend.set_phase_timing(false);
   backend.set_cuda_graph(true);
   return r;

@@ -24,6 +24,8 @@ struct BenchOptions {
   uint64_t seed = 1234;
   double peak_tflops = 989.0;  // H100 SXM dense bf16
   bool phases = false;         // also time each phase of forward and backward (adds events; runs without the graph)
+  bool exchange_timing = false;  // expert parallel: also time its row exchanges and expert products (waits on the
+                                 // device around each: the step is slower while on)
   bool cuda_graph = true;      // let the backend replay the step as a CUDA graph (--no-graph: the plain calls)
   std::string write_config;    // when set: write the preset's config.json there and run nothing
   std::string attention = "auto";      // the attention kernels (02_mla/mla.h MlaConfig::Attention)
@@ -43,6 +45,9 @@ struct BenchResult {
   double params_total = 0, params_active = 0;
   double loss_first = 0, loss_last = 0;
   std::vector<std::pair<std::string, double>> phase_ms;  // median per phase (with BenchOptions::phases)
+  // expert parallel, with BenchOptions::exchange_timing: per MoE layer and step (forward + backward), the four
+  // all-to-alls and the experts' products between them, milliseconds; 0 otherwise
+  double ep_exchange_ms = 0, ep_compute_ms = 0;
   std::string json() const;  // one line
 };
 

@@ -54,6 +54,7 @@ constexpr int kStopSignals[] = {SIGINT, SIGTERM, SIGHUP};
 
 // Several GPUs (launch.h): this process's place in a launched group (rank 0 of 1 when not launched).
 Launch g_launch;
+bool g_expert_parallel = false;  // --expert-parallel: the routed experts split across the launched ranks
 bool leader() { return g_launch.rank == 0; }
 extern "C" void on_stop_signal(int sig) {
   g_signal = sig;
@@ -279,6 +280,11 @@ std::unique_ptr<Backend> make_backend(const TrainArgs& a, const ModelConfig& c) 
   require(a.device == "auto" || a.device == "cuda" || a.device == "cpu", "--device must be auto, cuda or cpu (got '{}')",
           a.device);
   const Precision p = parse_precision(a.precision);  // an unknown precision is an error on the CPU too
+  if (gpu && g_expert_parallel) {  // expert parallel exchanges rows on the grouped expert path
+    DeviceOptions o = device_options(p, c);
+    o.experts = MoeExperts::Grouped;
+    return make_cuda_backend(c, a.model_seed, o);
+  }
   if (gpu) return make_cuda_backend(c, a.model_seed, p);
   if (p != Precision::FP32) std::cout << "(the CPU path trains in fp32)\n";
   return make_cpu_backend(c, a.model_seed);
@@ -380,7 +386,10 @@ TrainResult do_train(const TrainArgs& a, const Prepared& data, std::ostream& out
   out << fmt::format("model: {} | {:.2f} M parameters ({:.2f} M active per token, {:.2f} M in MTP) | {}{}\n", model,
                      (pb.main_total + pb.mtp_total) / 1e6, pb.main_active / 1e6, pb.mtp_total / 1e6,
                      backend->describe(),
-                     comm ? fmt::format(" | data parallel on {} GPUs ({})", comm->size(), comm->describe()) : "");
+                     comm ? fmt::format(" | {} on {} GPUs ({})", g_expert_parallel ? "data + expert parallel"
+                                                                                 : "data parallel",
+                                        comm->size(), comm->describe())
+                          : "");
   out << fmt::format("data: {} train / {} val tokens, vocab {} | batch {} x {} | {} steps, lr {:g}, warm-up {}\n",
                      data.info.train.tokens, data.info.val.tokens, data.info.vocab_size, a.cfg.batch, a.cfg.seq_len,
                      a.cfg.max_steps, a.cfg.lr, a.cfg.warmup_steps);
@@ -400,6 +409,7 @@ TrainResult do_train(const TrainArgs& a, const Prepared& data, std::ostream& out
   hooks.plots_script = std::string(DSV3_STAGE_DIR) + "/plots.gp";
   hooks.stop = &g_stop;
   hooks.comm = comm.get();
+  hooks.expert_parallel = g_expert_parallel;
   for (const int s : kStopSignals) std::signal(s, on_stop_signal);
   const TrainResult r = train(*backend, data, a.cfg, a.run, a.resume, out, hooks);
   for (const int s : kStopSignals) std::signal(s, SIG_DFL);
@@ -892,6 +902,7 @@ int run_bench_command(BenchOptions b, const std::string& precision, const std::s
   }
   DeviceOptions o = device_options(prec, c);
   if (experts != "auto") o.experts = parse_moe_experts(experts);
+  if (g_expert_parallel) o.experts = MoeExperts::Grouped;  // the path that exchanges rows
   if (b.attention == "materialized") o.attention = MlaConfig::Attention::Materialized;
   if (b.attention == "fused") o.attention = MlaConfig::Attention::Fused;
 #ifdef DSV3_HAVE_CUDA
@@ -901,7 +912,7 @@ int run_bench_command(BenchOptions b, const std::string& precision, const std::s
   if (g_launch.launched()) comm = rank_communicator(g_launch);
   auto backend = make_cuda_backend(c, opt.seed, o);
   std::cout << backend->describe() << (comm ? " | " + comm->describe() : "") << "\n";
-  backend->set_communicator(comm.get());
+  backend->set_communicator(comm.get(), g_expert_parallel);
   b.seed += uint64_t(g_launch.rank);  // each rank its own random tokens
   BenchResult r = run_bench(*backend, b);
   backend->set_communicator(nullptr);
@@ -920,6 +931,9 @@ int run_bench_command(BenchOptions b, const std::string& precision, const std::s
   t.print();
   std::cout << fmt::format("FLOPs/token {:.4g} (active matmul params {:.4g}); loss {:.3f} -> {:.3f}\n",
                            r.flops_per_token, r.params_active, r.loss_first, r.loss_last);
+  if (r.ep_exchange_ms > 0)
+    std::cout << fmt::format("expert parallel, per MoE layer and step (forward + backward): all-to-all {:.3f} ms, "
+                             "experts' products {:.3f} ms\n", r.ep_exchange_ms, r.ep_compute_ms);
   if (!r.phase_ms.empty()) {
     Table ph({"phase", "median ms"});
     for (const auto& p : r.phase_ms) ph.add_row({p.first, fmt::format("{:.3f}", p.second)});
@@ -1067,6 +1081,8 @@ int main(int argc, char** argv) {
   app.add_option("--gpus", gpus_flag, "GPUs to train on, one process each (data parallel through NCCL; train, bench "
                  "and the main job) [default: DSV3_GPUS, else 1]");
   app.add_flag("--nccl", nccl_flag, "take the multi-GPU path (launcher, NCCL) even with one GPU: a check of that path");
+  app.add_flag("--expert-parallel", g_expert_parallel, "with --gpus N: also split the routed experts of every MoE "
+               "layer across the GPUs, tokens exchanged by all-to-all (experts on the grouped path; README)");
 
   PrepareArgs pa;
   auto* prepare = app.add_subcommand("prepare", "build the corpus, train the tokenizer, write <out>/data");
@@ -1139,6 +1155,8 @@ int main(int argc, char** argv) {
   bench->add_option("--precision", bench_precision, "fp32 or bf16")->capture_default_str();
   bench->add_option("--write-config", bopt.write_config, "write the preset's config.json to this file and exit (the "
                     "PyTorch peer's input: torch_reference.py bench)");
+  bench->add_flag("--exchange-timing", bopt.exchange_timing, "with --expert-parallel: also time the row exchanges "
+                  "(all-to-all) and the experts' products of each MoE layer (waits on the GPU around each)");
   bench->add_flag("--phases", bopt.phases, "also print the median time of each phase of forward and backward (runs "
                   "the step as plain calls, not as a CUDA graph)");
   bool no_graph = false;
@@ -1161,6 +1179,8 @@ int main(int argc, char** argv) {
     else std::cout << fmt::format("{}\nseed {}\n", command_line(argc, argv), opt.seed);
     const int gpus = requested_gpus(gpus_flag);
     const int launch = gpus > 1 || nccl_flag ? gpus : 0;  // > 0: ranks to launch (or, in a rank, that were)
+    require(!g_expert_parallel || launch > 0, "--expert-parallel splits the experts across GPUs: give --gpus N (N > "
+            "1; or --nccl to try it on one GPU)");
     require(launch == 0 || *bench || *train_cmd || !(opt.check || *prepare || *sample || *eval || *grads),
             "--gpus {} / --nccl: several GPUs serve train, bench and the main job, not this command", gpus);
     const std::string data_dir = opt.out + "/data";

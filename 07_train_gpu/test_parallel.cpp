@@ -1,6 +1,7 @@
 // Several GPUs (README "Several GPUs"): the data-parallel arithmetic emulated on the CPU, N ranks as N threads of a
 // host group (common/comm.h) each with its own CPU backend, against one rank on the whole batch; and, on a GPU, the
 // NCCL path with one rank against no communicator at all. Two GPUs are exercised by tests/multi_gpu.sh.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -124,7 +125,8 @@ TEST(HostGroup, AFailingRankEndsTheGroupInsteadOfLeavingTheOthersWaiting) {
 
 // N ranks on equal shards of each batch step as one rank on the whole batch: the same loss parts, gradient norm
 // (and so clipping), expert counts (and so bias update) and weights, up to the fp32 rounding of a mean of shard
-// means against one mean; and every rank ends with the same bits.
+// means against one mean; and every rank ends with the same bits. Plain data parallel, and with the experts split
+// across the ranks (expert parallel: each rank runs E/N experts on every rank's tokens routed to them).
 TEST(DataParallel, RanksOnShardsStepAsOneRankOnTheWholeBatch) {
   auto run_one = [] {
     Report rep;
@@ -139,12 +141,12 @@ TEST(DataParallel, RanksOnShardsStepAsOneRankOnTheWholeBatch) {
     return rep;
   };
   const Report one = run_one();
-  for (const int n : {2, 4}) {
+  for (const auto& [n, ep] : std::vector<std::pair<int, bool>>{{2, false}, {4, false}, {2, true}, {4, true}}) {
     std::vector<Report> ranks(static_cast<size_t>(n));
-    run_host_group(n, [&](int r, Communicator& c) {
+    run_host_group(n, [&, ep = ep](int r, Communicator& c) {
       Report& rep = ranks[size_t(r)];
       auto b = make_cpu_backend(tiny(), 11);
-      b->set_communicator(&c);
+      b->set_communicator(&c, ep);
       const int rows = kB / n;
       for (int s = 1; s <= kSteps; ++s) {
         const std::vector<int> all = batch(s);
@@ -159,16 +161,17 @@ TEST(DataParallel, RanksOnShardsStepAsOneRankOnTheWholeBatch) {
     for (int s = 0; s < kSteps; ++s) {
       const ModelLosses& a = one.losses[size_t(s)];
       const ModelLosses& g = ranks[0].losses[size_t(s)];
-      EXPECT_NEAR(g.ce, a.ce, 1e-5 * a.ce) << n << " ranks, step " << s + 1;
-      EXPECT_NEAR(g.mtp, a.mtp, 1e-5 * a.mtp) << n << " ranks, step " << s + 1;
-      EXPECT_NEAR(g.balance, a.balance, 1e-5 * std::abs(a.balance) + 1e-9) << n << " ranks, step " << s + 1;
-      EXPECT_NEAR(ranks[0].norms[size_t(s)], one.norms[size_t(s)], 1e-4 * one.norms[size_t(s)]) << n << " ranks";
-      EXPECT_EQ(ranks[0].counts[size_t(s)], one.counts[size_t(s)]) << n << " ranks, step " << s + 1
-                                                                    << ": the group's summed loads";
+      const std::string what = fmt::format("{} ranks{}, step {}", n, ep ? " (expert parallel)" : "", s + 1);
+      EXPECT_NEAR(g.ce, a.ce, 1e-5 * a.ce) << what;
+      EXPECT_NEAR(g.mtp, a.mtp, 1e-5 * a.mtp) << what;
+      EXPECT_NEAR(g.balance, a.balance, 1e-5 * std::abs(a.balance) + 1e-9) << what;
+      EXPECT_NEAR(ranks[0].norms[size_t(s)], one.norms[size_t(s)], 1e-4 * one.norms[size_t(s)]) << what;
+      EXPECT_EQ(ranks[0].counts[size_t(s)], one.counts[size_t(s)]) << what << ": the group's summed loads";
     }
     for (const auto& [name, w] : one.weights)
-      EXPECT_TRUE(close_all(ranks[0].weights.at(name), w, 2e-5)) << n << " ranks: " << name;
-    for (int r = 1; r < n; ++r) EXPECT_EQ(ranks[size_t(r)].weights, ranks[0].weights) << "rank " << r << " of " << n;
+      EXPECT_TRUE(close_all(ranks[0].weights.at(name), w, 2e-5)) << n << " ranks, ep " << ep << ": " << name;
+    for (int r = 1; r < n; ++r)
+      EXPECT_EQ(ranks[size_t(r)].weights, ranks[0].weights) << "rank " << r << " of " << n << ", ep " << ep;
   }
 }
 
@@ -206,7 +209,8 @@ class StopAfter final : public test::ForwardingBackend {
 // train() on n ranks of a host group (the model seed 8 on each); rank 0's result, every rank's in *all. stop_rank,
 // stop_at: that rank alone asks to stop after that many updates of this call.
 TrainResult train_on_ranks(int n, const TrainConfig& cfg, const std::string& dir, bool resume, std::ostream& out,
-                           std::vector<TrainResult>* all = nullptr, int stop_rank = -1, int stop_at = 0) {
+                           std::vector<TrainResult>* all = nullptr, int stop_rank = -1, int stop_at = 0,
+                           bool expert_parallel = false) {
   std::vector<TrainResult> res(static_cast<size_t>(n));
   std::vector<std::ostringstream> outs(static_cast<size_t>(n));
   std::vector<std::atomic<bool>> stop(static_cast<size_t>(n));
@@ -216,6 +220,7 @@ TrainResult train_on_ranks(int n, const TrainConfig& cfg, const std::string& dir
                                                 : make_cpu_backend(tiny(), 8);
     TrainHooks hooks;
     hooks.comm = &c;
+    hooks.expert_parallel = expert_parallel;
     hooks.stop = &stop[size_t(r)];
     res[size_t(r)] = train(*b, test_data(), cfg, dir, resume, outs[size_t(r)], hooks);
   });
@@ -265,6 +270,12 @@ TEST(DataParallel, TrainerOnTwoRanksIsTheOneRankRun) {
   const TensorMap w1 = load_checkpoint(checkpoint_dir(one_dir.path, "best")).tensors;
   const TensorMap w2 = load_checkpoint(checkpoint_dir(two_dir.path, "best")).tensors;
   for (const auto& [name, w] : w1) EXPECT_TRUE(close_all(w2.at(name), w, 5e-5)) << name;
+
+  // with the experts split across the two ranks: the same run again
+  TempDir ep_dir;
+  const TrainResult ep = train_on_ranks(2, cfg, ep_dir.path, false, log, nullptr, -1, 0, /*expert_parallel=*/true);
+  expect_same_steps(ep.history, one.history, "2 ranks, expert parallel, vs 1");
+  EXPECT_EQ(ep.best_step, one.best_step);
 }
 
 // A stop asked on rank 1 alone (a signal that reached one process) stops both ranks after the same step, and rank
@@ -343,4 +354,31 @@ TEST(CudaDataParallel, OneRankNcclStepsExactlyAsNoCommunicator) {
   auto group = make_host_group(1);
   auto b = make_cuda_backend(c, 4, Precision::BF16);
   EXPECT_THROW(b->set_communicator(group[0].get()), UserError);
+}
+
+// Expert parallel through NCCL with one rank (every expert local; the rows go to this rank and back through
+// ncclSend/ncclRecv) takes exactly the steps of the grouped expert path it runs on, without a communicator.
+TEST(CudaDataParallel, OneRankExpertParallelStepsExactlyAsTheGroupedPath) {
+  if (!gpu_available()) GTEST_SKIP() << gpu_description();
+  if (!nccl_built()) GTEST_SKIP() << "built without NCCL";
+  const ModelConfig c = tiny();
+  auto comm = make_nccl_communicator(0, 1, nccl_new_id());
+  DeviceOptions o = device_options(Precision::BF16, c);
+  o.experts = MoeExperts::Grouped;
+  auto plain = make_cuda_backend(c, 4, o);
+  auto ranked = make_cuda_backend(c, 4, o);
+  ranked->set_communicator(comm.get(), /*expert_parallel=*/true);
+  for (int s = 1; s <= kSteps; ++s) {
+    const Backend::StepResult a = plain->train_step(batch(s), kB, kT, plan(s));
+    const Backend::StepResult b = ranked->train_step(batch(s), kB, kT, plan(s));
+    EXPECT_EQ(b.losses.ce, a.losses.ce) << "step " << s;
+    EXPECT_EQ(b.losses.balance, a.losses.balance) << "step " << s;
+    EXPECT_EQ(b.grad_norm, a.grad_norm) << "step " << s;
+  }
+  EXPECT_EQ(ranked->weights(), plain->weights());
+  ranked->set_communicator(nullptr);
+  // the other expert paths cannot exchange rows: refused by name
+  auto hopper = make_cuda_backend(c, 4, device_options(Precision::BF16, c));
+  if (device_options(Precision::BF16, c).experts != MoeExperts::Grouped)
+    EXPECT_THROW(hopper->set_communicator(comm.get(), true), UserError);
 }

@@ -110,6 +110,10 @@ class ForwardingBackend : public Backend {
   TensorMap optimizer_state() const override { return in_->optimizer_state(); }
   void load_optimizer_state(const TensorMap& m) override { in_->load_optimizer_state(m); }
   ModelLosses all_reduce(Communicator& c) override { return in_->all_reduce(c); }
+  void set_communicator(Communicator* c, bool expert_parallel = false) override {
+    Backend::set_communicator(c, expert_parallel);
+    in_->set_communicator(c, expert_parallel);
+  }
 
  protected:
   std::unique_ptr<Backend> in_;

@@ -156,12 +156,20 @@ ValResult evaluate(Backend& backend, const std::vector<uint16_t>& val, int B, in
   double ce_sum = 0;
   std::vector<double> mtp_sum(size_t(backend.config().num_nextn_predict_layers), 0.0);
   std::vector<int> tokens;
-  for (int64_t j0 = 0, batch = 0; j0 < W; j0 += B, ++batch) {
-    if (batch % ranks != rank) continue;
-    const int b = int(std::min<int64_t>(B, W - j0));
+  for (int64_t j0 = 0; j0 < W; j0 += B) {
+    // this rank's windows of the round [j0, j0 + t): a share of ceil(t / ranks); a rank whose share is empty (the
+    // last round) runs window j0 and counts nothing, so that every rank makes the same forward calls (an
+    // expert-parallel forward is a collective)
+    const int64_t t = std::min<int64_t>(B, W - j0), share = (t + ranks - 1) / ranks;
+    const int64_t lo = std::min(t, rank * share), hi = std::min(t, lo + share);
+    const int b = int(std::max<int64_t>(hi - lo, 1));
+    const int64_t first = hi > lo ? j0 + lo : j0;
     tokens.clear();
-    for (int64_t j = j0; j < j0 + b; ++j) tokens.insert(tokens.end(), val.begin() + j * T, val.begin() + j * T + T + 1);
-    ce_sum += backend.evaluate(tokens, b, T).ce * b;
+    for (int64_t j = first; j < first + b; ++j)
+      tokens.insert(tokens.end(), val.begin() + j * T, val.begin() + j * T + T + 1);
+    const double ce = backend.evaluate(tokens, b, T).ce;
+    if (hi == lo) continue;
+    ce_sum += ce * b;
     const auto mtp = backend.mtp_losses();
     for (size_t k = 0; k < mtp.size() && k < mtp_sum.size(); ++k) mtp_sum[k] += mtp[k] * b;
   }
@@ -590,7 +598,7 @@ TrainResult train_rank(Backend& backend, const data::Prepared& data, const Train
     Backend& b;
     ~Group() { b.set_communicator(nullptr); }
   } group{backend};
-  backend.set_communicator(hooks.comm);
+  backend.set_communicator(hooks.comm, hooks.expert_parallel && hooks.comm);
   return Run(backend, data, cfg, run_dir, resume, out, hooks).run();
 }
 

@@ -98,9 +98,9 @@ struct ValResult {
 // target once; the tail that does not fill a window is dropped), B windows per forward (the last batch smaller),
 // the loss averaged over every target. bits/byte uses data.json's counts: the eos tokens between songs count as
 // tokens but have no bytes (data.h's convention). Deterministic. UserError when val is shorter than one window.
-// comm (data parallel): the batches are dealt out to the group's ranks in turn (batch i to rank i mod size) and
-// the sums combined with all_reduce_host, so every rank returns the same result, equal to one rank's up to the
-// order of the double sums.
+// comm (data parallel): each batch of B windows is shared out (ceil(B / size) windows a rank, as the training
+// batches are) and the sums combined with all_reduce_host, so every rank returns the same result, equal to one
+// rank's up to the order of the sums; every rank makes the same forward calls (expert parallel needs it).
 ValResult evaluate(Backend& backend, const std::vector<uint16_t>& val, int B, int T, const data::DataInfo& info,
                    Communicator* comm = nullptr);
 
@@ -136,6 +136,8 @@ struct TrainHooks {
   // prints, writes the CSVs, the checkpoints and the plots; the others write nothing. --batch must be a multiple of
   // the group's size. Resuming works with any group size (the batches are the whole batch's, as one rank takes them).
   Communicator* comm = nullptr;
+  // With comm: also split the MoE layers' routed experts across the group (Backend::set_communicator).
+  bool expert_parallel = false;
 };
 
 // Trains from step 1 (resume=false: the run folder must not hold a checkpoint yet) or from

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Several GPUs end to end (README "Several GPUs"), on a small lyrics file and the tiny preset in bf16:
 #   one  (1 GPU, NCCL): `--nccl` (the launcher, one rank, NCCL inside the captured step) trains exactly as the
-#        plain run: train.csv and val.csv equal in every column but the timings.
+#        plain run: train.csv and val.csv equal in every column but the timings; `--nccl --expert-parallel` (the
+#        rows sent to this rank and back through NCCL, experts on the grouped path) within bf16 tolerance of it.
 #   two  (2 GPUs): `--gpus 2` with the same global batch as one GPU: every step's loss within bf16 tolerance of the
-#        one-GPU run; a one-GPU checkpoint resumes on 2 GPUs (a different count) and goes on to the end.
+#        one-GPU run, plain data parallel and with the experts split across the GPUs (--expert-parallel); a
+#        one-GPU checkpoint resumes on 2 GPUs (a different count) and goes on to the end.
 # Exits 77 (ctest: skipped, visibly) where the GPUs or NCCL are missing.
 #
 #   07_train_gpu/tests/multi_gpu.sh <07_train_gpu executable> one|two
@@ -61,6 +63,14 @@ if [[ $PART == one ]]; then
   grep -q "data parallel on 1 GPUs" nccl.log && ok "the rank says it is data parallel" || bad "no 'data parallel' line"
   same_csv o/plain/train.csv o/nccl/train.csv 0 && ok "train.csv: the same steps" || bad "train.csv differs"
   same_csv o/plain/val.csv o/nccl/val.csv 0 && ok "val.csv: the same evaluations" || bad "val.csv differs"
+  run nccl_ep "$T07" --out o --nccl --expert-parallel train "${TRAIN[@]}" --steps 20 --run o/nccl_ep
+  grep -q "data + expert parallel on 1 GPUs" nccl_ep.log && ok "the rank says expert parallel" || bad "no 'expert parallel'"
+  same_csv o/plain/train.csv o/nccl_ep/train.csv 0.02 && ok "--expert-parallel on one rank: losses within bf16 tolerance" \
+    || bad "--expert-parallel on one rank: losses differ"
+  run ep_bench "$T07" --out o --nccl --expert-parallel bench --preset tiny --batch 8 --seq-len 64 --steps 3 --warmup 1 \
+    --exchange-timing
+  grep -q "all-to-all .* ms, experts' products" ep_bench.log && ok "bench --exchange-timing: $(grep -o 'all-to-all.*' ep_bench.log)" \
+    || bad "bench --exchange-timing printed no times"
 else
   run one_gpu "$T07" --out o train "${TRAIN[@]}" --steps 20 --run o/one
   run two_gpus "$T07" --out o --gpus 2 train "${TRAIN[@]}" --steps 20 --run o/two
@@ -68,6 +78,10 @@ else
   same_csv o/one/train.csv o/two/train.csv 0.02 && ok "2 GPUs: every step's losses within bf16 tolerance" \
     || bad "2 GPUs: losses differ from one GPU's"
   same_csv o/one/val.csv o/two/val.csv 0.02 && ok "2 GPUs: validation within bf16 tolerance" || bad "val differs"
+  run two_gpus_ep "$T07" --out o --gpus 2 --expert-parallel train "${TRAIN[@]}" --steps 20 --run o/two_ep
+  grep -q "data + expert parallel on 2 GPUs" two_gpus_ep.log && ok "rank 0 says expert parallel" || bad "no 'expert parallel'"
+  same_csv o/one/train.csv o/two_ep/train.csv 0.02 && ok "2 GPUs, expert parallel: losses within bf16 tolerance" \
+    || bad "2 GPUs, expert parallel: losses differ from one GPU's"
   run half "$T07" --out o train "${TRAIN[@]}" --steps 10 --run o/half
   run resume_on_two "$T07" --out o --gpus 2 train "${TRAIN[@]}" --steps 20 --run o/half --resume
   grep -q "^20," o/half/train.csv && ok "a one-GPU checkpoint resumed on 2 GPUs to step 20" || bad "no step 20"
