@@ -71,6 +71,21 @@ if [[ $PART == one ]]; then
     --exchange-timing
   grep -q "all-to-all .* ms, experts' products" ep_bench.log && ok "bench --exchange-timing: $(grep -o 'all-to-all.*' ep_bench.log)" \
     || bad "bench --exchange-timing printed no times"
+  # the launcher: a rank's user error is the launcher's exit 2; a SIGINT to the launcher reaches the rank once, which
+  # stops after its step, saves and exits 130, and so does the launcher; the run then resumes
+  "$T07" --out o --nccl train --data o/no_such_data --run o/none >nodata.log 2>&1
+  rc=$?
+  ((rc == 2)) && grep -q "no prepared data" nodata.log && ok "a rank's user error: the launcher exits 2" \
+    || bad "no data under --nccl: exit $rc"
+  "$T07" --out o --nccl train "${TRAIN[@]}" --steps 2000 --eval-every 500 --run o/sig >sig.log 2>&1 &
+  pid=$!
+  for _ in $(seq 300); do [[ $(wc -l <o/sig/train.csv 2>/dev/null || echo 0) -gt 20 ]] && break; sleep 0.1; done
+  kill -INT "$pid"
+  wait "$pid"
+  rc=$?
+  ((rc == 130)) && [[ -f o/sig/checkpoints/last/trainer_state.json ]] && ok "SIGINT: exit 130, checkpoint saved" \
+    || { bad "SIGINT to the launcher: exit $rc"; tail -5 sig.log; }
+  run sig_resume "$T07" --out o --nccl train "${TRAIN[@]}" --steps 60 --eval-every 500 --run o/sig --resume
 else
   run one_gpu "$T07" --out o train "${TRAIN[@]}" --steps 20 --run o/one
   run two_gpus "$T07" --out o --gpus 2 train "${TRAIN[@]}" --steps 20 --run o/two
