@@ -30,7 +30,9 @@ run() {  # run NAME CMD...: output in NAME.log; a non-zero exit fails the test
   shift
   if "$@" >"$name.log" 2>&1; then ok "$name"; else bad "$name: exit $? ($*)"; tail -8 "$name.log"; fi
 }
-# same_csv A B TOL: the rows of two CSVs equal, column by column, within TOL relative (timing columns skipped)
+# same_csv A B TOL: the rows of two CSVs equal, column by column, within TOL relative (timing columns skipped);
+# with TOL > 0 (runs that round differently) the losses and norms only: MaxVio, a maximum over experts' integer
+# loads, moves in steps when one token's choice differs
 same_csv() {
   python3 - "$1" "$2" "$3" <<'PY'
 import csv, sys
@@ -40,6 +42,7 @@ worst = (0.0, "")
 for ra, rb in zip(a, b):
     for k in ra:
         if k in ("tokens_per_s", "elapsed_s"): continue
+        if tol > 0 and k.startswith("maxvio"): continue
         x, y = float(ra[k]), float(rb[k])
         d = abs(x - y) / max(1.0, abs(x), abs(y))
         if d > worst[0]: worst = (d, f"step {ra['step']} {k}: {x} vs {y}")
@@ -50,20 +53,19 @@ PY
 
 python3 "$HERE/bad_inputs_tool.py" songs songs.txt || exit 1
 run prepare "$T07" --out o prepare --no-default-corpus --lyrics songs.txt --vocab 400 --data o/data
-TRAIN=(--data o/data --device cuda --precision bf16 --preset tiny --batch 8 --seq-len 64 --warmup 4 --eval-every 10
-       --patience 0)
+TRAIN=(--data o/data --device cuda --precision bf16 --preset tiny --batch 8 --seq-len 64 --warmup 4 --patience 0)
 
 if [[ $PART == one ]]; then
   if ! grep -q "nccl" <("$T07" --help 2>&1); then echo "SKIP: no --nccl"; exit 77; fi
-  run plain "$T07" --out o train "${TRAIN[@]}" --steps 20 --run o/plain
-  "$T07" --out o --nccl train "${TRAIN[@]}" --steps 20 --run o/nccl >nccl.log 2>&1
+  run plain "$T07" --out o train "${TRAIN[@]}" --steps 20 --eval-every 10 --run o/plain
+  "$T07" --out o --nccl train "${TRAIN[@]}" --steps 20 --eval-every 10 --run o/nccl >nccl.log 2>&1
   rc=$?
   if ((rc != 0)) && grep -q "lacks\|no NCCL" nccl.log; then echo "SKIP: built without NCCL"; exit 77; fi
   if ((rc == 0)); then ok "--nccl (one rank through the launcher)"; else bad "--nccl: exit $rc"; tail -8 nccl.log; fi
   grep -q "data parallel on 1 GPUs" nccl.log && ok "the rank says it is data parallel" || bad "no 'data parallel' line"
   same_csv o/plain/train.csv o/nccl/train.csv 0 && ok "train.csv: the same steps" || bad "train.csv differs"
   same_csv o/plain/val.csv o/nccl/val.csv 0 && ok "val.csv: the same evaluations" || bad "val.csv differs"
-  run nccl_ep "$T07" --out o --nccl --expert-parallel train "${TRAIN[@]}" --steps 20 --run o/nccl_ep
+  run nccl_ep "$T07" --out o --nccl --expert-parallel train "${TRAIN[@]}" --steps 20 --eval-every 10 --run o/nccl_ep
   grep -q "data + expert parallel on 1 GPUs" nccl_ep.log && ok "the rank says expert parallel" || bad "no 'expert parallel'"
   same_csv o/plain/train.csv o/nccl_ep/train.csv 0.02 && ok "--expert-parallel on one rank: losses within bf16 tolerance" \
     || bad "--expert-parallel on one rank: losses differ"
@@ -87,20 +89,21 @@ if [[ $PART == one ]]; then
     || { bad "SIGINT to the launcher: exit $rc"; tail -5 sig.log; }
   run sig_resume "$T07" --out o --nccl train "${TRAIN[@]}" --steps 60 --eval-every 500 --run o/sig --resume
 else
-  run one_gpu "$T07" --out o train "${TRAIN[@]}" --steps 20 --run o/one
-  run two_gpus "$T07" --out o --gpus 2 train "${TRAIN[@]}" --steps 20 --run o/two
+  run one_gpu "$T07" --out o train "${TRAIN[@]}" --steps 20 --eval-every 10 --run o/one
+  run two_gpus "$T07" --out o --gpus 2 train "${TRAIN[@]}" --steps 20 --eval-every 10 --run o/two
   grep -q "data parallel on 2 GPUs" two_gpus.log && ok "rank 0 says 2 GPUs" || bad "no 'data parallel on 2 GPUs'"
   same_csv o/one/train.csv o/two/train.csv 0.02 && ok "2 GPUs: every step's losses within bf16 tolerance" \
     || bad "2 GPUs: losses differ from one GPU's"
   same_csv o/one/val.csv o/two/val.csv 0.02 && ok "2 GPUs: validation within bf16 tolerance" || bad "val differs"
-  run two_gpus_ep "$T07" --out o --gpus 2 --expert-parallel train "${TRAIN[@]}" --steps 20 --run o/two_ep
+  run two_gpus_ep "$T07" --out o --gpus 2 --expert-parallel train "${TRAIN[@]}" --steps 20 --eval-every 10 --run o/two_ep
   grep -q "data + expert parallel on 2 GPUs" two_gpus_ep.log && ok "rank 0 says expert parallel" || bad "no 'expert parallel'"
   same_csv o/one/train.csv o/two_ep/train.csv 0.02 && ok "2 GPUs, expert parallel: losses within bf16 tolerance" \
     || bad "2 GPUs, expert parallel: losses differ from one GPU's"
-  run half "$T07" --out o train "${TRAIN[@]}" --steps 10 --run o/half
-  run resume_on_two "$T07" --out o --gpus 2 train "${TRAIN[@]}" --steps 20 --run o/half --resume
+  run half "$T07" --out o train "${TRAIN[@]}" --steps 10 --eval-every 10 --run o/half
+  run resume_on_two "$T07" --out o --gpus 2 train "${TRAIN[@]}" --steps 20 --eval-every 10 --run o/half --resume
   grep -q "^20," o/half/train.csv && ok "a one-GPU checkpoint resumed on 2 GPUs to step 20" || bad "no step 20"
-  DSV3_GPUS=2 "$T07" --out o train "${TRAIN[@]}" --batch 7 --steps 2 --run o/bad >bad.log 2>&1
+  DSV3_GPUS=2 "$T07" --out o train --data o/data --device cuda --preset tiny --batch 7 --steps 2 --warmup 1 \
+    --run o/bad >bad.log 2>&1
   rc=$?
   ((rc == 2)) && grep -q "not a multiple" bad.log && ok "DSV3_GPUS=2 with --batch 7: exit 2, named" \
     || bad "batch 7 on 2 GPUs: exit $rc"
