@@ -347,6 +347,13 @@ struct DeviceEpState {
   DeviceBuffer<float> xg, h1, h3;  // the received rows grouped by local expert, the experts' hiddens
 };
 
+// b holds at least n elements: reallocated only to grow (a cudaFree waits for the device), so that after the first
+// steps the exchange allocates nothing.
+template <typename T>
+void hold(DeviceBuffer<T>& b, size_t n) {
+  if (b.size() < n) b = DeviceBuffer<T>(n + n / 4);
+}
+
 // This rank's experts as a MoeWeights / MoeGrads of count experts (the stacked tensors offset to the shard).
 template <typename W>
 W shard_of(W w, int first, size_t FD) {
@@ -372,11 +379,13 @@ void ep_experts_forward(float* eo, const float* xp, const MoeSaved<float>& s, co
   EpTimer timer(ep);
   comm.all_to_all(xp, p.send_rows.data(), xr.get(), p.recv_rows.data(), D);
   timer.lap(true);
-  st.order = DeviceBuffer<int>(p.local_order);
-  st.xg = DeviceBuffer<float>(static_cast<size_t>(G) * D);
-  st.h1 = DeviceBuffer<float>(static_cast<size_t>(G) * F);
-  st.h3 = DeviceBuffer<float>(static_cast<size_t>(G) * F);
+  hold(st.order, p.local_order.size());
+  hold(st.xg, static_cast<size_t>(G) * D);
+  hold(st.h1, static_cast<size_t>(G) * F);
+  hold(st.h3, static_cast<size_t>(G) * F);
   if (G > 0) {
+    CUDA_CHECK(cudaMemcpyAsync(st.order.get(), p.local_order.data(), p.local_order.size() * sizeof(int),
+                               cudaMemcpyHostToDevice, cudaStreamPerThread));
     launch_gather(st.xg.get(), xr.get(), st.order.get(), G, 1, D);
     routed_ffn_forward(yg.get(), st.h1.get(), st.h3.get(), a.get(), st.xg.get(),
                        shard_of(w, mine.first, static_cast<size_t>(F) * D), p.local_offsets, D, F, c.matmul);
