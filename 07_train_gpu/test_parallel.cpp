@@ -179,15 +179,10 @@ TEST(DataParallel, RanksOnShardsStepAsOneRankOnTheWholeBatch) {
 
 namespace {
 
+// The trainer tests' run (test_support.h), validating every 3 steps so that a stop at 4 falls between two.
 TrainConfig dp_run(int64_t steps) {
-  TrainConfig c;
-  c.batch = 4;
-  c.seq_len = 16;
-  c.max_steps = steps;
-  c.lr = 1e-2;
-  c.warmup_steps = 2;
+  TrainConfig c = test::small_run(steps);
   c.eval_every = 3;
-  c.seed = 5;
   c.patience = 0;
   return c;
 }

@@ -18,6 +18,7 @@
 #include "06_full_model/model.h"
 #include "06_full_model/model_config.h"
 #include "07_train_gpu/data.h"
+#include "07_train_gpu/train.h"
 #include "common/rng.h"
 
 namespace dsv3::test {
@@ -118,6 +119,20 @@ class ForwardingBackend : public Backend {
  protected:
   std::unique_ptr<Backend> in_;
 };
+
+// The trainer tests' run on synthetic_data(): 4 windows of 16 tokens, lr 1e-2 after 2 warm-up steps, validation
+// every 4 steps.
+inline TrainConfig small_run(int64_t steps) {
+  TrainConfig c;
+  c.batch = 4;
+  c.seq_len = 16;
+  c.max_steps = steps;
+  c.lr = 1e-2;
+  c.warmup_steps = 2;
+  c.eval_every = 4;
+  c.seed = 5;
+  return c;
+}
 
 // A fresh folder under the system temp dir, removed at the end of the test.
 struct TempDir {

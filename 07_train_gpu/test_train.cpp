@@ -32,17 +32,7 @@ const data::Prepared& test_data() { return test::synthetic_data(); }
 
 ModelConfig tiny() { return run_model_config("tiny", kVocab, 16); }
 
-TrainConfig small_run(int64_t steps) {
-  TrainConfig c;
-  c.batch = 4;
-  c.seq_len = 16;
-  c.max_steps = steps;
-  c.lr = 1e-2;
-  c.warmup_steps = 2;
-  c.eval_every = 4;
-  c.seed = 5;
-  return c;
-}
+using test::small_run;
 
 // Delegates to a CPU backend; can report non-finite losses or norms, and calls a hook after every update.
 class WrapBackend final : public ForwardingBackend {
