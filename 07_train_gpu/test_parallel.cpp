@@ -19,6 +19,9 @@
 #include "common/comm.h"
 #include "common/device.h"
 #include "common/errors.h"
+#ifdef DSV3_HAVE_CUDA
+#include "common/cuda_utils.h"
+#endif
 
 using namespace dsv3;
 using dsv3::test::TempDir;
@@ -40,6 +43,16 @@ ModelConfig tiny() { return run_model_config("tiny", test::kSyntheticVocab, 16);
   }
   if (worst <= tol) return ::testing::AssertionSuccess();
   return ::testing::AssertionFailure() << "worst at " << at << ": " << a[at] << " vs " << b[at] << " (" << worst << ")";
+}
+
+// ||a - b|| / ||b|| (bf16 runs: a few elements may differ more where Adam normalises a gradient near zero).
+double norm_rel(const std::vector<float>& a, const std::vector<float>& b) {
+  double d = 0, n = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+    d += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+    n += double(b[i]) * b[i];
+  }
+  return a.size() == b.size() ? std::sqrt(d / std::max(n, 1e-30)) : INFINITY;
 }
 
 Backend::StepPlan plan(int64_t update) {
@@ -318,6 +331,104 @@ TEST(DataParallel, ABatchNotAMultipleOfTheRanksIsAUserError) {
   }
 }
 
+// ---- N ranks emulated on one GPU -------------------------------------------------------------------------------
+
+#ifdef DSV3_HAVE_CUDA
+namespace {
+
+// A host-group member whose buffer calls take device pointers: each copies the buffer to the host, runs the host
+// group's collective and copies the result back (synchronously, on the calling thread's stream). N threads, each
+// with its own CUDA backend on the one GPU, so emulate N GPUs; the captured step cannot hold these copies, so the
+// backends run their steps as plain calls.
+class DeviceViaHost final : public Communicator {
+ public:
+  explicit DeviceViaHost(Communicator& host) : h_(host) {}
+  int rank() const override { return h_.rank(); }
+  int size() const override { return h_.size(); }
+  std::string describe() const override { return "device via " + h_.describe(); }
+  bool on_device() const override { return true; }
+  void all_reduce_mean(float* d, size_t n) override { via_host(d, n, [&](float* h) { h_.all_reduce_mean(h, n); }); }
+  void all_reduce_sum(int* d, size_t n) override { via_host(d, n, [&](int* h) { h_.all_reduce_sum(h, n); }); }
+  void all_reduce_host(double* data, size_t n) override { h_.all_reduce_host(data, n); }
+  void all_to_all(const float* send, const int64_t* send_counts, float* recv, const int64_t* recv_counts,
+                  int64_t width) override {
+    int64_t ns = 0, nr = 0;
+    for (int p = 0; p < size(); ++p) ns += send_counts[p], nr += recv_counts[p];
+    std::vector<float> hs(size_t(ns * width)), hr(size_t(nr * width));
+    if (!hs.empty()) CUDA_CHECK(cudaMemcpy(hs.data(), send, hs.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    h_.all_to_all(hs.data(), send_counts, hr.data(), recv_counts, width);
+    if (!hr.empty()) CUDA_CHECK(cudaMemcpy(recv, hr.data(), hr.size() * sizeof(float), cudaMemcpyHostToDevice));
+  }
+  void all_to_all_counts(const int64_t* send, int64_t* recv, int64_t width) override {
+    h_.all_to_all_counts(send, recv, width);
+  }
+
+ private:
+  template <typename T, typename F>
+  void via_host(T* d, size_t n, F f) {
+    std::vector<T> h(n);
+    if (n) CUDA_CHECK(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
+    f(h.data());
+    if (n) CUDA_CHECK(cudaMemcpy(d, h.data(), n * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  Communicator& h_;
+};
+
+}  // namespace
+#endif
+
+// The emulation on the device: 2 ranks on one GPU (threads, each with its CUDA backend in bf16 and its half
+// of every batch) step as one rank on the whole batch within bf16 tolerance, plain data parallel and expert
+// parallel (the grouped path's exchange with real, uneven plans: each rank sends rows to the other); the ranks end
+// with bit-identical weights.
+TEST(CudaDataParallel, TwoRanksOnOneGpuStepAsOneRankOnTheWholeBatch) {
+  if (!gpu_available()) GTEST_SKIP() << gpu_description();
+#ifdef DSV3_HAVE_CUDA
+  const ModelConfig c = tiny();
+  for (const bool ep : {false, true}) {
+    DeviceOptions o = device_options(Precision::BF16, c);
+    if (ep) o.experts = MoeExperts::Grouped;
+    Report one;
+    {
+      auto b = make_cuda_backend(c, 4, o);
+      b->set_cuda_graph(false);
+      for (int s = 1; s <= kSteps; ++s) {
+        const Backend::StepResult r = b->train_step(batch(s), kB, kT, plan(s));
+        one.losses.push_back(r.losses);
+        one.norms.push_back(r.grad_norm);
+      }
+      one.weights = b->weights();
+    }
+    const int n = 2, rows = kB / n;
+    std::vector<Report> ranks(static_cast<size_t>(n));
+    run_host_group(n, [&](int r, Communicator& host) {
+      DeviceViaHost comm(host);
+      auto b = make_cuda_backend(c, 4, o);
+      b->set_cuda_graph(false);
+      b->set_communicator(&comm, ep);
+      for (int s = 1; s <= kSteps; ++s) {
+        const std::vector<int> all = batch(s);
+        const std::vector<int> mine(all.begin() + r * rows * (kT + 1), all.begin() + (r + 1) * rows * (kT + 1));
+        const Backend::StepResult res = b->train_step(mine, rows, kT, plan(s));
+        ranks[size_t(r)].losses.push_back(res.losses);
+        ranks[size_t(r)].norms.push_back(res.grad_norm);
+      }
+      b->set_communicator(nullptr);
+      ranks[size_t(r)].weights = b->weights();
+    });
+    for (int s = 0; s < kSteps; ++s) {
+      const std::string what = fmt::format("{}, step {}", ep ? "expert parallel" : "data parallel", s + 1);
+      EXPECT_NEAR(ranks[0].losses[size_t(s)].ce, one.losses[size_t(s)].ce, 1e-2 * one.losses[size_t(s)].ce) << what;
+      EXPECT_NEAR(ranks[0].norms[size_t(s)], one.norms[size_t(s)], 2e-2 * one.norms[size_t(s)]) << what;
+      EXPECT_EQ(ranks[1].losses[size_t(s)].ce, ranks[0].losses[size_t(s)].ce) << what << ": the ranks agree";
+    }
+    for (const auto& [name, w] : one.weights)
+      EXPECT_LT(norm_rel(ranks[0].weights.at(name), w), 1e-2) << (ep ? "expert parallel: " : "") << name;
+    EXPECT_EQ(ranks[1].weights, ranks[0].weights) << (ep ? "expert parallel" : "data parallel");
+  }
+#endif
+}
+
 // ---- NCCL on one GPU ------------------------------------------------------------------------------------------
 
 // The NCCL path with one rank (the all-reduces inside the captured step, ncclAvg over one rank) takes exactly the
@@ -374,6 +485,7 @@ TEST(CudaDataParallel, OneRankExpertParallelStepsExactlyAsTheGroupedPath) {
   ranked->set_communicator(nullptr);
   // the other expert paths cannot exchange rows: refused by name
   auto hopper = make_cuda_backend(c, 4, device_options(Precision::BF16, c));
-  if (device_options(Precision::BF16, c).experts != MoeExperts::Grouped)
+  if (device_options(Precision::BF16, c).experts != MoeExperts::Grouped) {
     EXPECT_THROW(hopper->set_communicator(comm.get(), true), UserError);
+  }
 }
