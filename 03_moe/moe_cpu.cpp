@@ -186,9 +186,7 @@ void scatter_rows(float* out, const float* in, const std::vector<int>& order, in
   for (size_t i = 0; i < order.size(); ++i) std::copy_n(in + int64_t(i) * D, D, out + order[i] * D);
 }
 
-template <typename T>
-void require_fp32(const MoeConfig& c) {
-  require(std::is_same<T, float>::value, "moe: expert parallel runs in fp32 (the host group exchanges floats)");
+void require_host_group(const MoeConfig& c) {
   require(!c.expert_parallel->comm().on_device(), "moe (CPU): expert parallel over {} needs a host group",
           c.expert_parallel->comm().describe());
 }
@@ -196,11 +194,12 @@ void require_fp32(const MoeConfig& c) {
 // eo (NK, D, dispatch order) = each slot's expert on xp's row, the experts run by their owner ranks.
 void ep_experts_forward(float* eo, const float* xp, const MoeSaved<float>& s, const MoeWeights<float>& w,
                         const MoeConfig& c) {
+  require_host_group(c);
   ExpertParallel& ep = *c.expert_parallel;
   Communicator& comm = ep.comm();
   const int64_t D = c.dim, F = c.moe_inter_dim, FD = F * D;
   const ExpertShard mine = ep.shard(c.n_routed_experts);
-  HostEpState& st = ep.state<HostEpState>(s.eo);
+  HostEpState& st = ep.state<HostEpState>(w.gate_weight);
   st.plan = ep.plan(s.offsets, c.n_routed_experts);
   const auto& p = st.plan;
   const int64_t recv = std::accumulate(p.recv_rows.begin(), p.recv_rows.end(), int64_t(0));
@@ -221,13 +220,13 @@ void ep_experts_forward(float* eo, const float* xp, const MoeSaved<float>& s, co
 }
 
 // dxp (NK, D, dispatch order) from deo (the same order): the owners' experts' backward; their weight gradients +=.
-void ep_experts_backward(const MoeGrads<float>& g, float* dxp, const float* deo, const MoeSaved<float>& s,
-                         const MoeWeights<float>& w, const MoeConfig& c) {
+void ep_experts_backward(const MoeGrads<float>& g, float* dxp, const float* deo, const MoeWeights<float>& w,
+                         const MoeConfig& c) {
   ExpertParallel& ep = *c.expert_parallel;
   Communicator& comm = ep.comm();
   const int64_t D = c.dim, F = c.moe_inter_dim, FD = F * D;
   const ExpertShard mine = ep.shard(c.n_routed_experts);
-  const HostEpState& st = ep.state<HostEpState>(s.eo);
+  const HostEpState& st = ep.state<HostEpState>(w.gate_weight);
   const auto& p = st.plan;
   const int64_t recv = int64_t(p.local_order.size());
   std::vector<float> dr(size_t(recv * D)), dyg(size_t(recv * D)), dxg(size_t(recv * D), 0.f);
@@ -267,18 +266,15 @@ void moe_forward(T* out, const MoeSaved<T>& s, const T* inp, const MoeWeights<T>
   std::vector<T> xp(size_t(NK) * D);
   for (int r = 0; r < NK; ++r)
     std::copy_n(inp + size_t(s.perm[r] / K) * D, D, xp.data() + size_t(r) * D);
-  if constexpr (std::is_same<T, float>::value) {
-    if (c.expert_parallel) {  // every slot's expert on its owner rank (moe_expert_parallel.h)
-      require_fp32<T>(c);
-      ep_experts_forward(s.eo, xp.data(), s, w, c);
-    }
+  if (c.expert_parallel) {  // every slot's expert on its owner rank (moe_expert_parallel.h); the group exchanges floats
+    require(std::is_same<T, float>::value, "moe: expert parallel runs in fp32 (the host group exchanges floats)");
+    if constexpr (std::is_same<T, float>::value) ep_experts_forward(s.eo, xp.data(), s, w, c);
   } else {
-    if (c.expert_parallel) require_fp32<T>(c);
-  }
-  for (int e = 0; e < E && !c.expert_parallel; ++e) {
-    const size_t o = s.offsets[e];
-    ffn_forward(s.eo + o * D, s.h1 + o * F, s.h3 + o * F, xp.data() + o * D, w.w1 + size_t(e) * F * D,
-                w.w2 + size_t(e) * D * F, w.w3 + size_t(e) * F * D, s.counts[e], D, F);
+    for (int e = 0; e < E; ++e) {
+      const size_t o = s.offsets[e];
+      ffn_forward(s.eo + o * D, s.h1 + o * F, s.h3 + o * F, xp.data() + o * D, w.w1 + size_t(e) * F * D,
+                  w.w2 + size_t(e) * D * F, w.w3 + size_t(e) * F * D, s.counts[e], D, F);
+    }
   }
   // 4) out = shared(x) + sum_k w_k eo_k, in k order
   if (Fs > 0)
@@ -321,14 +317,16 @@ void moe_backward(const MoeGrads<T>& g, T* dinp, const T* dout, const NoDeduce<T
     std::copy_n(inp + size_t(n) * D, D, xp.data() + size_t(r) * D);
   }
   // 3) each routed expert on its slice (expert parallel: on its owner rank)
-  if constexpr (std::is_same<T, float>::value) {
-    if (c.expert_parallel) ep_experts_backward(g, dxp.data(), deo.data(), s, w, c);
-  }
-  for (int e = 0; e < E && !c.expert_parallel; ++e) {
-    const size_t o = s.offsets[e];
-    ffn_backward(g.w1 + size_t(e) * F * D, g.w2 + size_t(e) * D * F, g.w3 + size_t(e) * F * D, dxp.data() + o * D,
-                 deo.data() + o * D, s.h1 + o * F, s.h3 + o * F, xp.data() + o * D, w.w1 + size_t(e) * F * D,
-                 w.w2 + size_t(e) * D * F, w.w3 + size_t(e) * F * D, s.counts[e], D, F);
+  if (c.expert_parallel) {
+    require(std::is_same<T, float>::value, "moe: expert parallel runs in fp32 (the host group exchanges floats)");
+    if constexpr (std::is_same<T, float>::value) ep_experts_backward(g, dxp.data(), deo.data(), w, c);
+  } else {
+    for (int e = 0; e < E; ++e) {
+      const size_t o = s.offsets[e];
+      ffn_backward(g.w1 + size_t(e) * F * D, g.w2 + size_t(e) * D * F, g.w3 + size_t(e) * F * D, dxp.data() + o * D,
+                   deo.data() + o * D, s.h1 + o * F, s.h3 + o * F, xp.data() + o * D, w.w1 + size_t(e) * F * D,
+                   w.w2 + size_t(e) * D * F, w.w3 + size_t(e) * F * D, s.counts[e], D, F);
+    }
   }
   // 4) router: dw -> d scores (through the normalisation) -> d logits (through sigmoid/softmax)
   std::vector<T> dlogits(size_t(N) * E);

@@ -364,14 +364,14 @@ W shard_of(W w, int first, size_t FD) {
 }
 
 // eo (NK, D, dispatch order) = each slot's expert on xp's row, run on the expert's owner rank.
-void ep_experts_forward(float* eo, const float* xp, const MoeSaved<float>& s, const MoeWeights<float>& w,
+void ep_experts_forward(float* eo, const float* xp, const MoeWeights<float>& w,
                         const MoeConfig& c, const std::vector<int>& off) {
   ExpertParallel& ep = *c.expert_parallel;
   Communicator& comm = ep.comm();
   require(comm.on_device(), "moe (CUDA): expert parallel over {} needs NCCL (device buffers)", comm.describe());
   const int D = c.dim, F = c.moe_inter_dim;
   const ExpertShard mine = ep.shard(c.n_routed_experts);
-  DeviceEpState& st = ep.state<DeviceEpState>(s.eo);
+  DeviceEpState& st = ep.state<DeviceEpState>(w.gate_weight);
   st.plan = ep.plan(off.data(), c.n_routed_experts);
   const auto& p = st.plan;
   const int G = static_cast<int>(p.local_order.size());
@@ -400,13 +400,13 @@ void ep_experts_forward(float* eo, const float* xp, const MoeSaved<float>& s, co
 }
 
 // dxp (NK, D, dispatch order) from deo (the same order) through the owners' experts; their gradients +=.
-void ep_experts_backward(const MoeGrads<float>& g, float* dxp, const float* deo, const MoeSaved<float>& s,
-                         const MoeWeights<float>& w, const MoeConfig& c) {
+void ep_experts_backward(const MoeGrads<float>& g, float* dxp, const float* deo, const MoeWeights<float>& w,
+                         const MoeConfig& c) {
   ExpertParallel& ep = *c.expert_parallel;
   Communicator& comm = ep.comm();
   const int D = c.dim, F = c.moe_inter_dim;
   const ExpertShard mine = ep.shard(c.n_routed_experts);
-  const DeviceEpState& st = ep.state<DeviceEpState>(s.eo);
+  const DeviceEpState& st = ep.state<DeviceEpState>(w.gate_weight);
   const auto& p = st.plan;
   const int G = static_cast<int>(p.local_order.size());
   const size_t gf = static_cast<size_t>(G) * F;
@@ -466,7 +466,7 @@ void moe_forward(float* out, const MoeSaved<float>& s, const float* inp, const M
     routed_experts_forward_bf16(s, inp, w, c, N);
   } else if (!seg && c.expert_parallel) {
     launch_gather(xp.get(), inp, s.perm, NK, K, D);
-    ep_experts_forward(s.eo, xp.get(), s, w, c, host_offsets(s.offsets, E));
+    ep_experts_forward(s.eo, xp.get(), w, c, host_offsets(s.offsets, E));
   } else if (!seg) {
     launch_gather(xp.get(), inp, s.perm, NK, K, D);
     routed_ffn_forward(s.eo, s.h1, s.h3, a.get(), xp.get(), w, host_offsets(s.offsets, E), D, F, c.matmul);
@@ -511,7 +511,7 @@ void moe_backward(const MoeGrads<float>& g, float* dinp, const float* dout, cons
                                                                           s.weights, s.slot_row, NK, K, D);
     CUDA_CHECK_LAST();
     if (c.expert_parallel) {
-      ep_experts_backward(g, dxp.get(), deo.get(), s, w, c);
+      ep_experts_backward(g, dxp.get(), deo.get(), w, c);
     } else {
       launch_gather(xp.get(), inp, s.perm, NK, K, D);
       routed_ffn_backward(g, dxp.get(), deo.get(), s.h1, s.h3, xp.get(), w, host_offsets(s.offsets, E), D, F, fs,

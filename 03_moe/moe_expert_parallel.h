@@ -29,8 +29,10 @@
 // layer synchronises with the host once per pass and a training step with it is not captured as a CUDA graph.
 #pragma once
 
+#include <cstdint>
 #include <map>
 #include <memory>
+#include <vector>
 
 #include "common/comm.h"
 
@@ -42,8 +44,9 @@ struct ExpertShard {
 };
 ExpertShard expert_shard(int E, int ranks, int rank);
 
-// The group and, per MoE layer, what its forward's exchange left for the backward (keyed by the layer's saved
-// buffers, so one object serves every layer of a model). MoeConfig::expert_parallel points to one.
+// The group and, per MoE layer, what its last forward's exchange left for the backward (keyed by the layer's gate
+// weights, which never move: one object serves every layer of a model, and a layer that alternates between batch
+// shapes, as training and validation do, keeps one state). MoeConfig::expert_parallel points to one.
 class ExpertParallel {
  public:
   explicit ExpertParallel(Communicator& comm) : comm_(&comm) {}
@@ -70,7 +73,8 @@ class ExpertParallel {
   bool timing = false;
   Times times;
 
-  // Per-layer state of the backend that runs the layer (host vectors or device buffers), created on first use.
+  // Per-layer state of the backend that runs the layer (host vectors or device buffers), created on first use;
+  // key: the layer's MoeWeights::gate_weight.
   template <typename S>
   S& state(const void* key) {
     auto& p = states_[key];
