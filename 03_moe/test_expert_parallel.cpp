@@ -72,8 +72,9 @@ TEST(ExpertParallel, RanksWithAShareOfTheExpertsEqualTheWholeLayer) {
     });
     EXPECT_LT(max_rel(out.data(), out_ref.data(), out.size()), 1e-5) << R << " ranks: outputs";
     EXPECT_LT(max_rel(dinp.data(), dinp_ref.data(), dinp.size()), 1e-5) << R << " ranks: input gradients";
-    if (R > 1)
+    if (R > 1) {
       for (int r = 0; r < R; ++r) EXPECT_GT(routed_elsewhere[size_t(r)], 0) << "rank " << r << " sent no row away";
+    }
     // parameter gradients: the sum over ranks; an expert's only on its owner
     MoeParams<float> sum = moe_zero_params<float>(c);
     auto st = sum.tensors();

@@ -76,12 +76,12 @@ class CpuBackend final : public Backend {
 
   std::string describe() const override { return "cpu fp32"; }
   void set_communicator(Communicator* c, bool expert_parallel) override {
+    require(!c || !c->on_device(), "the CPU backend's buffers are on the host: {} reduces device buffers",
+            c ? c->describe() : "");
     Backend::set_communicator(c, expert_parallel);
     model_.set_expert_parallel(nullptr);
     ep_.reset();
     if (!expert_parallel) return;
-    require(!c->on_device(), "the CPU backend's experts exchange host buffers: {} exchanges device buffers",
-            c->describe());
     ep_ = std::make_unique<ExpertParallel>(*c);
     model_.set_expert_parallel(ep_.get());
   }

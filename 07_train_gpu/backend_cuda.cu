@@ -39,12 +39,6 @@ struct SlotDesc {  // one tensor of the optimizer's table
   float decay;  // 1: AdamW's weight decay applies (matrices); 0: it does not (norms)
 };
 
-int current_device() {
-  int dev = 0;
-  CUDA_CHECK(cudaGetDevice(&dev));
-  return dev;
-}
-
 constexpr int kThreads = 256;
 constexpr int kMaxBlocksPerTensor = 240;
 

@@ -74,6 +74,23 @@ struct Report {
   TensorMap weights;
 };
 
+// kSteps training steps of b on rank `rank` of `ranks`'s share of every batch (1 rank: the whole batch): what each
+// step reported, and the weights at the end.
+Report run_steps(Backend& b, int rank = 0, int ranks = 1) {
+  Report rep;
+  const int rows = kB / ranks;
+  for (int s = 1; s <= kSteps; ++s) {
+    const std::vector<int> all = batch(s);
+    const std::vector<int> mine(all.begin() + rank * rows * (kT + 1), all.begin() + (rank + 1) * rows * (kT + 1));
+    const Backend::StepResult r = b.train_step(mine, rows, kT, plan(s));
+    rep.losses.push_back(r.losses);
+    rep.norms.push_back(r.grad_norm);
+    rep.counts.push_back(b.expert_counts());
+  }
+  rep.weights = b.weights();
+  return rep;
+}
+
 }  // namespace
 
 // ---- the host group itself ------------------------------------------------------------------------------------
@@ -141,35 +158,13 @@ TEST(HostGroup, AFailingRankEndsTheGroupInsteadOfLeavingTheOthersWaiting) {
 // means against one mean; and every rank ends with the same bits. Plain data parallel, and with the experts split
 // across the ranks (expert parallel: each rank runs E/N experts on every rank's tokens routed to them).
 TEST(DataParallel, RanksOnShardsStepAsOneRankOnTheWholeBatch) {
-  auto run_one = [] {
-    Report rep;
-    auto b = make_cpu_backend(tiny(), 11);
-    for (int s = 1; s <= kSteps; ++s) {
-      const Backend::StepResult r = b->train_step(batch(s), kB, kT, plan(s));
-      rep.losses.push_back(r.losses);
-      rep.norms.push_back(r.grad_norm);
-      rep.counts.push_back(b->expert_counts());
-    }
-    rep.weights = b->weights();
-    return rep;
-  };
-  const Report one = run_one();
+  const Report one = run_steps(*make_cpu_backend(tiny(), 11));
   for (const auto& [n, ep] : std::vector<std::pair<int, bool>>{{2, false}, {4, false}, {2, true}, {4, true}}) {
     std::vector<Report> ranks(static_cast<size_t>(n));
-    run_host_group(n, [&, ep = ep](int r, Communicator& c) {
-      Report& rep = ranks[size_t(r)];
+    run_host_group(n, [&, n = n, ep = ep](int r, Communicator& c) {
       auto b = make_cpu_backend(tiny(), 11);
       b->set_communicator(&c, ep);
-      const int rows = kB / n;
-      for (int s = 1; s <= kSteps; ++s) {
-        const std::vector<int> all = batch(s);
-        const std::vector<int> mine(all.begin() + r * rows * (kT + 1), all.begin() + (r + 1) * rows * (kT + 1));
-        const Backend::StepResult res = b->train_step(mine, rows, kT, plan(s));
-        rep.losses.push_back(res.losses);
-        rep.norms.push_back(res.grad_norm);
-        rep.counts.push_back(b->expert_counts());
-      }
-      rep.weights = b->weights();
+      ranks[size_t(r)] = run_steps(*b, r, n);
     });
     for (int s = 0; s < kSteps; ++s) {
       const ModelLosses& a = one.losses[size_t(s)];
@@ -395,31 +390,17 @@ TEST(CudaDataParallel, TwoRanksOnOneGpuStepAsOneRankOnTheWholeBatch) {
     {
       auto b = make_cuda_backend(c, 4, o);
       b->set_cuda_graph(false);
-      for (int s = 1; s <= kSteps; ++s) {
-        const Backend::StepResult r = b->train_step(batch(s), kB, kT, plan(s));
-        one.losses.push_back(r.losses);
-        one.norms.push_back(r.grad_norm);
-        one.counts.push_back(b->expert_counts());
-      }
-      one.weights = b->weights();
+      one = run_steps(*b);
     }
-    const int n = 2, rows = kB / n;
+    const int n = 2;
     std::vector<Report> ranks(static_cast<size_t>(n));
     run_host_group(n, [&](int r, Communicator& host) {
       DeviceViaHost comm(host);
       auto b = make_cuda_backend(c, 4, o);
       b->set_cuda_graph(false);
       b->set_communicator(&comm, ep);
-      for (int s = 1; s <= kSteps; ++s) {
-        const std::vector<int> all = batch(s);
-        const std::vector<int> mine(all.begin() + r * rows * (kT + 1), all.begin() + (r + 1) * rows * (kT + 1));
-        const Backend::StepResult res = b->train_step(mine, rows, kT, plan(s));
-        ranks[size_t(r)].losses.push_back(res.losses);
-        ranks[size_t(r)].norms.push_back(res.grad_norm);
-        ranks[size_t(r)].counts.push_back(b->expert_counts());
-      }
+      ranks[size_t(r)] = run_steps(*b, r, n);
       b->set_communicator(nullptr);
-      ranks[size_t(r)].weights = b->weights();
     });
     const char* mode = ep ? "expert parallel" : "data parallel";
     const ModelLosses &a1 = one.losses[0], &g1 = ranks[0].losses[0];

@@ -112,16 +112,21 @@ class DeviceBuffer {
   size_t n_ = 0;
 };
 
+// The calling thread's device (stage 07 runs one process per GPU: not always device 0).
+inline int current_device() {
+  int dev = 0;
+  CUDA_CHECK(cudaGetDevice(&dev));
+  return dev;
+}
+
 // Stream-ordered scratch memory on the default stream (cudaMallocAsync): freeing it does not synchronise
 // the device, so kernels can use temporary workspace without stalling the host. By default the pool hands its
 // free memory back to the system at every synchronisation, and the next allocation maps it again (tens of us for
 // tens of MB, on the stream's timeline); keep_freed_scratch() makes the pool keep it, as a trainer or a benchmark
 // that allocates the same scratch every step wants.
 inline void keep_freed_scratch() {
-  int dev = 0;
-  CUDA_CHECK(cudaGetDevice(&dev));  // the calling thread's device (stage 07 runs one process per GPU)
   cudaMemPool_t pool;
-  CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, dev));
+  CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, current_device()));
   uint64_t keep = ~uint64_t{0};
   CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
 }
